@@ -1,0 +1,1 @@
+"""CASPO maths: pure, jit-compatible functions of arrays."""

@@ -1,0 +1,1 @@
+"""OOD-MMSafe-style evaluation (imported as ``caspo_jax.evals``)."""

@@ -1,0 +1,1 @@
+"""Command line, presets and multi-host launchers (imported as ``caspo_jax.launch``)."""

@@ -1,0 +1,65 @@
+"""The ``caspo`` command line.
+
+Why argparse: it is in the standard library, gives sub-commands, ``--help`` and typed
+flags, and our typed config (dataclasses + YAML) does the heavy lifting, so a CLI
+framework would add a dependency without removing code.
+
+Sub-commands are declared once in ``SUBCOMMANDS`` as (name, module, help). A module
+is imported only when its sub-command runs, so ``caspo --help`` stays instant (no
+JAX start-up). Each module provides::
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None: ...
+    def run(args: argparse.Namespace) -> int: ...   # process exit status
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from caspo_jax import __version__
+
+# (name, module implementing add_arguments/run, one-line help). Add new commands here.
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+]
+
+
+def _load(module_name: str):
+    return importlib.import_module(module_name)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Parser with every sub-command; only the chosen one's module is imported."""
+    parser = argparse.ArgumentParser(
+        prog="caspo",
+        description=(
+            "CASPO: consequence-aware safety policy optimisation for Qwen-VL models "
+            "in JAX, with OOD-MMSafe-style evaluation."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"caspo-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for name, module_name, help_text in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = _load(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "_module", None) is None:
+        parser.print_help()
+        return 0 if args.command is None and not argv else 2
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

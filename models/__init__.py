@@ -1,0 +1,1 @@
+"""Functional Flax ports of Qwen-VL models (imported as ``caspo_jax.models``)."""
