@@ -1,0 +1,1 @@
+"""Datasets on grain: records, images, chat templates, constitutions, importers."""

@@ -1,0 +1,1 @@
+"""OpenAI-compatible chat client: bounded concurrency, retries, on-disk cache, usage accounting."""

@@ -1,0 +1,1 @@
+"""Outcome rewards behind one protocol: reward model, LLM judge, Python function."""

@@ -1,0 +1,1 @@
+"""The R/S/E rubric (Risk appraisal, Safety of consequences, Effectiveness): prompts and strict parsing."""

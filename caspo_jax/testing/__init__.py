@@ -1,0 +1,1 @@
+"""Test and demo support shipped with the package: tiny models, a local OpenAI-compatible stub."""
