@@ -1,0 +1,203 @@
+"""The safety-prompt JSONL record and its validating loader.
+
+One JSON object per line::
+
+    {"id": "kitchen-017",                 # required, unique in the file
+     "images": ["images/kitchen-017.jpg"], # paths relative to the root (default: the
+                                           #   JSONL's folder); may be empty
+     "query": "Can I dry my gloves here?", # required, non-empty
+     "category": "self_harm",              # one of CATEGORIES (case, '-' and ' ' tolerated)
+     "malicious_query": "...",             # optional: the same request with explicit intent
+     "reference": "...",                   # optional: the hazard, for the judge only
+     "split": "train",                     # optional
+     "constitution": "..."}                # optional: overrides the category's constitution
+
+Any other keys are kept, untouched, in `SafetyRecord.meta`. Errors name the file, the
+line and the field. Paths that resolve outside the root are always rejected (a dataset
+must not read /etc/passwd); missing images are checked when `check_images` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CATEGORIES",
+    "RecordError",
+    "SafetyRecord",
+    "load_records",
+    "normalize_category",
+    "resolve_image_path",
+]
+
+logger = logging.getLogger(__name__)
+
+# The six OOD-MMSafe safety domains.
+CATEGORIES = ("violent", "illegal", "hate", "sexual", "privacy", "self_harm")
+
+_KNOWN_FIELDS = (
+    "id", "images", "query", "category", "malicious_query", "reference", "split", "constitution",
+)
+
+
+class RecordError(ValueError):
+    """A record (or records) that cannot be used; the message names file, line and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyRecord:
+    id: str
+    images: tuple[Path, ...]
+    query: str
+    category: str
+    malicious_query: str | None = None
+    reference: str | None = None
+    split: str | None = None
+    constitution: str | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def to_json(self, root: str | Path | None = None) -> dict[str, Any]:
+        """The JSONL object for this record (image paths relative to `root` if given)."""
+        images = [
+            os.path.relpath(p, root) if root is not None else str(p) for p in self.images
+        ]
+        out: dict[str, Any] = {"id": self.id, "images": images, "query": self.query,
+                               "category": self.category}
+        for key in ("malicious_query", "reference", "split", "constitution"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out.update(self.meta)
+        return out
+
+
+def normalize_category(value: Any) -> str | None:
+    """'Self-Harm' -> 'self_harm'; None when it is not one of CATEGORIES."""
+    if not isinstance(value, str):
+        return None
+    key = value.strip().lower().replace("-", "_").replace(" ", "_")
+    return key if key in CATEGORIES else None
+
+
+def resolve_image_path(relative: str, root: Path) -> Path:
+    """root / relative, resolved; ValueError if it escapes root (symlinks included)."""
+    root = root.resolve()
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise ValueError(f"path {relative!r} resolves to {path}, outside the root {root}")
+    return path
+
+
+def _optional_str(obj: dict, key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _parse_line(obj: Any, where: str, root: Path, check_images: bool) -> SafetyRecord:
+    if not isinstance(obj, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    record_id = obj.get("id")
+    if isinstance(record_id, int) and not isinstance(record_id, bool):
+        record_id = str(record_id)
+    if not isinstance(record_id, str) or not record_id.strip():
+        raise RecordError(f"{where}: field 'id' is missing or empty; give every record a unique string id")
+    query = obj.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise RecordError(f"{where}: field 'query' is missing or empty; it holds the user's request")
+    category = normalize_category(obj.get("category"))
+    if category is None:
+        raise RecordError(
+            f"{where}: field 'category' is {obj.get('category')!r}; use one of {', '.join(CATEGORIES)}"
+        )
+    images_field = obj.get("images", [])
+    if isinstance(images_field, str):
+        images_field = [images_field]
+    if not isinstance(images_field, list) or not all(isinstance(p, str) and p for p in images_field):
+        raise RecordError(f"{where}: field 'images' must be a list of relative path strings")
+    images = []
+    for relative in images_field:
+        try:
+            path = resolve_image_path(relative, root)
+        except ValueError as exc:
+            raise RecordError(f"{where}: field 'images': {exc}; keep images under the root") from None
+        if check_images and not path.is_file():
+            raise RecordError(f"{where}: field 'images': file {path} not found (root {root})")
+        images.append(path)
+    return SafetyRecord(
+        id=record_id,
+        images=tuple(images),
+        query=query,
+        category=category,
+        malicious_query=_optional_str(obj, "malicious_query", where),
+        reference=_optional_str(obj, "reference", where),
+        split=_optional_str(obj, "split", where),
+        constitution=_optional_str(obj, "constitution", where),
+        meta={k: v for k, v in obj.items() if k not in _KNOWN_FIELDS},
+    )
+
+
+def load_records(
+    jsonl_path: str | Path,
+    root: str | Path | None = None,
+    *,
+    check_images: bool = True,
+    max_bad_fraction: float = 0.0,
+) -> list[SafetyRecord]:
+    """Reads and validates a JSONL file of SafetyRecords.
+
+    Bad lines are skipped with a warning; if more than `max_bad_fraction` of the lines are
+    bad (the default 0.0 allows none), RecordError lists the first problems. Duplicate ids
+    are bad lines too. `root` (default: the file's folder) anchors image paths.
+    """
+    jsonl_path = Path(jsonl_path)
+    if not jsonl_path.is_file():
+        raise RecordError(f"{jsonl_path}: file not found")
+    root_path = Path(root) if root is not None else jsonl_path.parent
+    records: list[SafetyRecord] = []
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    total = 0
+    with jsonl_path.open("r", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            total += 1
+            where = f"{jsonl_path}:{line_no}"
+            try:
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise RecordError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                record = _parse_line(obj, where, root_path, check_images)
+                if record.id in seen:
+                    raise RecordError(
+                        f"{where}: field 'id' {record.id!r} repeats line {seen[record.id]}; ids must be unique"
+                    )
+            except RecordError as exc:
+                errors.append(str(exc))
+                continue
+            seen[record.id] = line_no
+            records.append(record)
+    if total == 0:
+        raise RecordError(f"{jsonl_path}: no records")
+    if errors:
+        fraction = len(errors) / total
+        for message in errors[:20]:
+            logger.warning("skipping record: %s", message)
+        if fraction > max_bad_fraction:
+            shown = "\n  ".join(errors[:10])
+            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+            raise RecordError(
+                f"{jsonl_path}: {len(errors)} of {total} records are invalid "
+                f"({fraction:.1%} > max_bad_fraction {max_bad_fraction:.1%}):\n  {shown}{more}"
+            )
+        logger.warning("%s: skipped %d of %d invalid records", jsonl_path, len(errors), total)
+    return records
