@@ -1,0 +1,105 @@
+"""Device mesh and logical-axis rules: every partitioning decision in one small place.
+
+Parameters declare logical axes once (in their model's checkpoint table); ``LogicalRules``
+maps each logical axis to mesh axes. The mesh has three axes: ``data`` (pure data
+parallelism), ``fsdp`` (data parallel with sharded parameters) and ``tensor`` (Megatron-style
+heads/MLP/vocab splitting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all global devices (multi-host: ``jax.devices()``).
+
+    Axis types are Auto, so jit propagates shardings from the inputs (GSPMD).
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    if data * fsdp * tensor != len(devices):
+        raise ValueError(f"mesh data*fsdp*tensor = {data}*{fsdp}*{tensor} != {len(devices)} devices")
+    if devices == jax.devices():
+        return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES,
+                axis_types=(AxisType.Auto,) * 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogicalRules:
+    """Logical axis -> mesh axis (or axes, or None to replicate). Override per run."""
+
+    rules: tuple[tuple[str, MeshAxes], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("layers", None),
+        ("vision_embed", "fsdp"),
+        ("vision_qkv", "tensor"),
+        ("vision_heads", "tensor"),
+        ("vision_mlp", "tensor"),
+        ("patch", None),
+    )
+
+    def mesh_axes(self, logical: str | None) -> MeshAxes:
+        if logical is None:
+            return None
+        for name, target in self.rules:
+            if name == logical:
+                return target
+        raise KeyError(f"logical axis {logical!r} has no rule; add it to LogicalRules.rules")
+
+    def replace(self, **overrides: MeshAxes) -> "LogicalRules":
+        """These rules with some logical axes remapped, e.g. ``rules.replace(embed=None)``."""
+        merged = dict(self.rules)
+        merged.update(overrides)
+        return LogicalRules(tuple(merged.items()))
+
+    def spec(self, axes: Iterable[str | None], shape: Iterable[int] | None = None, mesh: Mesh | None = None
+             ) -> PartitionSpec:
+        """PartitionSpec for one array; with ``shape``/``mesh``, a dimension that the mapped mesh
+        axes do not divide is replicated instead (tiny test models, odd vocab sizes)."""
+        axes = list(axes)
+        shape = list(shape) if shape is not None else [None] * len(axes)
+        used: set[str] = set()
+        out = []
+        for logical, size in zip(axes, shape):
+            target = self.mesh_axes(logical)
+            names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+            names = tuple(n for n in names if n not in used)
+            if mesh is not None and size is not None:
+                names = tuple(n for n in names if mesh.shape[n] > 1)
+                if names and size % math.prod(mesh.shape[n] for n in names):
+                    names = ()
+            used.update(names)
+            out.append(None if not names else names[0] if len(names) == 1 else names)
+        return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, axes, shape=None, rules: LogicalRules = LogicalRules()) -> NamedSharding:
+    return NamedSharding(mesh, rules.spec(axes, shape, mesh))
+
+
+def param_shardings(table, mesh: Mesh, rules: LogicalRules = LogicalRules()) -> dict:
+    """NamedShardings for a parameter pytree, from a model's table of ``ParamSpec`` rows
+    (anything with ``.path``, ``.axes`` and ``.shape``)."""
+    out: dict = {}
+    for spec in table:
+        node = out
+        for key in spec.path[:-1]:
+            node = node.setdefault(key, {})
+        node[spec.path[-1]] = named_sharding(mesh, spec.axes, spec.shape, rules)
+    return out

@@ -1,0 +1,229 @@
+"""Table-driven conversion between HF safetensors checkpoints and our parameter pytrees.
+
+A model declares one table of ``ParamSpec`` rows: the HF tensor name (``{i}`` for a
+decoder/ViT layer index stacked on a leading axis), our pytree path, the layout
+transform, our shape and the logical axis of every dimension. Loading, saving, random
+initialisation and sharding are all derived from that table, so the names, layouts and
+axes are declared exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One leaf of the parameter pytree and the HF tensor(s) it comes from.
+
+    hf_name: HF checkpoint key; ``{i}`` is replaced by 0..num_layers-1 when stacked.
+    path: our pytree path (nested dict keys).
+    shape: our leaf shape, the layer axis first when stacked.
+    axes: logical axis name (or None) per dimension of ``shape``.
+    transform: "identity", "linear" (HF [out, in] <-> our [in, out]) or "flatten_out_first"
+        (HF [out, *in] <-> our [prod(in), out]; the Conv3d patch embedding as a matmul).
+    num_layers: stacked layer count, or None for an unstacked leaf.
+    """
+
+    hf_name: str
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    transform: str = "identity"
+    hf_shape: tuple[int, ...] | None = None
+    num_layers: int | None = None
+
+    def __post_init__(self):
+        if len(self.axes) != len(self.shape):
+            raise ValueError(f"{self.path}: {len(self.axes)} axes for shape {self.shape}")
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.num_layers is not None else self.shape
+
+    @property
+    def hf_names(self) -> list[str]:
+        if self.num_layers is None:
+            return [self.hf_name]
+        return [self.hf_name.format(i=i) for i in range(self.num_layers)]
+
+    def expected_hf_shape(self) -> tuple[int, ...]:
+        if self.hf_shape is not None:
+            return self.hf_shape
+        if self.transform == "linear":
+            return tuple(reversed(self.layer_shape))
+        return self.layer_shape
+
+    def to_ours(self, hf_array: np.ndarray) -> np.ndarray:
+        if self.transform == "identity":
+            return hf_array
+        if self.transform == "linear":
+            return hf_array.T
+        if self.transform == "flatten_out_first":
+            return hf_array.reshape(hf_array.shape[0], -1).T
+        raise ValueError(f"unknown transform {self.transform!r}")
+
+    def to_hf(self, our_array: np.ndarray) -> np.ndarray:
+        if self.transform == "identity":
+            return our_array
+        if self.transform == "linear":
+            return our_array.T
+        if self.transform == "flatten_out_first":
+            return our_array.T.reshape(self.expected_hf_shape())
+        raise ValueError(f"unknown transform {self.transform!r}")
+
+
+def tree_set(tree: dict, path: Sequence[str], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def tree_get(tree: dict, path: Sequence[str]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def map_table(table: Iterable[ParamSpec], fn: Callable[[ParamSpec], object]) -> dict:
+    """A nested-dict pytree with ``fn(spec)`` at every path of the table."""
+    out: dict = {}
+    for spec in table:
+        tree_set(out, spec.path, fn(spec))
+    return out
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model's table (names the file and keys)."""
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """HF tensor name -> safetensors file, for a single-file or a sharded checkpoint."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / SINGLE_FILE
+    if single.exists():
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    hint = f" (found {pickles}; pickle checkpoints are never loaded: re-save with safe_serialization)" if pickles else ""
+    raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+def load_params(
+    path: str | Path,
+    table: Sequence[ParamSpec],
+    *,
+    dtype=jnp.float32,
+    rename: Callable[[str], str] = lambda name: name,
+    ignore: Callable[[str], bool] = lambda name: False,
+    shardings: dict | None = None,
+) -> dict:
+    """Read a checkpoint into the table's pytree, each leaf cast to ``dtype`` and placed.
+
+    ``rename`` maps a checkpoint key to the table's spelling (e.g. alternative layouts);
+    ``ignore`` marks keys that may be present and unused (e.g. a tied lm_head).
+    With ``shardings`` (a pytree of ``jax.sharding.Sharding`` like the params), each leaf is
+    built with ``jax.make_array_from_callback`` so every device only receives its shard.
+    """
+    files = checkpoint_files(path)
+    by_name = {rename(name): name for name in files}
+    expected = {name for spec in table for name in spec.hf_names}
+    missing = sorted(expected - by_name.keys())
+    unexpected = sorted(n for n in by_name.keys() - expected if not ignore(n))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: checkpoint does not match the model config.\n"
+            f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+            f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}\n"
+            "  Check that config.json describes these weights (layer counts, tie_word_embeddings).")
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    handles: dict[Path, object] = {}
+
+    def read(name: str, spec: ParamSpec) -> np.ndarray:
+        source = by_name[name]
+        file = files[source]
+        if file not in handles:
+            handles[file] = safe_open(file, framework="numpy")
+        array = handles[file].get_tensor(source)
+        if tuple(array.shape) != spec.expected_hf_shape():
+            raise CheckpointError(
+                f"{file}: tensor {source!r} has shape {tuple(array.shape)}, the config expects "
+                f"{spec.expected_hf_shape()} (check config.json)")
+        return spec.to_ours(array).astype(np_dtype)
+
+    params: dict = {}
+    for spec in tqdm(table, desc=f"loading {Path(path).name}", leave=False):
+        if spec.num_layers is None:
+            host = read(spec.hf_name, spec)
+        else:
+            host = np.stack([read(name, spec) for name in spec.hf_names])
+        sharding = tree_get(shardings, spec.path) if shardings is not None else None
+        if sharding is None:
+            leaf = jnp.asarray(host)
+        else:
+            leaf = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
+        tree_set(params, spec.path, leaf)
+    return params
+
+
+def save_params(
+    params: dict,
+    table: Sequence[ParamSpec],
+    out_dir: str | Path,
+    *,
+    dtype=None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> list[Path]:
+    """Write the pytree as HF safetensors (sharded with an index above ``max_shard_bytes``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    for spec in tqdm(table, desc="gathering", leave=False):
+        host = np.asarray(jax.device_get(tree_get(params, spec.path)))
+        if dtype is not None:
+            host = host.astype(np.dtype(jnp.dtype(dtype)))
+        layers = [host] if spec.num_layers is None else list(host)
+        for name, layer in zip(spec.hf_names, layers):
+            tensors[name] = np.ascontiguousarray(spec.to_hf(layer))
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    for stale in [out_dir / SINGLE_FILE, out_dir / INDEX_FILE, *out_dir.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / SINGLE_FILE, metadata=metadata)
+        return [out_dir / SINGLE_FILE]
+    written, weight_map = [], {}
+    for k, shard in enumerate(shards):
+        file = out_dir / f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, file, metadata=metadata)
+        weight_map.update({name: file.name for name in shard})
+        written.append(file)
+    total = sum(t.nbytes for t in tensors.values())
+    (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return written

@@ -1,0 +1,80 @@
+"""Pure-function layers shared by the Qwen-VL ports.
+
+Let B denote batch, L sequence length, D model width, N query heads, K key/value heads,
+H head dimension, F the MLP width. Every function is pure and jit-friendly; dtypes follow
+transformers (RMSNorm statistics in float32, softmax in float32).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    """The activation transformers' ``ACT2FN[name]`` computes."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"hidden_act={name!r} is not supported; known: {sorted(ACTIVATIONS)}") from None
+
+
+def rms_norm(x_xD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
+    """T5/Qwen RMSNorm: statistics in float32, cast back, then scale (transformers' order)."""
+    x32 = x_xD.astype(jnp.float32)
+    variance = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(variance + eps)).astype(x_xD.dtype)
+    return weight_D * normed
+
+
+def linear(x_xI: jax.Array, kernel_IxO: jax.Array, bias_O: jax.Array | None = None) -> jax.Array:
+    """``x @ kernel + bias`` with the kernel stored [in, out]."""
+    y = jnp.einsum("...i,io->...o", x_xI, kernel_IxO)
+    return y if bias_O is None else y + bias_O
+
+
+def gated_mlp(x_xD, gate_DxF, up_DxF, down_FxD, act: str, gate_b=None, up_b=None, down_b=None):
+    """``down(act(gate(x)) * up(x))``, the SwiGLU-style MLP of Qwen2 and the Qwen2.5-VL ViT."""
+    hidden = activation(act)(linear(x_xD, gate_DxF, gate_b)) * linear(x_xD, up_DxF, up_b)
+    return linear(hidden, down_FxD, down_b)
+
+
+def rotate_half(x_xH: jax.Array) -> jax.Array:
+    """[-x2, x1] over the two halves of the last axis."""
+    half = x_xH.shape[-1] // 2
+    return jnp.concatenate([-x_xH[..., half:], x_xH[..., :half]], axis=-1)
+
+
+def apply_rope(x_BxLxNxH: jax.Array, cos_BxLxH: jax.Array, sin_BxLxH: jax.Array) -> jax.Array:
+    """Rotary embedding in the dtype of ``cos``/``sin`` (the caller picks it, as transformers does)."""
+    cos = cos_BxLxH[..., None, :]
+    sin = sin_BxLxH[..., None, :]
+    return x_BxLxNxH * cos + rotate_half(x_BxLxNxH) * sin
+
+
+def attention(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    mask_Bx1xTxS: jax.Array | None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention with grouped KV heads through ``jax.nn.dot_product_attention``.
+
+    ``mask`` is boolean (True = may attend). ``implementation`` is passed through:
+    ``None`` lets JAX choose, ``"xla"`` everywhere, ``"cudnn"`` for flash attention on GPU.
+    Rows with no allowed key (left padding) produce a uniform average, never NaN.
+    """
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation=implementation
+    )

@@ -1,0 +1,85 @@
+"""The Qwen2.5-VL vision tower (ViT with window attention and a 2x2 patch merger).
+
+Let P denote the number of patches of all images together, U = P / m^2 the merge units
+(m = spatial_merge_size), E the ViT width, O the LLM width. The host-side
+``VisionMetadata`` (window permutation, segments, rotary positions) is precomputed in
+NumPy from the grids; everything here is traced once per grid tuple.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from caspo_jax.models.common.layers import attention, gated_mlp, linear, rms_norm, rotate_half
+
+from .config import VisionConfig
+from .rope_index import VisionMetadata
+
+VISION_NORM_EPS = 1e-6
+
+
+def vision_rope(positions_Px2: np.ndarray, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
+    """Axial 2-D rotary cos/sin [P, head_dim] in float32: rows use the first head_dim/4
+    frequencies, columns the next, repeated over both halves (transformers' layout)."""
+    spatial = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
+    freqs = jnp.asarray(positions_Px2, jnp.float32)[..., None] * inv_freq  # [P, 2, head_dim/4]
+    half = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
+    full = jnp.concatenate([half, half], axis=-1)
+    return jnp.cos(full), jnp.sin(full)
+
+
+def _rope_f32(x_PxNxH, cos_PxH, sin_PxH):
+    """Vision rotary in float32, cast back (as transformers' apply_rotary_pos_emb_vision)."""
+    x32 = x_PxNxH.astype(jnp.float32)
+    out = x32 * cos_PxH[:, None, :] + rotate_half(x32) * sin_PxH[:, None, :]
+    return out.astype(x_PxNxH.dtype)
+
+
+def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, mask_PxP, cfg: VisionConfig, attn_impl=None):
+    """One ViT block: x + proj(attn(norm1(x))), then x + mlp(norm2(x))."""
+    P, E = x_PxE.shape
+    h = rms_norm(x_PxE, layer["attn_norm"], VISION_NORM_EPS)
+    qkv = linear(h, layer["qkv_kernel"], layer["qkv_bias"]).reshape(P, 3, cfg.num_heads, cfg.head_dim)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    q, k = _rope_f32(q, cos_PxH, sin_PxH), _rope_f32(k, cos_PxH, sin_PxH)
+    out = attention(q[None], k[None], v[None], mask_PxP[None, None], attn_impl)[0]
+    x_PxE = x_PxE + linear(out.reshape(P, E), layer["proj_kernel"], layer["proj_bias"])
+    h = rms_norm(x_PxE, layer["mlp_norm"], VISION_NORM_EPS)
+    return x_PxE + gated_mlp(h, layer["gate_kernel"], layer["up_kernel"], layer["down_kernel"], cfg.hidden_act,
+                             layer["gate_bias"], layer["up_bias"], layer["down_bias"])
+
+
+def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadata, cfg: VisionConfig,
+                  attn_impl: str | None = None, remat: bool = False) -> jax.Array:
+    """Image features [U, O] in the order of the images (and their merge units) in ``pixel_values``.
+
+    ``pixel_values`` is laid out as the HF processor returns it: [P, C*T*patch*patch].
+    """
+    dtype = params["patch_embed"].dtype
+    unit = cfg.spatial_merge_size**2
+    x = pixel_values_PxC.astype(dtype) @ params["patch_embed"]  # the Conv3d with stride = kernel
+    P, E = x.shape
+    if P != len(meta.positions_Px2):
+        raise ValueError(f"pixel_values has {P} patches, image_grid_thw describes {len(meta.positions_Px2)}")
+    x = x.reshape(P // unit, unit, E)[meta.window_index_U].reshape(P, E)
+    cos, sin = vision_rope(meta.positions_Px2, cfg)
+    image_mask = jnp.asarray(meta.image_segment_P[:, None] == meta.image_segment_P[None, :])
+    window_mask = jnp.asarray(meta.window_segment_P[:, None] == meta.window_segment_P[None, :])
+    is_full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
+
+    def body(x, layer_and_flag):
+        layer, full = layer_and_flag
+        mask = jnp.where(full, image_mask, window_mask)
+        return vision_block(x, layer, cos, sin, mask, cfg, attn_impl), None
+
+    if remat:
+        body = jax.checkpoint(body)
+    x, _ = jax.lax.scan(body, x, (params["blocks"], is_full))
+    merger = params["merger"]
+    h = rms_norm(x, merger["norm"], VISION_NORM_EPS).reshape(P // unit, unit * E)
+    h = jax.nn.gelu(linear(h, merger["fc1_kernel"], merger["fc1_bias"]), approximate=False)
+    out = linear(h, merger["fc2_kernel"], merger["fc2_bias"])
+    return out[meta.reverse_index_U]

@@ -1,0 +1,127 @@
+"""Qwen2.5-VL port vs the unmodified transformers forward (float32, eager attention).
+
+Tolerance: max |logits diff| <= 1e-4 over non-padding positions (padding rows are
+meaningless in both: their queries see no key). Measured: ~1.5e-6.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+
+from caspo_jax.models import load_pretrained
+from caspo_jax.testing import tiny_models as tm
+
+TOL = 1e-4
+# bfloat16 forward vs float32 (same weights): documented tolerance on logits whose
+# float32 std is ~0.3 here; measured ~1e-2.
+BF16_TOL = 6e-2
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_vision")
+    hf = tm.hf_model("vision", seed=1)
+    hf.save_pretrained(path)
+    model, params = load_pretrained(path)
+    return hf, model, params
+
+
+def reference_logits(hf, batch: tm.MultimodalBatch) -> np.ndarray:
+    hf.model.rope_deltas = None  # the reference caches it between calls
+    kwargs = dict(input_ids=torch.tensor(batch.input_ids), attention_mask=torch.tensor(batch.attention_mask))
+    if batch.pixel_values is not None:
+        kwargs.update(pixel_values=torch.tensor(batch.pixel_values),
+                      image_grid_thw=torch.tensor(batch.image_grid_thw),
+                      mm_token_type_ids=torch.tensor(batch.mm_token_type_ids))
+    with torch.no_grad():
+        return hf(**kwargs).logits.numpy()
+
+
+def ours(model, params, batch):
+    return np.asarray(model.forward(params, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw))
+
+
+CASES = {
+    "text_only": [[20], [20]],
+    "one_image": [[3, (1, 6, 8), 5]],
+    "two_images_different_sizes": [[2, (1, 4, 4), 3, (1, 10, 6), 2]],
+    "left_padded_mixed": [[2, (1, 4, 6), 3], [9], [1, (1, 8, 4), 1, (1, 4, 4), 2]],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(hf_and_ours, case):
+    hf, model, params = hf_and_ours
+    batch = tm.make_batch(CASES[case], pad="left", seed=len(case))
+    expected = reference_logits(hf, batch)
+    got = ours(model, params, batch)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    valid = batch.attention_mask.astype(bool)
+    assert np.abs(got - expected)[valid].max() <= TOL
+
+
+def test_right_padded_batch_matches(hf_and_ours):
+    hf, model, params = hf_and_ours
+    batch = tm.make_batch([[1, (1, 4, 4), 8], [4]], pad="right", seed=3)
+    valid = batch.attention_mask.astype(bool)
+    assert np.abs(ours(model, params, batch) - reference_logits(hf, batch))[valid].max() <= TOL
+
+
+def test_encode_images_matches_reference_vision_tower(hf_and_ours):
+    hf, model, params = hf_and_ours
+    batch = tm.make_batch([[1, (1, 6, 8), (1, 4, 4)]], seed=5)
+    with torch.no_grad():
+        expected = hf.model.get_image_features(torch.tensor(batch.pixel_values),
+                                               torch.tensor(batch.image_grid_thw)).pooler_output
+    expected = torch.cat(expected).numpy()
+    got = np.asarray(model.encode_images(params, batch.pixel_values, batch.image_grid_thw))
+    assert got.shape == expected.shape == (12 + 4, model.config.text.hidden_size)
+    assert np.abs(got - expected).max() <= TOL
+
+
+def test_pieces_compose_to_forward_and_jit_with_precomputed_positions(hf_and_ours):
+    """hidden_states + lm_head == forward; one user-jitted function with host position ids."""
+    _, model, params = hf_and_ours
+    batch = tm.make_batch([[2, (1, 4, 6), 3], [9]], seed=7)
+    full = ours(model, params, batch)
+    position_ids, _ = model.get_rope_index(batch.input_ids, batch.image_grid_thw, batch.attention_mask)
+    embeds = model.encode_images(params, batch.pixel_values, batch.image_grid_thw)
+
+    @jax.jit
+    def logprobs(params, ids, mask, pos, image_embeds):
+        h = model.hidden_states(params, ids, mask, position_ids=pos, image_embeds=image_embeds,
+                                image_grid_thw=tuple(map(tuple, batch.image_grid_thw)))
+        return jax.nn.log_softmax(model.lm_head(params, h))
+
+    got = np.asarray(logprobs(params, batch.input_ids, batch.attention_mask, position_ids, embeds))
+    np.testing.assert_allclose(got, np.asarray(jax.nn.log_softmax(full)), atol=1e-5)
+
+
+def test_bfloat16_forward_close_to_float32(hf_and_ours):
+    _, model, params = hf_and_ours
+    batch = tm.make_batch(CASES["left_padded_mixed"], seed=11)
+    params_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    f32 = ours(model, params, batch)
+    bf16 = ours(model, params_bf16, batch)
+    assert bf16.dtype == np.float32
+    valid = batch.attention_mask.astype(bool)
+    diff = np.abs(bf16 - f32)[valid].max()
+    assert 0 < diff <= BF16_TOL, diff
+
+
+def test_causal_by_token_index_including_images(hf_and_ours):
+    """Changing a later token (text or image pixel) never changes earlier logits."""
+    _, model, params = hf_and_ours
+    batch = tm.make_batch([[3, (1, 4, 4), 4]], seed=13)
+    base = ours(model, params, batch)
+    changed = tm.MultimodalBatch(batch.input_ids.copy(), batch.attention_mask, batch.pixel_values * 2,
+                                 batch.image_grid_thw)
+    changed.input_ids[0, -1] = (changed.input_ids[0, -1] + 1) % 100
+    out = ours(model, params, changed)
+    first_image = int(np.argmax(batch.input_ids[0] == tm.IMAGE_TOKEN_ID))
+    np.testing.assert_array_equal(out[0, :first_image], base[0, :first_image])
+    assert np.abs(out[0, first_image:] - base[0, first_image:]).max() > 1e-3
