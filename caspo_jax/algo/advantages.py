@@ -1,0 +1,183 @@
+"""CASPO advantages: group-normalised outcome rewards, token rewards, eq. 5.
+
+Let P be the prompts in a step, G the trajectories sampled per prompt, T the (padded)
+response length and B = P * G; row b of a [B, T] array is trajectory b % G of prompt
+b // G. Every function is pure and `jax.jit`-compatible (string/bool keywords are static:
+close over them or mark them `static_argnames`), computes in float32 whatever the input
+dtype, and returns exactly 0 -- with exactly 0 gradient -- at positions whose mask is 0.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from caspo_jax.algo._masked import F32, as_valid, masked_mean, masked_zscore, present
+
+VARIANTS = ("hybrid", "outcome", "token")
+TOKEN_SCOPES = ("group", "batch")
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}; pick one of those")
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, (int, float)) and not eps > 0:
+        raise ValueError(f"eps={eps!r} must be > 0 (the default is 1e-6)")
+
+
+def group_normalize(rewards_PxG: jax.Array, *, eps: float = 1e-6, scale: bool = True) -> jax.Array:
+    """GRPO's group-relative outcome advantage R_hat (the hat of eq. 5).
+
+    Centres each prompt's G rewards by their mean and, when `scale`, divides by the
+    group's sample std (ddof=1, as verl and Tunix compute it) plus `eps`. A group whose
+    rewards are all equal, or whose std is below `eps`, gets exactly 0 -- no rounding
+    residue, no NaN -- because it carries no relative signal.
+
+    Raises ValueError (before tracing: shapes are static) for G == 1, where a sample std
+    does not exist: sample at least two trajectories per prompt.
+    """
+    rewards_PxG = jnp.asarray(rewards_PxG)
+    if rewards_PxG.ndim != 2:
+        raise ValueError(f"group_normalize: rewards must be [P, G], got shape {rewards_PxG.shape}")
+    if rewards_PxG.shape[1] < 2:
+        raise ValueError(
+            f"group_normalize: group size G={rewards_PxG.shape[1]} has no group std; "
+            "sample at least G=2 trajectories per prompt (the paper uses 32)"
+        )
+    _check_eps(eps)
+    valid_PxG = jnp.ones(rewards_PxG.shape, jnp.bool_)
+    return masked_zscore(rewards_PxG, valid_PxG, axis=1, eps=eps, scale=scale)
+
+
+def normalize_token_signal(
+    r_PxGxT: jax.Array, mask_PxGxT: jax.Array, *, scope: str = "group", eps: float = 1e-6
+) -> jax.Array:
+    """z-score of the token signal r_t (the hat of r in eq. 5) over valid tokens.
+
+    scope="group": over every valid token of the prompt's G trajectories (the same
+    population the outcome reward is normalised over). scope="batch": over every valid
+    token of the whole step ("normalization of log probability discrepancy across all
+    tokens", sec. 5.2). Sample std (ddof=1) plus `eps`; degenerate populations (fewer
+    than two valid tokens, constant signal, std < eps) give exactly 0.
+    """
+    _check_choice("scope", scope, TOKEN_SCOPES)
+    _check_eps(eps)
+    r_PxGxT = jnp.asarray(r_PxGxT)
+    if r_PxGxT.ndim != 3:
+        raise ValueError(f"normalize_token_signal: r must be [P, G, T], got shape {r_PxGxT.shape}")
+    valid_PxGxT = as_valid(mask_PxGxT)
+    axis = (1, 2) if scope == "group" else (0, 1, 2)
+    return masked_zscore(r_PxGxT, valid_PxGxT, axis=axis, eps=eps)
+
+
+def token_rewards(
+    teacher_logp_BxT: jax.Array,
+    student_logp_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    *,
+    clamp: float | None = None,
+) -> jax.Array:
+    """Eq. 4: r_t = log pi(a_t | s_t, C) - log pi(a_t | s_t), a constant of the loss.
+
+    Both log-probs score the SAME sampled response tokens a_t: `teacher_logp` with the
+    constitution C in the prompt, `student_logp` without it. The result is wrapped in
+    `stop_gradient`: it is a reward, not a distillation loss. `clamp` (optional, > 0)
+    bounds |r_t|. Absent positions are 0.
+    """
+    if clamp is not None and isinstance(clamp, (int, float)) and not clamp > 0:
+        raise ValueError(f"token_rewards: clamp={clamp!r} must be > 0 or None")
+    valid_BxT = as_valid(mask_BxT)
+    r_BxT = present(teacher_logp_BxT, valid_BxT) - present(student_logp_BxT, valid_BxT)
+    if clamp is not None:
+        r_BxT = jnp.clip(r_BxT, -clamp, clamp)
+    return jax.lax.stop_gradient(jnp.where(valid_BxT, r_BxT, 0.0))
+
+
+def hybrid_advantages(
+    R_hat_PxG: jax.Array,
+    r_hat_PxGxT: jax.Array,
+    mask_PxGxT: jax.Array,
+    *,
+    lam: float,
+    variant: str = "hybrid",
+    nonneg_factor: bool = False,
+) -> jax.Array:
+    """Eq. 5 and its ablations, per token. Returns A_PxGxT in float32.
+
+    variant="hybrid": A = R_hat * (1 + lam * sign(R_hat) * r_hat), which equals
+      R_hat + lam * |R_hat| * r_hat: the token signal moves the advantage in the same
+      direction whatever the outcome's sign. sign(0) = 0, and it never matters: R_hat = 0
+      zeroes the product.
+    variant="outcome" (OutR): A = R_hat broadcast over tokens; `r_hat` is ignored.
+    variant="token" (TokR): A = r_hat; `R_hat` is ignored.
+    nonneg_factor: bound the factor (1 + lam * sign * r_hat) below at 0, so a strongly
+      constitution-disagreeing token can at most cancel, never flip, the outcome's sign.
+      Off by default (the paper does not bound it).
+    """
+    _check_choice("variant", variant, VARIANTS)
+    if isinstance(lam, (int, float)) and lam < 0:
+        raise ValueError(f"hybrid_advantages: lam={lam!r} must be >= 0 (the paper uses 0.3)")
+    valid_PxGxT = as_valid(mask_PxGxT)
+    R_PxGx1 = jnp.asarray(R_hat_PxG).astype(F32)[:, :, None]
+    r_hat_PxGxT = present(r_hat_PxGxT, valid_PxGxT)
+    if variant == "outcome":
+        adv_PxGxT = jnp.broadcast_to(R_PxGx1, valid_PxGxT.shape)
+    elif variant == "token":
+        adv_PxGxT = r_hat_PxGxT
+    else:
+        factor_PxGxT = 1.0 + lam * jnp.sign(R_PxGx1) * r_hat_PxGxT
+        if nonneg_factor:
+            factor_PxGxT = jnp.maximum(factor_PxGxT, 0.0)
+        adv_PxGxT = R_PxGx1 * factor_PxGxT
+    return jnp.where(valid_PxGxT, adv_PxGxT, 0.0)
+
+
+def caspo_advantages(
+    rewards_PxG: jax.Array,
+    teacher_logp_BxT: jax.Array | None,
+    student_logp_BxT: jax.Array | None,
+    mask_BxT: jax.Array,
+    *,
+    lam: float,
+    variant: str = "hybrid",
+    token_scope: str = "group",
+    eps: float = 1e-6,
+    scale_rewards: bool = True,
+    token_reward_clamp: float | None = None,
+    nonneg_factor: bool = False,
+):
+    """Algorithm 1, lines 5-8: outcome rewards and token log-probs to A_BxT.
+
+    Composes `group_normalize`, `token_rewards`, `normalize_token_signal` and
+    `hybrid_advantages`, reshaping [B, T] <-> [P, G, T] (rows grouped prompt-major).
+    For variant="outcome" the log-probs are unused and may be None.
+    Returns (adv_BxT, metrics) with metrics["token_reward_mean"] (raw r_t over valid
+    tokens: how much the constitution moves the policy) and metrics["adv_mean"].
+    """
+    _check_choice("variant", variant, VARIANTS)
+    rewards_PxG = jnp.asarray(rewards_PxG)
+    P, G = rewards_PxG.shape
+    valid_BxT = as_valid(mask_BxT)
+    B, T = valid_BxT.shape
+    if B != P * G:
+        raise ValueError(f"caspo_advantages: mask has {B} rows but rewards give P*G = {P}*{G} = {P * G}")
+    valid_PxGxT = valid_BxT.reshape(P, G, T)
+    R_hat_PxG = group_normalize(rewards_PxG, eps=eps, scale=scale_rewards)
+    if variant == "outcome":
+        r_BxT = jnp.zeros((B, T), F32)
+        r_hat_PxGxT = jnp.zeros((P, G, T), F32)
+    else:
+        if teacher_logp_BxT is None or student_logp_BxT is None:
+            raise ValueError(f"caspo_advantages: variant={variant!r} needs teacher and student log-probs")
+        r_BxT = token_rewards(teacher_logp_BxT, student_logp_BxT, valid_BxT, clamp=token_reward_clamp)
+        r_hat_PxGxT = normalize_token_signal(r_BxT.reshape(P, G, T), valid_PxGxT, scope=token_scope, eps=eps)
+    adv_PxGxT = hybrid_advantages(
+        R_hat_PxG, r_hat_PxGxT, valid_PxGxT, lam=lam, variant=variant, nonneg_factor=nonneg_factor
+    )
+    adv_BxT = jax.lax.stop_gradient(adv_PxGxT.reshape(B, T))
+    metrics = {
+        "token_reward_mean": masked_mean(r_BxT, valid_BxT),
+        "adv_mean": masked_mean(adv_BxT, valid_BxT),
+    }
+    return adv_BxT, metrics

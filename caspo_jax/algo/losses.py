@@ -1,0 +1,185 @@
+"""The CASPO objective (eq. 6) as a loss to minimise: PPO clipped surrogate + beta * KL.
+
+Let B be the number of trajectories and T the padded response length. Inputs are
+[B, T] per-token arrays: `logp` (current policy, differentiated), `old_logp` (the
+rollout policy pi_old), `ref_logp` (pi_ref, for the KL), `adv` (from
+`caspo_jax.algo.advantages`) and `mask` (1 on response tokens). Absent positions
+(mask 0) are replaced by 0 through `jnp.where` before any arithmetic, so they add
+nothing to the loss or metrics and receive exactly 0 gradient even if they hold NaN.
+Everything is computed in float32. String keywords are static under `jax.jit`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from caspo_jax.algo._masked import F32, as_valid, count, masked_mean, present
+from caspo_jax.algo.kl import KL_KINDS, kl_penalty
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LOG_RATIO_BOUND = 20.0
+
+
+def aggregate(loss_BxT: jax.Array, mask_BxT: jax.Array, *, agg: str = "token-mean", norm_len: int | None = None):
+    """Reduces per-token values to a scalar, as verl's `agg_loss` modes do.
+
+    token-mean:               sum over valid tokens / number of valid tokens.
+    seq-mean-token-mean:      each sequence's token mean, averaged over sequences (GRPO).
+    seq-mean-token-sum:       each sequence's token sum, averaged over sequences.
+    seq-mean-token-sum-norm:  total sum / (sequences * norm_len) -- eq. 6's literal
+                              1/(GT) with a constant length (Dr. GRPO); norm_len defaults
+                              to T, the padded length.
+    "Sequences" counts only rows with at least one valid token: an all-masked row (batch
+    padding) is absent, not a zero-loss sample. No valid token at all gives 0, not NaN.
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"aggregate: agg={agg!r} is not one of {AGG_MODES}; pick one of those")
+    if norm_len is not None and not (isinstance(norm_len, int) and norm_len > 0):
+        raise ValueError(f"aggregate: norm_len={norm_len!r} must be a positive int or None (None = T)")
+    valid_BxT = as_valid(mask_BxT)
+    if agg == "token-mean":
+        return masked_mean(loss_BxT, valid_BxT)
+    seq_sum_B = jnp.sum(present(loss_BxT, valid_BxT), axis=-1)
+    seq_len_B = count(valid_BxT, axis=-1)
+    num_seqs = jnp.maximum(jnp.sum(seq_len_B > 0, dtype=F32), 1.0)
+    if agg == "seq-mean-token-mean":
+        return jnp.sum(seq_sum_B / jnp.maximum(seq_len_B, 1.0)) / num_seqs
+    if agg == "seq-mean-token-sum":
+        return jnp.sum(seq_sum_B) / num_seqs
+    length = valid_BxT.shape[-1] if norm_len is None else norm_len
+    return jnp.sum(seq_sum_B) / (num_seqs * length)
+
+
+def _check_clip(clip_low, clip_high, dual_clip) -> None:
+    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
+        if isinstance(value, (int, float)) and not value > 0:
+            raise ValueError(f"{name}={value!r} must be > 0 (the paper uses 0.2)")
+    if dual_clip is not None and isinstance(dual_clip, (int, float)) and not dual_clip > 1:
+        raise ValueError(f"dual_clip={dual_clip!r} must be > 1 (verl's default is 3.0) or None")
+
+
+def clipped_surrogate(
+    logp_BxT: jax.Array,
+    old_logp_BxT: jax.Array,
+    adv_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+):
+    """Per-token PPO loss -A * ratio, clipped; returns (loss_BxT, parts).
+
+    ratio = exp(clamp(logp - old_logp, -20, 20)). A token is clipped -- its loss is the
+    constant -A * clip(ratio, 1 - clip_low, 1 + clip_high) and its gradient is 0 --
+    when A > 0 and ratio > 1 + clip_high ("high") or A < 0 and ratio < 1 - clip_low
+    ("low"); this is max(-A r, -A clip(r)) written with `where` so ties have one branch.
+    Dual clip (Ye et al. 2020): for A < 0 the loss is further capped at -A * dual_clip,
+    so |loss| <= dual_clip * |A| however large the ratio grows.
+    `parts` holds boolean [B, T] maps "clipped_high", "clipped_low", "dual_clipped" and
+    the float32 "log_ratio" (clamped), all False/0 at absent positions.
+    """
+    _check_clip(clip_low, clip_high, dual_clip)
+    valid_BxT = as_valid(mask_BxT)
+    logp_BxT = present(logp_BxT, valid_BxT)
+    old_logp_BxT = present(old_logp_BxT, valid_BxT)
+    adv_BxT = present(adv_BxT, valid_BxT)
+    log_ratio_BxT = jnp.clip(logp_BxT - old_logp_BxT, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    ratio_BxT = jnp.exp(log_ratio_BxT)
+    clipped_high = valid_BxT & (adv_BxT > 0) & (ratio_BxT > 1.0 + clip_high)
+    clipped_low = valid_BxT & (adv_BxT < 0) & (ratio_BxT < 1.0 - clip_low)
+    bound_BxT = jax.lax.stop_gradient(jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high))
+    loss_BxT = -adv_BxT * jnp.where(clipped_high | clipped_low, bound_BxT, ratio_BxT)
+    dual_clipped = jnp.zeros_like(valid_BxT)
+    if dual_clip is not None:
+        cap_BxT = -adv_BxT * dual_clip
+        dual_clipped = valid_BxT & (adv_BxT < 0) & (loss_BxT > cap_BxT)
+        loss_BxT = jnp.where(dual_clipped, cap_BxT, loss_BxT)
+    parts = {
+        "clipped_high": clipped_high,
+        "clipped_low": clipped_low,
+        "dual_clipped": dual_clipped,
+        "log_ratio": jnp.where(valid_BxT, log_ratio_BxT, 0.0),
+    }
+    return jnp.where(valid_BxT, loss_BxT, 0.0), parts
+
+
+def policy_loss(
+    logp_BxT: jax.Array,
+    old_logp_BxT: jax.Array,
+    adv_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    norm_len: int | None = None,
+):
+    """PPO clipped-surrogate loss aggregated by `agg`; returns (loss, metrics).
+
+    metrics (float32 scalars, token-level means over valid tokens whatever `agg` is):
+    pg_loss, clipfrac (= clipfrac_high + clipfrac_low), clipfrac_high, clipfrac_low,
+    dual_clipfrac, approx_kl (mean of old_logp - logp, k1 of KL(pi_old || pi) on the
+    sampled tokens, verl's `ppo_kl`).
+    """
+    valid_BxT = as_valid(mask_BxT)
+    loss_BxT, parts = clipped_surrogate(
+        logp_BxT, old_logp_BxT, adv_BxT, valid_BxT,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+    )
+    pg_loss = aggregate(loss_BxT, valid_BxT, agg=agg, norm_len=norm_len)
+    stat = jax.lax.stop_gradient
+    clip_high_frac = masked_mean(parts["clipped_high"], valid_BxT)
+    clip_low_frac = masked_mean(parts["clipped_low"], valid_BxT)
+    metrics = {
+        "pg_loss": stat(pg_loss),
+        "clipfrac": clip_high_frac + clip_low_frac,
+        "clipfrac_high": clip_high_frac,
+        "clipfrac_low": clip_low_frac,
+        "dual_clipfrac": masked_mean(parts["dual_clipped"], valid_BxT),
+        "approx_kl": stat(-masked_mean(parts["log_ratio"], valid_BxT)),
+    }
+    return pg_loss, metrics
+
+
+def caspo_loss(
+    logp_BxT: jax.Array,
+    old_logp_BxT: jax.Array,
+    ref_logp_BxT: jax.Array | None,
+    adv_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    *,
+    beta: float,
+    kl_kind: str = "k3",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    norm_len: int | None = None,
+):
+    """-J(theta) of eq. 6: policy_loss + beta * KL(pi_theta || pi_ref); (loss, metrics).
+
+    The KL is the per-token `kl_penalty(logp, ref_logp, kind=kl_kind)` aggregated with the
+    same `agg` as the policy term (verl's `use_kl_loss` path), so beta keeps one meaning
+    across modes. With beta == 0 (a Python number) the KL is skipped and `ref_logp` may
+    be None. metrics: loss, pg_loss, kl, and policy_loss's clip fractions and approx_kl.
+    """
+    if isinstance(beta, (int, float)) and beta < 0:
+        raise ValueError(f"caspo_loss: beta={beta!r} must be >= 0 (the paper uses 0.005)")
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"caspo_loss: kl_kind={kl_kind!r} is not one of {KL_KINDS}; pick one of those")
+    valid_BxT = as_valid(mask_BxT)
+    pg_loss, metrics = policy_loss(
+        logp_BxT, old_logp_BxT, adv_BxT, valid_BxT,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, norm_len=norm_len,
+    )
+    if isinstance(beta, (int, float)) and beta == 0:
+        kl = jnp.zeros((), F32)
+    else:
+        if ref_logp_BxT is None:
+            raise ValueError("caspo_loss: beta > 0 needs ref_logp (or set beta=0 to drop the KL term)")
+        kl_BxT = kl_penalty(present(logp_BxT, valid_BxT), present(ref_logp_BxT, valid_BxT), kind=kl_kind)
+        kl = aggregate(kl_BxT, valid_BxT, agg=agg, norm_len=norm_len)
+    loss = pg_loss + beta * kl
+    metrics = {"loss": jax.lax.stop_gradient(loss), **metrics, "kl": jax.lax.stop_gradient(kl)}
+    return loss, metrics
