@@ -34,7 +34,8 @@ def _as_grids(grid_thw) -> tuple[tuple[int, int, int], ...]:
 def _vision_positions(start: int, grid: tuple[int, int, int], spatial_merge: int, time_interval) -> np.ndarray:
     """[3, t*h*w/merge^2] positions of one image/video placed after ``start`` text positions."""
     t, h, w = grid[0], grid[1] // spatial_merge, grid[2] // spatial_merge
-    pos_t = (np.arange(t) * time_interval).astype(np.int64)
+    steps = np.arange(t, dtype=np.float32 if isinstance(time_interval, np.floating) else np.int64)
+    pos_t = (steps * time_interval).astype(np.int64)
     pos_h = np.arange(h) + start
     pos_w = np.arange(w) + start
     tt, hh, ww = np.meshgrid(pos_t, pos_h, pos_w, indexing="ij")
@@ -68,7 +69,11 @@ def get_rope_index(
     types = np.where(ids == image_token_id, IMAGE, np.where(ids == video_token_id, VIDEO, TEXT))
     mask = None if attention_mask_BxL is None else np.asarray(attention_mask_BxL).astype(bool)
     grids = {IMAGE: iter(_as_grids(image_grid_thw)), VIDEO: iter(_as_grids(video_grid_thw))}
-    seconds = iter(np.asarray(second_per_grid_ts).tolist() if second_per_grid_ts is not None else [1] * length)
+    if second_per_grid_ts is None:
+        seconds = iter([1] * length)
+    else:  # transformers multiplies float32 tensors: keep float32 so truncation agrees
+        sec = np.asarray(second_per_grid_ts)
+        seconds = iter(sec.astype(np.float32) if sec.dtype.kind == "f" else sec)
     position_ids = np.zeros((3, batch, length), dtype=np.int64)
     deltas = []
     for b in range(batch):
@@ -86,7 +91,11 @@ def get_rope_index(
             except StopIteration:
                 kind = "image_grid_thw" if modality == IMAGE else "video_grid_thw"
                 raise ValueError(f"sample {b} has more {kind.split('_')[0]} placeholder runs than {kind} rows") from None
-            interval = tokens_per_second * next(seconds) if modality == VIDEO else 1
+            interval = 1
+            if modality == VIDEO:
+                second = next(seconds)
+                interval = (np.float32(tokens_per_second) * second if isinstance(second, np.floating)
+                            else tokens_per_second * int(second))
             pieces.append(_vision_positions(current, grid, spatial_merge_size, interval))
             current += max(grid[1], grid[2]) // spatial_merge_size
         positions = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
