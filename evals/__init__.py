@@ -1,1 +1,17 @@
-"""OOD-MMSafe-style evaluation (imported as ``caspo_jax.evals``)."""
+"""OOD-MMSafe-style evaluation (imported as ``caspo_jax.evals``).
+
+Modules, one job each:
+
+* ``metrics``: R/S/E maths (judge-averaged X_A, X_0 two ways, 0/1/2 shares, deltas).
+* ``modes``: the standard / malicious / constitution / caption prompts.
+* ``generators``: the ``Generator`` protocol, the OpenAI-endpoint generator, the paper's
+  sampling preset; local JAX / vLLM engines raise ``EngineNotAvailable`` until built.
+* ``runner``: the resumable generate-then-judge loop over a ``ResultsStore`` (``store``).
+* ``judging``: judge functions (R/S/E rubric, SIUO safe/effective, MSSBench 4-class).
+* ``siuo``, ``mssbench``: benchmark adapters over their published JSON layouts.
+* ``suites``: benchmarks as work items, summaries rebuilt from stored results.
+* ``report``: markdown tables, CSV, PNG figures. ``token_shift``: figure 5's analysis.
+* ``cli``: ``caspo eval``.
+
+Submodules are imported on use so ``import caspo_jax.evals`` stays light.
+"""

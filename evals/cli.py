@@ -252,6 +252,8 @@ def _run_compare(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     text = (f"# {after.name} vs {before.name}\n\nValues of {after.name}; in brackets the change from {before.name} "
             f"(absolute, relative %). Judges: {', '.join(judges)}.\n\n" + report.compare_table(deltas) + "\n")
-    (out / "compare.md").write_text(text)
+    (out / "compare.md").write_text(text + "\n![before/after](compare.png)\n")
+    report.write_compare_csv(out / "compare.csv", deltas)
+    report.plot_compare(out / "compare.png", deltas, (before.name, after.name))
     print(text)
     return 0

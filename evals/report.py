@@ -106,9 +106,44 @@ def compare_table(deltas: Mapping[str, Mapping[str, Delta]]) -> str:
             d = row[m]
             fmt = _p if m.endswith("_0") else _f
             rel = "" if math.isnan(d.relative) else f", {d.relative:+.1f}%"
-            cells.append(f"{fmt(d.after)} ({d.absolute:+.2f}{rel})" if not math.isnan(d.absolute) else "-")
+            absd = f"{d.absolute:+.1f}" if m.endswith("_0") else f"{d.absolute:+.2f}"
+            cells.append(f"{fmt(d.after)} ({absd}{rel})" if not math.isnan(d.absolute) else "-")
         lines.append(_row(cells))
     return "\n".join(lines)
+
+
+def plot_compare(path: pathlib.Path, deltas: Mapping[str, Mapping[str, Delta]], labels: tuple[str, str] = ("before", "after")) -> None:
+    """Before/after bars of X_A (left) and X_0 % (right) for R, S, E, one group per mode x dimension."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, suffix, ylabel, top in ((axes[0], "_A", "average score X_A", 2), (axes[1], "_0", "zero-score rate X_0 (%)", 100)):
+        names, before, after = [], [], []
+        for mode, row in deltas.items():
+            for d in DIMENSIONS:
+                dl = row[DIM_LETTER[d] + suffix]
+                names.append(f"{mode}\n{DIM_LETTER[d]}")
+                before.append(0.0 if math.isnan(dl.before) else dl.before)
+                after.append(0.0 if math.isnan(dl.after) else dl.after)
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], before, 0.4, label=labels[0])
+        ax.bar([x + 0.2 for x in xs], after, 0.4, label=labels[1])
+        ax.set_xticks(list(xs), names, fontsize=7)
+        ax.set_ylim(0, top)
+        ax.set_ylabel(ylabel)
+    axes[0].legend()
+    fig.suptitle(f"{labels[1]} vs {labels[0]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_compare_csv(path: pathlib.Path, deltas: Mapping[str, Mapping[str, Delta]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "metric", "before", "after", "absolute", "relative_pct"])
+        for mode, row in deltas.items():
+            for m, d in row.items():
+                w.writerow([mode, m, d.before, d.after, d.absolute, d.relative])
 
 
 def write_csv(path: pathlib.Path, summaries: Mapping[str, ModeSummary], by_cat: Mapping[str, Mapping[str, ModeSummary]]) -> None:
