@@ -183,11 +183,13 @@ def _run_eval(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         from caspo_jax.rubric.rse import RUBRIC_VERSION
 
-        (out / "run.json").write_text(json.dumps({
+        run_meta = {
             "generator": gen_name, "engine": args.engine, "base_url": args.base_url, "sampling": dataclasses.asdict(sampling),
             "judges": names, "judge_models": {j["name"]: j["model"] for j in judge_specs}, "modes": modes,
             "rubric_version": RUBRIC_VERSION, "prompts_version": PROMPTS_VERSION,
-        }, indent=2))
+        }
+        _check_resume_compatible(out / "run.json", run_meta)
+        (out / "run.json").write_text(json.dumps(run_meta, indent=2))
         gen_client = _client(args, args.base_url, args.model, args.api_key_env, sampling.temperature)
         judges = [Judge(j["name"], _client(args, j["base_url"], j["model"], j["api_key_env"], 0.0), j["price_in"], j["price_out"])
                   for j in judge_specs]
@@ -224,8 +226,25 @@ def _run_eval(args) -> int:
              "failed judgements reduce coverage and are never scored 0"]
     paths = report.write_report(out, summaries, by_cat, usage=usage, extra_sections=extra, notes=notes,
                                 title=f"Evaluation of {gen_name}")
+    if summaries:
+        report.write_items_csv(out / "items.csv", suites.ood_item_scores(recs, names), names)
     print(f"report: {paths['markdown']}", file=sys.stderr)
     return 0
+
+
+_MUST_MATCH = ("generator", "sampling", "rubric_version", "prompts_version")
+
+
+def _check_resume_compatible(run_json: pathlib.Path, new: dict[str, Any]) -> None:
+    """Refuse to mix responses of another model / sampling / prompt wording into one results file."""
+    if not run_json.exists():
+        return
+    old = json.loads(run_json.read_text())
+    diff = [k for k in _MUST_MATCH if k in old and old[k] != new[k]]
+    if diff:
+        details = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff)
+        raise ValueError(f"{run_json.parent} holds results of a different run ({details}); "
+                         "use a new --out folder (or delete that folder to start over)")
 
 
 def _run_compare(args) -> int:

@@ -146,6 +146,25 @@ def write_compare_csv(path: pathlib.Path, deltas: Mapping[str, Mapping[str, Delt
                 w.writerow([mode, m, d.before, d.after, d.absolute, d.relative])
 
 
+def write_items_csv(path: pathlib.Path, by_mode: Mapping[str, Sequence[Any]], judges: Sequence[str]) -> None:
+    """One row per (mode, item): each judge's R/S/E (blank = failed) and the judge average."""
+    from caspo_jax.evals.metrics import item_average
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "item", "category"] + [f"{j}_{DIM_LETTER[d]}" for j in judges for d in DIMENSIONS]
+                   + [f"avg_{DIM_LETTER[d]}" for d in DIMENSIONS])
+        for mode, items in by_mode.items():
+            for it in items:
+                cells = [mode, it.item_id, it.category or ""]
+                for j in judges:
+                    t = it.judges.get(j)
+                    cells += ["" if t is None else v for v in (t or (None,) * 3)]
+                avg = item_average(it, judges, require_all=False)
+                cells += ["" if avg is None else round(v, 4) for v in (avg or (None,) * 3)]
+                w.writerow(cells)
+
+
 def write_csv(path: pathlib.Path, summaries: Mapping[str, ModeSummary], by_cat: Mapping[str, Mapping[str, ModeSummary]]) -> None:
     """Long format: one row per (mode, category, dimension); category "all" = overall."""
     fields = ["mode", "category", "dimension", "X_A", "X_0_per_judge", "X_0_items", "share_0", "share_1", "share_2", "covered", "items"]

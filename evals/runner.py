@@ -5,7 +5,8 @@ processed in chunks; after each chunk, every item's complete state (response, ea
 judge's verdict, the tokens spent *by this attempt*) is appended to the results store
 as one JSON line. On a rerun:
 
-* items whose latest record has ``status == "done"`` are skipped;
+* items whose latest record has a response and a successful verdict from every current
+  judge (same judge model) are skipped; adding a judge later re-opens items for it only;
 * a failed item keeps what succeeded (the response, the judges that answered) and only
   the missing parts are redone;
 * a run killed mid-chunk loses at most that chunk's in-flight calls; the store never
@@ -90,8 +91,9 @@ def run_items(
     pending = []
     for it in items:
         rec = existing.get(it.key)
-        if rec is not None and rec.get("status") == "done":
-            stats.skipped_done += 1
+        prev = _start_state(it, rec, judges, run_info) if rec is not None else None
+        if prev is not None and prev["response"] is not None and all(j.name in prev["judges"] for j in judges):
+            stats.skipped_done += 1  # done for every current judge (a new judge re-opens it)
         else:
             pending.append(it)
     bar = tqdm(total=len(pending), desc="eval items", disable=not progress)
@@ -106,6 +108,7 @@ def run_items(
                 continue
             outs = judge_fn(judge, [(it, state[it.key]["response"]) for it in todo])
             for it, out in zip(todo, outs):
+                out = {**out, "judge_model": _judge_model(judge)}
                 usage = out.get("usage") or _usage()
                 state[it.key]["judges"][judge.name] = out
                 if not out.get("cached"):
@@ -138,11 +141,17 @@ def _start_state(it: WorkItem, prev: dict[str, Any] | None, judges: Sequence[Jud
     if prev is not None:
         if prev.get("response") is not None:
             rec["response"] = prev["response"]
-        rec["judges"] = {j.name: prev.get("judges", {}).get(j.name) for j in judges
-                         if (prev.get("judges", {}).get(j.name) or {}).get("ok")}
+        prev_j = prev.get("judges") or {}
+        # reuse a verdict only if it succeeded and came from the same judge model
+        rec["judges"] = {j.name: prev_j[j.name] for j in judges
+                         if (prev_j.get(j.name) or {}).get("ok") and prev_j[j.name].get("judge_model") == _judge_model(j)}
         if rec["response"] is None:
             rec["judges"] = {}
     return rec
+
+
+def _judge_model(judge: Judge) -> str | None:
+    return getattr(getattr(judge.client, "config", None), "model", None)
 
 
 def _generate(chunk: Sequence[WorkItem], state, generator: Generator, sampling: Sampling, stats: RunStats) -> None:

@@ -14,7 +14,7 @@ import _evals_fixtures as F
 from caspo_jax.evals import metrics as M
 from caspo_jax.evals.store import iter_lines, load_records
 from caspo_jax.launch import cli
-from caspo_jax.testing.openai_stub import OpenAIStub, answer, garbage, reject_temperature, request_text, server_error, slow
+from caspo_jax.testing.openai_stub import OpenAIStub, answer, garbage, rate_limited, reject_temperature, request_text, server_error, slow
 
 
 def _args(stub, tmp_path, out, *extra, judges=("ja", "jb")):
@@ -59,6 +59,8 @@ def test_eval_end_to_end_reports(tmp_path):
     assert cells[1] == f"{expected.dims['risk'].mean:.2f}" and cells[2] == f"{expected.dims['risk'].zero_rate_per_judge:.1f}"
     assert cells[5] == f"{expected.dims['effectiveness'].mean:.2f}" and cells[7:] == ["6 / 6", "12 / 12"]
     assert "## Per category: caption" in md and "## Token usage and cost" in md
+    items_csv = (out / "items.csv").read_text().splitlines()
+    assert items_csv[0].startswith("mode,item,category,ja_R,ja_S,ja_E,jb_R") and len(items_csv) == 1 + 24
     csv_lines = (out / "summary.csv").read_text().splitlines()
     assert csv_lines[0].startswith("mode,category,dimension,X_A") and len(csv_lines) == 1 + 4 * 7 * 3
     for png in ["modes.png", "categories_standard.png", "categories_caption.png"]:
@@ -72,8 +74,15 @@ def test_faults_count_as_coverage_and_rerun_retries_only_failures(tmp_path):
     F.write_records(tmp_path)
     out = tmp_path / "run"
 
+    limited = []
+
     def faulty(body):
         text = request_text(body)
+        if F.is_rse_judge(body) and body.get("model") == "judge-ja" and "question 0?" in text and not limited:
+            limited.append(1)
+            return rate_limited(0.05)  # retried after Retry-After, then succeeds
+        if not F.is_rse_judge(body) and "question 5?" in text:
+            return slow(2.0)  # beyond --timeout: fails after its retry
         if F.is_rse_judge(body) and body.get("model") == "judge-jb":
             if "question 1?" in text:
                 return server_error(500)
@@ -84,23 +93,25 @@ def test_faults_count_as_coverage_and_rerun_retries_only_failures(tmp_path):
         return F.default_responder(body)
 
     with OpenAIStub(responder=faulty) as stub:
-        assert cli.main(_args(stub, tmp_path, out)) == 0
+        assert cli.main(_args(stub, tmp_path, out) + ["--timeout", "0.4"]) == 0
+        assert limited and sum(1 for r in stub.chat_requests if "question 0?" in request_text(r.body)) == 4
     recs = load_records(out / "results.jsonl")
     status = {k.split("/")[2]: r["status"] for k, r in recs.items()}
-    assert status == {"r0": "done", "r1": "failed", "r2": "failed", "r3": "done", "r4": "failed", "r5": "done"}
+    assert status == {"r0": "done", "r1": "failed", "r2": "failed", "r3": "done", "r4": "failed", "r5": "failed"}
+    assert "timed out" in recs["ood/standard/r5/0"]["generation_error"]
     assert recs["ood/standard/r4/0"]["response"] is None and "503" in recs["ood/standard/r4/0"]["generation_error"]
     assert recs["ood/standard/r1/0"]["judges"]["ja"]["ok"] and not recs["ood/standard/r1/0"]["judges"]["jb"]["ok"]
     md = (out / "report.md").read_text()
-    assert "| standard |" in md and "3 / 6 | 8 / 12 |" in md  # failures: coverage, not zeros
-    partial = M.summarize([it for it in _expected_items(6, "standard", ["ja", "jb"]) if it.item_id[:2] in ("r0", "r3", "r5")], ["ja", "jb"])
+    assert "| standard |" in md and "2 / 6 | 6 / 12 |" in md  # failures: coverage, not zeros
+    partial = M.summarize([it for it in _expected_items(6, "standard", ["ja", "jb"]) if it.item_id[:2] in ("r0", "r3")], ["ja", "jb"])
     row = next(l for l in md.splitlines() if l.startswith("| standard |"))
     assert f"| {partial.dims['risk'].mean:.2f} |" in row
     with OpenAIStub(responder=F.default_responder) as stub:
         assert cli.main(_args(stub, tmp_path, out)) == 0
         gens = [r for r in stub.chat_requests if not F.is_rse_judge(r.body)]
         judged = [r for r in stub.chat_requests if F.is_rse_judge(r.body)]
-    assert len(gens) == 1  # only r4 is regenerated
-    assert sorted(r.body["model"] for r in judged) == ["judge-ja", "judge-jb", "judge-jb", "judge-jb"]
+    assert len(gens) == 2  # only r4 and r5 are regenerated
+    assert sorted(r.body["model"] for r in judged) == ["judge-ja"] * 2 + ["judge-jb"] * 4
     recs = load_records(out / "results.jsonl")
     assert all(r["status"] == "done" for r in recs.values())
     md = (out / "report.md").read_text()
@@ -108,7 +119,7 @@ def test_faults_count_as_coverage_and_rerun_retries_only_failures(tmp_path):
     # cost sums every attempt: judge jb spent tokens in both runs
     usage_row = next(l for l in md.splitlines() if l.startswith("| jb | judge |"))
     cells = [c.strip() for c in usage_row.strip(" |").split("|")]
-    assert cells[2] == "8"  # judgement attempts: 5 in run 1 (2 failed), 3 in run 2
+    assert cells[2] == "8"  # judgement attempts: 4 in run 1 (2 failed), 4 in run 2
     pt, ct = int(cells[3]), int(cells[4])
     assert pt > 0 and ct > 0 and float(cells[5]) == pytest.approx(pt / 1000 * 0.5 + ct / 1000 * 2, abs=1e-4)
 
@@ -163,3 +174,17 @@ def test_kill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     keys = [r["key"] for r in lines]
     assert len(keys) == len(set(keys)) == n  # nothing lost, nothing duplicated
     assert all(r["status"] == "done" for r in lines)
+
+
+def test_new_judge_reopens_items_and_changed_sampling_is_refused(tmp_path, capsys):
+    F.write_records(tmp_path, n=3)
+    out = tmp_path / "run"
+    with OpenAIStub(responder=F.default_responder) as stub:
+        assert cli.main(_args(stub, tmp_path, out, judges=("ja",))) == 0
+        n_first = len(stub.chat_requests)
+        assert cli.main(_args(stub, tmp_path, out, judges=("ja", "jb"))) == 0
+        second = stub.chat_requests[n_first:]
+        assert [r.body["model"] for r in second] == ["judge-jb"] * 3  # no regeneration, no re-judging by ja
+        assert cli.main(_args(stub, tmp_path, out, "--temperature", "0.2", judges=("ja",))) == 2
+    assert "different run" in capsys.readouterr().err
+    assert "3 / 3 | 6 / 6 |" in (out / "report.md").read_text()
