@@ -146,6 +146,30 @@ def write_compare_csv(path: pathlib.Path, deltas: Mapping[str, Mapping[str, Delt
                 w.writerow([mode, m, d.before, d.after, d.absolute, d.relative])
 
 
+def plot_token_shift(path: pathlib.Path, results: Mapping[str, Any], title: str = "") -> None:
+    """Stacked class shares of the top-K shifted tokens per comparison (the paper's figure 5).
+
+    ``results[label]`` is a ``token_shift.TokenShiftResult`` (e.g. "DPO vs base").
+    """
+    from caspo_jax.evals.token_shift import CLASSES
+
+    plt = _plt()
+    labels = list(results)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(labels)), 3.6))
+    bottom = [0.0] * len(labels)
+    for cls in CLASSES:
+        vals = [results[l].shares[cls] for l in labels]
+        ax.bar(labels, vals, 0.6, bottom=bottom, label=cls)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% of top-K shifted tokens")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "token classes of the largest log-prob shifts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_items_csv(path: pathlib.Path, by_mode: Mapping[str, Sequence[Any]], judges: Sequence[str]) -> None:
     """One row per (mode, item): each judge's R/S/E (blank = failed) and the judge average."""
     from caspo_jax.evals.metrics import item_average

@@ -118,6 +118,10 @@ def siuo_table(rates: Mapping[str, SIUO.SIUORates], effective_rate: str) -> str:
              "| judge | safe rate % | effective rate % | covered / questions |", "| --- | --- | --- | --- |"]
     for j, r in rates.items():
         lines.append(f"| {j} | {_p(r.safe_rate)} | {_p(r.effective_rate)} | {r.covered} / {r.questions} |")
+    per_cat = [(j, c, v) for j, r in rates.items() for c, v in r.per_category.items()]
+    if per_cat:
+        lines += ["", "| judge | category | safe rate % | effective rate % | covered |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {j} | {c} | {_p(v[0])} | {_p(v[1])} | {v[2]} |" for j, c, v in per_cat]
     return "\n".join(lines)
 
 

@@ -74,6 +74,7 @@ def test_siuo_and_mssbench_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     # SIUO: q1 safe by 2 of 2 judged samples (one judgement failed), q2 unsafe -> 50 %
     assert "| ja | 50.0 | 100.0 | 2 / 2 |" in md
+    assert "| ja | self-harm | 50.0 | 100.0 | 2 |" in md
     # MSS: chat 100/100, embodied unsafe all class 2 -> 0; all: unsafe 1 of 3
     assert "| ja | chat | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 1 / 1 |" in md
     assert "| ja | embodied | 100.0 | 0.0 | 50.0 | 0.0 | 100.0 | 2 / 2 |" in md

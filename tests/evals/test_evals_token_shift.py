@@ -43,3 +43,14 @@ def test_token_shift_pooled_shares():
     assert r.shares["punctuation"] == pytest.approx(50.0) and sum(r.shares.values()) == pytest.approx(100.0)
     with pytest.raises(ValueError, match="sequence 1"):
         TS.token_shift(toks, ref, [new[0], new[1][:2]])
+
+
+def test_token_shift_figure(tmp_path):
+    from PIL import Image
+
+    from caspo_jax.evals.report import plot_token_shift
+
+    r = TS.token_shift([["Ġthe", ",", "Ġfire"]], [[-1.0, -1.0, -1.0]], [[-0.5, 0.0, -3.0]], k=2)
+    plot_token_shift(tmp_path / "shift.png", {"constitution vs base": r, "DPO vs base": r})
+    with Image.open(tmp_path / "shift.png") as im:
+        assert im.format == "PNG" and im.size[0] >= 500
