@@ -21,7 +21,7 @@ import pathlib
 import sys
 from typing import Any
 
-from caspo_jax.evals.generators import PAPER_SAMPLING, EngineNotAvailable, Sampling
+from caspo_jax.evals.generators import PAPER_SAMPLING, EngineNotAvailable
 from caspo_jax.evals.modes import MODES, PROMPTS_VERSION
 
 JUDGE_KEYS = ("name", "model", "base_url", "api_key_env", "price_in", "price_out")

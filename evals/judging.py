@@ -9,7 +9,6 @@ Judges run at the client's temperature (0 by default); when an endpoint rejects
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from caspo_jax.evals._json import VerdictParseError
@@ -95,7 +94,3 @@ def mss_judge_fn(judge: Judge, pairs: list[tuple[WorkItem, str]]) -> list[dict[s
 
     msgs = [mssbench.mss_judge_messages(mssbench.MSSPair(**it.meta["mss_pair"]), resp) for it, resp in pairs]
     return _chat_judge(judge, msgs, mssbench.MSS_PROMPT_VERSION, lambda t: {"class": mssbench.parse_mss_class(t)})
-
-
-def asdict(obj) -> dict[str, Any]:
-    return dataclasses.asdict(obj)

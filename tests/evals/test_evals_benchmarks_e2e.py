@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 from PIL import Image
 
 import _evals_fixtures as F

@@ -1,6 +1,5 @@
 """`caspo eval` end to end against a real HTTP stub: reports, faults, resume after a kill."""
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import _evals_fixtures as F
 from caspo_jax.evals import metrics as M
 from caspo_jax.evals.store import iter_lines, load_records
 from caspo_jax.launch import cli
-from caspo_jax.testing.openai_stub import OpenAIStub, answer, garbage, rate_limited, reject_temperature, request_text, server_error, slow
+from caspo_jax.testing.openai_stub import OpenAIStub, garbage, rate_limited, reject_temperature, request_text, server_error, slow
 
 
 def _args(stub, tmp_path, out, *extra, judges=("ja", "jb")):
