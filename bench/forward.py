@@ -1,0 +1,192 @@
+"""Response log-probs: jitted JAX Qwen2.5-VL vs transformers' PyTorch forward, same weights and inputs.
+
+Shape: text hidden 512, 8 layers, vocab 32k, batch 4 x 1024 tokens, one 224x224 image per
+sample (256 patches -> 64 image tokens), the last 256 tokens are the response. Baseline:
+``Qwen2_5_VLForConditionalGeneration`` float32 with ``attn_implementation="sdpa"``
+(``--baseline-attn eager`` for the other one), full-sequence logits then log-softmax,
+as a plain transformers user computes response log-probs. Also times a 2048^3 float32
+matmul in JAX in the same run and reports the fraction of that roof the JAX forward
+reaches (model FLOPs counted analytically: every matmul, dense attention scores, the LM
+head on the response positions; XLA's cost analysis counts a scanned layer once).
+For information it also times transformers with ``logits_to_keep`` (LM head on the
+response only, as TRL does), which is not the goal's baseline.
+
+Run: python bench/forward.py   (ends with one RESULT line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+GOAL = 1.2
+
+
+def bench_config(vocab: int, layers: int) -> dict:
+    from caspo_jax.testing import tiny_models as tm
+
+    cfg = tm.hf_config_dict("vision", vocab_size=vocab, num_layers=layers)
+    cfg["text_config"].update(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+                              num_key_value_heads=2, max_position_embeddings=4096)
+    cfg["text_config"]["rope_parameters"]["mrope_section"] = [8, 12, 12]
+    cfg["vision_config"].update(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, window_size=112,
+                                fullatt_block_indexes=[1, 3], out_hidden_size=512)
+    ids = dict(image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+               vision_end_token_id=vocab - 1)
+    cfg.update(ids)
+    cfg["text_config"]["eos_token_id"] = vocab - 1
+    return cfg
+
+
+def make_inputs(cfg: dict, batch: int, length: int, image_px: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    grid = image_px // 14
+    n_image = grid * grid // 4
+    input_ids = rng.integers(0, cfg["text_config"]["vocab_size"] - 8, (batch, length))
+    input_ids[:, 4] = cfg["vision_start_token_id"]
+    input_ids[:, 5:5 + n_image] = cfg["image_token_id"]
+    input_ids[:, 5 + n_image] = cfg["vision_end_token_id"]
+    pixel_values = rng.standard_normal((batch * grid * grid, 3 * 2 * 14 * 14)).astype(np.float32)
+    image_grid_thw = np.tile([[1, grid, grid]], (batch, 1))
+    return input_ids, np.ones_like(input_ids), pixel_values, image_grid_thw
+
+
+def model_flops(cfg: dict, batch: int, length: int, lm_positions: int, patches: int) -> float:
+    """Matmul FLOPs of one forward (2 per multiply-add), attention scores computed densely."""
+    t, v = cfg["text_config"], cfg["vision_config"]
+    D, F, V, layers = t["hidden_size"], t["intermediate_size"], t["vocab_size"], t["num_hidden_layers"]
+    hd = D // t["num_attention_heads"]
+    NH, KH = D, t["num_key_value_heads"] * hd
+    tokens = batch * length
+    text = 2 * tokens * layers * (D * NH + 2 * D * KH + NH * D + 3 * D * F)
+    attn = 4 * batch * t["num_attention_heads"] * length**2 * hd * layers
+    head = 2 * batch * lm_positions * D * V
+    E, Fv, O = v["hidden_size"], v["intermediate_size"], v["out_hidden_size"]
+    vision = 2 * patches * 3 * 2 * 14 * 14 * E + v["depth"] * (
+        2 * patches * (4 * E * E + 3 * E * Fv) + 4 * patches**2 * E) + 2 * (patches // 4) * (16 * E * E + 4 * E * O)
+    return float(text + attn + head + vision)
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    out = fn()  # warm-up / compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def matmul_roof(n: int = 2048, repeats: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    seconds, _ = timed(lambda: f(a, b).block_until_ready(), repeats)
+    return 2 * n**3 / seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--response", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--image-px", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-attn", default="sdpa", choices=["sdpa", "eager"])
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from caspo_jax.models import load_pretrained
+
+    cfg = bench_config(args.vocab, args.layers)
+    hf_config = Qwen2_5_VLConfig(**cfg)
+    hf_config._attn_implementation = args.baseline_attn
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(hf_config).eval().float()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        model, params = load_pretrained(tmp)
+    input_ids, mask, pixel_values, grid_thw = make_inputs(cfg, args.batch, args.length, args.image_px)
+    R = args.response
+    targets = input_ids[:, -R:]
+
+    # transformers: full forward, then response log-probs.
+    t_inputs = dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask),
+                    pixel_values=torch.tensor(pixel_values), image_grid_thw=torch.tensor(grid_thw),
+                    mm_token_type_ids=torch.tensor((input_ids == cfg["image_token_id"]).astype(np.int64)))
+    t_targets = torch.tensor(targets)
+
+    def torch_logprobs():
+        hf.model.rope_deltas = None
+        with torch.no_grad():
+            logits = hf(**t_inputs).logits[:, -R - 1:-1]
+            return torch.log_softmax(logits, -1).gather(-1, t_targets[..., None])[..., 0]
+
+    # JAX: host-side positions once, then one jitted function; LM head on the response only.
+    position_ids, _ = model.get_rope_index(input_ids, grid_thw, mask)
+    grids = tuple(map(tuple, grid_thw.tolist()))
+
+    @jax.jit
+    def jax_logprobs(params, input_ids, mask, pixel_values, position_ids, targets):
+        h = model.hidden_states(params, input_ids, mask, pixel_values, grids, position_ids=position_ids)
+        logits = model.lm_head(params, h[:, -R - 1:-1])
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+
+    j_args = (params, jnp.asarray(input_ids), jnp.asarray(mask), jnp.asarray(pixel_values),
+              jnp.asarray(position_ids), jnp.asarray(targets))
+    start = time.perf_counter()
+    compiled = jax_logprobs.lower(*j_args).compile()
+    compile_s = time.perf_counter() - start
+    patches = len(pixel_values)
+    flops = model_flops(cfg, args.batch, args.length, R, patches)
+    torch_flops = model_flops(cfg, args.batch, args.length, args.length, patches)
+
+    roof = matmul_roof()
+    t_jax, out_jax = timed(lambda: compiled(*j_args).block_until_ready(), args.repeats)
+    t_torch, out_torch = timed(torch_logprobs, args.repeats)
+
+    def torch_logprobs_keep():
+        hf.model.rope_deltas = None
+        with torch.no_grad():
+            logits = hf(**t_inputs, logits_to_keep=R + 1).logits[:, :-1]
+            return torch.log_softmax(logits, -1).gather(-1, t_targets[..., None])[..., 0]
+
+    t_keep, out_keep = timed(torch_logprobs_keep, args.repeats)
+    assert torch.allclose(out_keep, out_torch, atol=1e-4)
+    max_diff = float(np.abs(np.asarray(out_jax) - out_torch.numpy()).max())
+    speedup = t_torch / t_jax
+    fraction = flops / t_jax / roof
+    tokens = args.batch * args.length
+    print(f"shape: batch {args.batch} x {args.length} tokens ({R} response), vocab {args.vocab}, "
+          f"{args.layers} layers, hidden 512, one {args.image_px}px image per sample; "
+          f"{jax.device_count()} JAX devices, torch threads {torch.get_num_threads()}")
+    print(f"matmul roof (2048^3 f32, JAX): {roof / 1e12:.3f} TFLOP/s")
+    print(f"jax    : {t_jax:.3f} s  ({tokens / t_jax:.0f} tok/s), compile {compile_s:.1f} s, "
+          f"{flops / 1e9:.1f} GFLOP (LM head on the response) -> {fraction:.2f} of the roof")
+    print(f"torch  : {t_torch:.3f} s  ({tokens / t_torch:.0f} tok/s), attn={args.baseline_attn}, "
+          f"{torch_flops / 1e9:.1f} GFLOP -> {torch_flops / t_torch / roof:.2f} of the roof   [baseline]")
+    print(f"torch logits_to_keep={R + 1}: {t_keep:.3f} s  (info; jax is {t_keep / t_jax:.2f}x faster)")
+    print(f"max |log-prob diff| jax vs torch: {max_diff:.2e}")
+    if max_diff > 1e-3:
+        print("ERROR: JAX and transformers disagree", file=sys.stderr)
+        return 1
+    print(f"RESULT name=forward value={speedup:.3f} unit=x goal=>={GOAL} met={'yes' if speedup >= GOAL else 'no'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
