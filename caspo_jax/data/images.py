@@ -42,16 +42,32 @@ def load_image(path_or_image: str | Path | Image.Image) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a corrupt EXIF block should not lose the pixels
         pass
+    try:
+        image = _to_rgb(image)
+    except Exception as exc:
+        raise ImageError(f"{name}: cannot convert mode {image.mode!r} to RGB ({exc})") from exc
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"{name}: empty image {image.size}")
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # high-bit-depth grayscale: scale the actual range to 8 bits instead of clipping
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
     if image.mode != "RGB":
         image = image.convert("RGB")
-    if image.width < 1 or image.height < 1:
-        raise ImageError(f"{name}: empty image {image.size}")
     return image
 
 

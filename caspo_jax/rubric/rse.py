@@ -197,11 +197,22 @@ def parse_scores(text: str) -> RSEScore:
 
 
 def _as_item(item: RSEItem | Mapping[str, Any]) -> RSEItem:
+    """An RSEItem from itself or a mapping (other keys ignored; `reference` is accepted
+    for `hazard_reference`)."""
     if isinstance(item, RSEItem):
         return item
-    fields = dict(item)
-    fields["images"] = tuple(fields.get("images") or ())
-    return RSEItem(**fields)
+    if not isinstance(item, Mapping):
+        raise TypeError(f"judge items must be RSEItem or mappings, got {type(item).__name__}")
+    for key in ("query", "response"):
+        if not isinstance(item.get(key), str):
+            raise ValueError(f"judge item is missing the string field {key!r}: keys {sorted(item)}")
+    return RSEItem(
+        query=item["query"],
+        response=item["response"],
+        images=tuple(item.get("images") or ()),
+        category=item.get("category"),
+        hazard_reference=item.get("hazard_reference", item.get("reference")),
+    )
 
 
 def judge_rse(

@@ -167,6 +167,9 @@ def test_image_loading_modes_and_exif(tmp_path):
     assert load_image(gray).getpixel((1, 1)) == (128, 128, 128)
     rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    deep = Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16))
+    assert [load_image(deep).getpixel(xy) for xy in [(0, 0), (1, 1)]] == [(0, 0, 0), (255, 255, 255)]
+    assert load_image(Image.new("CMYK", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
     exif = Image.Exif()
     exif[0x0112] = 8
     Image.new("RGB", (40, 10)).save(tmp_path / "r.jpg", exif=exif)

@@ -118,7 +118,7 @@ def make_client(stub, **kw):
 def test_judge_rse_scores_repairs_and_reports_failures(tmp_path):
     items = [
         RSEItem("q", "good answer"),
-        {"query": "q", "response": "bad answer", "category": "illegal"},
+        {"query": "q", "response": "bad answer", "category": "illegal", "reference": "r", "extra": 1},
         RSEItem("q", "messy fixable"),
         RSEItem("q", "messy hopeless"),
         RSEItem("q", "good but server down"),
@@ -146,3 +146,5 @@ def test_judge_rse_scores_repairs_and_reports_failures(tmp_path):
     assert [j.ok for j in again] == [j.ok for j in judged]
     assert again[0].cached and again[2].cached
     assert client.stats.cache_hits == 6  # good, bad, fixed x2, hopeless x2
+    with pytest.raises(ValueError, match="missing the string field 'response'"):
+        judge_rse(client, [{"query": "q"}])
