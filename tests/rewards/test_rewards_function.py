@@ -60,3 +60,23 @@ def test_prompt_fields_accepts_records_mappings_and_strings():
     assert prompt_fields("just text").query == "just text"
     with pytest.raises(TypeError, match="no string 'query'"):
         prompt_fields({"prompt": "q"})
+
+
+def test_build_reward_from_config():
+    from caspo_jax.rewards import JudgeReward, build_reward, register_reward_kind, reward_kinds
+
+    fn = build_reward({"kind": "function", "target": "operator:sub"})
+    assert isinstance(fn, FunctionReward) and fn.score([5.0], [2.5]).rewards.tolist() == [2.5]
+    judge = build_reward({"kind": "judge", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                          "use_reference": False, "max_retries": 1})
+    assert isinstance(judge, JudgeReward) and not judge.use_reference
+    assert judge.client.config.max_retries == 1
+    with pytest.raises(ValueError, match="must not hold API keys"):
+        build_reward({"kind": "judge", "base_url": "http://x/v1", "model": "m", "api_key": "sk-1"})
+    with pytest.raises(ValueError, match="unknown judge reward fields"):
+        build_reward({"kind": "judge", "base_url": "http://x/v1", "model": "m", "temprature": 0})
+    with pytest.raises(ValueError, match="reward kind 'rm'"):
+        build_reward({"kind": "rm"})
+    register_reward_kind("constant", lambda f: FunctionReward(lambda p, r: f["value"], name="constant"))
+    assert "constant" in reward_kinds()
+    assert build_reward({"kind": "constant", "value": 0.25}).score(["p"], ["r"]).rewards.tolist() == [0.25]
