@@ -126,6 +126,7 @@ class RSEJudgement:
     usage: Usage
     raw: str | None
     cached: bool = False
+    temperature_applied: bool = True  # False if the endpoint rejected temperature (see ChatResult)
 
 
 def rse_to_reward(score: RSEScore) -> float:
@@ -243,10 +244,12 @@ def judge_rse(
     repairs: dict[int, ChatRequest] = {}
     for i, result in enumerate(first):
         if not result.ok:
-            judgements[i] = RSEJudgement(None, False, f"judge request failed: {result.error}", result.usage, None, result.cached)
+            judgements[i] = RSEJudgement(None, False, f"judge request failed: {result.error}", result.usage,
+                                         None, result.cached, result.temperature_applied)
             continue
         try:
-            judgements[i] = RSEJudgement(parse_scores(result.text), True, None, result.usage, result.text, result.cached)
+            judgements[i] = RSEJudgement(parse_scores(result.text), True, None, result.usage, result.text,
+                                         result.cached, result.temperature_applied)
         except RubricParseError as exc:
             repair = conversations[i] + [
                 assistant_message(result.text or ""),
@@ -263,9 +266,12 @@ def judge_rse(
 
 def _repaired(first: ChatResult, second: ChatResult) -> RSEJudgement:
     usage = first.usage + second.usage
+    applied = first.temperature_applied and second.temperature_applied
     if not second.ok:
-        return RSEJudgement(None, False, f"repair request failed: {second.error}", usage, first.text)
+        return RSEJudgement(None, False, f"repair request failed: {second.error}", usage, first.text,
+                            temperature_applied=applied)
     try:
-        return RSEJudgement(parse_scores(second.text), True, None, usage, second.text, second.cached)
+        return RSEJudgement(parse_scores(second.text), True, None, usage, second.text, second.cached, applied)
     except RubricParseError as exc:
-        return RSEJudgement(None, False, f"unparseable after one repair: {exc}", usage, second.text)
+        return RSEJudgement(None, False, f"unparseable after one repair: {exc}", usage, second.text,
+                            second.cached, applied)

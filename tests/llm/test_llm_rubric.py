@@ -19,7 +19,7 @@ from caspo_jax.rubric import (
     rse_to_reward,
 )
 from caspo_jax.rubric import rse
-from caspo_jax.testing.openai_stub import OpenAIStub, answer, request_text, server_error
+from caspo_jax.testing.openai_stub import OpenAIStub, answer, reject_temperature, request_text, server_error
 
 
 def reply(r, s, e):
@@ -146,5 +146,9 @@ def test_judge_rse_scores_repairs_and_reports_failures(tmp_path):
     assert [j.ok for j in again] == [j.ok for j in judged]
     assert again[0].cached and again[2].cached
     assert client.stats.cache_hits == 6  # good, bad, fixed x2, hopeless x2
+    assert all(j.temperature_applied for j in judged)
+    with OpenAIStub(default=reject_temperature(answer(scripted_judge))) as stub:
+        rejected = judge_rse(make_client(stub), [items[0]], progress=None)
+    assert rejected[0].ok and not rejected[0].temperature_applied
     with pytest.raises(ValueError, match="missing the string field 'response'"):
         judge_rse(client, [{"query": "q"}])
