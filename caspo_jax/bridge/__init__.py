@@ -1,0 +1,1 @@
+"""The weight bridge: JAX parameter pytree -> HF-named PyTorch tensors -> a rollout engine."""

@@ -1,0 +1,193 @@
+"""The JAX sampler: prefill once per prompt, then a jitted ``lax.while_loop`` decode.
+
+Let P denote prompts, n samples per prompt, S = P * n, L the prompt bucket, T the
+new-token bucket, C = L + T. Prompts are left-padded to a power-of-two bucket L and the
+response cap is rounded up to a power of two T, so a run of varied prompts compiles a
+handful of loops. The vision tower runs once over all images of the batch; each prompt's
+KV cache is computed once and repeated for its n samples. Generation stops early when
+every sample has hit an end token.
+
+Sharding: with a mesh, parameters are placed by the model's table under the trainer's
+``LogicalRules`` and the cache's sample axis follows the "batch" rule (heads the "kv"
+rule), so the same mesh serves training and sampling.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from caspo_jax.rollout import kv_cache
+from caspo_jax.rollout.sampling import SampleSpec, sample_keys, sample_tokens, step_keys, token_logprobs
+from caspo_jax.rollout.types import RolloutPrompt, Rollouts, SamplingParams, finish_reasons
+
+
+def bucket(size: int, minimum: int = 16) -> int:
+    """The smallest power of two >= max(size, minimum)."""
+    size = max(int(size), int(minimum), 1)
+    return 1 << (size - 1).bit_length()
+
+
+def default_eos_ids(model) -> tuple[int, ...]:
+    """End-of-sequence ids from the model's config.json (text_config first, then top level)."""
+    raw = json.loads(model.config.raw_json)
+    value = (raw.get("text_config") or {}).get("eos_token_id", raw.get("eos_token_id"))
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+
+class JaxSampler:
+    """``generate`` / ``sync_weights`` for a ported Qwen2.5-VL in JAX (CPU, GPU, TPU).
+
+    model: ``caspo_jax.models.qwen2_5_vl.Qwen2_5_VL``; params its pytree.
+    eos_token_ids: ids that end a response with reason "eos" (default: the config's).
+    mesh / rules: place parameters and the KV cache like the trainer (optional).
+    """
+
+    def __init__(self, model, params, *, eos_token_ids: Sequence[int] | None = None, mesh=None, rules=None,
+                 min_prompt_bucket: int = 16, min_new_bucket: int = 16):
+        self.model = model
+        self.eos_token_ids = tuple(default_eos_ids(model) if eos_token_ids is None else eos_token_ids)
+        self.mesh = mesh
+        if mesh is not None and rules is None:
+            from caspo_jax.sharding import LogicalRules
+
+            rules = LogicalRules()
+        self.rules = rules
+        self.min_prompt_bucket = min_prompt_bucket
+        self.min_new_bucket = min_new_bucket
+        self.params = None
+        self.sync_weights(params)
+
+    def sync_weights(self, params) -> None:
+        """Use these parameters from now on (placed on the mesh when one is set)."""
+        if self.mesh is not None:
+            from caspo_jax.sharding import param_shardings
+
+            params = jax.device_put(params, param_shardings(self.model.param_table(), self.mesh, self.rules))
+        self.params = params
+
+    def _cache_sharding(self, shape):
+        if self.mesh is None:
+            return None
+        from caspo_jax.sharding import named_sharding
+
+        return named_sharding(self.mesh, ("layers", "batch", None, "kv", None), shape, self.rules)
+
+    def generate(self, prompts: Sequence[RolloutPrompt], *, n: int = 1, sampling: SamplingParams = SamplingParams()
+                 ) -> Rollouts:
+        """n samples per prompt (prompt-major order); see ``Rollouts``."""
+        if not prompts:
+            raise ValueError("generate: no prompts")
+        if n < 1:
+            raise ValueError(f"generate: n={n}, must be >= 1")
+        model, cfg = self.model, self.model.config
+        P = len(prompts)
+        L = bucket(max(len(p.token_ids) for p in prompts), self.min_prompt_bucket)
+        T = bucket(sampling.max_new_tokens, self.min_new_bucket)
+        ids = np.zeros((P, L), np.int32)
+        mask = np.zeros((P, L), np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p.token_ids):] = p.token_ids
+            mask[i, L - len(p.token_ids):] = 1
+        for i, p in enumerate(prompts):
+            _check_image_tokens(i, p, cfg)
+        grids = [g for p in prompts if p.image_grid_thw is not None for g in p.image_grid_thw.tolist()]
+        image_embeds = None
+        if grids:
+            for i, p in enumerate(prompts):
+                if p.image_grid_thw is not None and p.pixel_values is None:
+                    raise ValueError(f"prompt {i}: image_grid_thw given without pixel_values")
+            pixels = np.concatenate([p.pixel_values for p in prompts if p.image_grid_thw is not None])
+            image_embeds = model.encode_images(self.params, pixels, np.asarray(grids))
+            units = image_embeds.shape[0]
+            image_embeds = jnp.pad(image_embeds, ((0, bucket(units) - units), (0, 0)))
+        position_ids, _ = model.get_rope_index(ids, np.asarray(grids) if grids else None, mask)
+        rope_next = position_ids.max(axis=(0, 2)) + 1
+        seeds = np.asarray([p.seed if p.seed is not None else sampling.seed + i for i, p in enumerate(prompts)])
+        keys = sample_keys(seeds, n)
+        terminators = np.asarray(sorted(set(self.eos_token_ids) | set(sampling.stop_token_ids)) or [-1], np.int32)
+        cache_sharding = self._cache_sharding((cfg.text.num_hidden_layers, P * n, L + T,
+                                               cfg.text.num_key_value_heads, cfg.text.head_dim))
+        tokens, logps, lengths, ended = _rollout(
+            model, SampleSpec.of(sampling), n, T, cache_sharding, self.params["text"], jnp.asarray(ids),
+            jnp.asarray(mask), jnp.asarray(position_ids, jnp.int32), jnp.asarray(rope_next, jnp.int32),
+            image_embeds, keys, jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.max_new_tokens),
+            jnp.asarray(terminators))
+        tokens, logps, lengths, ended = map(np.asarray, jax.device_get((tokens, logps, lengths, ended)))
+        width = max(int(lengths.max()), 1)
+        tokens, logps = tokens[:, :width], logps[:, :width]
+        response_mask = np.arange(width)[None, :] < lengths[:, None]
+        last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+        return Rollouts(
+            tokens=tokens.astype(np.int32), logprobs=logps.astype(np.float32), mask=response_mask,
+            finish_reason=finish_reasons(last, lengths, ended, self.eos_token_ids),
+            prompt_index=np.repeat(np.arange(P, dtype=np.int32), n))
+
+
+def _check_image_tokens(i: int, prompt: RolloutPrompt, cfg) -> None:
+    n_tokens = int(np.sum(prompt.token_ids == cfg.image_token_id))
+    grid = prompt.image_grid_thw
+    n_units = 0 if grid is None else int(np.prod(grid, axis=1).sum()) // cfg.vision.spatial_merge_size**2
+    if n_tokens != n_units:
+        raise ValueError(f"prompt {i}: token_ids hold {n_tokens} image tokens (id {cfg.image_token_id}) but "
+                         f"image_grid_thw describes {n_units} merged patches; expand the image placeholders with "
+                         "the processor (or caspo_jax.data.prompts.expand_image_tokens) using the same images")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_params, ids_PxL, mask_PxL,
+             position_ids_3xPxL, rope_next_P, image_embeds_UxD, keys_Sx2, temperature, max_new, terminators):
+    """Prefill, repeat each prompt's cache n times, then decode up to ``max_new`` (<= T) tokens.
+
+    Returns tokens [S, T], log-probs [S, T], response lengths [S] and whether each sample
+    ended on a terminator [S].
+    """
+    cfg = model.config.text
+    P, L = ids_PxL.shape
+    S = P * n
+    embeds = kv_cache.embed_tokens(text_params, ids_PxL, image_embeds_UxD, model.config.image_token_id)
+    h, k, v = kv_cache.prefill(text_params, embeds, position_ids_3xPxL, mask_PxL, cfg, model.attn_implementation)
+    logits = jnp.repeat(model.lm_head({"text": text_params}, h[:, -1]), n, axis=0)
+    pad = ((0, 0), (0, 0), (0, T), (0, 0), (0, 0))
+    k = jnp.pad(jnp.repeat(k, n, axis=1), pad)
+    v = jnp.pad(jnp.repeat(v, n, axis=1), pad)
+    if cache_sharding is not None:
+        k = jax.lax.with_sharding_constraint(k, cache_sharding)
+        v = jax.lax.with_sharding_constraint(v, cache_sharding)
+    prompt_mask = jnp.repeat(mask_PxL.astype(bool), n, axis=0)
+    rope_next = jnp.repeat(rope_next_P, n)
+
+    def emit(t, logits, tokens, logps, lengths, ended):
+        token = sample_tokens(step_keys(keys_Sx2, t), logits, temperature, spec)
+        live = ~ended
+        tokens = tokens.at[:, t].set(jnp.where(live, token, 0))
+        logps = logps.at[:, t].set(jnp.where(live, token_logprobs(logits, token), 0.0))
+        lengths = jnp.where(live, t + 1, lengths)
+        ended = ended | jnp.isin(token, terminators)
+        return token, tokens, logps, lengths, ended
+
+    state = emit(0, logits, jnp.zeros((S, T), jnp.int32), jnp.zeros((S, T), jnp.float32),
+                 jnp.zeros((S,), jnp.int32), jnp.zeros((S,), bool))
+
+    def cond(carry):
+        t, _, _, _, _, ended, _, _ = carry
+        return (t < max_new) & ~jnp.all(ended)
+
+    def body(carry):
+        t, token, tokens, logps, lengths, ended, k, v = carry
+        key_mask = jnp.concatenate([prompt_mask, jnp.broadcast_to(jnp.arange(T) <= t - 1, (S, T))], axis=1)
+        h, k, v = kv_cache.decode_step(text_params, token, rope_next + t - 1, k, v, key_mask, L + t - 1, cfg,
+                                       model.attn_implementation)
+        logits = model.lm_head({"text": text_params}, h)
+        token, tokens, logps, lengths, ended = emit(t, logits, tokens, logps, lengths, ended)
+        return t + 1, token, tokens, logps, lengths, ended, k, v
+
+    _, _, tokens, logps, lengths, ended, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), *state, k, v))
+    return tokens, logps, lengths, ended

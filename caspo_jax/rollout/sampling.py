@@ -1,0 +1,79 @@
+"""Token sampling as pure functions: temperature, top-k, top-p, per-sample PRNG keys.
+
+Let S denote samples and V the vocabulary. Filtering works on the logits, so the sampled
+distribution is exactly ``softmax(filtered / temperature)``; the log-prob the engines
+return is that of the *unmodified* distribution (see ``SamplingParams``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+    """The static part of ``SamplingParams`` (one compiled loop per value)."""
+
+    greedy: bool
+    top_k: int
+    top_p: float
+
+    @classmethod
+    def of(cls, sampling) -> "SampleSpec":
+        return cls(sampling.greedy, int(sampling.top_k), float(sampling.top_p))
+
+
+def filter_logits(logits_SxV: jax.Array, temperature, top_k: int, top_p: float) -> jax.Array:
+    """``logits / temperature`` with everything outside the top-k and the top-p nucleus at -inf.
+
+    top-p keeps the smallest prefix of the descending-probability order whose mass reaches
+    ``top_p`` (a token is kept when the mass strictly before it is < top_p), as vLLM/HF do.
+    Ties with the cut-off value are kept.
+    """
+    scaled = logits_SxV.astype(jnp.float32) / temperature
+    if top_k > 0 and top_k < scaled.shape[-1]:
+        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    if top_p < 1.0:
+        desc = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = mass_before < top_p
+        cutoff = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+    return scaled
+
+
+def sample_tokens(keys_Sx2: jax.Array, logits_SxV: jax.Array, temperature, spec: SampleSpec) -> jax.Array:
+    """One token per row [S] (int32): argmax when greedy, else a draw with that row's key."""
+    if spec.greedy:
+        return jnp.argmax(logits_SxV, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits_SxV, temperature, spec.top_k, spec.top_p)
+    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys_Sx2, filtered).astype(jnp.int32)
+
+
+def token_logprobs(logits_SxV: jax.Array, tokens_S: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[token]`` per row, float32 [S]."""
+    logp = jax.nn.log_softmax(logits_SxV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens_S[:, None], axis=-1)[:, 0]
+
+
+def sample_keys(prompt_seeds: np.ndarray, n: int) -> jax.Array:
+    """Base PRNG keys [P*n, 2]: sample j of prompt p gets ``fold_in(PRNGKey(seed_p), j)``.
+
+    A sample's key depends only on its prompt's seed and its index, never on the batch it
+    shares, so a fixed seed reproduces whatever else is in the batch. Step t of the decode
+    folds in t.
+    """
+    seeds = jnp.asarray(np.asarray(prompt_seeds, np.uint32))
+    base = jax.vmap(jax.random.PRNGKey)(seeds)
+    per = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(n)))(base)
+    return per.reshape(len(prompt_seeds) * n, -1)
+
+
+def step_keys(keys_Sx2: jax.Array, step) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_Sx2)

@@ -1,0 +1,168 @@
+"""The JAX sampler against unmodified transformers (greedy) and the full forward (log-probs).
+
+Tolerances: greedy tokens exactly equal; log-probs within 1e-5 (float32) of
+``log_softmax(model.forward(prompt + response))`` gathered at the sampled tokens.
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from caspo_jax.models import load_pretrained
+from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams, bucket
+from caspo_jax.testing import tiny_models as tm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    hf = tm.hf_model("vision", seed=0)
+    path = tm.Path(tmp_path_factory.mktemp("tiny"))
+    hf.save_pretrained(path)
+    model, params = load_pretrained(path)
+    return hf, model, params
+
+
+def _prompts():
+    text = tm.make_batch([[11]], seed=1)
+    image = tm.make_batch([[3, (1, 4, 4), 6]], seed=2)
+    return [
+        RolloutPrompt(text.input_ids[0]),
+        RolloutPrompt(image.input_ids[0], image.pixel_values, image.image_grid_thw),
+    ]
+
+
+def _hf_greedy(hf, prompt: RolloutPrompt, max_new: int) -> np.ndarray:
+    hf.model.rope_deltas = None
+    ids = torch.tensor(prompt.token_ids[None].astype(np.int64))
+    kwargs = {}
+    if prompt.image_grid_thw is not None:
+        kwargs = dict(pixel_values=torch.tensor(prompt.pixel_values), image_grid_thw=torch.tensor(prompt.image_grid_thw),
+                      mm_token_type_ids=(ids == tm.IMAGE_TOKEN_ID).long())
+    out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
+                      eos_token_id=tm.VISION_END_TOKEN_ID, pad_token_id=0, **kwargs)
+    return out[0, ids.shape[1]:].numpy()
+
+
+def _reference_logprobs(model, params, prompt: RolloutPrompt, response: np.ndarray) -> np.ndarray:
+    seq = np.concatenate([prompt.token_ids, response])[None]
+    logits = model.forward(params, seq, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))[0, len(prompt.token_ids) - 1:-1]
+    return np.take_along_axis(logp, response[:, None].astype(np.int64), axis=1)[:, 0]
+
+
+def test_greedy_equals_transformers_generate_text_and_image(tiny):
+    hf, model, params = tiny
+    prompts = _prompts()
+    rollouts = JaxSampler(model, params).generate(prompts, n=2, sampling=SamplingParams(temperature=0.0,
+                                                                                        max_new_tokens=12))
+    assert rollouts.prompt_index.tolist() == [0, 0, 1, 1]
+    for s in range(4):
+        expected = _hf_greedy(hf, prompts[s // 2], 12)
+        expected = expected[: len(rollouts.response(s))] if rollouts.finish_reason[s] != "length" else expected
+        np.testing.assert_array_equal(rollouts.response(s), expected)
+        assert rollouts.finish_reason[s] in ("length", "eos")
+
+
+def test_sampled_logprobs_equal_full_forward(tiny):
+    _, model, params = tiny
+    prompts = _prompts()
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, top_k=100, max_new_tokens=10, seed=7)
+    rollouts = JaxSampler(model, params).generate(prompts, n=3, sampling=sampling)
+    assert rollouts.tokens.shape[0] == 6
+    worst = 0.0
+    for s in range(6):
+        response = rollouts.response(s)
+        ref = _reference_logprobs(model, params, prompts[rollouts.prompt_index[s]], response)
+        worst = max(worst, float(np.abs(ref - rollouts.logprobs[s, : len(response)]).max()))
+        assert not rollouts.logprobs[s, len(response):].any()
+    assert worst <= 1e-5
+    # n samples of one prompt differ (independent keys)
+    assert len({tuple(rollouts.response(s)) for s in range(3)}) > 1
+
+
+def test_fixed_seed_reproduces_and_per_request_seed_is_batch_independent(tiny):
+    _, model, params = tiny
+    engine = JaxSampler(model, params)
+    prompts = _prompts()
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
+    a = engine.generate(prompts, n=2, sampling=sampling)
+    b = engine.generate(prompts, n=2, sampling=sampling)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    other = engine.generate(prompts, n=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=8, seed=4))
+    assert not np.array_equal(a.tokens, other.tokens)
+    # prompt 1 alone with the seed it had in the batch (seed + index) draws the same samples
+    seeded = RolloutPrompt(prompts[1].token_ids, prompts[1].pixel_values, prompts[1].image_grid_thw, seed=4)
+    alone = engine.generate([seeded], n=2, sampling=sampling)
+    np.testing.assert_array_equal(alone.tokens[:, : a.tokens.shape[1]], a.tokens[2:, : alone.tokens.shape[1]])
+
+
+def test_stop_and_eos_tokens_end_responses_with_their_reason(tiny):
+    _, model, params = tiny
+    prompt = _prompts()[0]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    base = JaxSampler(model, params, eos_token_ids=()).generate([prompt], n=1, sampling=greedy)
+    response = base.response(0)
+    assert base.finish_reason[0] == "length" and len(response) == 12
+    cut = next(i for i in range(2, 12) if response[i] not in response[:i])
+    stop = SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=(int(response[cut]),))
+    stopped = JaxSampler(model, params, eos_token_ids=()).generate([prompt], n=2, sampling=stop)
+    assert stopped.finish_reason.tolist() == ["stop", "stop"]
+    np.testing.assert_array_equal(stopped.response(0), response[: cut + 1])  # the stop token is kept
+    assert stopped.tokens.shape[1] == cut + 1 and stopped.mask.all()
+    eos = JaxSampler(model, params, eos_token_ids=(int(response[cut]),)).generate([prompt], n=1, sampling=greedy)
+    assert eos.finish_reason.tolist() == ["eos"] and eos.lengths.tolist() == [cut + 1]
+    np.testing.assert_allclose(eos.logprobs[0], base.logprobs[0, : cut + 1], atol=1e-6)
+
+
+def test_sharded_mesh_matches_single_device(tiny):
+    from caspo_jax.sharding import make_mesh
+
+    _, model, params = tiny
+    prompts = _prompts()
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=6)
+    single = JaxSampler(model, params).generate(prompts, n=4, sampling=sampling)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    engine = JaxSampler(model, params, mesh=mesh)
+    assert len(engine.params["text"]["layers"]["q_kernel"].sharding.device_set) == 8
+    sharded = engine.generate(prompts, n=4, sampling=sampling)
+    np.testing.assert_array_equal(sharded.tokens, single.tokens)
+    np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
+
+
+def test_sync_weights_changes_outputs_and_back(tiny):
+    _, model, params = tiny
+    engine = JaxSampler(model, params)
+    prompt = _prompts()[:1]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    before = engine.generate(prompt, n=1, sampling=greedy)
+    engine.sync_weights(model.init(jax.random.PRNGKey(1)))
+    changed = engine.generate(prompt, n=1, sampling=greedy)
+    engine.sync_weights(params)
+    after = engine.generate(prompt, n=1, sampling=greedy)
+    assert not np.allclose(changed.logprobs, before.logprobs)
+    np.testing.assert_array_equal(after.tokens, before.tokens)
+    np.testing.assert_array_equal(after.logprobs, before.logprobs)
+
+
+def test_bad_prompts_are_named():
+    with pytest.raises(ValueError, match="token_ids"):
+        RolloutPrompt(np.zeros((0,), np.int32))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+
+
+def test_image_token_count_mismatch_is_named(tiny):
+    _, model, params = tiny
+    image = tm.make_batch([[3, (1, 4, 4), 6]], seed=2)
+    bad = RolloutPrompt(image.input_ids[0][:-3], image.pixel_values, np.asarray([[1, 2, 4]]))
+    with pytest.raises(ValueError, match="prompt 0: token_ids hold 4 image tokens"):
+        JaxSampler(model, params).generate([bad], n=1, sampling=SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("size,minimum,expected", [(1, 16, 16), (16, 16, 16), (17, 16, 32), (129, 1, 256)])
+def test_bucket_is_next_power_of_two(size, minimum, expected):
+    assert bucket(size, minimum) == expected
