@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from caspo_jax.data.formats import PreferencePair, SFTExample
 from caspo_jax.data.records import CATEGORIES, RecordError, SafetyRecord, normalize_category, resolve_image_path
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "read_rows",
     "write_jsonl",
 ]
+
+# PreferencePair and SFTExample live in formats.py (with their loaders); re-exported here.
 
 # Checked in order: the first rule whose keyword occurs in the lower-cased label wins
 # ("self-harm" must win over a generic "harm"; "sexual" before "abuse"; ...).
@@ -82,39 +85,6 @@ def map_category(label: Any, overrides: Mapping[str, str] | None = None) -> str 
         if any(k.replace("_", " ") in text for k in keywords):
             return category
     return None
-
-
-@dataclasses.dataclass(frozen=True)
-class PreferencePair:
-    id: str
-    images: tuple[Path, ...]
-    query: str
-    chosen: str
-    rejected: str
-    category: str | None = None
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
-
-    def to_json(self, root: str | Path | None = None) -> dict[str, Any]:
-        return {"id": self.id, "images": _rel(self.images, root), "query": self.query,
-                "chosen": self.chosen, "rejected": self.rejected, "category": self.category, **self.meta}
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTExample:
-    id: str
-    images: tuple[Path, ...]
-    query: str
-    response: str
-    category: str | None = None
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
-
-    def to_json(self, root: str | Path | None = None) -> dict[str, Any]:
-        return {"id": self.id, "images": _rel(self.images, root), "query": self.query,
-                "response": self.response, "category": self.category, **self.meta}
-
-
-def _rel(paths: Iterable[Path], root: str | Path | None) -> list[str]:
-    return [os.path.relpath(p, root) if root is not None else str(p) for p in paths]
 
 
 @dataclasses.dataclass

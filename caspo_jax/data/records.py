@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "CATEGORIES",
     "RecordError",
     "SafetyRecord",
+    "load_jsonl",
     "load_records",
     "normalize_category",
     "resolve_image_path",
@@ -101,22 +103,8 @@ def _optional_str(obj: dict, key: str, where: str) -> str | None:
     return value
 
 
-def _parse_line(obj: Any, where: str, root: Path, check_images: bool) -> SafetyRecord:
-    if not isinstance(obj, dict):
-        raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    record_id = obj.get("id")
-    if isinstance(record_id, int) and not isinstance(record_id, bool):
-        record_id = str(record_id)
-    if not isinstance(record_id, str) or not record_id.strip():
-        raise RecordError(f"{where}: field 'id' is missing or empty; give every record a unique string id")
-    query = obj.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise RecordError(f"{where}: field 'query' is missing or empty; it holds the user's request")
-    category = normalize_category(obj.get("category"))
-    if category is None:
-        raise RecordError(
-            f"{where}: field 'category' is {obj.get('category')!r}; use one of {', '.join(CATEGORIES)}"
-        )
+def parse_images(obj: dict, where: str, root: Path, check_images: bool) -> tuple[Path, ...]:
+    """The validated, resolved `images` field of a JSONL object (shared by every format)."""
     images_field = obj.get("images", [])
     if isinstance(images_field, str):
         images_field = [images_field]
@@ -131,9 +119,39 @@ def _parse_line(obj: Any, where: str, root: Path, check_images: bool) -> SafetyR
         if check_images and not path.is_file():
             raise RecordError(f"{where}: field 'images': file {path} not found (root {root})")
         images.append(path)
+    return tuple(images)
+
+
+def parse_id(obj: Any, where: str) -> str:
+    if not isinstance(obj, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    record_id = obj.get("id")
+    if isinstance(record_id, int) and not isinstance(record_id, bool):
+        record_id = str(record_id)
+    if not isinstance(record_id, str) or not record_id.strip():
+        raise RecordError(f"{where}: field 'id' is missing or empty; give every record a unique string id")
+    return record_id
+
+
+def required_text(obj: dict, key: str, where: str, meaning: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(f"{where}: field '{key}' is missing or empty; it holds {meaning}")
+    return value
+
+
+def _parse_line(obj: Any, where: str, root: Path, check_images: bool) -> SafetyRecord:
+    record_id = parse_id(obj, where)
+    query = required_text(obj, "query", where, "the user's request")
+    category = normalize_category(obj.get("category"))
+    if category is None:
+        raise RecordError(
+            f"{where}: field 'category' is {obj.get('category')!r}; use one of {', '.join(CATEGORIES)}"
+        )
+    images = parse_images(obj, where, root, check_images)
     return SafetyRecord(
         id=record_id,
-        images=tuple(images),
+        images=images,
         query=query,
         category=category,
         malicious_query=_optional_str(obj, "malicious_query", where),
@@ -157,11 +175,24 @@ def load_records(
     bad (the default 0.0 allows none), RecordError lists the first problems. Duplicate ids
     are bad lines too. `root` (default: the file's folder) anchors image paths.
     """
+    return load_jsonl(jsonl_path, _parse_line, root, check_images=check_images, max_bad_fraction=max_bad_fraction)
+
+
+def load_jsonl(
+    jsonl_path: str | Path,
+    parse: Callable[[Any, str, Path, bool], Any],
+    root: str | Path | None = None,
+    *,
+    check_images: bool = True,
+    max_bad_fraction: float = 0.0,
+) -> list[Any]:
+    """Validating JSONL reader behind every format: `parse(obj, where, root, check_images)`
+    returns an object with an `id` or raises RecordError naming `where` and the field."""
     jsonl_path = Path(jsonl_path)
     if not jsonl_path.is_file():
         raise RecordError(f"{jsonl_path}: file not found")
     root_path = Path(root) if root is not None else jsonl_path.parent
-    records: list[SafetyRecord] = []
+    records: list[Any] = []
     errors: list[str] = []
     seen: dict[str, int] = {}
     total = 0
@@ -176,7 +207,7 @@ def load_records(
                     obj = json.loads(line)
                 except ValueError as exc:
                     raise RecordError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                record = _parse_line(obj, where, root_path, check_images)
+                record = parse(obj, where, root_path, check_images)
                 if record.id in seen:
                     raise RecordError(
                         f"{where}: field 'id' {record.id!r} repeats line {seen[record.id]}; ids must be unique"

@@ -5,7 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from caspo_jax.data import load_records
+from caspo_jax.data import RecordError, load_records
+from caspo_jax.data.formats import load_pairs, load_sft_examples
 from caspo_jax.data.importers import import_beavertails_v, import_spa_vl, map_category, write_jsonl
 
 
@@ -102,3 +103,32 @@ def test_spa_vl_pairs_and_round_trip_through_the_record_loader(root):
     assert first["images"] == ["images/a.jpg"] and first["chosen"] == "good"
     with pytest.raises(ValueError, match="default_category"):
         import_spa_vl(path, root, default_category="nope")
+
+
+def test_pairs_and_sft_formats_round_trip_and_validate(root):
+    rows = [
+        {"question": "P1", "image": "images/a.jpg", "category": "violence", "response_1": "bad",
+         "response_2": "good", "safer_response_id": 2, "is_response_2_safe": True},
+    ]
+    result = import_beavertails_v(write_rows(root / "btv.jsonl", rows), root)
+    write_jsonl(root / "pairs.jsonl", result.pairs, root=root)
+    write_jsonl(root / "sft.jsonl", result.sft, root=root)
+    pairs, sft = load_pairs(root / "pairs.jsonl"), load_sft_examples(root / "sft.jsonl")
+    assert pairs == result.pairs and pairs[0].meta["source"] == "btv"
+    assert sft == result.sft and sft[0].response == "good"
+    bad = write_rows(root / "bad_pairs.jsonl", [
+        {"id": "a", "images": [], "query": "q", "chosen": "same", "rejected": "same"},
+    ])
+    with pytest.raises(RecordError, match=r"bad_pairs.jsonl:1: fields 'chosen' and 'rejected' are identical"):
+        load_pairs(bad)
+    bad = write_rows(root / "bad_sft.jsonl", [
+        {"id": "a", "images": [], "query": "q", "response": "r", "category": "gore"},
+        {"id": "b", "images": ["../x.png"], "query": "q", "response": "r"},
+        {"id": "c", "images": [], "query": "q"},
+    ])
+    with pytest.raises(RecordError) as info:
+        load_sft_examples(bad)
+    message = str(info.value)
+    assert "bad_sft.jsonl:1: field 'category'" in message
+    assert "bad_sft.jsonl:2: field 'images'" in message and "outside the root" in message
+    assert "bad_sft.jsonl:3: field 'response' is missing" in message

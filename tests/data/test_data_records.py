@@ -6,7 +6,7 @@ import logging
 import pytest
 from PIL import Image
 
-from caspo_jax.data import CATEGORIES, RecordError, SafetyRecord, load_records
+from caspo_jax.data import CATEGORIES, RecordError, load_records
 
 
 def write_jsonl(path, rows):
