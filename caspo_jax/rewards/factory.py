@@ -49,7 +49,7 @@ def build_reward(spec: Mapping[str, Any]) -> OutcomeReward:
 
 
 def _build_judge(fields: dict[str, Any]) -> OutcomeReward:
-    judge_options = {k: fields.pop(k) for k in ("use_reference", "json_mode", "progress", "name") if k in fields}
+    judge_options = {k: fields.pop(k) for k in ("use_reference", "json_mode", "progress", "name", "image_max_pixels") if k in fields}
     known = {f.name for f in dataclasses.fields(ClientConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:

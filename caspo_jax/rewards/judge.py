@@ -28,6 +28,7 @@ class JudgeReward:
       environment variable the config names; it is never stored here).
     use_reference: show the dataset's hazard reference to the judge (recommended when
       the data has one: it anchors R on the intended hazard).
+    image_max_pixels: downscale images above this many pixels before sending them.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class JudgeReward:
         json_mode: bool = True,
         progress: str | None = None,
         name: str = "judge",
+        image_max_pixels: int | None = None,
     ):
         self.client = client if isinstance(client, ChatClient) else ChatClient(client)
         self.reduce = reduce
@@ -46,6 +48,7 @@ class JudgeReward:
         self.json_mode = json_mode
         self.progress = progress
         self.name = name
+        self.image_max_pixels = image_max_pixels
         self.rubric_version = RUBRIC_VERSION
         self.last_judgements: list[RSEJudgement] = []
 
@@ -68,7 +71,10 @@ class JudgeReward:
                 )
             )
         before = self.client.stats
-        judgements = judge_rse(self.client, items, json_mode=self.json_mode, progress=self.progress)
+        judgements = judge_rse(
+            self.client, items, json_mode=self.json_mode, progress=self.progress,
+            image_max_pixels=self.image_max_pixels,
+        )
         after = self.client.stats
         self.last_judgements = judgements
         values = [self.reduce(j.score) if j.ok else None for j in judgements]

@@ -226,6 +226,11 @@ def test_image_data_url_and_user_message_roundtrip():
     assert [part["type"] for part in message["content"]] == ["image_url", "text"]
     assert message["content"][0]["image_url"]["url"] == url
     assert user_message("plain") == {"role": "user", "content": "plain"}
+    big = Image.new("RGB", (1000, 500))
+    small_url = user_message("x", images=[big], max_pixels=20_000)["content"][0]["image_url"]["url"]
+    small = Image.open(io.BytesIO(base64.b64decode(small_url.split(",", 1)[1])))
+    assert small.size == (200, 100)
+    assert image_data_url(image, max_pixels=20_000) == url  # small images are untouched
 
 
 def test_image_data_url_applies_exif_orientation(tmp_path):

@@ -1,7 +1,9 @@
 """JudgeReward end to end against the HTTP stub: exact rewards, failures excluded (NaN, never
 0), retries with Retry-After, caching by rubric version, images as data URLs, no key leak."""
 
+import base64
 import dataclasses
+import io
 import json
 import logging
 
@@ -112,8 +114,10 @@ def test_images_sent_as_data_urls_and_reference_optional(tmp_path):
                           reference="the heater touches the curtain")
     with OpenAIStub(default=answer(judge_by_response)) as stub:
         JudgeReward(config(stub)).score([record], ["scores=2,2,2"])
-        JudgeReward(config(stub), use_reference=False).score([record], ["scores=2,2,2"])
+        JudgeReward(config(stub), use_reference=False, image_max_pixels=48).score([record], ["scores=2,2,2"])
     with_ref, without_ref = (r.body for r in stub.chat_requests)
+    sent = without_ref["messages"][1]["content"][0]["image_url"]["url"]
+    assert Image.open(io.BytesIO(base64.b64decode(sent.split(",", 1)[1]))).size == (8, 6)
     parts = with_ref["messages"][1]["content"]
     assert parts[0]["type"] == "image_url"
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
