@@ -262,6 +262,11 @@ class ChatClient:
         self._openai.close()
 
     @property
+    def temperature_dropped(self) -> bool:
+        """True once the endpoint rejected `temperature` and requests are sent without it."""
+        return self._omit_temperature
+
+    @property
     def stats(self) -> ClientStats:
         with self._lock:
             return dataclasses.replace(self._stats)

@@ -128,6 +128,7 @@ def test_temperature_rejection_falls_back_and_is_recorded():
         client = make_client(stub)
         first = client.complete(ChatRequest([user_message("a")]))
         second = client.complete(ChatRequest([user_message("b")]))
+    assert client.temperature_dropped
     assert first.ok and not first.temperature_applied and first.attempts == 2
     assert second.ok and not second.temperature_applied and second.attempts == 1
     bodies = [r.body for r in stub.chat_requests]
