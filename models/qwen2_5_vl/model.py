@@ -45,7 +45,8 @@ class Qwen2_5_VL:
         return param_table(self.config)
 
     def init(self, key: jax.Array, dtype=jnp.float32) -> dict:
-        return init_params(self.config, key, dtype)
+        """Random parameters (tests, benchmarks), jitted so large configs initialise quickly."""
+        return jax.jit(init_params, static_argnums=(0, 2))(self.config, key, dtype)
 
     # ----- host-side metadata -----------------------------------------------------
     def get_rope_index(self, input_ids, image_grid_thw=None, attention_mask=None, video_grid_thw=None,
@@ -73,6 +74,13 @@ class Qwen2_5_VL:
         ``position_ids`` from ``get_rope_index`` to skip padding in text-only batches).
         """
         grids = _as_grids(image_grid_thw)
+        if image_embeds is not None and not grids and position_ids is None:
+            raise ValueError("image_embeds given without image_grid_thw or position_ids: the M-RoPE positions of "
+                             "the image tokens need one of them")
+        if not _is_traced(input_ids) and np.any(np.asarray(input_ids) == self.config.video_token_id):
+            raise NotImplementedError(
+                "input_ids contain video tokens: the forward embeds images only (pixel_values_videos is not "
+                "ported yet); get_rope_index and encode_images already handle t > 1 grids")
         if attention_mask is None:
             attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
         if position_ids is None and grids:
