@@ -23,9 +23,11 @@ from PIL import Image
 from caspo_jax.data.records import SafetyRecord
 
 __all__ = [
+    "EncodedExchange",
     "EncodedPrompt",
     "PromptConfig",
     "build_messages",
+    "encode_exchange",
     "encode_prompt",
     "expand_image_tokens",
     "image_token_counts",
@@ -150,3 +152,42 @@ def encode_prompt(
 def _patch_dim(processor) -> int:
     ip = processor.image_processor
     return 3 * ip.temporal_patch_size * ip.patch_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedExchange:
+    """A prompt followed by one response, for SFT and reward-model training.
+
+    input_ids [L] = prompt ids + response ids + "<|im_end|>\\n"; loss_mask [L] is 1 on the
+    response and its <|im_end|> (what the model must produce), 0 elsewhere.
+    """
+
+    input_ids: np.ndarray  # int32 [L]
+    loss_mask: np.ndarray  # int32 [L]
+    prompt_length: int
+    pixel_values: np.ndarray  # float32 [P, D]
+    image_grid_thw: np.ndarray  # int32 [I, 3]
+
+
+def encode_exchange(
+    processor,
+    record: SafetyRecord,
+    images: Sequence[Image.Image],
+    response: str,
+    *,
+    constitution: str | None = None,
+    config: PromptConfig = PromptConfig(),
+) -> EncodedExchange:
+    """Tokenises prompt and response separately (as in RL, where the response ids are
+    sampled) and joins them; equal to tokenising the whole chat-template conversation
+    (tested). `constitution` gives the teacher view of the same exchange."""
+    encoded = encode_prompt(processor, record, images, constitution or "", config)
+    prompt_ids = encoded.teacher_input_ids if constitution else encoded.input_ids
+    tokenizer = processor.tokenizer
+    response_ids = tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    trailer = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    input_ids = np.concatenate([prompt_ids, np.asarray(response_ids + trailer, np.int32)])
+    loss_mask = np.zeros(len(input_ids), np.int32)
+    loss_mask[len(prompt_ids): len(prompt_ids) + len(response_ids)] = 1
+    return EncodedExchange(input_ids.astype(np.int32), loss_mask, len(prompt_ids),
+                           encoded.pixel_values, encoded.image_grid_thw)

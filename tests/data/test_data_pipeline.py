@@ -180,3 +180,21 @@ def test_image_loading_modes_and_exif(tmp_path):
         load_image(tmp_path / "junk.png")
     with pytest.raises(ImageError, match="cannot read image header"):
         image_size(tmp_path / "junk.png")
+
+
+@pytest.mark.parametrize("response", ["It is not safe: the heater can ignite the curtain.", "  spaced\n\nlines 42 🔥", "ok"])
+def test_encode_exchange_equals_whole_conversation(records, processor, constitutions, response):
+    from caspo_jax.data.prompts import encode_exchange
+
+    record = records[3]
+    image = load_image(record.images[0])
+    rule = constitutions[record.category]
+    for constitution in (None, rule):
+        exchange = encode_exchange(processor, record, [image], response, constitution=constitution)
+        messages = build_messages(record, constitution=constitution) + [{"role": "assistant", "content": response}]
+        text = processor.apply_chat_template(messages, tokenize=False)
+        whole = processor(text=[text], images=[image], return_tensors="np")["input_ids"][0]
+        np.testing.assert_array_equal(exchange.input_ids, whole)
+        target = exchange.input_ids[exchange.loss_mask == 1]
+        assert processor.tokenizer.decode(target) == response + "<|im_end|>"
+        assert exchange.loss_mask[: exchange.prompt_length].sum() == 0
