@@ -1,0 +1,142 @@
+"""The parameter pytree as HF checkpoint names and PyTorch layouts, streamed leaf by leaf.
+
+This is the inverse of the loader: the same ``ParamSpec`` table (``model.param_table()``)
+gives every HF name and layout transform, so names and layouts are declared once. q/k/v
+and gate/up stay separate tensors, as in an HF checkpoint; vLLM fuses them itself while
+loading (``is_checkpoint_format=True``).
+
+Memory: a stacked leaf [layers, ...] is gathered one layer at a time (``leaf[i]`` on the
+devices, then to the host), so the host holds at most one layer of one tensor per item,
+plus what a consumer keeps; ``iter_buckets`` groups items into bounded-size buckets for
+transports that send batches (safetensors bytes). Sharded arrays are gathered by
+``jax.device_get`` of the per-layer slice.
+
+Importing this module needs neither torch nor vllm; ``iter_torch_tensors`` imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from caspo_jax.models.common.checkpoint import ParamSpec, tree_get
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensorRef:
+    """Where one HF tensor comes from: its spec and layer index (None when unstacked)."""
+
+    name: str
+    spec: ParamSpec
+    layer: int | None
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return self.spec.expected_hf_shape()
+
+
+def hf_tensor_refs(table: Sequence[ParamSpec]) -> list[HFTensorRef]:
+    """Every HF tensor name of the table, in table order (layers in order within a row)."""
+    refs = []
+    for spec in table:
+        if spec.num_layers is None:
+            refs.append(HFTensorRef(spec.hf_name, spec, None))
+        else:
+            refs += [HFTensorRef(name, spec, i) for i, name in enumerate(spec.hf_names)]
+    return refs
+
+
+def _layer_of(params: dict, ref: HFTensorRef):
+    leaf = tree_get(params, ref.spec.path)
+    return leaf if ref.layer is None else leaf[ref.layer]
+
+
+def iter_hf_arrays(params: dict, table: Sequence[ParamSpec], *, dtype=None, contiguous: bool = True
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, NumPy array in the HF layout) for every tensor, one at a time.
+
+    contiguous=False returns transposes as views (no copy; consumers that copy into their
+    own storage, like vLLM's loaders, transpose while copying). ``dtype`` casts on the device.
+    """
+    for ref in hf_tensor_refs(table):
+        layer = _layer_of(params, ref)
+        if dtype is not None and layer.dtype != jnp.dtype(dtype):
+            layer = layer.astype(dtype)
+        host = np.asarray(jax.device_get(layer))
+        out = ref.spec.to_hf(host)
+        if contiguous:
+            out = np.ascontiguousarray(out)
+        if tuple(out.shape) != ref.hf_shape:
+            raise ValueError(f"{ref.name}: produced shape {out.shape}, the table expects {ref.hf_shape}")
+        yield ref.name, out
+
+
+def numpy_to_torch(array: np.ndarray):
+    """A torch tensor sharing ``array``'s memory (bfloat16 through a uint16 view).
+
+    Arrays from ``jax.device_get`` are read-only; consumers only read (copy) them, so
+    torch's non-writable warning is silenced here.
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        if array.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+
+
+def iter_torch_tensors(params: dict, table: Sequence[ParamSpec], *, dtype=None, contiguous: bool = False,
+                       dlpack: bool = False) -> Iterator[tuple]:
+    """(HF name, torch tensor) for every tensor, one at a time, without extra host copies.
+
+    dlpack=True hands each single-device layer to torch through DLPack (zero copy; on a GPU
+    the tensor stays on the GPU) and applies the layout transform as a torch view.
+    Multi-device (sharded) leaves are gathered to the host instead.
+    """
+    import torch
+
+    if not dlpack:
+        for name, array in iter_hf_arrays(params, table, dtype=dtype, contiguous=contiguous):
+            yield name, numpy_to_torch(array)
+        return
+    for ref in hf_tensor_refs(table):
+        layer = _layer_of(params, ref)
+        if dtype is not None and layer.dtype != jnp.dtype(dtype):
+            layer = layer.astype(dtype)
+        if len(layer.sharding.device_set) > 1:
+            tensor = numpy_to_torch(np.asarray(jax.device_get(layer)))
+        else:
+            tensor = torch.from_dlpack(layer)
+        if ref.spec.transform == "linear":
+            tensor = tensor.T
+        elif ref.spec.transform == "flatten_out_first":
+            tensor = tensor.T.reshape(ref.hf_shape)
+        yield ref.name, tensor.contiguous() if contiguous else tensor
+
+
+def iter_buckets(items: Iterator[tuple], bucket_bytes: int = 256 * 2**20) -> Iterator[list[tuple]]:
+    """Group (name, tensor) items into lists of at most ``bucket_bytes`` (a larger tensor
+    travels alone), so a transport holds one bucket at a time."""
+    bucket, size = [], 0
+    for name, tensor in items:
+        nbytes = int(tensor.nbytes) if hasattr(tensor, "nbytes") else tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def state_dict_bytes(params: dict, table: Sequence[ParamSpec]) -> int:
+    """Total bytes of the HF tensors (what a full push moves)."""
+    return sum(int(np.prod(ref.hf_shape)) * jnp.dtype(tree_get(params, ref.spec.path).dtype).itemsize
+               for ref in hf_tensor_refs(table))
