@@ -24,6 +24,7 @@ from caspo_jax import __version__
 # (name, module implementing add_arguments/run, one-line help). Add new commands here.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("eval", "caspo_jax.evals.cli", "Generate, judge (R/S/E, SIUO, MSSBench) and report a model; --compare two runs"),
+    ("curate", "caspo_jax.curate.cli", "Build latent-hazard data: synthesize, filter, dedup, images, rewrite, respond, select"),
 ]
 
 

@@ -1,0 +1,193 @@
+"""``caspo curate STAGE``: run (or resume) one curation stage in an output folder.
+
+Examples::
+
+    caspo curate synthesize --out runs/cur --model name=gpt,model=gpt-5,base_url=https://api.openai.com/v1 \\
+        --model name=qwen,model=Qwen3-VL-32B,base_url=http://host:8000/v1 --calls 4 --per-call 5
+    caspo curate filter  --out runs/cur --judge name=gpt,model=gpt-5,base_url=...
+    caspo curate dedup   --out runs/cur --embedding-model /models/all-MiniLM-L6-v2 --threshold 0.9
+    caspo curate images  --out runs/cur --image-root runs/cur/images      # <id>.png per scenario
+    caspo curate rewrite --out runs/cur --judge name=gpt,...
+    caspo curate export  --out runs/cur --image-root runs/cur/images      # benchmark.jsonl
+    caspo curate respond --out runs/cur --image-root runs/cur/images --model ... --model ... --judge ...
+    caspo curate select  --out runs/cur --pair-gap 4 --pair-prob 0.85 --seed 0
+    caspo curate report  --out runs/cur
+
+Rerunning a stage resumes it: done units are skipped, failed ones redone. Every run
+rewrites summary.json / summary.md (counts per stage and category, tokens, cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+STAGE_NAMES = ("synthesize", "filter", "dedup", "images", "rewrite", "export", "respond", "select", "report")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", choices=STAGE_NAMES, help="which stage to run (see `caspo curate --help`)")
+    p.add_argument("--out", required=True, help="curation folder holding every stage's JSONL")
+    p.add_argument("--model", action="append", default=[],
+                   help="generator spec, repeatable: name=N,model=M,base_url=U[,api_key_env=E,price_in=P,price_out=Q]")
+    p.add_argument("--judge", help="judge / rewriter spec (same form as --model)")
+    p.add_argument("--prompts", help="your edited prompt YAML for this stage (default: the packaged one)")
+    s = p.add_argument_group("synthesize")
+    s.add_argument("--calls", type=int, default=1, help="requests per sub-category and model")
+    s.add_argument("--per-call", type=int, default=4, help="scenarios asked for per request")
+    s.add_argument("--categories", help="comma list of categories (default: all in the prompt file)")
+    s.add_argument("--temperature", type=float, help="sampling temperature (synthesize default 1.0, respond 0.9)")
+    f = p.add_argument_group("filter")
+    f.add_argument("--min-benign", type=int, default=4)
+    f.add_argument("--min-natural", type=int, default=4)
+    f.add_argument("--min-relevance", type=int, default=4)
+    f.add_argument("--min-risk-clarity", type=int, default=4)
+    d = p.add_argument_group("dedup")
+    d.add_argument("--embedding-model", help="local sentence-transformers / HF directory (omit: exact-text fallback)")
+    d.add_argument("--threshold", type=float, default=0.9, help="cosine similarity at which records are duplicates")
+    d.add_argument("--dedup-fields", default="query,hazard", help="record fields whose text is compared")
+    i = p.add_argument_group("images / export / respond")
+    i.add_argument("--image-root", help="folder holding the scenario images")
+    i.add_argument("--image-map", help="JSONL of {\"id\", \"image\"} (default: <image-root>/<id>.<ext>)")
+    i.add_argument("--constitutions", help="constitutions file (default: the packaged ones)")
+    i.add_argument("--modes", default="standard,constitution", help="respond prompt modes")
+    i.add_argument("--samples", type=int, default=1, help="responses per record, model and mode")
+    i.add_argument("--max-new-tokens", type=int, default=1024)
+    c = p.add_argument_group("select")
+    c.add_argument("--min-sft-total", type=int, default=5, help="lowest R+S+E (0-6) for an SFT target")
+    c.add_argument("--pair-gap", type=int, default=4, help="BT pairs need an R+S+E gap above this")
+    c.add_argument("--pair-prob", type=float, default=0.85, help="probability an eligible pair is kept for BT")
+    c.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("robustness")
+    r.add_argument("--concurrency", type=int, default=8)
+    r.add_argument("--timeout", type=float, default=120.0)
+    r.add_argument("--max-retries", type=int, default=5)
+    r.add_argument("--backoff", type=float, default=1.0)
+    r.add_argument("--cache-dir", help="response cache folder (default: <out>/cache)")
+    r.add_argument("--no-cache", action="store_true")
+    r.add_argument("--chunk-size", type=int, default=16)
+    r.add_argument("--no-progress", action="store_true")
+
+
+def _endpoint(args, spec: str, temperature: float | None):
+    from caspo_jax.curate.stage import Endpoint
+    from caspo_jax.evals.cli import parse_judge
+    from caspo_jax.llm.client import ChatClient, ClientConfig
+
+    s = parse_judge(spec)
+    cache = None if args.no_cache else (args.cache_dir or str(Path(args.out) / "cache"))
+    client = ChatClient(ClientConfig(
+        base_url=s["base_url"], model=s["model"], api_key_env=s["api_key_env"], max_concurrency=args.concurrency,
+        timeout_s=args.timeout, max_retries=args.max_retries, backoff_base_s=args.backoff, cache_dir=cache,
+        temperature=temperature,
+    ))
+    return Endpoint(s["name"], client, s["price_in"], s["price_out"]), (s["price_in"], s["price_out"])
+
+
+def _record_prices(out: Path, prices: dict) -> dict:
+    """Prices of every endpoint ever used in this folder (kept in prices.json for the report)."""
+    path = out / "prices.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    known.update({k: list(v) for k, v in prices.items()})
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(known, indent=2, sort_keys=True))
+    return {k: tuple(v) for k, v in known.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"caspo curate {args.stage}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from caspo_jax.curate import pipeline
+    from caspo_jax.curate.report import write_summary
+    from caspo_jax.curate.templates import load_prompt_file
+
+    out = Path(args.out)
+    progress = not args.no_progress
+    prices: dict[str, tuple[float, float]] = {}
+
+    def endpoints(specs, temperature):
+        eps = []
+        for spec in specs:
+            ep, price = _endpoint(args, spec, temperature)
+            eps.append(ep)
+            prices[ep.name] = price
+        return eps
+
+    def judge():
+        if not args.judge:
+            raise ValueError(f"stage {args.stage} needs --judge name=..,model=..,base_url=..")
+        return endpoints([args.judge], 0.0)[0]
+
+    def models():
+        if not args.model:
+            raise ValueError(f"stage {args.stage} needs at least one --model name=..,model=..,base_url=..")
+        return endpoints(args.model, None)
+
+    prompts = (lambda default: load_prompt_file(args.prompts or default))
+    stage = args.stage
+    message = ""
+    if stage == "synthesize":
+        from caspo_jax.curate.synthesis import synthesize
+
+        cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
+        stats = synthesize(models(), pipeline.stage_path(out, stage), prompts=prompts("synthesize"), calls=args.calls,
+                           per_call=args.per_call, temperature=1.0 if args.temperature is None else args.temperature,
+                           categories=cats, chunk_size=args.chunk_size, progress=progress)
+        message = str(stats)
+    elif stage == "filter":
+        from caspo_jax.curate.filtering import FilterThresholds, filter_scenarios
+
+        th = FilterThresholds(args.min_benign, args.min_natural, args.min_relevance, args.min_risk_clarity)
+        stats = filter_scenarios(pipeline.stage_input(out, stage), judge(), pipeline.stage_path(out, stage),
+                                 thresholds=th, prompts=prompts("filter"), chunk_size=args.chunk_size,
+                                 progress=progress)
+        message = str(stats)
+    elif stage == "dedup":
+        res = pipeline.run_dedup(out, embedding_model=args.embedding_model, threshold=args.threshold,
+                                 fields=[f.strip() for f in args.dedup_fields.split(",") if f.strip()])
+        message = f"kept {len(res.kept)}, removed {len(res.removed)} in {len(res.clusters)} clusters ({res.method})"
+    elif stage == "images":
+        if not args.image_root:
+            raise ValueError("stage images needs --image-root DIR")
+        from caspo_jax.curate.images import load_image_map
+
+        kept, rejected = pipeline.run_images(out, args.image_root,
+                                             load_image_map(args.image_map) if args.image_map else None)
+        message = f"kept {len(kept)}, rejected {len(rejected)}"
+    elif stage == "rewrite":
+        from caspo_jax.curate.rewrite import rewrite_queries
+
+        stats = rewrite_queries(pipeline.stage_input(out, stage), judge(), pipeline.stage_path(out, stage),
+                                prompts=prompts("rewrite"), chunk_size=args.chunk_size, progress=progress)
+        message = str(stats)
+    elif stage == "export":
+        message = f"wrote {pipeline.export_benchmark(out, args.image_root)}"
+    elif stage == "respond":
+        from caspo_jax.curate.responses import respond
+        from caspo_jax.data.constitutions import load_constitutions
+        from caspo_jax.evals.generators import Sampling
+
+        sampling = Sampling(0.9 if args.temperature is None else args.temperature, args.max_new_tokens)
+        stats = respond(pipeline.stage_input(out, stage), models(), judge(), pipeline.stage_path(out, stage),
+                        constitutions=load_constitutions(args.constitutions), image_root=args.image_root,
+                        modes=[m.strip() for m in args.modes.split(",") if m.strip()], samples=args.samples,
+                        sampling=sampling, chunk_size=args.chunk_size, progress=progress)
+        message = str(stats)
+    elif stage == "select":
+        sel = pipeline.run_select(out, min_total=args.min_sft_total, gap_threshold=args.pair_gap,
+                                  pair_probability=args.pair_prob, seed=args.seed)
+        message = f"sft {len(sel.sft)}, pairs {len(sel.pairs)}, mse {len(sel.mse)}, no SFT target {len(sel.rejected)}"
+    all_prices = _record_prices(out, prices)
+    summary = write_summary(out, all_prices)
+    if message:
+        print(f"caspo curate {stage}: {message}")
+    print(f"summary: {out / 'summary.md'} ({len(summary['stages'])} stages)")
+    return 0

@@ -1,0 +1,144 @@
+"""Stage 7, `select`: SFT targets, Bradley-Terry preference pairs and MSE records from scored responses.
+
+Pure functions over `respond`'s scored response records (appendix B of the paper):
+
+* SFT: per record, among responses with R+S+E >= `min_total`, the best total wins; ties go
+  to the source model picked least so far (balance across models), then to the length
+  closest to the median length of all eligible responses (length balance), then the id.
+* Pairs: per record, responses sorted by total (best first) are paired best-with-worst,
+  second-best with second-worst, ... (disjoint, so no response appears twice). A pair
+  whose summed-score gap exceeds `gap_threshold` (paper: 4) is kept for the BT loss with
+  probability `pair_probability` (paper: 0.85), drawn from a hash of (seed, pair ids) so
+  the draw does not depend on order. Every response not in a kept pair becomes an MSE
+  record (its absolute R+S+E score, the regression target).
+
+Formats: SFT lines are `caspo_jax.data.importers.SFTExample`, pairs `PreferencePair`
+(chosen = higher score), MSE lines `ScoredResponse` below (our format: the importers
+define none); extra fields (scores, models, gap) ride in `meta`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from caspo_jax.data.importers import PreferencePair, SFTExample
+
+__all__ = ["ScoredResponse", "Selection", "build_preferences", "select", "select_sft", "uniform_from"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredResponse:
+    """An MSE-term record: a response and its absolute R/S/E score (score = R+S+E, 0..6)."""
+
+    id: str
+    images: tuple[Path, ...]
+    query: str
+    response: str
+    score: int
+    category: str | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def to_json(self, root: str | Path | None = None) -> dict[str, Any]:
+        images = [os.path.relpath(p, root) if root is not None else str(p) for p in self.images]
+        return {"id": self.id, "images": images, "query": self.query, "response": self.response,
+                "score": self.score, "category": self.category, **self.meta}
+
+
+@dataclasses.dataclass
+class Selection:
+    sft: list[SFTExample]
+    pairs: list[PreferencePair]
+    mse: list[ScoredResponse]
+    rejected: list[dict[str, Any]]  # records without an SFT target: {"id", "reason", "category"}
+
+
+def uniform_from(seed: int, key: str) -> float:
+    """A uniform [0, 1) number determined by (seed, key) alone."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _length(r: dict[str, Any]) -> int:
+    return len(r["response"].split())
+
+
+def _group(responses: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in responses:
+        groups.setdefault(r["record_id"], []).append(r)
+    return groups
+
+
+def _meta(r: dict[str, Any]) -> dict[str, Any]:
+    return {"record_id": r["record_id"], "source_model": r["source_model"], "prompt_mode": r["prompt_mode"],
+            "scores": {k: r["scores"][k] for k in ("risk", "safety", "effectiveness", "total")}}
+
+
+def select_sft(responses: Sequence[dict[str, Any]], *, min_total: int = 5) -> tuple[list[SFTExample], list[dict[str, Any]]]:
+    """One SFT target per record (see module doc); records without one come back as rejections."""
+    if not 0 <= min_total <= 6:
+        raise ValueError(f"min_total must be in 0..6, got {min_total}")
+    groups = _group(responses)
+    eligible = [r for r in responses if r["scores"]["total"] >= min_total]
+    median_len = statistics.median(_length(r) for r in eligible) if eligible else 0
+    picks_per_model: dict[str, int] = {}
+    sft, rejected = [], []
+    for record_id, group in groups.items():
+        cands = [r for r in group if r["scores"]["total"] >= min_total]
+        if not cands:
+            best = max(r["scores"]["total"] for r in group)
+            rejected.append({"id": record_id, "category": group[0].get("category"),
+                             "reason": f"select: no response with R+S+E >= {min_total} (best {best})"})
+            continue
+        pick = min(cands, key=lambda r: (-r["scores"]["total"], picks_per_model.get(r["source_model"], 0),
+                                         abs(_length(r) - median_len), r["id"]))
+        picks_per_model[pick["source_model"]] = picks_per_model.get(pick["source_model"], 0) + 1
+        sft.append(SFTExample(f"{record_id}/sft", tuple(Path(p) for p in pick["images"]), pick["query"],
+                              pick["response"], pick.get("category"), {**_meta(pick), "response_id": pick["id"]}))
+    return sft, rejected
+
+
+def build_preferences(
+    responses: Sequence[dict[str, Any]], *, gap_threshold: int = 4, pair_probability: float = 0.85, seed: int = 0
+) -> tuple[list[PreferencePair], list[ScoredResponse]]:
+    """BT pairs (gap > threshold, kept with probability p) and MSE records for the rest."""
+    if not 0.0 <= pair_probability <= 1.0:
+        raise ValueError(f"pair_probability must be in [0, 1], got {pair_probability}")
+    pairs, mse = [], []
+    for record_id, group in _group(responses).items():
+        ranked = sorted(group, key=lambda r: (-r["scores"]["total"], r["id"]))
+        in_pair: set[str] = set()
+        for k in range(len(ranked) // 2):
+            hi, lo = ranked[k], ranked[-1 - k]
+            gap = hi["scores"]["total"] - lo["scores"]["total"]
+            pair_id = f"{hi['id']}>{lo['id']}"
+            if gap > gap_threshold and uniform_from(seed, pair_id) < pair_probability:
+                in_pair.update((hi["id"], lo["id"]))
+                pairs.append(PreferencePair(
+                    pair_id, tuple(Path(p) for p in hi["images"]), hi["query"], hi["response"], lo["response"],
+                    hi.get("category"),
+                    {"record_id": record_id, "gap": gap, "chosen_model": hi["source_model"],
+                     "rejected_model": lo["source_model"], "chosen_scores": _meta(hi)["scores"],
+                     "rejected_scores": _meta(lo)["scores"]},
+                ))
+        for r in group:
+            if r["id"] not in in_pair:
+                mse.append(ScoredResponse(r["id"], tuple(Path(p) for p in r["images"]), r["query"], r["response"],
+                                          int(r["scores"]["total"]), r.get("category"), _meta(r)))
+    return pairs, mse
+
+
+def select(
+    responses: Sequence[dict[str, Any]], *, min_total: int = 5, gap_threshold: int = 4,
+    pair_probability: float = 0.85, seed: int = 0,
+) -> Selection:
+    sft, rejected = select_sft(responses, min_total=min_total)
+    pairs, mse = build_preferences(responses, gap_threshold=gap_threshold, pair_probability=pair_probability,
+                                   seed=seed)
+    return Selection(sft, pairs, mse, rejected)
