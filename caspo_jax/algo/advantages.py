@@ -10,7 +10,7 @@ dtype, and returns exactly 0 -- with exactly 0 gradient -- at positions whose ma
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.algo._masked import F32, as_valid, masked_mean, masked_zscore, present
+from caspo_jax.algo._masked import F32, as_valid, masked_zscore, present
 
 VARIANTS = ("hybrid", "outcome", "token")
 TOKEN_SCOPES = ("group", "batch")
@@ -47,7 +47,7 @@ def group_normalize(rewards_PxG: jax.Array, *, eps: float = 1e-6, scale: bool = 
         )
     _check_eps(eps)
     valid_PxG = jnp.ones(rewards_PxG.shape, jnp.bool_)
-    return masked_zscore(rewards_PxG, valid_PxG, axis=1, eps=eps, scale=scale)
+    return masked_zscore(rewards_PxG, valid_PxG, axis=1, eps=eps, scale=scale, exact_constant=True)[0]
 
 
 def normalize_token_signal(
@@ -66,7 +66,10 @@ def normalize_token_signal(
     r_PxGxT = jnp.asarray(r_PxGxT)
     if r_PxGxT.ndim != 3:
         raise ValueError(f"normalize_token_signal: r must be [P, G, T], got shape {r_PxGxT.shape}")
-    valid_PxGxT = as_valid(mask_PxGxT)
+    return _token_zscore(r_PxGxT, as_valid(mask_PxGxT), scope, eps)[0]
+
+
+def _token_zscore(r_PxGxT, valid_PxGxT, scope, eps):
     axis = (1, 2) if scope == "group" else (0, 1, 2)
     return masked_zscore(r_PxGxT, valid_PxGxT, axis=axis, eps=eps)
 
@@ -152,8 +155,9 @@ def caspo_advantages(
     Composes `group_normalize`, `token_rewards`, `normalize_token_signal` and
     `hybrid_advantages`, reshaping [B, T] <-> [P, G, T] (rows grouped prompt-major).
     For variant="outcome" the log-probs are unused and may be None.
-    Returns (adv_BxT, metrics) with metrics["token_reward_mean"] (raw r_t over valid
-    tokens: how much the constitution moves the policy) and metrics["adv_mean"].
+    Returns (adv_BxT, metrics) with metrics["token_reward_mean"]: the raw r_t averaged
+    over valid tokens (how much the constitution moves the policy; 0 for "outcome"),
+    taken from the normalisation's own sums, so it costs no extra pass over [B, T].
     """
     _check_choice("variant", variant, VARIANTS)
     rewards_PxG = jnp.asarray(rewards_PxG)
@@ -165,19 +169,18 @@ def caspo_advantages(
     valid_PxGxT = valid_BxT.reshape(P, G, T)
     R_hat_PxG = group_normalize(rewards_PxG, eps=eps, scale=scale_rewards)
     if variant == "outcome":
-        r_BxT = jnp.zeros((B, T), F32)
         r_hat_PxGxT = jnp.zeros((P, G, T), F32)
+        token_reward_mean = jnp.zeros((), F32)
     else:
         if teacher_logp_BxT is None or student_logp_BxT is None:
             raise ValueError(f"caspo_advantages: variant={variant!r} needs teacher and student log-probs")
         r_BxT = token_rewards(teacher_logp_BxT, student_logp_BxT, valid_BxT, clamp=token_reward_clamp)
-        r_hat_PxGxT = normalize_token_signal(r_BxT.reshape(P, G, T), valid_PxGxT, scope=token_scope, eps=eps)
+        _check_choice("token_scope", token_scope, TOKEN_SCOPES)
+        _check_eps(eps)
+        r_hat_PxGxT, n, total = _token_zscore(r_BxT.reshape(P, G, T), valid_PxGxT, token_scope, eps)
+        token_reward_mean = jnp.sum(total) / jnp.maximum(jnp.sum(n), 1.0)
     adv_PxGxT = hybrid_advantages(
         R_hat_PxG, r_hat_PxGxT, valid_PxGxT, lam=lam, variant=variant, nonneg_factor=nonneg_factor
     )
     adv_BxT = jax.lax.stop_gradient(adv_PxGxT.reshape(B, T))
-    metrics = {
-        "token_reward_mean": masked_mean(r_BxT, valid_BxT),
-        "adv_mean": masked_mean(adv_BxT, valid_BxT),
-    }
-    return adv_BxT, metrics
+    return adv_BxT, {"token_reward_mean": token_reward_mean}

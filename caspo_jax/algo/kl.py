@@ -38,4 +38,6 @@ def kl_penalty(logp: jax.Array, ref_logp: jax.Array, *, kind: str = "k3") -> jax
     if kind == "abs":
         return jnp.abs(log_ratio)
     x = jnp.clip(-log_ratio, -K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
-    return jnp.clip(jnp.expm1(x) - x, 0.0, K3_VALUE_BOUND)
+    # exp(x) - x - 1 rather than expm1(x) - x: same values to ~1e-7 absolute, and XLA:CPU's
+    # exp is vectorised where its expm1 measured 3x slower.
+    return jnp.clip(jnp.exp(x) - x - 1.0, 0.0, K3_VALUE_BOUND)

@@ -12,11 +12,31 @@ Everything is computed in float32. String keywords are static under `jax.jit`.
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.algo._masked import F32, as_valid, count, masked_mean, present
+from caspo_jax.algo._masked import F32, as_valid, present, row_sums
 from caspo_jax.algo.kl import KL_KINDS, kl_penalty
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LOG_RATIO_BOUND = 20.0
+
+
+def _check_agg(agg, norm_len) -> None:
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg={agg!r} is not one of {AGG_MODES}; pick one of those")
+    if norm_len is not None and not (isinstance(norm_len, int) and norm_len > 0):
+        raise ValueError(f"norm_len={norm_len!r} must be a positive int or None (None = T)")
+
+
+def _agg_from_row_sums(row_sum_B, row_len_B, agg, length):
+    """Finishes `aggregate` from per-sequence sums and valid counts ([B] each)."""
+    num_tokens = jnp.maximum(jnp.sum(row_len_B), 1.0)
+    num_seqs = jnp.maximum(jnp.sum(row_len_B > 0, dtype=F32), 1.0)
+    if agg == "token-mean":
+        return jnp.sum(row_sum_B) / num_tokens
+    if agg == "seq-mean-token-mean":
+        return jnp.sum(row_sum_B / jnp.maximum(row_len_B, 1.0)) / num_seqs
+    if agg == "seq-mean-token-sum":
+        return jnp.sum(row_sum_B) / num_seqs
+    return jnp.sum(row_sum_B) / (num_seqs * length)
 
 
 def aggregate(loss_BxT: jax.Array, mask_BxT: jax.Array, *, agg: str = "token-mean", norm_len: int | None = None):
@@ -31,22 +51,11 @@ def aggregate(loss_BxT: jax.Array, mask_BxT: jax.Array, *, agg: str = "token-mea
     "Sequences" counts only rows with at least one valid token: an all-masked row (batch
     padding) is absent, not a zero-loss sample. No valid token at all gives 0, not NaN.
     """
-    if agg not in AGG_MODES:
-        raise ValueError(f"aggregate: agg={agg!r} is not one of {AGG_MODES}; pick one of those")
-    if norm_len is not None and not (isinstance(norm_len, int) and norm_len > 0):
-        raise ValueError(f"aggregate: norm_len={norm_len!r} must be a positive int or None (None = T)")
+    _check_agg(agg, norm_len)
     valid_BxT = as_valid(mask_BxT)
-    if agg == "token-mean":
-        return masked_mean(loss_BxT, valid_BxT)
-    seq_sum_B = jnp.sum(present(loss_BxT, valid_BxT), axis=-1)
-    seq_len_B = count(valid_BxT, axis=-1)
-    num_seqs = jnp.maximum(jnp.sum(seq_len_B > 0, dtype=F32), 1.0)
-    if agg == "seq-mean-token-mean":
-        return jnp.sum(seq_sum_B / jnp.maximum(seq_len_B, 1.0)) / num_seqs
-    if agg == "seq-mean-token-sum":
-        return jnp.sum(seq_sum_B) / num_seqs
+    row_len_B, row_sum_B = row_sums((valid_BxT.astype(F32), present(loss_BxT, valid_BxT)), axis=-1)
     length = valid_BxT.shape[-1] if norm_len is None else norm_len
-    return jnp.sum(seq_sum_B) / (num_seqs * length)
+    return _agg_from_row_sums(row_sum_B, row_len_B, agg, length)
 
 
 def _check_clip(clip_low, clip_high, dual_clip) -> None:
@@ -103,6 +112,62 @@ def clipped_surrogate(
     return jnp.where(valid_BxT, loss_BxT, 0.0), parts
 
 
+def _objective(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, *, beta, kl_kind, clip_low,
+               clip_high, dual_clip, agg, norm_len):
+    """policy loss (+ beta * KL when ref_logp is given) and metrics, in ONE reduction.
+
+    Every per-token quantity -- surrogate, KL, clip indicators, log-ratio, validity -- is
+    summed once per sequence ([B, T] -> [B]); all aggregation modes and token-level
+    metrics are finished from those [k, B] row sums.
+    """
+    _check_agg(agg, norm_len)
+    loss_BxT, parts = clipped_surrogate(
+        logp_BxT, old_logp_BxT, adv_BxT, valid_BxT,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+    )
+    terms = {
+        "valid": valid_BxT.astype(F32),
+        "pg": loss_BxT,
+        "clipped_high": parts["clipped_high"].astype(F32),
+        "clipped_low": parts["clipped_low"].astype(F32),
+        "log_ratio": parts["log_ratio"],
+    }
+    if dual_clip is not None:
+        terms["dual_clipped"] = parts["dual_clipped"].astype(F32)
+    if ref_logp_BxT is not None:
+        kl_BxT = kl_penalty(present(logp_BxT, valid_BxT), present(ref_logp_BxT, valid_BxT), kind=kl_kind)
+        terms["kl"] = jnp.where(valid_BxT, kl_BxT, 0.0)
+    names = tuple(terms)
+    rows_kxB = jnp.stack(row_sums(tuple(terms.values()), axis=-1))
+    totals = dict(zip(names, jnp.sum(rows_kxB, axis=1)))
+    row_len_B = rows_kxB[0]
+    length = valid_BxT.shape[-1] if norm_len is None else norm_len
+    num_tokens = jnp.maximum(totals["valid"], 1.0)
+    stat = jax.lax.stop_gradient
+
+    def token_mean(name):
+        return stat(totals[name] / num_tokens)
+
+    def aggregated(name):
+        if agg == "token-mean":
+            return totals[name] / num_tokens
+        return _agg_from_row_sums(rows_kxB[names.index(name)], row_len_B, agg, length)
+
+    pg_loss = aggregated("pg")
+    kl = aggregated("kl") if "kl" in terms else jnp.zeros((), F32)
+    clip_high_frac = token_mean("clipped_high")
+    clip_low_frac = token_mean("clipped_low")
+    metrics = {
+        "pg_loss": stat(pg_loss),
+        "clipfrac": clip_high_frac + clip_low_frac,
+        "clipfrac_high": clip_high_frac,
+        "clipfrac_low": clip_low_frac,
+        "dual_clipfrac": token_mean("dual_clipped") if dual_clip is not None else jnp.zeros((), F32),
+        "approx_kl": -token_mean("log_ratio"),
+    }
+    return pg_loss, kl, metrics
+
+
 def policy_loss(
     logp_BxT: jax.Array,
     old_logp_BxT: jax.Array,
@@ -119,26 +184,13 @@ def policy_loss(
 
     metrics (float32 scalars, token-level means over valid tokens whatever `agg` is):
     pg_loss, clipfrac (= clipfrac_high + clipfrac_low), clipfrac_high, clipfrac_low,
-    dual_clipfrac, approx_kl (mean of old_logp - logp, k1 of KL(pi_old || pi) on the
-    sampled tokens, verl's `ppo_kl`).
+    dual_clipfrac (0 without dual clip), approx_kl (mean of old_logp - logp, k1 of
+    KL(pi_old || pi) on the sampled tokens, verl's `ppo_kl`).
     """
-    valid_BxT = as_valid(mask_BxT)
-    loss_BxT, parts = clipped_surrogate(
-        logp_BxT, old_logp_BxT, adv_BxT, valid_BxT,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+    pg_loss, _, metrics = _objective(
+        logp_BxT, old_logp_BxT, None, adv_BxT, as_valid(mask_BxT), beta=0.0, kl_kind="k1",
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, norm_len=norm_len,
     )
-    pg_loss = aggregate(loss_BxT, valid_BxT, agg=agg, norm_len=norm_len)
-    stat = jax.lax.stop_gradient
-    clip_high_frac = masked_mean(parts["clipped_high"], valid_BxT)
-    clip_low_frac = masked_mean(parts["clipped_low"], valid_BxT)
-    metrics = {
-        "pg_loss": stat(pg_loss),
-        "clipfrac": clip_high_frac + clip_low_frac,
-        "clipfrac_high": clip_high_frac,
-        "clipfrac_low": clip_low_frac,
-        "dual_clipfrac": masked_mean(parts["dual_clipped"], valid_BxT),
-        "approx_kl": stat(-masked_mean(parts["log_ratio"], valid_BxT)),
-    }
     return pg_loss, metrics
 
 
@@ -168,18 +220,14 @@ def caspo_loss(
         raise ValueError(f"caspo_loss: beta={beta!r} must be >= 0 (the paper uses 0.005)")
     if kl_kind not in KL_KINDS:
         raise ValueError(f"caspo_loss: kl_kind={kl_kind!r} is not one of {KL_KINDS}; pick one of those")
-    valid_BxT = as_valid(mask_BxT)
-    pg_loss, metrics = policy_loss(
-        logp_BxT, old_logp_BxT, adv_BxT, valid_BxT,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, norm_len=norm_len,
+    skip_kl = isinstance(beta, (int, float)) and beta == 0
+    if not skip_kl and ref_logp_BxT is None:
+        raise ValueError("caspo_loss: beta > 0 needs ref_logp (or set beta=0 to drop the KL term)")
+    pg_loss, kl, metrics = _objective(
+        logp_BxT, old_logp_BxT, None if skip_kl else ref_logp_BxT, adv_BxT, as_valid(mask_BxT),
+        beta=beta, kl_kind=kl_kind, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        agg=agg, norm_len=norm_len,
     )
-    if isinstance(beta, (int, float)) and beta == 0:
-        kl = jnp.zeros((), F32)
-    else:
-        if ref_logp_BxT is None:
-            raise ValueError("caspo_loss: beta > 0 needs ref_logp (or set beta=0 to drop the KL term)")
-        kl_BxT = kl_penalty(present(logp_BxT, valid_BxT), present(ref_logp_BxT, valid_BxT), kind=kl_kind)
-        kl = aggregate(kl_BxT, valid_BxT, agg=agg, norm_len=norm_len)
     loss = pg_loss + beta * kl
     metrics = {"loss": jax.lax.stop_gradient(loss), **metrics, "kl": jax.lax.stop_gradient(kl)}
     return loss, metrics

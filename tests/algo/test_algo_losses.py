@@ -124,6 +124,15 @@ def test_token_mean_gradient_is_minus_adv_ratio_over_n_or_zero_when_clipped():
     np.testing.assert_allclose(grad0, np.where(mask, -adv / mask.sum(), 0.0), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_policy_loss_aggregates_like_aggregate(agg):
+    logp, old, _, adv, mask = _random(seed=6)
+    per_token, _ = clipped_surrogate(logp, old, adv, mask)
+    loss, metrics = policy_loss(logp, old, adv, mask, agg=agg, norm_len=16)
+    np.testing.assert_allclose(loss, aggregate(per_token, mask, agg=agg, norm_len=16), rtol=1e-6)
+    np.testing.assert_allclose(metrics["pg_loss"], loss)
+
+
 @FEW
 @given(
     hnp.arrays(np.float32, (3, 5), elements=st.floats(-8, 8, allow_subnormal=False, width=32)),
