@@ -12,9 +12,11 @@ Pure functions over `respond`'s scored response records (appendix B of the paper
   the draw does not depend on order. Every response not in a kept pair becomes an MSE
   record (its absolute R+S+E score, the regression target).
 
-Formats: SFT lines are `caspo_jax.data.importers.SFTExample`, pairs `PreferencePair`
-(chosen = higher score), MSE lines `ScoredResponse` below (our format: the importers
-define none); extra fields (scores, models, gap) ride in `meta`.
+Formats: SFT lines are `caspo_jax.data.formats.SFTExample`, pairs `PreferencePair`
+(chosen = higher score; read back with `load_sft_examples` / `load_pairs`), MSE lines
+`ScoredResponse` below (our format: `caspo_jax.data` defines none); extra fields
+(scores, models, gap) ride in `meta`. Two responses with identical text never form a
+pair (the pair loader rejects chosen == rejected).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from caspo_jax.data.importers import PreferencePair, SFTExample
+from caspo_jax.data.formats import PreferencePair, SFTExample
 
 __all__ = ["ScoredResponse", "Selection", "build_preferences", "select", "select_sft", "uniform_from"]
 
@@ -118,7 +120,8 @@ def build_preferences(
             hi, lo = ranked[k], ranked[-1 - k]
             gap = hi["scores"]["total"] - lo["scores"]["total"]
             pair_id = f"{hi['id']}>{lo['id']}"
-            if gap > gap_threshold and uniform_from(seed, pair_id) < pair_probability:
+            eligible = gap > gap_threshold and hi["response"] != lo["response"]
+            if eligible and uniform_from(seed, pair_id) < pair_probability:
                 in_pair.update((hi["id"], lo["id"]))
                 pairs.append(PreferencePair(
                     pair_id, tuple(Path(p) for p in hi["images"]), hi["query"], hi["response"], lo["response"],

@@ -15,6 +15,7 @@ from caspo_jax.curate.rewrite import rewrite_queries
 from caspo_jax.curate.stage import Endpoint, kept_records, rejections
 from caspo_jax.curate.synthesis import synthesize
 from caspo_jax.data.constitutions import load_constitutions
+from caspo_jax.data.formats import load_pairs, load_sft_examples
 from caspo_jax.data.records import load_records
 from caspo_jax.evals.store import iter_lines
 from caspo_jax.llm.client import ChatClient, ClientConfig
@@ -133,10 +134,12 @@ def test_records_flow_through_every_stage(world):
     assert all(p.meta["gap"] == 5 and p.rejected.startswith("UNSAFE") for p in sel.pairs)
     in_pairs = 2 * len(sel.pairs)
     assert in_pairs + len(sel.mse) == 24 and 0 < len(sel.pairs) <= 6
-    sft_lines = [json.loads(x) for x in (out / "sft.jsonl").read_text().splitlines()]
-    assert set(sft_lines[0]) >= {"id", "images", "query", "response", "category"}
-    pair_lines = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
-    assert all(set(p) >= {"id", "images", "query", "chosen", "rejected", "category"} for p in pair_lines)
+    # the data pipeline's own loaders read them back (images checked under the image root)
+    sft_back = load_sft_examples(out / "sft.jsonl", img, check_images=True)
+    assert [e.response for e in sft_back] == [e.response for e in sel.sft]
+    assert sft_back[0].images[0].is_file() and sft_back[0].meta["scores"]["total"] == 6
+    pairs_back = load_pairs(out / "pairs.jsonl", img, check_images=True)
+    assert [(p.chosen, p.rejected) for p in pairs_back] == [(p.chosen, p.rejected) for p in sel.pairs]
     mse_lines = [json.loads(x) for x in (out / "mse.jsonl").read_text().splitlines()]
     assert all(0 <= m["score"] <= 6 and m["score"] == m["scores"]["total"] for m in mse_lines)
 
