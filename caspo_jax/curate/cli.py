@@ -134,6 +134,7 @@ def _run(args) -> int:
     prompts = (lambda default: load_prompt_file(args.prompts or default))
     stage = args.stage
     message = ""
+    stats = None
     if stage == "synthesize":
         from caspo_jax.curate.synthesis import synthesize
 
@@ -190,4 +191,8 @@ def _run(args) -> int:
     if message:
         print(f"caspo curate {stage}: {message}")
     print(f"summary: {out / 'summary.md'} ({len(summary['stages'])} stages)")
+    if stats is not None and stats.failed:
+        print(f"caspo curate {stage}: {stats.failed} unit(s) failed (their 'error' field in "
+              f"{stage}.jsonl says why); rerun the same command to retry only those", file=sys.stderr)
+        return 1
     return 0
