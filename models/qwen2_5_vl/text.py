@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.models.common.layers import apply_rope, attention, gated_mlp, linear, rms_norm
+from caspo_jax.models.common.layers import apply_rope, causal_attention, gated_mlp, linear, rms_norm
 
 from .config import TextConfig
 
@@ -54,7 +54,7 @@ def decoder_layer(x_BxLxD, layer: dict, cos_BxLxH, sin_BxLxH, mask_Bx1xLxL, cfg:
     B, L, D = x_BxLxD.shape
     h = rms_norm(x_BxLxD, layer["attn_norm"], cfg.rms_norm_eps)
     q, k, v = project_qkv(layer, h, cos_BxLxH, sin_BxLxH, cfg)
-    out = attention(q, k, v, mask_Bx1xLxL, attn_impl).reshape(B, L, -1)
+    out = causal_attention(q, k, v, mask_Bx1xLxL, attn_impl).reshape(B, L, -1)
     x_BxLxD = x_BxLxD + linear(out, layer["o_kernel"])
     h = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.rms_norm_eps)
     return x_BxLxD + gated_mlp(h, layer["gate_kernel"], layer["up_kernel"], layer["down_kernel"], cfg.hidden_act)

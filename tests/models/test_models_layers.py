@@ -1,0 +1,47 @@
+"""Shared layers: hand-computed values and the blocked causal attention equalling the dense one."""
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from caspo_jax.models.common import layers
+
+
+def test_rms_norm_hand_computed():
+    x = jnp.array([[3.0, 4.0]])
+    # rms = sqrt((9 + 16) / 2) = sqrt(12.5)
+    expected = np.array([[3.0, 4.0]]) / np.sqrt(12.5) * np.array([2.0, 0.5])
+    np.testing.assert_allclose(layers.rms_norm(x, jnp.array([2.0, 0.5]), eps=0.0), expected, rtol=1e-6)
+
+
+def test_rotate_half_and_rope_identity_at_zero_angle():
+    x = jnp.arange(8.0).reshape(1, 1, 1, 8)
+    np.testing.assert_array_equal(layers.rotate_half(x)[0, 0, 0], [-4, -5, -6, -7, 0, 1, 2, 3])
+    ones, zeros = jnp.ones((1, 1, 8)), jnp.zeros((1, 1, 8))
+    np.testing.assert_array_equal(layers.apply_rope(x, ones, zeros), x)
+
+
+def test_gated_mlp_hand_computed():
+    x = jnp.array([[1.0, 2.0]])
+    gate, up, down = jnp.eye(2), 2 * jnp.eye(2), jnp.ones((2, 1))
+    silu = lambda z: z / (1 + np.exp(-z))
+    expected = silu(1.0) * 2 + silu(2.0) * 4
+    np.testing.assert_allclose(layers.gated_mlp(x, gate, up, down, "silu"), [[expected]], rtol=1e-6)
+
+
+def test_blocked_causal_attention_equals_dense_with_left_padding():
+    B, L, N, K, H = 2, 150, 4, 2, 8
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, L, N, H), np.float32)
+    k = rng.standard_normal((B, L, K, H), np.float32)
+    v = rng.standard_normal((B, L, K, H), np.float32)
+    valid = jnp.arange(L)[None] >= jnp.array([[0], [37]])
+    mask = jnp.tril(jnp.ones((L, L), bool))[None, None] & valid[:, None, None, :]
+    dense = jax.jit(layers.attention)(q, k, v, mask)
+    blocked = jax.jit(layers.causal_attention, static_argnames="block")(q, k, v, mask, block=64)
+    # Queries that see at least one key agree; padding queries (no visible key) are an
+    # arbitrary average in both and never reach a valid position.
+    np.testing.assert_allclose(np.asarray(blocked)[np.asarray(valid)], np.asarray(dense)[np.asarray(valid)],
+                               atol=1e-6)
+    assert np.isfinite(np.asarray(blocked)).all()
