@@ -80,3 +80,45 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
     assert "needs --image-root" in capsys.readouterr().err
     assert main(["curate", "report", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "summary.json").exists()
+
+
+def test_every_stage_through_the_cli(tmp_path, capsys):
+    from PIL import Image
+
+    out, img = tmp_path / "cur", tmp_path / "img"
+    state = W.new_state()
+    state["broken"] = False
+    with OpenAIStub(responder=W.make_responder(state)) as stub:
+        spec = lambda n: f"name={n},model={n},base_url={stub.base_url},price_in=0.5,price_out=1.5"  # noqa: E731
+        common = ["--out", str(out), "--no-progress", "--max-retries", "0"]
+        assert main(["curate", "synthesize", *common, "--model", spec("alpha"), "--model", spec("beta"),
+                     "--categories", "violent", "--per-call", "2", "--temperature", "0.7"]) == 0
+        assert main(["curate", "filter", *common, "--judge", spec("judge"), "--min-risk-clarity", "3"]) == 0
+        assert main(["curate", "dedup", *common, "--dedup-fields", "query,hazard"]) == 0
+        assert "removed 1 in 1 clusters" in capsys.readouterr().out
+        img.mkdir()
+        for rec in kept_records(pipeline.stage_path(out, "dedup")):
+            Image.new("RGB", (4, 4)).save(img / f"{rec['id']}.png")
+        assert main(["curate", "images", *common, "--image-root", str(img)]) == 0
+        assert main(["curate", "rewrite", *common, "--judge", spec("judge")]) == 0
+        assert main(["curate", "export", *common, "--image-root", str(img)]) == 0
+        assert main(["curate", "respond", *common, "--image-root", str(img), "--model", spec("alpha"),
+                     "--model", spec("beta"), "--judge", spec("judge"), "--samples", "2", "--max-new-tokens", "64"]) == 0
+        assert main(["curate", "select", *common, "--pair-prob", "1.0", "--seed", "3"]) == 0
+        printed = capsys.readouterr().out
+    synth_bodies = [r.body for r in stub.chat_requests if "You design" in r.body["messages"][0]["content"]]
+    assert synth_bodies and all(b["temperature"] == 0.7 for b in synth_bodies)
+    gen = [r.body for r in stub.chat_requests if r.body["model"] in ("alpha", "beta")
+           and "You design" not in r.body["messages"][0]["content"]]
+    assert gen and all(b["max_tokens"] == 64 for b in gen)
+    # 5 records x 2 models x 2 modes x 2 samples = 40 responses; per record 2 UNSAFE (total 1) pair with
+    # 2 of the 6 SAFE (total 6): gap 5 > 4, p = 1 -> 10 pairs, the other 20 responses are MSE records
+    assert "sft 5, pairs 10, mse 20" in printed
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs"] == {"sft": 5, "pairs": 10, "mse": 20, "benchmark": 5}
+    assert set(summary["spent"]) == {"alpha", "beta", "judge"}
+    t = summary["spent"]["alpha"]
+    assert t["cost"] == t["prompt_tokens"] / 1000 * 0.5 + t["completion_tokens"] / 1000 * 1.5
+    assert json.loads((out / "prices.json").read_text())["judge"] == [0.5, 1.5]
