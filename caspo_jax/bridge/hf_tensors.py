@@ -57,14 +57,26 @@ def _layer_of(params: dict, ref: HFTensorRef):
     return leaf if ref.layer is None else leaf[ref.layer]
 
 
-def iter_hf_arrays(params: dict, table: Sequence[ParamSpec], *, dtype=None, contiguous: bool = True
-                   ) -> Iterator[tuple[str, np.ndarray]]:
+def _ordered_refs(table, names: Sequence[str] | None) -> list[HFTensorRef]:
+    refs = hf_tensor_refs(table)
+    if names is None:
+        return refs
+    by_name = {ref.name: ref for ref in refs}
+    if sorted(names) != sorted(by_name):
+        raise ValueError("names must be a permutation of the table's HF tensor names")
+    return [by_name[name] for name in names]
+
+
+def iter_hf_arrays(params: dict, table: Sequence[ParamSpec], *, dtype=None, contiguous: bool = True,
+                   names: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, NumPy array in the HF layout) for every tensor, one at a time.
 
     contiguous=False returns transposes as views (no copy; consumers that copy into their
     own storage, like vLLM's loaders, transpose while copying). ``dtype`` casts on the device.
+    names: the order to produce them in (default: table order), e.g. grouped by the
+    engine's fused modules so a bucket never splits one.
     """
-    for ref in hf_tensor_refs(table):
+    for ref in _ordered_refs(table, names):
         layer = _layer_of(params, ref)
         if dtype is not None and layer.dtype != jnp.dtype(dtype):
             layer = layer.astype(dtype)
@@ -93,7 +105,7 @@ def numpy_to_torch(array: np.ndarray):
 
 
 def iter_torch_tensors(params: dict, table: Sequence[ParamSpec], *, dtype=None, contiguous: bool = False,
-                       dlpack: bool = False) -> Iterator[tuple]:
+                       dlpack: bool = False, names: Sequence[str] | None = None) -> Iterator[tuple]:
     """(HF name, torch tensor) for every tensor, one at a time, without extra host copies.
 
     dlpack=True hands each single-device layer to torch through DLPack (zero copy; on a GPU
@@ -103,10 +115,10 @@ def iter_torch_tensors(params: dict, table: Sequence[ParamSpec], *, dtype=None, 
     import torch
 
     if not dlpack:
-        for name, array in iter_hf_arrays(params, table, dtype=dtype, contiguous=contiguous):
+        for name, array in iter_hf_arrays(params, table, dtype=dtype, contiguous=contiguous, names=names):
             yield name, numpy_to_torch(array)
         return
-    for ref in hf_tensor_refs(table):
+    for ref in _ordered_refs(table, names):
         layer = _layer_of(params, ref)
         if dtype is not None and layer.dtype != jnp.dtype(dtype):
             layer = layer.astype(dtype)
@@ -121,15 +133,22 @@ def iter_torch_tensors(params: dict, table: Sequence[ParamSpec], *, dtype=None, 
         yield ref.name, tensor.contiguous() if contiguous else tensor
 
 
-def iter_buckets(items: Iterator[tuple], bucket_bytes: int = 256 * 2**20) -> Iterator[list[tuple]]:
+def iter_buckets(items: Iterator[tuple], bucket_bytes: int = 256 * 2**20, group_of=None) -> Iterator[list[tuple]]:
     """Group (name, tensor) items into lists of at most ``bucket_bytes`` (a larger tensor
-    travels alone), so a transport holds one bucket at a time."""
-    bucket, size = [], 0
+    travels alone), so a transport holds one bucket at a time.
+
+    group_of: name -> key; consecutive items with the same key are never split across
+    buckets (vLLM processes a fused module only once all its pieces arrived in one load),
+    so a bucket may exceed ``bucket_bytes`` by one group.
+    """
+    bucket, size, last_group = [], 0, object()
     for name, tensor in items:
         nbytes = int(tensor.nbytes) if hasattr(tensor, "nbytes") else tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
+        group = group_of(name) if group_of is not None else object()
+        if bucket and size + nbytes > bucket_bytes and group != last_group:
             yield bucket
             bucket, size = [], 0
+        last_group = group
         bucket.append((name, tensor))
         size += nbytes
     if bucket:

@@ -45,9 +45,11 @@ def _hf_greedy(hf, prompt: RolloutPrompt, max_new: int) -> np.ndarray:
 
 
 def _reference_logprobs(model, params, prompt: RolloutPrompt, response: np.ndarray) -> np.ndarray:
-    seq = np.concatenate([prompt.token_ids, response])[None]
+    """The forward runs on prompt + response[:-1]: the last token is never an input (so a
+    sampled image-pad id there cannot be taken for an image)."""
+    seq = np.concatenate([prompt.token_ids, response[:-1]])[None]
     logits = model.forward(params, seq, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
-    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))[0, len(prompt.token_ids) - 1:-1]
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))[0, len(prompt.token_ids) - 1:]
     return np.take_along_axis(logp, response[:, None].astype(np.int64), axis=1)[:, 0]
 
 
@@ -67,7 +69,9 @@ def test_greedy_equals_transformers_generate_text_and_image(tiny):
 def test_sampled_logprobs_equal_full_forward(tiny):
     _, model, params = tiny
     prompts = _prompts()
-    sampling = SamplingParams(temperature=1.0, top_p=0.9, top_k=100, max_new_tokens=10, seed=7)
+    # image/video pad ids stop a response (fed back as input they would be taken for images)
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, top_k=100, max_new_tokens=10, seed=7,
+                              stop_token_ids=(tm.IMAGE_TOKEN_ID, tm.VIDEO_TOKEN_ID))
     rollouts = JaxSampler(model, params).generate(prompts, n=3, sampling=sampling)
     assert rollouts.tokens.shape[0] == 6
     worst = 0.0

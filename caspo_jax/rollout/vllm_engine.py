@@ -1,0 +1,173 @@
+"""vLLM behind the rollout interface, fed by the weight bridge.
+
+vLLM is imported only when an engine is started. Prompts go in as token ids (image
+placeholder runs collapsed to one ``<|image_pad|>`` each, which vLLM's processor expands
+again from the images) plus the already-resized PIL images; the ids vLLM ends up with
+are checked against ours, so a resize disagreement (different image-token counts)
+raises instead of silently training on other prompts.
+
+Semantics match ``JaxSampler``: eos ids and ``stop_token_ids`` both go to vLLM as stop
+tokens (``ignore_eos``), the terminating token stays in the response, the reason is "eos"
+for an eos id and "stop" otherwise; log-probs are vLLM's default raw (unmodified) ones;
+sample j of a prompt seeded s uses seed s + j (vLLM's own rule for n > 1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from caspo_jax.rollout.jax_engine import default_eos_ids
+from caspo_jax.rollout.types import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, RolloutPrompt, Rollouts, SamplingParams
+
+IN_PROCESS_DEFAULTS = dict(distributed_executor_backend="uni", enforce_eager=True)
+
+
+def collapse_image_tokens(token_ids: np.ndarray, image_token_id: int) -> list[int]:
+    """Each run of ``image_token_id`` replaced by a single one (vLLM expands it from the image)."""
+    ids = np.asarray(token_ids).tolist()
+    out: list[int] = []
+    for t in ids:
+        if t == image_token_id and out and out[-1] == image_token_id:
+            continue
+        out.append(t)
+    return out
+
+
+class VllmEngine:
+    """``generate`` / ``sync_weights`` over a vLLM ``LLM``.
+
+    llm: a started ``vllm.LLM`` serving the same architecture as ``model`` (the JAX
+    ``Qwen2_5_VL`` whose table names the tensors). transport: "in_process" (the worker's
+    ``reload_weights`` reads a lazy iterator; the engine must be in-process) or
+    "safetensors" (bytes in buckets of ``bucket_bytes`` through ``collective_rpc``, for
+    engines in other processes). dlpack: hand single-device JAX arrays to torch via DLPack.
+    """
+
+    def __init__(self, llm, model, *, eos_token_ids: Sequence[int] | None = None, transport: str = "in_process",
+                 bucket_bytes: int = 256 * 2**20, dlpack: bool = False):
+        if transport not in ("in_process", "safetensors"):
+            raise ValueError(f"transport={transport!r}: use 'in_process' or 'safetensors'")
+        self.llm = llm
+        self.model = model
+        self.eos_token_ids = tuple(default_eos_ids(model) if eos_token_ids is None else eos_token_ids)
+        self.transport = transport
+        self.bucket_bytes = bucket_bytes
+        self.dlpack = dlpack
+        self.last_sync_seconds: float | None = None
+
+    @classmethod
+    def start(cls, model_dir, model, *, dtype: str = "float32", max_model_len: int = 1024,
+              kv_cache_memory_bytes: int | None = 256 * 2**20, seed: int = 0, in_process: bool = True,
+              llm_kwargs: dict | None = None, **engine_kwargs) -> "VllmEngine":
+        """Start ``vllm.LLM`` on an HF directory (config, weights, tokenizer, preprocessor).
+
+        in_process=True runs the engine in this process (no worker process; required for
+        the in-process transport). ``kv_cache_memory_bytes`` bounds the KV cache on CPU;
+        pass None on GPUs to let vLLM use ``gpu_memory_utilization``.
+        """
+        kwargs = dict(dtype=dtype, max_model_len=max_model_len, seed=seed)
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        if in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            kwargs.update(IN_PROCESS_DEFAULTS)
+        kwargs.update(llm_kwargs or {})
+        from vllm import LLM
+
+        llm = LLM(str(model_dir), **kwargs)
+        if not in_process:
+            engine_kwargs.setdefault("transport", "safetensors")
+        return cls(llm, model, **engine_kwargs)
+
+    # ----- requests ---------------------------------------------------------------
+    def _request(self, prompt: RolloutPrompt) -> dict:
+        image_id = self.model.config.image_token_id
+        request = {"prompt_token_ids": collapse_image_tokens(prompt.token_ids, image_id)}
+        if prompt.num_images:
+            if len(prompt.images) != prompt.num_images:
+                raise ValueError(f"RolloutPrompt has {prompt.num_images} image grids but {len(prompt.images)} PIL "
+                                 "images: the vLLM engine needs `images` (resized with the shared min/max pixels)")
+            request["multi_modal_data"] = {"image": list(prompt.images)}
+        return request
+
+    def _check_prompt_ids(self, outputs, prompts) -> None:
+        for i, (out, prompt) in enumerate(zip(outputs, prompts)):
+            theirs = np.asarray(out.prompt_token_ids)
+            if theirs.shape != prompt.token_ids.shape or not np.array_equal(theirs, prompt.token_ids):
+                image_id = self.model.config.image_token_id
+                raise ValueError(
+                    f"prompt {i}: vLLM built {len(theirs)} prompt tokens ({int((theirs == image_id).sum())} image "
+                    f"tokens), ours has {len(prompt.token_ids)} ({int((prompt.token_ids == image_id).sum())}): "
+                    "resize images with the same min/max pixels on both sides (caspo_jax.data.images."
+                    "resize_image with the processor's settings) before building the prompt")
+
+    def generate(self, prompts: Sequence[RolloutPrompt], *, n: int = 1, sampling: SamplingParams = SamplingParams()
+                 ) -> Rollouts:
+        from vllm import SamplingParams as VllmSampling
+
+        terminators = sorted(set(self.eos_token_ids) | set(sampling.stop_token_ids))
+        params = []
+        for i, prompt in enumerate(prompts):
+            seed = prompt.seed if prompt.seed is not None else sampling.seed + i
+            params.append(VllmSampling(
+                n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
+                max_tokens=sampling.max_new_tokens, stop_token_ids=terminators, ignore_eos=True, seed=seed,
+                logprobs=0, skip_special_tokens=False, detokenize=False))
+        outputs = self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
+        self._check_prompt_ids(outputs, prompts)
+        samples = [(i, c) for i, out in enumerate(outputs) for c in sorted(out.outputs, key=lambda c: c.index)]
+        width = max(max(len(c.token_ids) for _, c in samples), 1)
+        S = len(samples)
+        tokens = np.zeros((S, width), np.int32)
+        logps = np.zeros((S, width), np.float32)
+        mask = np.zeros((S, width), bool)
+        reasons = []
+        eos = set(self.eos_token_ids)
+        for s, (_, c) in enumerate(samples):
+            ids = list(c.token_ids)
+            tokens[s, : len(ids)] = ids
+            logps[s, : len(ids)] = [step[t].logprob for t, step in zip(ids, c.logprobs)]
+            mask[s, : len(ids)] = True
+            if c.finish_reason == "length":
+                reasons.append(FINISH_LENGTH)
+            else:
+                reasons.append(FINISH_EOS if ids and ids[-1] in eos else FINISH_STOP)
+        return Rollouts(tokens=tokens, logprobs=logps, mask=mask, finish_reason=np.asarray(reasons),
+                        prompt_index=np.asarray([i for i, _ in samples], np.int32))
+
+    def prompt_logprobs(self, prompts: Sequence[RolloutPrompt]) -> list[np.ndarray]:
+        """log p(token t | tokens < t) for t = 1..L-1 of every prompt, float32 [L-1] each."""
+        from vllm import SamplingParams as VllmSampling
+
+        sp = VllmSampling(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([self._request(p) for p in prompts], sp, use_tqdm=False)
+        self._check_prompt_ids(outputs, prompts)
+        return [np.asarray([step[int(t)].logprob for t, step in zip(p.token_ids[1:], out.prompt_logprobs[1:])],
+                           np.float32) for p, out in zip(prompts, outputs)]
+
+    # ----- weights ----------------------------------------------------------------
+    def sync_weights(self, params, *, probes: Sequence[RolloutPrompt] | None = None, atol: float = 1e-4) -> None:
+        """Push the trainer's parameters (then reset prefix/encoder caches). With ``probes``,
+        verify vLLM's prompt log-probs against JAX's afterwards (``bridge.verify_sync``)."""
+        from caspo_jax.bridge import hf_tensors, transport
+        from caspo_jax.bridge.transport import Timer
+
+        table = self.model.param_table()
+        with Timer() as timer:
+            if self.transport == "in_process":
+                transport.push_in_process(self.llm, hf_tensors.iter_torch_tensors(params, table, dlpack=self.dlpack))
+            else:
+                from caspo_jax.bridge.verify import vllm_module_order
+
+                order, module_of = vllm_module_order(table)
+                buckets = hf_tensors.iter_buckets(hf_tensors.iter_hf_arrays(params, table, names=order),
+                                                  self.bucket_bytes, group_of=module_of.get)
+                transport.push_safetensors(self.llm, buckets)
+        self.last_sync_seconds = timer.seconds
+        if probes:
+            from caspo_jax.bridge.verify import verify_sync
+
+            verify_sync(self, params, probes, atol=atol)
