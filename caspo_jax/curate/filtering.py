@@ -140,7 +140,10 @@ def filter_scenarios(
                                  "spent": spent[i]}
         return bodies  # type: ignore[return-value]
 
-    return run_units(units, out_path, process, stage="filter", version=prompts.version,
+    # Thresholds are part of the version: new thresholds re-decide every unit (from the cache).
+    version = (f"{prompts.version}|b{thresholds.min_benignness}n{thresholds.min_naturalness}"
+               f"r{thresholds.min_relevance}c{thresholds.min_risk_clarity}|{','.join(thresholds.sound_verdicts)}")
+    return run_units(units, out_path, process, stage="filter", version=version,
                      chunk_size=chunk_size, progress=progress)
 
 

@@ -1,6 +1,6 @@
 """The stages wired to one output folder: each reads the previous stage's kept records.
 
-    <out>/synthesize.jsonl -> filter.jsonl -> dedup.jsonl -> images.jsonl (optional)
+    <out>/synthesize.jsonl -> filter.jsonl -> dedup.jsonl (+ dedup_clusters.json) -> images.jsonl (optional)
           -> rewrite.jsonl -> benchmark.jsonl (SafetyRecord JSONL, for `caspo eval` and RL)
           -> respond.jsonl -> select.jsonl + sft.jsonl, pairs.jsonl, mse.jsonl
 
@@ -10,6 +10,7 @@ Every function here is a thin composition of the stage modules; each can be call
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,6 +52,9 @@ def run_dedup(out_dir: str | Path, *, embedding_model: str | Path | None = None,
     result = dedup_mod.dedup_records(stage_input(out_dir, "dedup"), embedder=embedder, threshold=threshold,
                                      fields=fields)
     dedup_mod.write_dedup(result, stage_path(out_dir, "dedup"))
+    clusters = {"method": result.method, "kept": len(result.kept), "removed": len(result.removed),
+                "clusters": result.clusters}
+    (Path(out_dir) / "dedup_clusters.json").write_text(json.dumps(clusters, indent=2))
     return result
 
 

@@ -64,6 +64,8 @@ def respond(
     if samples < 1:
         raise ValueError(f"respond samples must be >= 1, got {samples}")
     root = Path(image_root) if image_root is not None else None
+    if root is None and any(r.get("images") for r in records):
+        raise ValueError("the records have images (paths relative to the image root): pass image_root / --image-root")
     by_name = {m.name: m for m in models}
     if len(by_name) != len(models):
         raise ValueError("model names must be unique")

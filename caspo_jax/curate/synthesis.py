@@ -149,8 +149,9 @@ def synthesize(
                     bodies[i] = _body(chunk[i], answer, prompts.version)
         return bodies  # type: ignore[return-value]
 
+    version = f"{prompts.version}|n{per_call}|t{temperature}"  # changing either redoes the calls
     return run_units(scenario_units(prompts, endpoints, calls=calls, categories=categories), out_path, process,
-                     stage="synthesize", version=prompts.version, chunk_size=chunk_size, progress=progress)
+                     stage="synthesize", version=version, chunk_size=chunk_size, progress=progress)
 
 
 def _body(unit: Unit, answer, version: str) -> dict[str, Any]:

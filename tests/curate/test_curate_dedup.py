@@ -119,6 +119,7 @@ def test_dedup_stage_file_and_missing_model_dir(tmp_path):
     assert [r["id"] for r in kept_records(pipeline.stage_path(out, "dedup"))] == ["a", "c"]
     assert rejections(pipeline.stage_path(out, "dedup"))[0]["duplicate_of"] == "a"
     assert not list(out.glob(".*tmp*"))
+    assert json.loads((out / "dedup_clusters.json").read_text())["clusters"] == {"a": ["b"]}
     with pytest.raises(FileNotFoundError, match="no config.json.*--embedding-model"):
         pipeline.run_dedup(out, embedding_model=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="threshold"):

@@ -147,6 +147,9 @@ def test_failed_units_retry_with_fresh_requests_despite_the_cache(tmp_path):
             return Endpoint(name, ChatClient(ClientConfig(base_url=stub.base_url, model=name, max_retries=0,
                                                           cache_dir=str(tmp_path / "cache"), temperature=None)))
         args = dict(constitutions=load_constitutions(), image_root=root, modes=("standard",), progress=False)
+        with pytest.raises(ValueError, match="--image-root"):
+            respond(pipeline.stage_input(out, "respond"), [ep("alpha")], ep("judge"), tmp_path / "x.jsonl",
+                    **{**args, "image_root": None})
         s = respond(pipeline.stage_input(out, "respond"), [ep("alpha")], ep("judge"), pipeline.stage_path(out, "respond"), **args)
         assert s.failed == 1 and "judge failed" in next(iter_lines(pipeline.stage_path(out, "respond")))["error"]
         broken["judge"] = False
@@ -164,3 +167,21 @@ def test_cli_exit_status_says_rerun_when_units_failed(tmp_path, capsys):
         rc = main(["curate", "filter", "--out", str(tmp_path), "--no-progress", "--max-retries", "0",
                    "--judge", f"name=j,model=j,base_url={stub.base_url}"])
     assert rc == 1 and "rerun the same command to retry only those" in capsys.readouterr().err
+
+
+def test_new_filter_thresholds_redecide_from_the_cache(tmp_path):
+    from caspo_jax.curate.filtering import filter_scenarios
+
+    scen = [{"id": "s0", "category": "violent", "query": "Can I dry my mitts here?", "scene": "stove",
+             "hazard": "fire", "hazard_object": "stove", "causal_chain": "c"}]
+    state = W.new_state()
+    with OpenAIStub(responder=W.make_responder(state)) as stub:
+        judge = Endpoint("judge", ChatClient(ClientConfig(base_url=stub.base_url, model="judge",
+                                                          cache_dir=str(tmp_path / "cache"))))
+        path = tmp_path / "filter.jsonl"
+        assert filter_scenarios(scen, judge, path, progress=False).kept == 1  # risk clarity 4 >= 4
+        n = len(stub.chat_requests)
+        s = filter_scenarios(scen, judge, path, thresholds=FilterThresholds(min_risk_clarity=5), progress=False)
+        assert (s.kept, s.rejected, s.skipped_done) == (0, 1, 0)
+        assert len(stub.chat_requests) == n  # re-decided from cached verdicts
+    assert "risk_clarity 4 < 5" in list(iter_lines(path))[-1]["rejected"][0]["reason"]
