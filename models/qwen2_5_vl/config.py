@@ -102,7 +102,7 @@ class Qwen2_5_VLConfig:
                 f"{source}: text rope_type={rope_type!r}; only default M-RoPE is ported (remove the "
                 "rope scaling or extend models/qwen2_5_vl/text.py)")
         section = tuple(rope.get("mrope_section", (16, 24, 24)))
-        if text_raw.get("use_sliding_window"):
+        if text_raw.get("use_sliding_window") or ("text_config" not in raw and raw.get("use_sliding_window")):
             raise NotImplementedError(f"{source}: text_config.use_sliding_window=true is not ported")
         text_kwargs = {f.name: text_raw[f.name] for f in dataclasses.fields(TextConfig) if f.name in text_raw
                        and f.name not in ("rope_theta", "mrope_section")}
