@@ -151,7 +151,7 @@ def dedup_records(
         rep_id = records[rep]["id"]
         result.removed.append({
             "id": records[i]["id"], "duplicate_of": rep_id, "similarity": round(sim, 6),
-            "reason": f"dedup: near-duplicate of {rep_id} (similarity {sim:.4f}; {method})",
+            "kind": "near_duplicate", "reason": f"dedup: near-duplicate of {rep_id} (similarity {sim:.4f}; {method})",
             "record": dict(records[i]),
         })
         result.clusters.setdefault(rep_id, []).append(records[i]["id"])

@@ -69,8 +69,9 @@ def _causal(obj: dict[str, Any]) -> dict[str, Any]:
     return {"verdict": verdict, "reason": str(obj.get("reason", ""))}
 
 
-def _below(scores: dict[str, Any], limits: dict[str, int]) -> list[str]:
-    return [f"{f} {scores[f]} < {m}" for f, m in limits.items() if scores[f] < m]
+def _below(scores: dict[str, Any], limits: dict[str, int]) -> list[tuple[str, str]]:
+    """(criterion, "criterion score < minimum") for every score under its minimum."""
+    return [(f, f"{f} {scores[f]} < {m}") for f, m in limits.items() if scores[f] < m]
 
 
 def filter_scenarios(
@@ -103,8 +104,9 @@ def filter_scenarios(
                 continue
             low = _below(a.value, {"benignness": thresholds.min_benignness, "naturalness": thresholds.min_naturalness})
             if low:
-                reason = f"filter: {'; '.join(low)} (query judged alone: {a.value['reason']})"
-                bodies[i] = {"status": "done", "rejected": [_rejection(unit, reason, a.value)], "spent": spent[i]}
+                reason = f"filter: {'; '.join(m for _, m in low)} (query judged alone: {a.value['reason']})"
+                rejection = _rejection(unit, [k for k, _ in low], reason, a.value)
+                bodies[i] = {"status": "done", "rejected": [rejection], "spent": spent[i]}
             else:
                 onward.append(i)
         if onward:
@@ -131,10 +133,12 @@ def filter_scenarios(
                 problems = _below(c.value, {"contextual_relevance": thresholds.min_relevance,
                                             "risk_clarity": thresholds.min_risk_clarity})
                 if k.value["verdict"] not in thresholds.sound_verdicts:
-                    problems.append(f"causal verdict {k.value['verdict']!r} is not sound ({k.value['reason']})")
+                    problems.append((f"causal:{k.value['verdict']}",
+                                     f"causal verdict {k.value['verdict']!r} is not sound ({k.value['reason']})"))
                 if problems:
-                    reason = f"filter: {'; '.join(problems)}"
-                    bodies[i] = {"status": "done", "rejected": [_rejection(chunk[i], reason, scores)], "spent": spent[i]}
+                    reason = f"filter: {'; '.join(m for _, m in problems)}"
+                    rejection = _rejection(chunk[i], [k for k, _ in problems], reason, scores)
+                    bodies[i] = {"status": "done", "rejected": [rejection], "spent": spent[i]}
                 else:
                     bodies[i] = {"status": "done", "records": [{**chunk[i].payload, "filter": scores}],
                                  "spent": spent[i]}
@@ -151,5 +155,7 @@ def _fill(s: dict[str, Any]) -> dict[str, Any]:
     return {k: s.get(k, "") for k in ("category", "scene", "query", "hazard", "causal_chain")}
 
 
-def _rejection(unit: Unit, reason: str, scores: dict[str, Any]) -> dict[str, Any]:
-    return {"id": unit.payload["id"], "reason": reason, "scores": scores, "record": unit.payload}
+def _rejection(unit: Unit, kinds: list[str], reason: str, scores: dict[str, Any]) -> dict[str, Any]:
+    """kind: the failed criteria joined by "+" (e.g. "benignness+naturalness", "causal:assumed_malice")."""
+    return {"id": unit.payload["id"], "kind": "+".join(kinds), "reason": reason, "scores": scores,
+            "record": unit.payload}

@@ -78,12 +78,13 @@ def attach_images(
             candidates = [f"{rid}{ext}" for ext in IMAGE_EXTENSIONS if (root / f"{rid}{ext}").is_file()][:1]
         if not candidates:
             where = "the mapping file" if image_map is not None else f"{root}/{rid}.{{png,jpg,jpeg,webp}}"
-            rejected.append({"id": rid, "reason": f"images: no image for scenario {rid} (looked in {where})",
+            rejected.append({"id": rid, "kind": "no_image", "reason": f"images: no image for scenario {rid} (looked in {where})",
                              "record": rec})
             continue
         problems = [p for p in (_check(c, root) for c in candidates) if p]
         if problems:
-            rejected.append({"id": rid, "reason": f"images: {'; '.join(problems)}", "record": rec})
+            rejected.append({"id": rid, "kind": "bad_image", "reason": f"images: {'; '.join(problems)}",
+                             "record": rec})
             continue
         kept.append({**rec, "images": candidates})
     return kept, rejected

@@ -23,7 +23,8 @@ _REASON_EXAMPLES = 5
 
 
 def summarize(out_dir: str | Path, prices: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
-    """{"stages": {stage: {"by_category": {cat: {kept, rejected, failed_units}}, totals, reasons}},
+    """{"stages": {stage: {"by_category": {cat: {kept, rejected, failed_units}}, totals,
+    rejected_by_kind, reason_examples}},
     "spent": {endpoint: {prompt_tokens, completion_tokens, cost}}}."""
     out_dir = Path(out_dir)
     prices = dict(prices or {})
@@ -34,6 +35,7 @@ def summarize(out_dir: str | Path, prices: Mapping[str, tuple[float, float]] | N
             continue
         by_cat: dict[str, Counter] = {}
         reasons: list[str] = []
+        kinds: Counter = Counter()
         for line in load_records(path).values():
             counts = by_cat.setdefault(line.get("category") or "unknown", Counter())
             if line.get("status") != "done":
@@ -42,6 +44,7 @@ def summarize(out_dir: str | Path, prices: Mapping[str, tuple[float, float]] | N
             counts["kept"] += len(line.get("records") or [])
             counts["rejected"] += len(line.get("rejected") or [])
             reasons += [r.get("reason", "") for r in line.get("rejected") or []]
+            kinds.update(r.get("kind", "other") for r in line.get("rejected") or [])
         totals = Counter()
         for c in by_cat.values():
             totals.update(c)
@@ -49,6 +52,7 @@ def summarize(out_dir: str | Path, prices: Mapping[str, tuple[float, float]] | N
             "by_category": {k: {f: v.get(f, 0) for f in ("kept", "rejected", "failed_units")}
                             for k, v in sorted(by_cat.items())},
             "totals": {f: totals.get(f, 0) for f in ("kept", "rejected", "failed_units")},
+            "rejected_by_kind": dict(sorted(kinds.items())),
             "reason_examples": reasons[:_REASON_EXAMPLES],
         }
         for line in all_lines(path):
@@ -77,6 +81,9 @@ def write_summary(out_dir: str | Path, prices: Mapping[str, tuple[float, float]]
             lines.append(f"| {stage} | {cat} | {c['kept']} | {c['rejected']} | {c['failed_units']} |")
         t = s["totals"]
         lines.append(f"| **{stage}** | all | {t['kept']} | {t['rejected']} | {t['failed_units']} |")
+    lines += ["", "## Rejections by kind", "", "| stage | kind | count |", "|---|---|---|"]
+    for stage, s in summary["stages"].items():
+        lines += [f"| {stage} | {kind} | {n} |" for kind, n in s["rejected_by_kind"].items()]
     lines += ["", "## Rejection reasons (first few per stage; all are in the stage files)", ""]
     for stage, s in summary["stages"].items():
         lines += [f"- {stage}: {r}" for r in s["reason_examples"]]

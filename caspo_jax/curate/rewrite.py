@@ -94,7 +94,7 @@ def rewrite_queries(
             if names_object(v["query"], rec.get("hazard_object", "")):
                 reason = (f"rewrite: query {v['query']!r} still names the visible hazardous object "
                           f"{rec.get('hazard_object')!r}")
-                bodies.append({"status": "done", "rejected": [{"id": rec["id"], "reason": reason, "rewrite": info,
+                bodies.append({"status": "done", "rejected": [{"id": rec["id"], "kind": "names_hazard_object", "reason": reason, "rewrite": info,
                                                                "record": rec}], "spent": spent})
                 continue
             out = {**rec, "query": v["query"], "malicious_query": v["malicious_query"], "rewrite": info}

@@ -95,7 +95,7 @@ def select_sft(responses: Sequence[dict[str, Any]], *, min_total: int = 5) -> tu
         cands = [r for r in group if r["scores"]["total"] >= min_total]
         if not cands:
             best = max(r["scores"]["total"] for r in group)
-            rejected.append({"id": record_id, "category": group[0].get("category"),
+            rejected.append({"id": record_id, "category": group[0].get("category"), "kind": "no_sft_target",
                              "reason": f"select: no response with R+S+E >= {min_total} (best {best})"})
             continue
         pick = min(cands, key=lambda r: (-r["scores"]["total"], picks_per_model.get(r["source_model"], 0),

@@ -6,7 +6,7 @@ chunk of units, one line per unit is appended to the stage's `ResultsStore` JSON
 wins, an flock against a second writer)::
 
     {"key": ..., "stage": "filter", "version": "filter-v1", "status": "done" | "failed",
-     "category": ..., "records": [kept output records], "rejected": [{"id", "reason", "record"}],
+     "category": ..., "records": [kept output records], "rejected": [{"id", "kind", "reason", "record"}],
      "error": null | "why the unit failed", "spent": {endpoint: {prompt_tokens, completion_tokens}}}
 
 "done" units are final (their outputs are read by the next stage); "failed" ones (endpoint

@@ -165,7 +165,7 @@ def _body(unit: Unit, answer, version: str) -> dict[str, Any]:
         rid = f"{p['category']}-{_slug(p['subcategory'])}-{_slug(p['endpoint'])}-{p['call']}-{j}"
         problem = validate_scenario(obj)
         if problem:
-            rejected.append({"id": rid, "reason": f"synthesize: {problem}", "record": obj})
+            rejected.append({"id": rid, "kind": "invalid_scenario", "reason": f"synthesize: {problem}", "record": obj})
             continue
         chain = obj["causal_chain"]
         record = {

@@ -149,6 +149,10 @@ def test_records_flow_through_every_stage(world):
     assert st["synthesize"]["totals"] == {"kept": 13, "rejected": 1, "failed_units": 0}
     assert st["filter"]["by_category"]["violent"] == {"kept": 6, "rejected": 2, "failed_units": 0}
     assert st["dedup"]["totals"]["rejected"] == 1 and st["rewrite"]["totals"]["rejected"] == 1
+    assert st["filter"]["rejected_by_kind"] == {"benignness": 1, "causal:assumed_malice": 1, "naturalness": 1}
+    assert st["images"]["rejected_by_kind"] == {"bad_image": 1, "no_image": 1}
+    assert st["rewrite"]["rejected_by_kind"] == {"names_hazard_object": 1}
+    assert "| filter | causal:assumed_malice | 1 |" in (out / "summary.md").read_text()
     spent = summary["spent"]
     assert spent["judge"]["prompt_tokens"] > 0
     assert spent["judge"]["cost"] == pytest.approx(

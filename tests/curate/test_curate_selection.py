@@ -82,7 +82,7 @@ def test_sft_prefers_score_then_balances_models_then_length():
     sft, rejected = select_sft(responses, min_total=5)
     picks = [e.meta["source_model"] for e in sft]
     assert picks == ["alpha", "beta", "alpha", "beta", "alpha"]
-    assert rejected == [{"id": "r5", "category": "violent", "reason": "select: no response with R+S+E >= 5 (best 4)"}]
+    assert rejected == [{"id": "r5", "category": "violent", "kind": "no_sft_target", "reason": "select: no response with R+S+E >= 5 (best 4)"}]
     # length balance: among equal scores and equal model counts, the length nearest the median wins
     rs = [_resp("x", "m1", "standard", 6, words=50), _resp("x", "m1", "constitution", 6, words=6),
           _resp("y", "m2", "standard", 6, words=5), _resp("z", "m3", "standard", 6, words=7)]
