@@ -11,7 +11,6 @@ Every function here is a thin composition of the stage modules; each can be call
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,7 +96,4 @@ def run_select(out_dir: str | Path, *, min_total: int = 5, gap_threshold: int = 
     kept = [{"id": s.meta["record_id"], "category": s.category, "sft_id": s.id} for s in sel.sft]
     write_stage(stage_path(out, "select"), "select", version, kept,
                 [{**r, "record": {"category": r.get("category")}} for r in sel.rejected])
-    for name in (".sft.jsonl.tmp", ".pairs.jsonl.tmp", ".mse.jsonl.tmp"):
-        if (out / name).exists():  # pragma: no cover - write_jsonl renames its temp file
-            os.unlink(out / name)
     return sel

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from caspo_jax.llm.messages import system_message, user_message
+
 __all__ = ["PROMPTS_DIR", "PromptFile", "PromptFileError", "Template", "load_prompt_file", "render"]
 
 PROMPTS_DIR = Path(__file__).with_name("prompts")
@@ -51,8 +53,7 @@ class Template:
     where: str
 
     def messages(self, **fields: Any) -> list[dict[str, Any]]:
-        from caspo_jax.llm.messages import system_message, user_message
-
+        """[system, user] chat messages with every placeholder filled from `fields`."""
         return [
             system_message(render(self.system, fields, f"{self.where}.system")),
             user_message(render(self.user, fields, f"{self.where}.user")),
