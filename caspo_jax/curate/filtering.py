@@ -1,6 +1,6 @@
 """Stage 2, `filter`: vet each scenario with an LLM judge; every rejection keeps its reason.
 
-Three judgements per scenario (prompts in `prompts/filter.yaml`, wording ours):
+Three judgements per scenario (prompts in `prompt_filter.yaml`, wording ours):
 
 1. isolation (the judge sees the query only, never the scene): benignness, naturalness;
 2. context (scene + query + hazard): contextual relevance, risk clarity;

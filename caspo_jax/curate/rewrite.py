@@ -1,6 +1,6 @@
 """Stage 5, `rewrite`: remove textual shortcuts and write the Malicious-mode variant.
 
-The judge model (prompt `prompts/rewrite.yaml`) decides whether the query names the
+The judge model (prompt `prompt_rewrite.yaml`) decides whether the query names the
 visible hazardous object (then rewrites it generically) or sounds artificial (then makes it
 more covert), and writes `malicious_query`: the same request with explicit harmful intent.
 A local check backs the model up: if the final query still names the hazard object (its

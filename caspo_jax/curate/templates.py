@@ -1,4 +1,7 @@
-"""The versioned prompt files of `caspo curate` (YAML, shipped in `prompts/`, user-editable).
+"""The versioned prompt files of `caspo curate` (YAML, user-editable).
+
+Shipped as `prompt_<name>.yaml` next to this module (a sub-folder without `__init__.py`
+would not be packaged by `tool.setuptools.package-data`).
 
 Each file has a `version` (stored with every output line and used as the response-cache
 namespace, so an edited prompt never reuses answers given to the old wording) and one or
@@ -24,7 +27,7 @@ from caspo_jax.llm.messages import system_message, user_message
 
 __all__ = ["PROMPTS_DIR", "PromptFile", "PromptFileError", "Template", "load_prompt_file", "render"]
 
-PROMPTS_DIR = Path(__file__).with_name("prompts")
+PROMPTS_DIR = Path(__file__).parent
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
@@ -82,7 +85,7 @@ def load_prompt_file(name_or_path: str | Path, required: tuple[str, ...] = ()) -
     """
     path = Path(name_or_path)
     if not path.suffix:
-        path = PROMPTS_DIR / f"{name_or_path}.yaml"
+        path = PROMPTS_DIR / f"prompt_{name_or_path}.yaml"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

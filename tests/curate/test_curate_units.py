@@ -185,3 +185,15 @@ def test_new_filter_thresholds_redecide_from_the_cache(tmp_path):
         assert (s.kept, s.rejected, s.skipped_done) == (0, 1, 0)
         assert len(stub.chat_requests) == n  # re-decided from cached verdicts
     assert "risk_clarity 4 < 5" in list(iter_lines(path))[-1]["rejected"][0]["reason"]
+
+
+def test_prompt_files_sit_in_a_package_folder_so_they_ship():
+    """`tool.setuptools.package-data` globs match files directly inside a package directory only."""
+    import pathlib
+
+    import caspo_jax.curate as pkg
+
+    root = pathlib.Path(pkg.__file__).parent
+    yamls = list(root.rglob("*.yaml"))
+    assert len(yamls) == 3
+    assert all((y.parent / "__init__.py").exists() for y in yamls)
