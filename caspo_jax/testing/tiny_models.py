@@ -103,10 +103,13 @@ class MultimodalBatch:
     attention_mask: np.ndarray
     pixel_values: np.ndarray | None
     image_grid_thw: np.ndarray | None
+    pixel_values_videos: np.ndarray | None = None
+    video_grid_thw: np.ndarray | None = None
 
     @property
     def mm_token_type_ids(self) -> np.ndarray:
-        return (self.input_ids == IMAGE_TOKEN_ID).astype(np.int64)
+        """0 text, 1 image, 2 video (what the HF processor returns and the reference needs)."""
+        return np.where(self.input_ids == IMAGE_TOKEN_ID, 1, np.where(self.input_ids == VIDEO_TOKEN_ID, 2, 0))
 
 
 def image_tokens(grid_thw: tuple[int, int, int]) -> list[int]:
@@ -117,15 +120,19 @@ def image_tokens(grid_thw: tuple[int, int, int]) -> list[int]:
 
 def make_batch(samples: list[list], *, pad: str = "left", seed: int = 0, text_vocab: int = VOCAB - 8
                ) -> MultimodalBatch:
-    """Build a padded batch. Each sample is a list of segments: an int n (n random text tokens)
-    or a (t, h, w) grid (one image with that patch grid; h and w even)."""
+    """Build a padded batch. Each sample is a list of segments: an int n (n random text tokens),
+    a (t, h, w) grid (one image with that patch grid; h and w even) or ("video", t, h, w)."""
     rng = np.random.default_rng(seed)
-    rows, grids = [], []
+    rows, grids, video_grids = [], [], []
     for segments in samples:
         ids: list[int] = []
         for seg in segments:
             if isinstance(seg, int):
                 ids += rng.integers(0, text_vocab, seg).tolist()
+            elif seg[0] == "video":
+                t, h, w = seg[1:]
+                video_grids.append((t, h, w))
+                ids += [VISION_START_TOKEN_ID] + [VIDEO_TOKEN_ID] * (t * h * w // MERGE**2) + [VISION_END_TOKEN_ID]
             else:
                 grids.append(tuple(seg))
                 ids += image_tokens(tuple(seg))
@@ -137,9 +144,12 @@ def make_batch(samples: list[list], *, pad: str = "left", seed: int = 0, text_vo
         sl = slice(length - len(ids), length) if pad == "left" else slice(0, len(ids))
         input_ids[b, sl] = ids
         mask[b, sl] = 1
-    if not grids:
-        return MultimodalBatch(input_ids, mask, None, None)
     patch_dim = 3 * 2 * PATCH_SIZE * PATCH_SIZE
-    n_patches = sum(t * h * w for t, h, w in grids)
-    pixel_values = rng.standard_normal((n_patches, patch_dim)).astype(np.float32)
-    return MultimodalBatch(input_ids, mask, pixel_values, np.asarray(grids, np.int64))
+
+    def pixels(gs):
+        if not gs:
+            return None, None
+        n_patches = sum(t * h * w for t, h, w in gs)
+        return rng.standard_normal((n_patches, patch_dim)).astype(np.float32), np.asarray(gs, np.int64)
+
+    return MultimodalBatch(input_ids, mask, *pixels(grids), *pixels(video_grids))

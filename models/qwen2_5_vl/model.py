@@ -65,50 +65,58 @@ class Qwen2_5_VL:
         return _encode_images_jit(self, params["vision"], pixel_values, _as_grids(image_grid_thw))
 
     def hidden_states(self, params: dict, input_ids, attention_mask=None, pixel_values=None,
-                      image_grid_thw=None, position_ids=None, image_embeds=None) -> jax.Array:
+                      image_grid_thw=None, position_ids=None, image_embeds=None, pixel_values_videos=None,
+                      video_grid_thw=None, second_per_grid_ts=None, video_embeds=None) -> jax.Array:
         """Final-normed hidden states [B, L, D].
 
-        ``image_embeds`` (from ``encode_images``) may replace ``pixel_values``. Without
-        ``position_ids`` they are computed on the host: M-RoPE from ``get_rope_index`` when
-        images are given, else 0..L-1 for every row (transformers' behaviour; pass
-        ``position_ids`` from ``get_rope_index`` to skip padding in text-only batches).
+        ``image_embeds`` / ``video_embeds`` (from ``encode_images``) may replace the pixels.
+        Without ``position_ids`` they are computed on the host: M-RoPE from ``get_rope_index``
+        when images or videos are given, else 0..L-1 for every row (transformers' behaviour;
+        pass ``position_ids`` from ``get_rope_index`` to skip padding in text-only batches).
         """
-        grids = _as_grids(image_grid_thw)
-        if image_embeds is not None and not grids and position_ids is None:
-            raise ValueError("image_embeds given without image_grid_thw or position_ids: the M-RoPE positions of "
-                             "the image tokens need one of them")
-        if not _is_traced(input_ids) and np.any(np.asarray(input_ids) == self.config.video_token_id):
-            raise NotImplementedError(
-                "input_ids contain video tokens: the forward embeds images only (pixel_values_videos is not "
-                "ported yet); get_rope_index and encode_images already handle t > 1 grids")
+        cfg = self.config
+        image_grids, video_grids = _as_grids(image_grid_thw), _as_grids(video_grid_thw)
         if attention_mask is None:
             attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
-        if position_ids is None and grids:
+        if position_ids is None and (image_grids or video_grids):
             if _is_traced(input_ids) or _is_traced(attention_mask):
                 raise ValueError("position_ids must be given when input_ids are traced: compute them on the "
                                  "host with model.get_rope_index(input_ids, image_grid_thw, attention_mask)")
-            position_ids, _ = self.get_rope_index(input_ids, grids, attention_mask)
-        if grids and not _is_traced(input_ids):
-            n_tokens = int(np.sum(np.asarray(input_ids) == self.config.image_token_id))
-            n_features = sum(t * h * w for t, h, w in grids) // self.config.vision.spatial_merge_size**2
-            if n_tokens != n_features:
-                raise ValueError(f"input_ids has {n_tokens} image tokens (id {self.config.image_token_id}), "
-                                 f"image_grid_thw describes {n_features} merged patches")
-        if grids and image_embeds is None:
-            if pixel_values is None:
-                raise ValueError("image_grid_thw given without pixel_values or image_embeds")
-            image_embeds = self.encode_images(params, pixel_values, grids)
-        return _hidden_states_jit(self, params["text"], input_ids, attention_mask, position_ids, image_embeds)
+            position_ids, _ = self.get_rope_index(input_ids, image_grids, attention_mask, video_grids,
+                                                  second_per_grid_ts)
+        features = []
+        for kind, token_id, grids, pixels, embeds in (
+                ("image", cfg.image_token_id, image_grids, pixel_values, image_embeds),
+                ("video", cfg.video_token_id, video_grids, pixel_values_videos, video_embeds)):
+            if embeds is not None and not grids and position_ids is None:
+                raise ValueError(f"{kind}_embeds given without {kind}_grid_thw or position_ids: the M-RoPE "
+                                 f"positions of the {kind} tokens need one of them")
+            if not _is_traced(input_ids):
+                n_tokens = int(np.sum(np.asarray(input_ids) == token_id))
+                n_features = sum(t * h * w for t, h, w in grids) // cfg.vision.spatial_merge_size**2
+                if embeds is not None and not grids:
+                    n_features = int(embeds.shape[0])
+                if n_tokens != n_features:
+                    raise ValueError(f"input_ids has {n_tokens} {kind} tokens (id {token_id}), "
+                                     f"{kind}_grid_thw / {kind}_embeds describe {n_features} merged patches")
+            if grids and embeds is None:
+                if pixels is None:
+                    name = "pixel_values" if kind == "image" else "pixel_values_videos"
+                    raise ValueError(f"{kind}_grid_thw given without {name} or {kind}_embeds")
+                embeds = self.encode_images(params, pixels, grids)
+            features.append(embeds)
+        return _hidden_states_jit(self, params["text"], input_ids, attention_mask, position_ids, *features)
 
     def lm_head(self, params: dict, h_xD: jax.Array) -> jax.Array:
         """Logits [..., vocab] in float32 for hidden states [..., D] (chunk over L as you like)."""
         return text_lib.lm_head(params["text"], h_xD, self.config.tie_word_embeddings)
 
     def forward(self, params: dict, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                position_ids=None, image_embeds=None) -> jax.Array:
-        """Logits [B, L, vocab], float32. Inputs as the HF processor returns them."""
+                position_ids=None, image_embeds=None, **video) -> jax.Array:
+        """Logits [B, L, vocab], float32. Inputs as the HF processor returns them
+        (``video`` takes the ``hidden_states`` video arguments)."""
         h = self.hidden_states(params, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
-                               image_embeds)
+                               image_embeds, **video)
         return self.lm_head(params, h)
 
     __call__ = forward
@@ -121,17 +129,24 @@ def _encode_images_jit(model: Qwen2_5_VL, vision_params, pixel_values, grids):
     return vision_lib.encode_images(vision_params, pixel_values, meta, v, model.attn_implementation, model.remat)
 
 
+def _scatter_features(embeds_BxLxD, input_ids_BxL, token_id: int, features_UxD):
+    """Replace the placeholder tokens' embeddings by the vision features, in order."""
+    B, L, D = embeds_BxLxD.shape
+    is_slot = (input_ids_BxL == token_id).reshape(-1)
+    index = jnp.clip(jnp.cumsum(is_slot) - 1, 0, features_UxD.shape[0] - 1)
+    scattered = features_UxD.astype(embeds_BxLxD.dtype)[index]
+    return jnp.where(is_slot[:, None], scattered, embeds_BxLxD.reshape(B * L, D)).reshape(B, L, D)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _hidden_states_jit(model: Qwen2_5_VL, text_params, input_ids_BxL, attention_mask_BxL, position_ids_3xBxL,
-                       image_embeds_UxD):
+                       image_embeds_UxD, video_embeds_VxD):
     cfg = model.config
     embeds = text_params["embed"][input_ids_BxL]
     if image_embeds_UxD is not None:
-        B, L, D = embeds.shape
-        is_image = (input_ids_BxL == cfg.image_token_id).reshape(-1)
-        index = jnp.clip(jnp.cumsum(is_image) - 1, 0, image_embeds_UxD.shape[0] - 1)
-        scattered = image_embeds_UxD.astype(embeds.dtype)[index]
-        embeds = jnp.where(is_image[:, None], scattered, embeds.reshape(B * L, D)).reshape(B, L, D)
+        embeds = _scatter_features(embeds, input_ids_BxL, cfg.image_token_id, image_embeds_UxD)
+    if video_embeds_VxD is not None:
+        embeds = _scatter_features(embeds, input_ids_BxL, cfg.video_token_id, video_embeds_VxD)
     if position_ids_3xBxL is None:
         B, L = input_ids_BxL.shape
         position_ids_3xBxL = jnp.broadcast_to(jnp.arange(L), (3, B, L))

@@ -150,8 +150,27 @@ def test_remat_gradients_equal(hf_and_ours):
     assert np.abs(np.asarray(grads["vision"]["patch_embed"])).max() > 0
 
 
-def test_video_tokens_are_refused_with_the_gap_named(hf_and_ours):
+def test_video_and_image_in_one_batch_match_transformers(hf_and_ours):
+    """Videos (t > 1 grids, second_per_grid_ts spacing) next to images, left padded."""
+    hf, model, params = hf_and_ours
+    batch = tm.make_batch([[2, ("video", 4, 4, 6), 3, (1, 4, 4), 1], [5]], seed=23)
+    seconds = np.array([1.5], np.float32)
+    hf.model.rope_deltas = None
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor(batch.input_ids), attention_mask=torch.tensor(batch.attention_mask),
+                      pixel_values=torch.tensor(batch.pixel_values), image_grid_thw=torch.tensor(batch.image_grid_thw),
+                      pixel_values_videos=torch.tensor(batch.pixel_values_videos),
+                      video_grid_thw=torch.tensor(batch.video_grid_thw), second_per_grid_ts=torch.tensor(seconds),
+                      mm_token_type_ids=torch.tensor(batch.mm_token_type_ids)).logits.numpy()
+    got = np.asarray(model.forward(params, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                   batch.image_grid_thw, pixel_values_videos=batch.pixel_values_videos,
+                                   video_grid_thw=batch.video_grid_thw, second_per_grid_ts=seconds))
+    valid = batch.attention_mask.astype(bool)
+    assert np.abs(got - expected)[valid].max() <= TOL
+
+
+def test_placeholder_count_mismatch_is_an_error(hf_and_ours):
     _, model, params = hf_and_ours
     ids = np.array([[1, 2, tm.VIDEO_TOKEN_ID, 3]])
-    with pytest.raises(NotImplementedError, match="video"):
+    with pytest.raises(ValueError, match="1 video tokens"):
         model.forward(params, ids)
