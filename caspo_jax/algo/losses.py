@@ -112,9 +112,9 @@ def clipped_surrogate(
     return jnp.where(valid_BxT, loss_BxT, 0.0), parts
 
 
-def _objective(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, *, beta, kl_kind, clip_low,
+def _objective(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, *, kl_kind, clip_low,
                clip_high, dual_clip, agg, norm_len):
-    """policy loss (+ beta * KL when ref_logp is given) and metrics, in ONE reduction.
+    """Policy loss and the unweighted KL term (when ref_logp is given), plus metrics.
 
     Every per-token quantity -- surrogate, KL, clip indicators, log-ratio, validity -- is
     summed once per sequence ([B, T] -> [B]); all aggregation modes and token-level
@@ -188,7 +188,7 @@ def policy_loss(
     KL(pi_old || pi) on the sampled tokens, verl's `ppo_kl`).
     """
     pg_loss, _, metrics = _objective(
-        logp_BxT, old_logp_BxT, None, adv_BxT, as_valid(mask_BxT), beta=0.0, kl_kind="k1",
+        logp_BxT, old_logp_BxT, None, adv_BxT, as_valid(mask_BxT), kl_kind="k1",
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, norm_len=norm_len,
     )
     return pg_loss, metrics
@@ -225,7 +225,7 @@ def caspo_loss(
         raise ValueError("caspo_loss: beta > 0 needs ref_logp (or set beta=0 to drop the KL term)")
     pg_loss, kl, metrics = _objective(
         logp_BxT, old_logp_BxT, None if skip_kl else ref_logp_BxT, adv_BxT, as_valid(mask_BxT),
-        beta=beta, kl_kind=kl_kind, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        kl_kind=kl_kind, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         agg=agg, norm_len=norm_len,
     )
     loss = pg_loss + beta * kl
