@@ -89,9 +89,14 @@ def scenario_units(
     prompts: PromptFile, endpoints: Sequence[Endpoint], *, calls: int, categories: Sequence[str] | None = None
 ) -> list[Unit]:
     """One unit per (category, sub-category, endpoint, call index)."""
+    table = subcategories(prompts)
     wanted = None if categories is None else {normalize_category(c) or c for c in categories}
+    unknown = sorted((wanted or set()) - {c for c, _, _ in table})
+    if unknown:
+        raise ValueError(f"--categories: {unknown} not in {prompts.path}; it defines "
+                         f"{sorted({c for c, _, _ in table})}")
     units = []
-    for category, sub, spec in subcategories(prompts):
+    for category, sub, spec in table:
         if wanted is not None and category not in wanted:
             continue
         for ep in endpoints:

@@ -94,6 +94,14 @@ def test_names_object(query, obj, named):
     assert names_object(query, obj) is named
 
 
+def test_unknown_categories_are_named():
+    from caspo_jax.curate.synthesis import scenario_units
+
+    with pytest.raises(ValueError, match=r"--categories: \['weather'\] not in .*prompt_synthesize.yaml"):
+        scenario_units(load_prompt_file("synthesize"), [], calls=1, categories=["Violent", "weather"])
+    assert scenario_units(load_prompt_file("synthesize"), [], calls=1, categories=["Self-Harm"]) == []
+
+
 def test_filter_thresholds_validate():
     with pytest.raises(ValueError, match="min_naturalness must be in 1..5"):
         FilterThresholds(min_naturalness=6)
