@@ -1,0 +1,43 @@
+"""The sharded CASPO train step (imported as ``caspo_jax.train``).
+
+Per rollout batch the trainer calls::
+
+    batch = build_train_batch(model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
+                              teacher_prompt_ids=..., teacher_prompt_mask=..., pixel_values=..., image_grid_thw=...)
+    batch = shard_batch(batch, mesh)                                   # optional
+    old_logp, _ = compute_logprobs(model, state.params, batch)
+    ref_logp, _ = compute_logprobs(model, ref_params, batch)
+    teacher_logp, _ = compute_logprobs(model, teacher_params(caspo.teacher, rollout_policy=state.params,
+                                       frozen_sft=ref_params), batch, layout="teacher")
+    adv, adv_metrics = rollout_advantages(caspo, rewards_PxG, teacher_logp, old_logp, batch.response_mask)
+    batch = batch.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
+    step = make_train_step(model, train_cfg, caspo, mesh=mesh)
+    for rows in minibatches: state, metrics = step(state, take_rows(batch, rows))
+"""
+
+from caspo_jax.train.batch import SequenceLayout, TrainBatch, build_train_batch, take_rows
+from caspo_jax.train.logprobs import (
+    TEACHER_SOURCES,
+    compute_logprobs,
+    layout_logprobs,
+    response_logprobs_from_hidden,
+    teacher_params,
+)
+from caspo_jax.train.optimizer import TrainConfig, learning_rate_schedule, make_optimizer
+from caspo_jax.train.signals import rollout_advantages
+from caspo_jax.train.state import (
+    TrainState,
+    batch_shardings,
+    init_state,
+    shard_batch,
+    shard_state,
+    state_shardings,
+)
+from caspo_jax.train.step import loss_and_grads, make_train_step
+
+__all__ = [
+    "TEACHER_SOURCES", "SequenceLayout", "TrainBatch", "TrainConfig", "TrainState", "batch_shardings",
+    "build_train_batch", "compute_logprobs", "init_state", "layout_logprobs", "learning_rate_schedule",
+    "loss_and_grads", "make_optimizer", "make_train_step", "response_logprobs_from_hidden", "rollout_advantages",
+    "shard_batch", "shard_state", "state_shardings", "take_rows", "teacher_params",
+]
