@@ -19,7 +19,7 @@ from caspo_jax.algo import (
 )
 
 EPS = 1e-6
-FEW = settings(max_examples=25, deadline=None)
+FEW = settings(max_examples=15, deadline=None)
 finite = st.floats(-10, 10, allow_nan=False, allow_subnormal=False, width=32)
 
 

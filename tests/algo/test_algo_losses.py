@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from caspo_jax.algo import AGG_MODES, KL_KINDS, aggregate, caspo_loss, clipped_surrogate, kl_penalty, policy_loss
 
-FEW = settings(max_examples=25, deadline=None)
+FEW = settings(max_examples=15, deadline=None)
 
 
 # ---------------------------------------------------------------- aggregate
