@@ -68,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cache-dir", help="response cache folder (default: <out>/cache)")
     r.add_argument("--no-cache", action="store_true")
     r.add_argument("--chunk-size", type=int, default=16)
+    r.add_argument("--no-json-mode", action="store_true",
+                   help="do not send response_format=json_object (for endpoints that reject it)")
     r.add_argument("--no-progress", action="store_true")
 
 
@@ -135,21 +137,21 @@ def _run(args) -> int:
     stage = args.stage
     message = ""
     stats = None
+    run_opts = dict(chunk_size=args.chunk_size, progress=progress, json_mode=not args.no_json_mode)
     if stage == "synthesize":
         from caspo_jax.curate.synthesis import synthesize
 
         cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
         stats = synthesize(models(), pipeline.stage_path(out, stage), prompts=prompts("synthesize"), calls=args.calls,
                            per_call=args.per_call, temperature=1.0 if args.temperature is None else args.temperature,
-                           categories=cats, chunk_size=args.chunk_size, progress=progress)
+                           categories=cats, **run_opts)
         message = str(stats)
     elif stage == "filter":
         from caspo_jax.curate.filtering import FilterThresholds, filter_scenarios
 
         th = FilterThresholds(args.min_benign, args.min_natural, args.min_relevance, args.min_risk_clarity)
         stats = filter_scenarios(pipeline.stage_input(out, stage), judge(), pipeline.stage_path(out, stage),
-                                 thresholds=th, prompts=prompts("filter"), chunk_size=args.chunk_size,
-                                 progress=progress)
+                                 thresholds=th, prompts=prompts("filter"), **run_opts)
         message = str(stats)
     elif stage == "dedup":
         res = pipeline.run_dedup(out, embedding_model=args.embedding_model, threshold=args.threshold,
@@ -167,7 +169,7 @@ def _run(args) -> int:
         from caspo_jax.curate.rewrite import rewrite_queries
 
         stats = rewrite_queries(pipeline.stage_input(out, stage), judge(), pipeline.stage_path(out, stage),
-                                prompts=prompts("rewrite"), chunk_size=args.chunk_size, progress=progress)
+                                prompts=prompts("rewrite"), **run_opts)
         message = str(stats)
     elif stage == "export":
         message = f"wrote {pipeline.export_benchmark(out, args.image_root)}"
@@ -180,7 +182,7 @@ def _run(args) -> int:
         stats = respond(pipeline.stage_input(out, stage), models(), judge(), pipeline.stage_path(out, stage),
                         constitutions=load_constitutions(args.constitutions), image_root=args.image_root,
                         modes=[m.strip() for m in args.modes.split(",") if m.strip()], samples=args.samples,
-                        sampling=sampling, chunk_size=args.chunk_size, progress=progress)
+                        sampling=sampling, **run_opts)
         message = str(stats)
     elif stage == "select":
         sel = pipeline.run_select(out, min_total=args.min_sft_total, gap_threshold=args.pair_gap,

@@ -83,6 +83,7 @@ def filter_scenarios(
     prompts: PromptFile | None = None,
     chunk_size: int = 16,
     progress: bool = True,
+    json_mode: bool = True,
 ) -> StageStats:
     """Runs (or resumes) the filter over `scenarios` (synthesize's records) into `out_path`."""
     prompts = prompts or load_prompt_file("filter", required=("isolation", "context", "causal"))
@@ -94,7 +95,7 @@ def filter_scenarios(
         spent = [dict() for _ in chunk]
         iso = ask_json(judge.client, [iso_t.messages(query=u.payload["query"]) for u in chunk],
                        _scores("benignness", "naturalness"),
-                       namespace=[retry_namespace(f"{ns}/isolation", u) for u in chunk])
+                       namespace=[retry_namespace(f"{ns}/isolation", u) for u in chunk], json_mode=json_mode)
         bodies: list[dict[str, Any] | None] = [None] * len(chunk)
         onward = []
         for i, (unit, a) in enumerate(zip(chunk, iso)):
@@ -113,9 +114,9 @@ def filter_scenarios(
             fields = [dict(chunk[i].payload) for i in onward]
             ctx = ask_json(judge.client, [ctx_t.messages(**_fill(f)) for f in fields],
                            _scores("contextual_relevance", "risk_clarity"),
-                           namespace=[retry_namespace(f"{ns}/context", chunk[i]) for i in onward])
+                           namespace=[retry_namespace(f"{ns}/context", chunk[i]) for i in onward], json_mode=json_mode)
             cau = ask_json(judge.client, [causal_t.messages(**_fill(f)) for f in fields], _causal,
-                           namespace=[retry_namespace(f"{ns}/causal", chunk[i]) for i in onward])
+                           namespace=[retry_namespace(f"{ns}/causal", chunk[i]) for i in onward], json_mode=json_mode)
             for i, c, k in zip(onward, ctx, cau):
                 add_spent(spent[i], judge.name, c.usage)
                 add_spent(spent[i], judge.name, k.usage)

@@ -56,6 +56,7 @@ def respond(
     sampling: Sampling = Sampling(temperature=0.9, max_new_tokens=1024),
     chunk_size: int = 8,
     progress: bool = True,
+    json_mode: bool = True,
 ) -> StageStats:
     """Runs (or resumes) response sampling and R/S/E judging into `out_path`."""
     bad = [m for m in modes if m not in PROMPT_MODES]
@@ -103,7 +104,8 @@ def respond(
         verdicts: list[Any] = [None] * len(to_judge)
         for subset, client in ((first, judge.client), (retry, uncached_judge() if retry else None)):
             if subset:
-                for n, v in zip(subset, judge_rse(client, [items[n] for n in subset], progress=None)):
+                for n, v in zip(subset, judge_rse(client, [items[n] for n in subset], json_mode=json_mode,
+                                                          progress=None)):
                     verdicts[n] = v
         judged: dict[tuple[int, int], Any] = {}
         for (i, k), v in zip(to_judge, verdicts):

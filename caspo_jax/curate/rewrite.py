@@ -67,6 +67,7 @@ def rewrite_queries(
     prompts: PromptFile | None = None,
     chunk_size: int = 16,
     progress: bool = True,
+    json_mode: bool = True,
 ) -> StageStats:
     """Runs (or resumes) rewriting of `records` into `out_path`."""
     prompts = prompts or load_prompt_file("rewrite", required=("rewrite",))
@@ -77,7 +78,7 @@ def rewrite_queries(
         convs = [template.messages(**{k: u.payload.get(k, "") for k in ("scene", "hazard_object", "hazard", "query")})
                  for u in chunk]
         answers = ask_json(model.client, convs, _validate,
-                           namespace=[retry_namespace(prompts.version, u) for u in chunk])
+                           namespace=[retry_namespace(prompts.version, u) for u in chunk], json_mode=json_mode)
         bodies = []
         for unit, a in zip(chunk, answers):
             spent: dict[str, dict[str, int]] = {}

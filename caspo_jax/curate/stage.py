@@ -94,6 +94,8 @@ def ask_json(
     A malformed or invalid reply gets one repair turn (as `judge_rse` does); if that fails
     too the answer is ok=False with the reason. Endpoint failures are ok=False as well.
     namespace: the cache namespace, one for all or one per conversation (see `Unit.attempt`).
+    json_mode: send `response_format={"type": "json_object"}`; turn off for endpoints that
+      reject it (the prompts ask for JSON either way, and the parser finds it in prose).
     """
     namespaces = [namespace] * len(conversations) if isinstance(namespace, str) else list(namespace)
 

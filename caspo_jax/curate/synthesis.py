@@ -118,6 +118,7 @@ def synthesize(
     categories: Sequence[str] | None = None,
     chunk_size: int = 16,
     progress: bool = True,
+    json_mode: bool = True,
 ) -> StageStats:
     """Runs (or resumes) synthesis into `out_path` (a stage JSONL, see `stage.py`)."""
     prompts = prompts or load_prompt_file("synthesize", required=("scenario",))
@@ -148,7 +149,7 @@ def synthesize(
             for i, conv in zip(idx, conversations):
                 by_call.setdefault(chunk[i].payload["call"], []).append((i, conv))
             for c, items in by_call.items():
-                got = ask_json(ep.client, [conv for _, conv in items], _scenarios_reply, temperature=temperature,
+                got = ask_json(ep.client, [conv for _, conv in items], _scenarios_reply, temperature=temperature, json_mode=json_mode,
                                namespace=[retry_namespace(f"{prompts.version}/c{c}", chunk[i]) for i, _ in items])
                 for (i, _), answer in zip(items, got):
                     bodies[i] = _body(chunk[i], answer, prompts.version)

@@ -100,13 +100,16 @@ def test_every_stage_through_the_cli(tmp_path, capsys):
         for rec in kept_records(pipeline.stage_path(out, "dedup")):
             Image.new("RGB", (4, 4)).save(img / f"{rec['id']}.png")
         assert main(["curate", "images", *common, "--image-root", str(img)]) == 0
-        assert main(["curate", "rewrite", *common, "--judge", spec("judge")]) == 0
+        assert main(["curate", "rewrite", *common, "--judge", spec("judge"), "--no-json-mode"]) == 0
         assert main(["curate", "export", *common, "--image-root", str(img)]) == 0
         assert main(["curate", "respond", *common, "--image-root", str(img), "--model", spec("alpha"),
                      "--model", spec("beta"), "--judge", spec("judge"), "--samples", "2", "--max-new-tokens", "64"]) == 0
         assert main(["curate", "select", *common, "--pair-prob", "1.0", "--seed", "3"]) == 0
         printed = capsys.readouterr().out
+    rewrite_bodies = [r.body for r in stub.chat_requests if "You edit" in r.body["messages"][0]["content"]]
+    assert rewrite_bodies and all("response_format" not in b for b in rewrite_bodies)  # --no-json-mode
     synth_bodies = [r.body for r in stub.chat_requests if "You design" in r.body["messages"][0]["content"]]
+    assert all(b["response_format"] == {"type": "json_object"} for b in synth_bodies)
     assert synth_bodies and all(b["temperature"] == 0.7 for b in synth_bodies)
     gen = [r.body for r in stub.chat_requests if r.body["model"] in ("alpha", "beta")
            and "You design" not in r.body["messages"][0]["content"]]
