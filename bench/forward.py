@@ -17,6 +17,8 @@ Run: python bench/forward.py   (ends with one RESULT line)
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -122,8 +124,8 @@ def main(argv=None) -> int:
     position_ids, _ = model.get_rope_index(input_ids, grid_thw, mask)
     grids = tuple(map(tuple, grid_thw.tolist()))
 
-    @jax.jit
-    def jax_logprobs(params, input_ids, mask, pixel_values, position_ids, targets):
+    @functools.partial(jax.jit, static_argnums=0)
+    def jax_logprobs(model, params, input_ids, mask, pixel_values, position_ids, targets):
         h = model.hidden_states(params, input_ids, mask, pixel_values, grids, position_ids=position_ids)
         logits = model.lm_head(params, h[:, -R - 1:-1])
         return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
@@ -131,8 +133,9 @@ def main(argv=None) -> int:
     j_args = (params, jnp.asarray(input_ids), jnp.asarray(mask), jnp.asarray(pixel_values),
               jnp.asarray(position_ids), jnp.asarray(targets))
     start = time.perf_counter()
-    compiled = jax_logprobs.lower(*j_args).compile()
+    compiled = jax_logprobs.lower(model, *j_args).compile()
     compile_s = time.perf_counter() - start
+    dense = jax_logprobs.lower(dataclasses.replace(model, attn_block=0), *j_args).compile()
     patches = len(pixel_values)
     flops = model_flops(cfg, args.batch, args.length, R, patches)
     torch_flops = model_flops(cfg, args.batch, args.length, args.length, patches)
@@ -150,6 +153,7 @@ def main(argv=None) -> int:
     runs = {
         "roof": lambda: matmul(a, a).block_until_ready(),
         "jax": lambda: compiled(*j_args).block_until_ready(),
+        "jax_dense": lambda: dense(*j_args).block_until_ready(),
         "torch": torch_logprobs,
         "torch_keep": torch_logprobs_keep,
     }
@@ -160,7 +164,9 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    t_jax, t_torch, t_keep = (statistics.median(times[n]) for n in ("jax", "torch", "torch_keep"))
+    t_jax, t_dense, t_torch, t_keep = (statistics.median(times[n]) for n in ("jax", "jax_dense", "torch",
+                                                                             "torch_keep"))
+    assert np.allclose(np.asarray(outputs["jax_dense"]), np.asarray(outputs["jax"]), atol=1e-4)
     roof = 2 * 2048**3 / statistics.median(times["roof"])
     out_jax, out_torch = outputs["jax"], outputs["torch"]
     assert torch.allclose(outputs["torch_keep"], out_torch, atol=1e-4)
@@ -174,6 +180,7 @@ def main(argv=None) -> int:
     print(f"matmul roof (2048^3 f32, JAX): {roof / 1e12:.3f} TFLOP/s")
     print(f"jax    : {t_jax:.3f} s  ({tokens / t_jax:.0f} tok/s), compile {compile_s:.1f} s, "
           f"{flops / 1e9:.1f} GFLOP (LM head on the response) -> {fraction:.2f} of the roof")
+    print(f"jax, one dense attention call per layer (attn_block=0): {t_dense:.3f} s  (info)")
     print(f"torch  : {t_torch:.3f} s  ({tokens / t_torch:.0f} tok/s), attn={args.baseline_attn}, "
           f"{torch_flops / 1e9:.1f} GFLOP -> {torch_flops / t_torch / roof:.2f} of the roof   [baseline]")
     print(f"torch logits_to_keep={R + 1}: {t_keep:.3f} s  (info; jax is {t_keep / t_jax:.2f}x faster)")

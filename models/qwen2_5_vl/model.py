@@ -33,11 +33,14 @@ class Qwen2_5_VL:
     attn_implementation: passed to ``jax.nn.dot_product_attention`` (None: JAX picks,
         "xla", or "cudnn" for flash attention on GPU).
     remat: rematerialise each layer in the backward pass (``jax.checkpoint`` in the scan).
+    attn_block: text queries are attended in blocks of this many tokens, each seeing only the
+        keys up to its end (skips the invisible half of the causal scores); 0 = one dense call.
     """
 
     config: Qwen2_5_VLConfig
     attn_implementation: str | None = None
     remat: bool = False
+    attn_block: int = 128
 
     # ----- parameters -------------------------------------------------------------
     def param_table(self):
@@ -151,4 +154,4 @@ def _hidden_states_jit(model: Qwen2_5_VL, text_params, input_ids_BxL, attention_
         B, L = input_ids_BxL.shape
         position_ids_3xBxL = jnp.broadcast_to(jnp.arange(L), (3, B, L))
     return text_lib.decode(text_params, embeds, jnp.asarray(position_ids_3xBxL), attention_mask_BxL, cfg.text,
-                           model.attn_implementation, model.remat)
+                           model.attn_implementation, model.remat, model.attn_block)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.models.common.layers import apply_rope, causal_attention, gated_mlp, linear, rms_norm
+from caspo_jax.models.common.layers import apply_rope, attention, causal_attention, gated_mlp, linear, rms_norm
 
 from .config import TextConfig
 
@@ -49,25 +49,30 @@ def project_qkv(layer: dict, x_BxLxD, cos_BxLxH, sin_BxLxH, cfg: TextConfig):
     return apply_rope(q, cos_BxLxH, sin_BxLxH), apply_rope(k, cos_BxLxH, sin_BxLxH), v
 
 
-def decoder_layer(x_BxLxD, layer: dict, cos_BxLxH, sin_BxLxH, mask_Bx1xLxL, cfg: TextConfig, attn_impl=None):
+def decoder_layer(x_BxLxD, layer: dict, cos_BxLxH, sin_BxLxH, mask_Bx1xLxL, cfg: TextConfig, attn_impl=None,
+                  attn_block: int = 128):
     """Pre-norm block: x + o(attn(norm(x))), then x + mlp(norm(x))."""
     B, L, D = x_BxLxD.shape
     h = rms_norm(x_BxLxD, layer["attn_norm"], cfg.rms_norm_eps)
     q, k, v = project_qkv(layer, h, cos_BxLxH, sin_BxLxH, cfg)
-    out = causal_attention(q, k, v, mask_Bx1xLxL, attn_impl).reshape(B, L, -1)
+    if attn_block:
+        out = causal_attention(q, k, v, mask_Bx1xLxL, attn_impl, block=attn_block)
+    else:
+        out = attention(q, k, v, mask_Bx1xLxL, attn_impl)
+    out = out.reshape(B, L, -1)
     x_BxLxD = x_BxLxD + linear(out, layer["o_kernel"])
     h = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.rms_norm_eps)
     return x_BxLxD + gated_mlp(h, layer["gate_kernel"], layer["up_kernel"], layer["down_kernel"], cfg.hidden_act)
 
 
 def decode(params: dict, embeds_BxLxD, position_ids_3xBxL, attention_mask_BxL, cfg: TextConfig,
-           attn_impl: str | None = None, remat: bool = False) -> jax.Array:
+           attn_impl: str | None = None, remat: bool = False, attn_block: int = 128) -> jax.Array:
     """All decoder layers (a ``lax.scan`` over the stacked layer axis) and the final norm."""
     cos, sin = mrope_cos_sin(position_ids_3xBxL, cfg, embeds_BxLxD.dtype)
     mask = causal_mask(attention_mask_BxL)
 
     def body(x, layer):
-        return decoder_layer(x, layer, cos, sin, mask, cfg, attn_impl), None
+        return decoder_layer(x, layer, cos, sin, mask, cfg, attn_impl, attn_block), None
 
     if remat:
         body = jax.checkpoint(body)
