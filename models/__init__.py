@@ -17,10 +17,11 @@ from caspo_jax.models.common.checkpoint import CheckpointError, load_params, sav
 
 
 def _registry():
-    from caspo_jax.models import qwen2_5_vl
+    from caspo_jax.models import qwen2_5_vl, qwen3_vl
 
     return {
         "qwen2_5_vl": (qwen2_5_vl.Qwen2_5_VLConfig, qwen2_5_vl.Qwen2_5_VL, qwen2_5_vl.canonical_hf_name),
+        "qwen3_vl": (qwen3_vl.Qwen3VLConfig, qwen3_vl.Qwen3VL, qwen3_vl.canonical_hf_name),
     }
 
 

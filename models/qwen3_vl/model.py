@@ -1,0 +1,193 @@
+"""``Qwen3VL``: a frozen, hashable model description whose methods are pure functions.
+
+Same public API as ``caspo_jax.models.qwen2_5_vl.Qwen2_5_VL``. The model object holds only
+the config and static switches, so it can be a static ``jax.jit`` argument; parameters are a
+separate plain pytree (see ``params.py``). Host-side work (M-RoPE position ids, vision
+metadata) happens in NumPy before the jitted core.
+
+Visual features travel as ONE array [U, (1 + S) * D]: the merger output followed by the S
+DeepStack mergers' outputs on the last axis (``split_visual_features`` takes it apart). Code
+written for Qwen2.5-VL that gathers, pads or differentiates ``image_embeds`` by rows (the
+train step, the sampler) therefore carries the DeepStack features along unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from caspo_jax.models.qwen2_5_vl.rope_index import _as_grids
+
+from . import text as text_lib
+from . import vision as vision_lib
+from .config import Qwen3VLConfig
+from .params import init_params, param_table
+from .rope_index import get_rope_index, vision_metadata
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def split_visual_features(features_UxF: jax.Array, hidden_size: int) -> tuple[jax.Array, jax.Array]:
+    """[U, (1 + S) * D] -> merged features [U, D] and DeepStack features [S, U, D]."""
+    U = features_UxF.shape[0]
+    stacked = features_UxF.reshape(U, -1, hidden_size)
+    return stacked[:, 0], jnp.moveaxis(stacked[:, 1:], 1, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VL:
+    """Qwen3-VL as pure functions of (params, inputs).
+
+    attn_implementation: passed to ``jax.nn.dot_product_attention`` (None: JAX picks,
+        "xla", or "cudnn" for flash attention on GPU).
+    remat: rematerialise each layer in the backward pass (``jax.checkpoint`` in the scans).
+    attn_block: text queries are attended in blocks of this many tokens, each seeing only the
+        keys up to its end (skips the invisible half of the causal scores); 0 = one dense call.
+    """
+
+    config: Qwen3VLConfig
+    attn_implementation: str | None = None
+    remat: bool = False
+    attn_block: int = 128
+
+    # ----- parameters -------------------------------------------------------------
+    def param_table(self):
+        """The checkpoint table: HF name, our path, layout transform, shape, logical axes."""
+        return param_table(self.config)
+
+    def init(self, key: jax.Array, dtype=jnp.float32) -> dict:
+        """Random parameters (tests, benchmarks), jitted so large configs initialise quickly."""
+        return jax.jit(init_params, static_argnums=(0, 2))(self.config, key, dtype)
+
+    # ----- host-side metadata -----------------------------------------------------
+    def get_rope_index(self, input_ids, image_grid_thw=None, attention_mask=None, video_grid_thw=None,
+                       second_per_grid_ts=None, mm_token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:
+        """M-RoPE position ids [3, B, L] and deltas [B, 1] (NumPy), as transformers computes them.
+
+        ``second_per_grid_ts`` is accepted for signature compatibility and ignored: Qwen3-VL
+        encodes video time as timestamp text between frames, not in the position ids.
+        """
+        cfg = self.config
+        return get_rope_index(
+            input_ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+            spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw, attention_mask_BxL=attention_mask,
+            mm_token_type_ids_BxL=mm_token_type_ids)
+
+    # ----- pieces -----------------------------------------------------------------
+    def encode_images(self, params: dict, pixel_values, image_grid_thw) -> jax.Array:
+        """Visual features [sum(t*h*w)/m^2, (1 + S) * D] for all images (or videos), in order:
+        the merger output then the S DeepStack maps (see ``split_visual_features``)."""
+        return _encode_images_jit(self, params["vision"], pixel_values, _as_grids(image_grid_thw))
+
+    def split_visual_features(self, features) -> tuple[jax.Array, jax.Array]:
+        """``encode_images`` output -> (merged [U, D], DeepStack [S, U, D])."""
+        return split_visual_features(features, self.config.text.hidden_size)
+
+    def hidden_states(self, params: dict, input_ids, attention_mask=None, pixel_values=None,
+                      image_grid_thw=None, position_ids=None, image_embeds=None, pixel_values_videos=None,
+                      video_grid_thw=None, second_per_grid_ts=None, video_embeds=None) -> jax.Array:
+        """Final-normed hidden states [B, L, D].
+
+        ``image_embeds`` / ``video_embeds`` (from ``encode_images``) may replace the pixels.
+        Without ``position_ids`` they are computed on the host: M-RoPE from ``get_rope_index``
+        when images or videos are given, else 0..L-1 for every row (transformers' behaviour;
+        pass ``position_ids`` from ``get_rope_index`` to skip padding in text-only batches).
+        """
+        cfg = self.config
+        image_grids, video_grids = _as_grids(image_grid_thw), _as_grids(video_grid_thw)
+        if attention_mask is None:
+            attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
+        if position_ids is None and (image_grids or video_grids):
+            if _is_traced(input_ids) or _is_traced(attention_mask):
+                raise ValueError("position_ids must be given when input_ids are traced: compute them on the "
+                                 "host with model.get_rope_index(input_ids, image_grid_thw, attention_mask)")
+            position_ids, _ = self.get_rope_index(input_ids, image_grids, attention_mask, video_grids)
+        features = []
+        for kind, token_id, grids, pixels, embeds in (
+                ("image", cfg.image_token_id, image_grids, pixel_values, image_embeds),
+                ("video", cfg.video_token_id, video_grids, pixel_values_videos, video_embeds)):
+            if embeds is not None and not grids and position_ids is None:
+                raise ValueError(f"{kind}_embeds given without {kind}_grid_thw or position_ids: the M-RoPE "
+                                 f"positions of the {kind} tokens need one of them")
+            if not _is_traced(input_ids):
+                n_tokens = int(np.sum(np.asarray(input_ids) == token_id))
+                n_features = sum(t * h * w for t, h, w in grids) // cfg.vision.spatial_merge_size**2
+                if embeds is not None and not grids:
+                    n_features = int(embeds.shape[0])
+                if n_tokens != n_features:
+                    raise ValueError(f"input_ids has {n_tokens} {kind} tokens (id {token_id}), "
+                                     f"{kind}_grid_thw / {kind}_embeds describe {n_features} merged patches")
+            if grids and embeds is None:
+                if pixels is None:
+                    name = "pixel_values" if kind == "image" else "pixel_values_videos"
+                    raise ValueError(f"{kind}_grid_thw given without {name} or {kind}_embeds")
+                embeds = self.encode_images(params, pixels, grids)
+            width = (1 + cfg.num_deepstack) * cfg.text.hidden_size
+            if embeds is not None and embeds.shape[-1] != width:
+                raise ValueError(f"{kind}_embeds has width {embeds.shape[-1]}, expected (1 + {cfg.num_deepstack} "
+                                 f"DeepStack maps) * {cfg.text.hidden_size} = {width}: pass model.encode_images' "
+                                 "output unchanged")
+            features.append(embeds)
+        return _hidden_states_jit(self, params["text"], input_ids, attention_mask, position_ids, *features)
+
+    def lm_head(self, params: dict, h_xD: jax.Array) -> jax.Array:
+        """Logits [..., vocab] in float32 for hidden states [..., D] (chunk over L as you like)."""
+        return text_lib.lm_head(params["text"], h_xD, self.config.tie_word_embeddings)
+
+    def forward(self, params: dict, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                position_ids=None, image_embeds=None, **video) -> jax.Array:
+        """Logits [B, L, vocab], float32. Inputs as the HF processor returns them
+        (``video`` takes the ``hidden_states`` video arguments)."""
+        h = self.hidden_states(params, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
+                               image_embeds, **video)
+        return self.lm_head(params, h)
+
+    __call__ = forward
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode_images_jit(model: Qwen3VL, vision_params, pixel_values, grids):
+    v = model.config.vision
+    meta = vision_metadata(grids, v.spatial_merge_size, v.num_grid_per_side)
+    merged, deepstack = vision_lib.encode_images(vision_params, pixel_values, meta, v, model.attn_implementation,
+                                                 model.remat)
+    return jnp.concatenate([merged[None], deepstack], axis=0).transpose(1, 0, 2).reshape(merged.shape[0], -1)
+
+
+def _slot_index(input_ids_BxL, token_id: int, n_rows: int):
+    """Per token: its row among the ``token_id`` placeholders (row-major order), -1 elsewhere."""
+    is_slot = input_ids_BxL == token_id
+    index = jnp.clip(jnp.cumsum(is_slot.reshape(-1)).reshape(is_slot.shape) - 1, 0, max(n_rows - 1, 0))
+    return jnp.where(is_slot, index, -1)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _hidden_states_jit(model: Qwen3VL, text_params, input_ids_BxL, attention_mask_BxL, position_ids_3xBxL,
+                       image_embeds_UxF, video_embeds_VxF):
+    cfg = model.config
+    D = cfg.text.hidden_size
+    embeds = text_params["embed"][input_ids_BxL]
+    deepstack, visual_index, offset = [], jnp.full(input_ids_BxL.shape, -1, jnp.int32), 0
+    for token_id, features in ((cfg.image_token_id, image_embeds_UxF), (cfg.video_token_id, video_embeds_VxF)):
+        if features is None:
+            continue
+        merged, stack = split_visual_features(features, D)
+        index = _slot_index(input_ids_BxL, token_id, merged.shape[0])
+        embeds = jnp.where((index >= 0)[..., None], merged.astype(embeds.dtype)[jnp.maximum(index, 0)], embeds)
+        visual_index = jnp.where(index >= 0, index + offset, visual_index)
+        deepstack.append(stack)
+        offset += merged.shape[0]
+    deepstack = jnp.concatenate(deepstack, axis=1) if deepstack and cfg.num_deepstack else None
+    if position_ids_3xBxL is None:
+        B, L = input_ids_BxL.shape
+        position_ids_3xBxL = jnp.broadcast_to(jnp.arange(L), (3, B, L))
+    return text_lib.decode(text_params, embeds, jnp.asarray(position_ids_3xBxL), attention_mask_BxL, cfg.text,
+                           model.attn_implementation, model.remat, model.attn_block, deepstack,
+                           visual_index if deepstack is not None else None)

@@ -1,0 +1,143 @@
+"""The one table mapping Qwen3-VL parameters to HF checkpoint names, layouts and axes.
+
+Our pytree::
+
+    {"text": {"embed": [V, D], "layers": {... stacked [layers, ...]}, "norm": [D], "lm_head": [D, V]},
+     "vision": {"patch_embed": [C*T*P*P, E], "patch_bias": [E], "pos_embed": [G*G, E],
+                "blocks": {... stacked [depth, ...]}, "merger": {...},
+                "deepstack": {... the DeepStack mergers stacked [num_deepstack, ...]}}}
+
+Linear kernels are stored [in, out] (HF stores [out, in]). ``lm_head`` is absent when
+embeddings are tied. Names follow the layout transformers writes for Qwen3-VL
+(``model.language_model.*``, ``model.visual.*``, ``lm_head.*``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+
+from caspo_jax.models.common.checkpoint import ParamSpec, map_table
+
+from .config import Qwen3VLConfig
+
+TEXT_PREFIX = "model.language_model."
+VISION_PREFIX = "model.visual."
+# Leaves initialised to one by ``init_params`` (norm scales); every other leaf is random.
+_UNIT_LEAVES = ("attn_norm", "mlp_norm", "norm", "q_norm", "k_norm", "norm_scale")
+
+
+def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
+    t, v = cfg.text, cfg.vision
+    D, F, V, Lt, H = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_hidden_layers, t.head_dim
+    NH, KH = t.num_attention_heads * H, t.num_key_value_heads * H
+    E, Fv, Lv, O = v.hidden_size, v.intermediate_size, v.depth, v.out_hidden_size
+    U = E * v.spatial_merge_size**2
+    Nd = cfg.num_deepstack
+
+    def layer(hf, path, shape, axes, transform="identity"):
+        return ParamSpec(f"{TEXT_PREFIX}layers.{{i}}.{hf}", ("text", "layers", *path), (Lt, *shape),
+                         ("layers", *axes), transform, num_layers=Lt)
+
+    def block(hf, path, shape, axes, transform="identity"):
+        return ParamSpec(f"{VISION_PREFIX}blocks.{{i}}.{hf}", ("vision", "blocks", *path), (Lv, *shape),
+                         ("layers", *axes), transform, num_layers=Lv)
+
+    def merger(hf_prefix, path, norm_width, stacked):
+        """A patch merger: LayerNorm (over E, or over the m*m*E concatenation for DeepStack),
+        then fc1 [U, U], exact GELU, fc2 [U, O]."""
+        lead = (Nd,) if stacked else ()
+        lead_axes = ("layers",) if stacked else ()
+        name = (lambda s: f"{hf_prefix}.{{i}}.{s}") if stacked else (lambda s: f"{hf_prefix}.{s}")
+        n = Nd if stacked else None
+        rows = [
+            ("norm.weight", "norm_scale", (norm_width,), ("vision_embed" if not stacked else None,), "identity"),
+            ("norm.bias", "norm_bias", (norm_width,), ("vision_embed" if not stacked else None,), "identity"),
+            ("linear_fc1.weight", "fc1_kernel", (U, U), (None, "vision_mlp"), "linear"),
+            ("linear_fc1.bias", "fc1_bias", (U,), ("vision_mlp",), "identity"),
+            ("linear_fc2.weight", "fc2_kernel", (U, O), ("vision_mlp", "embed"), "linear"),
+            ("linear_fc2.bias", "fc2_bias", (O,), ("embed",), "identity"),
+        ]
+        return [ParamSpec(name(hf), ("vision", path, ours), (*lead, *shape), (*lead_axes, *axes), tr, num_layers=n)
+                for hf, ours, shape, axes, tr in rows]
+
+    table = [
+        ParamSpec(f"{TEXT_PREFIX}embed_tokens.weight", ("text", "embed"), (V, D), ("vocab", "embed")),
+        layer("input_layernorm.weight", ("attn_norm",), (D,), ("embed",)),
+        layer("self_attn.q_proj.weight", ("q_kernel",), (D, NH), ("embed", "heads"), "linear"),
+        layer("self_attn.k_proj.weight", ("k_kernel",), (D, KH), ("embed", "kv"), "linear"),
+        layer("self_attn.v_proj.weight", ("v_kernel",), (D, KH), ("embed", "kv"), "linear"),
+        layer("self_attn.o_proj.weight", ("o_kernel",), (NH, D), ("heads", "embed"), "linear"),
+        layer("self_attn.q_norm.weight", ("q_norm",), (H,), (None,)),
+        layer("self_attn.k_norm.weight", ("k_norm",), (H,), (None,)),
+        layer("post_attention_layernorm.weight", ("mlp_norm",), (D,), ("embed",)),
+        layer("mlp.gate_proj.weight", ("gate_kernel",), (D, F), ("embed", "mlp"), "linear"),
+        layer("mlp.up_proj.weight", ("up_kernel",), (D, F), ("embed", "mlp"), "linear"),
+        layer("mlp.down_proj.weight", ("down_kernel",), (F, D), ("mlp", "embed"), "linear"),
+        ParamSpec(f"{TEXT_PREFIX}norm.weight", ("text", "norm"), (D,), ("embed",)),
+    ]
+    if t.attention_bias:
+        table += [
+            layer("self_attn.q_proj.bias", ("q_bias",), (NH,), ("heads",)),
+            layer("self_attn.k_proj.bias", ("k_bias",), (KH,), ("kv",)),
+            layer("self_attn.v_proj.bias", ("v_bias",), (KH,), ("kv",)),
+            layer("self_attn.o_proj.bias", ("o_bias",), (D,), ("embed",)),
+        ]
+    if not cfg.tie_word_embeddings:
+        table.append(ParamSpec("lm_head.weight", ("text", "lm_head"), (D, V), ("embed", "vocab"), "linear"))
+    table += [
+        ParamSpec(f"{VISION_PREFIX}patch_embed.proj.weight", ("vision", "patch_embed"), (v.patch_dim, E),
+                  ("patch", "vision_embed"), "flatten_out_first",
+                  hf_shape=(E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)),
+        ParamSpec(f"{VISION_PREFIX}patch_embed.proj.bias", ("vision", "patch_bias"), (E,), ("vision_embed",)),
+        ParamSpec(f"{VISION_PREFIX}pos_embed.weight", ("vision", "pos_embed"), (v.num_position_embeddings, E),
+                  (None, "vision_embed")),
+        block("norm1.weight", ("attn_norm",), (E,), ("vision_embed",)),
+        block("norm1.bias", ("attn_norm_bias",), (E,), ("vision_embed",)),
+        block("attn.qkv.weight", ("qkv_kernel",), (E, 3 * E), ("vision_embed", "vision_qkv"), "linear"),
+        block("attn.qkv.bias", ("qkv_bias",), (3 * E,), ("vision_qkv",)),
+        block("attn.proj.weight", ("proj_kernel",), (E, E), ("vision_heads", "vision_embed"), "linear"),
+        block("attn.proj.bias", ("proj_bias",), (E,), ("vision_embed",)),
+        block("norm2.weight", ("mlp_norm",), (E,), ("vision_embed",)),
+        block("norm2.bias", ("mlp_norm_bias",), (E,), ("vision_embed",)),
+        block("mlp.linear_fc1.weight", ("fc1_kernel",), (E, Fv), ("vision_embed", "vision_mlp"), "linear"),
+        block("mlp.linear_fc1.bias", ("fc1_bias",), (Fv,), ("vision_mlp",)),
+        block("mlp.linear_fc2.weight", ("fc2_kernel",), (Fv, E), ("vision_mlp", "vision_embed"), "linear"),
+        block("mlp.linear_fc2.bias", ("fc2_bias",), (E,), ("vision_embed",)),
+        *merger(f"{VISION_PREFIX}merger", "merger", E, stacked=False),
+    ]
+    if Nd:
+        table += merger(f"{VISION_PREFIX}deepstack_merger_list", "deepstack", U, stacked=True)
+    return table
+
+
+_ALIASES = (
+    (re.compile(r"^model\.(?!language_model\.|visual\.)"), TEXT_PREFIX),
+    (re.compile(r"^visual\."), VISION_PREFIX),
+)
+
+
+def canonical_hf_name(name: str) -> str:
+    """Map the older flat layout (``model.layers.*``, ``visual.*``) to the transformers-5 layout
+    (``model.language_model.*``, ``model.visual.*``) the table uses; other names are unchanged."""
+    for pattern, replacement in _ALIASES:
+        name, n = pattern.subn(replacement, name)
+        if n:
+            return name
+    return name
+
+
+def init_params(cfg: Qwen3VLConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
+    """Random parameters with the table's shapes (norm scales 1, everything else N(0, scale))."""
+    table = param_table(cfg)
+    keys = iter(jax.random.split(key, len(table)))
+
+    def one(spec: ParamSpec):
+        k = next(keys)
+        if spec.path[-1] in _UNIT_LEAVES:
+            return jnp.ones(spec.shape, dtype)
+        return (scale * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+
+    return map_table(table, one)
