@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from caspo_jax.models import load_pretrained
-from caspo_jax.models.qwen3_vl import text as text_lib
 from caspo_jax.testing import tiny_qwen3_vl as tq
 
 TOL = 1e-4
@@ -70,13 +69,14 @@ CASES = {
     "two_images_different_sizes": [[2, (1, 4, 4), 3, (1, 10, 6), 2]],
     "left_padded_mixed": [[2, (1, 4, 6), 3], [9], [1, (1, 8, 4), 1, (1, 4, 4), 2]],
     "video_and_image": [[2, ("video", 2, 4, 6), 3, (1, 4, 4), 1], [5]],
+    "right_padded": [[1, (1, 4, 4), 8], [4]],
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(hf_and_ours, case):
     hf, model, params = hf_and_ours
-    batch = tq.make_batch(CASES[case], pad="left", seed=len(case))
+    batch = tq.make_batch(CASES[case], pad="right" if case == "right_padded" else "left", seed=len(case))
     # Sequences are 20-70 tokens: blocks of 16 exercise the blocked causal attention.
     model = dataclasses.replace(model, attn_block=16)
     expected = reference_logits(hf, batch)
@@ -85,48 +85,36 @@ def test_logits_match_transformers(hf_and_ours, case):
     assert max_valid_diff(got, expected, batch) <= TOL
 
 
-def test_right_padded_batch_matches(hf_and_ours):
-    hf, model, params = hf_and_ours
-    batch = tq.make_batch([[1, (1, 4, 4), 8], [4]], pad="right", seed=3)
-    assert max_valid_diff(ours(model, params, batch), reference_logits(hf, batch), batch) <= TOL
-
-
-def test_several_deepstack_layers_match_and_are_placed_after_the_first_llm_layers(deep_hf_and_ours):
+def test_several_deepstack_layers_match_and_placement_errors_are_seen(deep_hf_and_ours):
     """Taps [3, 0, 2] of a 4-block ViT into a 5-layer LLM. As transformers: map s comes from the
-    s-th smallest tapped block (0, 2, 3) through merger indexes.index(block), and is added
-    after LLM layer s.
+    s-th smallest tapped block (0, 2, 3) through merger indexes.index(block) (1, 2, 0), and is
+    added after LLM layer s.
 
-    The same forward with the maps added after LLM layers (0, 2, 3) -- the vision layer
-    indexes, the placement public ports got wrong -- is far outside the tolerance, and so is
-    the forward without DeepStack: the parity check sees placement errors.
+    Feeding the same features with the maps in another order (each added after the wrong LLM
+    layer), or with the DeepStack maps zeroed (no DeepStack), is far outside the tolerance:
+    the parity check sees placement errors.
     """
     hf, model, params = deep_hf_and_ours
     assert model.config.vision.deepstack_visual_indexes == (3, 0, 2)
+    assert model.config.vision.deepstack_order == ((0, 1), (2, 2), (3, 0))
     batch = tq.make_batch([[2, (1, 4, 6), 3, (1, 6, 4), 2], [7, (1, 4, 4), 1]], seed=29)
     expected = reference_logits(hf, batch)
-    got = ours(model, params, batch)
-    assert max_valid_diff(got, expected, batch) <= TOL
+    assert max_valid_diff(ours(model, params, batch), expected, batch) <= TOL
 
-    assert model.config.vision.deepstack_order == ((0, 1), (2, 2), (3, 0))
-    original = text_lib.add_deepstack
+    position_ids, _ = model.get_rope_index(batch.input_ids, batch.image_grid_thw, batch.attention_mask)
+    features = model.encode_images(params, batch.pixel_values, batch.image_grid_thw)
+    U, D = features.shape[0], model.config.text.hidden_size
+    maps = features.reshape(U, 4, D)
 
-    def forward_with(add_after):
-        def fake_add(x, i, deepstack, index):
-            hits = [jnp.where(i == layer, s, -1) for s, layer in enumerate(add_after)] + [jnp.int32(-1)]
-            slot = jnp.max(jnp.stack(hits))
-            return jnp.where(slot >= 0, original(x, jnp.maximum(slot, 0), deepstack, index), x)
+    def logits(image_embeds):
+        return np.asarray(model.forward(params, batch.input_ids, batch.attention_mask, position_ids=position_ids,
+                                        image_embeds=image_embeds))
 
-        try:
-            text_lib.add_deepstack = fake_add
-            jax.clear_caches()
-            return ours(model, params, batch)
-        finally:
-            text_lib.add_deepstack = original
-            jax.clear_caches()
-
-    misplaced = forward_with((0, 2, 3))
-    assert max_valid_diff(misplaced, expected, batch) > 100 * TOL
-    assert max_valid_diff(forward_with(()), expected, batch) > 100 * TOL
+    assert max_valid_diff(logits(features), expected, batch) <= TOL
+    for wrong in ([0, 3, 2, 1], [0, 2, 1, 3]):
+        assert max_valid_diff(logits(maps[:, wrong].reshape(U, -1)), expected, batch) > 100 * TOL
+    no_deepstack = maps.at[:, 1:].set(0.0).reshape(U, -1)
+    assert max_valid_diff(logits(no_deepstack), expected, batch) > 100 * TOL
 
 
 def test_encode_images_matches_reference_vision_tower(deep_hf_and_ours):
