@@ -183,8 +183,7 @@ def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_param
     def body(carry):
         t, token, tokens, logps, lengths, ended, k, v = carry
         key_mask = jnp.concatenate([prompt_mask, jnp.broadcast_to(jnp.arange(T) <= t - 1, (S, T))], axis=1)
-        h, k, v = kv_cache.decode_step(text_params, token, rope_next + t - 1, k, v, key_mask, L + t - 1, cfg,
-                                       model.attn_implementation)
+        h, k, v = kv_cache.decode_step(text_params, token, rope_next + t - 1, k, v, key_mask, L + t - 1, cfg)
         logits = model.lm_head({"text": text_params}, h)
         token, tokens, logps, lengths, ended = emit(t, logits, tokens, logps, lengths, ended)
         return t + 1, token, tokens, logps, lengths, ended, k, v

@@ -50,3 +50,16 @@ def test_greedy_is_argmax_and_keys_depend_only_on_seed_and_index():
     np.testing.assert_array_equal(np.asarray(a[3:]), np.asarray(b))
     assert len({tuple(np.asarray(k).tolist()) for k in a}) == 6
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(jax.random.fold_in(jax.random.PRNGKey(5), 0)))
+
+
+def test_grouped_decode_attention_equals_dot_product_attention():
+    from caspo_jax.models.common.layers import attention
+    from caspo_jax.rollout.kv_cache import decode_attention
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (3, 1, 8, 32))
+    k = jax.random.normal(keys[1], (3, 20, 2, 32))
+    v = jax.random.normal(keys[2], (3, 20, 2, 32))
+    mask = jnp.arange(20)[None, :] < jnp.asarray([[5], [20], [1]])
+    ref = attention(q, k, v, mask[:, None, None, :])[:, 0]
+    np.testing.assert_allclose(np.asarray(decode_attention(q[:, 0], k, v, mask)), np.asarray(ref), atol=1e-6)
