@@ -197,5 +197,117 @@ def main(argv=None) -> int:
     return 0
 
 
+# ----- Qwen3-VL (issue 9): `python bench/forward.py --model qwen3_vl` ---------------------------
+# Same measurement as above (response log-probs, transformers sdpa baseline, interleaved rounds,
+# ratio of per-side minimum times) for a Qwen3-VL of the same text shape: hidden 512, head_dim 64
+# (mrope_section [12, 10, 10], interleaved), q/k norm, and a 4-block patch-16 ViT with three
+# DeepStack taps; one 224px image (14 x 14 patches -> 49 tokens) per sample.
+
+
+def qwen3_vl_bench_config(vocab: int, layers: int) -> dict:
+    from caspo_jax.testing import tiny_qwen3_vl as tq
+
+    cfg = tq.hf_config_dict("vision", vocab_size=vocab, num_layers=layers)
+    cfg["text_config"].update(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
+                              head_dim=64, eos_token_id=vocab - 1)
+    cfg["text_config"]["rope_parameters"]["mrope_section"] = [12, 10, 10]
+    cfg["vision_config"].update(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512,
+                                num_position_embeddings=2304, deepstack_visual_indexes=[0, 1, 2])
+    cfg.update(image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+               vision_end_token_id=vocab - 1)
+    return cfg
+
+
+def main_qwen3_vl(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Qwen3-VL response log-probs: JAX vs transformers")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--response", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--image-px", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-attn", default="sdpa", choices=["sdpa", "eager"])
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from caspo_jax.models import load_pretrained
+
+    cfg = qwen3_vl_bench_config(args.vocab, args.layers)
+    hf_config = Qwen3VLConfig(**cfg)
+    hf_config._attn_implementation = args.baseline_attn
+    torch.manual_seed(0)
+    hf = Qwen3VLForConditionalGeneration(hf_config).eval().float()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        model, params = load_pretrained(tmp)
+    rng = np.random.default_rng(0)
+    grid = args.image_px // 16
+    n_image = grid * grid // 4
+    B, L, R = args.batch, args.length, args.response
+    input_ids = rng.integers(0, args.vocab - 8, (B, L))
+    input_ids[:, 4] = cfg["vision_start_token_id"]
+    input_ids[:, 5:5 + n_image] = cfg["image_token_id"]
+    input_ids[:, 5 + n_image] = cfg["vision_end_token_id"]
+    mask = np.ones_like(input_ids)
+    pixel_values = rng.standard_normal((B * grid * grid, 3 * 2 * 16 * 16)).astype(np.float32)
+    grid_thw = np.tile([[1, grid, grid]], (B, 1))
+    targets = input_ids[:, -R:]
+
+    t_inputs = dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask),
+                    pixel_values=torch.tensor(pixel_values), image_grid_thw=torch.tensor(grid_thw),
+                    mm_token_type_ids=torch.tensor((input_ids == cfg["image_token_id"]).astype(np.int64)))
+    t_targets = torch.tensor(targets)
+
+    def torch_logprobs():
+        hf.model.rope_deltas = None
+        with torch.no_grad():
+            logits = hf(**t_inputs).logits[:, -R - 1:-1]
+            return torch.log_softmax(logits, -1).gather(-1, t_targets[..., None])[..., 0]
+
+    position_ids, _ = model.get_rope_index(input_ids, grid_thw, mask)
+    grids = tuple(map(tuple, grid_thw.tolist()))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def jax_logprobs(model, params, input_ids, mask, pixel_values, position_ids, targets):
+        h = model.hidden_states(params, input_ids, mask, pixel_values, grids, position_ids=position_ids)
+        logits = model.lm_head(params, h[:, -R - 1:-1])
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+
+    j_args = (params, jnp.asarray(input_ids), jnp.asarray(mask), jnp.asarray(pixel_values),
+              jnp.asarray(position_ids), jnp.asarray(targets))
+    start = time.perf_counter()
+    compiled = jax_logprobs.lower(model, *j_args).compile()
+    compile_s = time.perf_counter() - start
+    runs = {"jax": lambda: compiled(*j_args).block_until_ready(), "torch": torch_logprobs}
+    outputs = {name: fn() for name, fn in runs.items()}  # warm-up
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    t_jax, t_torch = min(times["jax"]), min(times["torch"])
+    max_diff = float(np.abs(np.asarray(outputs["jax"]) - outputs["torch"].numpy()).max())
+    speedup = t_torch / t_jax
+    print(f"Qwen3-VL shape: batch {B} x {L} tokens ({R} response), vocab {args.vocab}, {args.layers} layers, "
+          f"hidden 512, head_dim 64, ViT depth 4 with DeepStack taps [0, 1, 2], one {args.image_px}px image "
+          f"per sample; torch threads {torch.get_num_threads()}")
+    print(f"jax    : {t_jax:.3f} s min (median {statistics.median(times['jax']):.3f}), compile {compile_s:.1f} s")
+    print(f"torch  : {t_torch:.3f} s min (median {statistics.median(times['torch']):.3f}), "
+          f"attn={args.baseline_attn}   [baseline]")
+    print(f"max |log-prob diff| jax vs torch: {max_diff:.2e}")
+    if max_diff > 1e-3:
+        print("ERROR: JAX and transformers disagree", file=sys.stderr)
+        return 1
+    print(f"RESULT name=forward_qwen3_vl value={speedup:.3f} unit=x goal=>={GOAL} "
+          f"met={'yes' if speedup >= GOAL else 'no'}")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:3] == ["--model", "qwen3_vl"]:
+        sys.exit(main_qwen3_vl(sys.argv[3:]))
     sys.exit(main())
