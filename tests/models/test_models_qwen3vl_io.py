@@ -196,3 +196,32 @@ def test_mesh_forward_equals_single_device(tmp_path):
     got = sharded_model.forward(sharded, ids, mask, pixels, batch.image_grid_thw)
     assert len(got.sharding.device_set) == 8
     assert np.abs(np.asarray(got) - expected)[batch.attention_mask.astype(bool)].max() <= 1e-5
+
+
+# Qwen/Qwen3-VL-4B-Instruct's config.json (the fields that shape the parameters).
+QWEN3_VL_4B = {
+    "model_type": "qwen3_vl", "tie_word_embeddings": True,
+    "text_config": {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6,
+                    "tie_word_embeddings": True,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000, "mrope_section": [24, 20, 20],
+                                        "mrope_interleaved": True}},
+    "vision_config": {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
+                      "out_hidden_size": 2560, "num_position_embeddings": 2304, "patch_size": 16,
+                      "deepstack_visual_indexes": [5, 11, 17]},
+}
+
+
+def test_full_size_4b_table_matches_transformers_parameters_at_zero_memory():
+    from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGeneration
+
+    with torch.device("meta"):
+        hf = Qwen3VLForConditionalGeneration(HFConfig(**QWEN3_VL_4B))
+    hf_shapes = {name: tuple(p.shape) for name, p in hf.state_dict().items() if name != "lm_head.weight"}
+    model = Qwen3VL(Qwen3VLConfig.from_dict(QWEN3_VL_4B))
+    ours = {name: spec.expected_hf_shape() for spec in model.param_table() for name in spec.hf_names}
+    assert ours == hf_shapes
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert n_params == sum(int(np.prod(s)) for s in hf_shapes.values())
+    assert 4.0e9 < n_params < 5.0e9
