@@ -8,9 +8,9 @@ from caspo_jax.rollout.jax_engine import JaxSampler, bucket
 from caspo_jax.rollout.sampling import filter_logits, sample_keys, sample_tokens
 from caspo_jax.rollout.vllm_engine import VllmEngine
 from caspo_jax.rollout.types import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, RolloutEngine, RolloutPrompt, Rollouts,
-                                     SamplingParams)
+                                     SamplingParams, prompt_arrays)
 
 __all__ = [
     "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "JaxSampler", "RolloutEngine", "RolloutPrompt", "Rollouts",
-    "SamplingParams", "VllmEngine", "bucket", "filter_logits", "sample_keys", "sample_tokens",
+    "SamplingParams", "VllmEngine", "bucket", "filter_logits", "prompt_arrays", "sample_keys", "sample_tokens",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 
 from caspo_jax.rollout import kv_cache
 from caspo_jax.rollout.sampling import SampleSpec, sample_keys, sample_tokens, step_keys, token_logprobs
-from caspo_jax.rollout.types import RolloutPrompt, Rollouts, SamplingParams, finish_reasons
+from caspo_jax.rollout.types import RolloutPrompt, Rollouts, SamplingParams, finish_reasons, prompt_arrays
 
 
 def bucket(size: int, minimum: int = 16) -> int:
@@ -91,24 +91,15 @@ class JaxSampler:
         P = len(prompts)
         L = bucket(max(len(p.token_ids) for p in prompts), self.min_prompt_bucket)
         T = bucket(sampling.max_new_tokens, self.min_new_bucket)
-        ids = np.zeros((P, L), np.int32)
-        mask = np.zeros((P, L), np.int32)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p.token_ids):] = p.token_ids
-            mask[i, L - len(p.token_ids):] = 1
         for i, p in enumerate(prompts):
             _check_image_tokens(i, p, cfg)
-        grids = [g for p in prompts if p.image_grid_thw is not None for g in p.image_grid_thw.tolist()]
+        ids, mask, pixels, grids = prompt_arrays(prompts, L)
         image_embeds = None
-        if grids:
-            for i, p in enumerate(prompts):
-                if p.image_grid_thw is not None and p.pixel_values is None:
-                    raise ValueError(f"prompt {i}: image_grid_thw given without pixel_values")
-            pixels = np.concatenate([p.pixel_values for p in prompts if p.image_grid_thw is not None])
-            image_embeds = model.encode_images(self.params, pixels, np.asarray(grids))
+        if grids is not None:
+            image_embeds = model.encode_images(self.params, pixels, grids)
             units = image_embeds.shape[0]
             image_embeds = jnp.pad(image_embeds, ((0, bucket(units) - units), (0, 0)))
-        position_ids, _ = model.get_rope_index(ids, np.asarray(grids) if grids else None, mask)
+        position_ids, _ = model.get_rope_index(ids, grids, mask)
         rope_next = position_ids.max(axis=(0, 2)) + 1
         seeds = np.asarray([p.seed if p.seed is not None else sampling.seed + i for i, p in enumerate(prompts)])
         keys = sample_keys(seeds, n)

@@ -131,6 +131,29 @@ class RolloutEngine(Protocol):
     def sync_weights(self, params) -> None: ...
 
 
+def prompt_arrays(prompts: Sequence[RolloutPrompt], length: int | None = None):
+    """Left-padded ids and mask [P, L] (int32), all images' pixel values in prompt order and
+    their grids [I, 3] (None without images): the layout ``caspo_jax.train.build_train_batch``
+    takes together with ``Rollouts.tokens / mask / prompt_index``."""
+    L = max(len(p.token_ids) for p in prompts) if length is None else length
+    ids = np.zeros((len(prompts), L), np.int32)
+    mask = np.zeros((len(prompts), L), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p.token_ids) > L:
+            raise ValueError(f"prompt {i} has {len(p.token_ids)} tokens, more than length={L}")
+        ids[i, L - len(p.token_ids):] = p.token_ids
+        mask[i, L - len(p.token_ids):] = 1
+    with_images = [p for p in prompts if p.image_grid_thw is not None]
+    for i, p in enumerate(prompts):
+        if p.image_grid_thw is not None and p.pixel_values is None:
+            raise ValueError(f"prompt {i}: image_grid_thw given without pixel_values")
+    if not with_images:
+        return ids, mask, None, None
+    pixels = np.concatenate([np.asarray(p.pixel_values, np.float32) for p in with_images])
+    grids = np.concatenate([p.image_grid_thw for p in with_images]).astype(np.int64)
+    return ids, mask, pixels, grids
+
+
 def finish_reasons(last_tokens: np.ndarray, lengths: np.ndarray, ended: np.ndarray, eos_ids: Sequence[int]
                    ) -> np.ndarray:
     """Finish reason per sample from its last token and whether it ended on a terminator."""

@@ -85,6 +85,24 @@ def test_sampled_logprobs_equal_full_forward(tiny):
     assert len({tuple(rollouts.response(s)) for s in range(3)}) > 1
 
 
+def test_sampled_logprobs_equal_the_trainers_compute_logprobs(tiny):
+    from caspo_jax.rollout import prompt_arrays
+    from caspo_jax.train.batch import build_train_batch
+    from caspo_jax.train.logprobs import compute_logprobs
+
+    _, model, params = tiny
+    prompts = _prompts()
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=9, seed=11,
+                              stop_token_ids=(tm.IMAGE_TOKEN_ID, tm.VIDEO_TOKEN_ID))
+    rollouts = JaxSampler(model, params).generate(prompts, n=2, sampling=sampling)
+    ids, mask, pixels, grids = prompt_arrays(prompts)
+    batch = build_train_batch(model, ids, mask, rollouts.tokens, rollouts.mask, rollouts.prompt_index,
+                              pixel_values=pixels, image_grid_thw=grids)
+    logp, _ = compute_logprobs(model, params, batch)
+    np.testing.assert_allclose(np.asarray(logp), rollouts.logprobs, atol=1e-5, rtol=0)
+    assert rollouts.mask.sum() > 10
+
+
 def test_fixed_seed_reproduces_and_per_request_seed_is_batch_independent(tiny):
     _, model, params = tiny
     engine = JaxSampler(model, params)
