@@ -5,7 +5,8 @@ gives every HF name and layout transform, so names and layouts are declared once
 and gate/up stay separate tensors, as in an HF checkpoint; vLLM fuses them itself while
 loading (``is_checkpoint_format=True``).
 
-Memory: a stacked leaf [layers, ...] is gathered one layer at a time (``leaf[i]`` on the
+Memory: a leaf already in host memory (JAX's CPU backend) is viewed without a copy; any
+other stacked leaf [layers, ...] is gathered one layer at a time (``leaf[i]`` on the
 devices, then to the host), so the host holds at most one layer of one tensor per item,
 plus what a consumer keeps; ``iter_buckets`` groups items into bounded-size buckets for
 transports that send batches (safetensors bytes). Sharded arrays are gathered by
@@ -57,6 +58,20 @@ def _layer_of(params: dict, ref: HFTensorRef):
     return leaf if ref.layer is None else leaf[ref.layer]
 
 
+def _host_layer(params: dict, ref: HFTensorRef) -> np.ndarray | None:
+    """A zero-copy NumPy view of the layer when its leaf is one array in host memory (the
+    CPU backend, or NumPy); None when it must be gathered (accelerator or sharded)."""
+    leaf = tree_get(params, ref.spec.path)
+    if isinstance(leaf, np.ndarray):
+        host = leaf
+    elif isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) == 1 and \
+            next(iter(leaf.sharding.device_set)).platform == "cpu":
+        host = np.asarray(leaf)  # shares the CPU buffer
+    else:
+        return None
+    return host if ref.layer is None else host[ref.layer]
+
+
 def _ordered_refs(table, names: Sequence[str] | None) -> list[HFTensorRef]:
     refs = hf_tensor_refs(table)
     if names is None:
@@ -77,10 +92,14 @@ def iter_hf_arrays(params: dict, table: Sequence[ParamSpec], *, dtype=None, cont
     engine's fused modules so a bucket never splits one.
     """
     for ref in _ordered_refs(table, names):
-        layer = _layer_of(params, ref)
-        if dtype is not None and layer.dtype != jnp.dtype(dtype):
-            layer = layer.astype(dtype)
-        host = np.asarray(jax.device_get(layer))
+        host = _host_layer(params, ref)
+        if host is None:  # gather this one layer (all its shards) to the host
+            layer = _layer_of(params, ref)
+            if dtype is not None and layer.dtype != jnp.dtype(dtype):
+                layer = layer.astype(dtype)
+            host = np.asarray(jax.device_get(layer))
+        elif dtype is not None and host.dtype != jnp.dtype(dtype):
+            host = host.astype(jnp.dtype(dtype))
         out = ref.spec.to_hf(host)
         if contiguous:
             out = np.ascontiguousarray(out)
