@@ -31,7 +31,7 @@ PATCH_DIM = 3 * 2 * PATCH_SIZE * PATCH_SIZE
 
 
 def hf_config_dict(variant: str = "vision", *, tie_word_embeddings: bool = False, vocab_size: int = VOCAB,
-                   num_layers: int | None = None) -> dict:
+                   num_layers: int | None = None, attention_bias: bool = False) -> dict:
     """A transformers-5 style nested config dict for ``transformers.Qwen3VLConfig(**d)``."""
     layers, depth, taps, vision_hidden = {
         "vision": (3, 2, [0, 1], 32),
@@ -43,7 +43,7 @@ def hf_config_dict(variant: str = "vision", *, tie_word_embeddings: bool = False
         "text_config": dict(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers or layers,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu", rms_norm_eps=1e-6,
-            max_position_embeddings=4096, attention_bias=False, bos_token_id=None,
+            max_position_embeddings=4096, attention_bias=attention_bias, bos_token_id=None,
             eos_token_id=VISION_END_TOKEN_ID,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
                              "mrope_interleaved": True}),

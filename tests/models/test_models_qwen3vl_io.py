@@ -127,13 +127,17 @@ def test_older_flat_key_layout_loads(hf_dir, loaded):
     assert canonical_hf_name("lm_head.weight") == "lm_head.weight"
 
 
-def test_tied_embeddings_forward_and_roundtrip(tmp_path):
+@pytest.mark.parametrize("variant", ["tied", "attention_bias"])
+def test_tied_embeddings_and_attention_bias_forward_and_roundtrip(tmp_path, variant):
     from transformers import Qwen3VLForConditionalGeneration
 
-    hf = tq.hf_model("text", seed=4, tie_word_embeddings=True)
+    hf = tq.hf_model("text", seed=4, tie_word_embeddings=variant == "tied", attention_bias=variant != "tied")
     hf.save_pretrained(tmp_path / "hf")
     model, params = load_pretrained(tmp_path / "hf")
-    assert model.config.tie_word_embeddings and "lm_head" not in params["text"]
+    if variant == "tied":
+        assert model.config.tie_word_embeddings and "lm_head" not in params["text"]
+    else:
+        assert model.config.text.attention_bias and "o_bias" in params["text"]["layers"]
     batch = tq.make_batch([[3, (1, 4, 4), 5], [6]], seed=1)
     hf.model.rope_deltas = None
     with torch.no_grad():
@@ -145,7 +149,9 @@ def test_tied_embeddings_forward_and_roundtrip(tmp_path):
     assert np.abs(got - expected)[batch.attention_mask.astype(bool)].max() <= 1e-4
     save_pretrained(model, params, tmp_path / "ours")
     reloaded = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "ours")
-    assert reloaded.config.tie_word_embeddings
+    assert reloaded.config.tie_word_embeddings == (variant == "tied")
+    assert reloaded.config.text_config.attention_bias == (variant != "tied")
+    assert sorted(reloaded.state_dict()) == sorted(hf.state_dict())
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, hf.state_dict()[name]), name
 
