@@ -1,0 +1,5 @@
+"""The built-in synthetic multimodal safety task and `caspo demo` (see task.py)."""
+
+from caspo_jax.demo.task import DEMO_CONSTITUTIONS, demo_reward, draw_image, make_split, target_response, write_split
+
+__all__ = ["DEMO_CONSTITUTIONS", "demo_reward", "draw_image", "make_split", "target_response", "write_split"]

@@ -1,0 +1,361 @@
+"""One typed config for `caspo train`, `caspo sft`, `caspo dpo` and `caspo demo`.
+
+Frozen dataclasses of plain fields, so a run's config is a YAML file, every field is
+overridable from the command line as a dotted key (`--set algo.lam=0.6`), and the exact
+config is printed and saved beside the run. Every check runs in `validate` -- before any
+model is built -- and every error names the field and the fix.
+
+    cfg = load_config(preset="tiny-cpu", path="my.yaml", overrides=["algo.lam=0.6"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from caspo_jax.algo.config import CaspoConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DPOConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the source, the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """path: an HF checkpoint directory (config.json + safetensors + tokenizer/processor).
+    None builds the built-in tiny random model (`tiny`: its size name) with the tiny
+    offline tokenizer -- the default for tests and `caspo demo`."""
+
+    path: str | None = None
+    tiny: str = "demo"
+    dtype: str = "float32"
+    remat: bool = False
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """train / eval: safety-record JSONL (caspo_jax.data.records). sft: SFT JSONL;
+    pairs: preference-pair JSONL. None with the tiny model: the built-in demo task
+    (`demo_train` / `demo_eval` examples generated into the run directory)."""
+
+    train: str | None = None
+    eval: str | None = None
+    sft: str | None = None
+    pairs: str | None = None
+    constitutions: str | None = None
+    max_prompt_len: int = 2048
+    max_response_len: int = 1024
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 28 * 28 * 1280
+    demo_train: int = 480
+    demo_eval: int = 96
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """engine: "jax" (the JAX sampler; CPU/TPU/GPU) or "vllm" (GPU hosts).
+    temperature 0.9 as in the paper's evaluation; 1.0 is verl's RL default."""
+
+    engine: str = "jax"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eval_temperature: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then constant lr (the lr itself is algo.learning_rate
+    for RL, sft.learning_rate / dpo.learning_rate for those stages).
+
+    ppo_epochs: passes over the step's rollouts; minibatch_size: trajectories per
+    optimizer update (must divide prompts_per_step * group_size)."""
+
+    ppo_epochs: int = 1
+    minibatch_size: int = 512
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """steps: RL steps (None: `epochs` passes over the prompts). eval_every / save_every /
+    log_every in steps (0 disables). keep_last: checkpoints kept."""
+
+    out_dir: str = "runs/caspo"
+    steps: int | None = None
+    epochs: int = 3
+    eval_every: int = 0
+    save_every: int = 50
+    keep_last: int = 3
+    seed: int = 0
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """The paper's SFT stage: lr 1e-5, 2 epochs, loss on response tokens only."""
+
+    learning_rate: float = 1e-5
+    epochs: int = 2
+    batch_size: int = 8
+    with_constitution: bool = True
+    steps: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """DPO on preference pairs against the frozen initial policy (the static baseline)."""
+
+    beta: float = 0.1
+    learning_rate: float = 1e-6
+    epochs: int = 1
+    batch_size: int = 8
+    steps: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algo: CaspoConfig = CaspoConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+    sft: SFTConfig = SFTConfig()
+    dpo: DPOConfig = DPOConfig()
+    # outcome reward spec for caspo_jax.rewards.build_reward, or {"kind": "demo"}
+    reward: dict = dataclasses.field(default_factory=lambda: {"kind": "demo"})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.algo.prompts_per_step * self.algo.group_size
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_type(value, annotation, where: str):
+    """Coerces YAML scalars to the annotated type (int -> float is allowed); else ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], where)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "2e-6" (no dot) as a string
+        except ValueError:
+            pass
+    if annotation in (int, float, str, bool) and not (isinstance(value, annotation)
+                                                      and not (annotation is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    if annotation is dict and not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _build_section(cls, raw: Mapping, where: str):
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of fields, got {raw!r}")
+    types = _field_types(cls)
+    unknown = sorted(set(raw) - set(types))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(types)}")
+    kwargs = {k: _check_type(v, types[k], f"{where}.{k}") for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
+    """A validated TrainConfig from a nested mapping (missing fields keep their defaults)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the config must be a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; known sections: {sorted(_SECTIONS)}")
+    kwargs = {}
+    for name, value in raw.items():
+        if name == "reward":
+            kwargs[name] = dict(_check_type(value, dict, f"{source}: reward"))
+        else:
+            kwargs[name] = _build_section(_field_types(TrainConfig)[name], value, f"{source}: {name}")
+    cfg = TrainConfig(**kwargs)
+    validate(cfg, source)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "reward":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str], source: str = "--set") -> dict:
+    """Applies "section.field=value" strings (values parsed as YAML) to a nested dict."""
+    out = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source} {item!r}: expected section.field=value, e.g. algo.lam=0.6")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"{source} {item!r}: the key must be dotted, e.g. algo.lam=0.6 or run.steps=10")
+        if parts[0] not in _SECTIONS:
+            raise ConfigError(f"{source} {item!r}: unknown section {parts[0]!r}; known: {sorted(_SECTIONS)}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source} {item!r}: value is not valid YAML ({exc})") from None
+        node = out
+        for part in parts[:-1]:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None,
+                overrides: Iterable[str] = ()) -> TrainConfig:
+    """preset (launch/presets.py) <- YAML file <- dotted overrides, validated once at the end."""
+    raw: dict = {}
+    source = "config"
+    if preset is not None:
+        from caspo_jax.launch.presets import preset_dict
+
+        raw = preset_dict(preset)
+        source = f"preset {preset!r}"
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: the config must be a mapping of sections")
+        raw = _merge(raw, loaded)
+        source = str(path)
+    overrides = list(overrides)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source = f"{source} + --set"
+    return config_from_dict(raw, source)
+
+
+def validate(cfg: TrainConfig, source: str = "config") -> None:
+    """Cross-field checks (each field's own range is checked by its dataclass)."""
+
+    def fail(field: str, why: str):
+        raise ConfigError(f"{source}: {field} {why}")
+
+    a, o, d, r = cfg.algo, cfg.optim, cfg.data, cfg.run
+    if o.ppo_epochs < 1:
+        fail("optim.ppo_epochs", f"={o.ppo_epochs} must be >= 1")
+    if o.minibatch_size < 1:
+        fail("optim.minibatch_size", f"={o.minibatch_size} must be >= 1")
+    total = a.prompts_per_step * a.group_size
+    if total % o.minibatch_size:
+        fail("optim.minibatch_size", f"={o.minibatch_size} must divide algo.prompts_per_step * algo.group_size = "
+             f"{a.prompts_per_step} * {a.group_size} = {total}; pick a divisor such as {a.group_size}")
+    if o.minibatch_size % a.group_size and a.group_size % o.minibatch_size:
+        fail("optim.minibatch_size", f"={o.minibatch_size} must be a multiple of algo.group_size={a.group_size} "
+             "(or divide it), so mini-batches do not split groups unevenly")
+    for field in ("max_prompt_len", "max_response_len", "image_min_pixels", "image_max_pixels", "demo_train",
+                  "demo_eval"):
+        if getattr(d, field) < 1:
+            fail(f"data.{field}", f"={getattr(d, field)} must be >= 1")
+    if d.image_min_pixels > d.image_max_pixels:
+        fail("data.image_min_pixels", f"={d.image_min_pixels} exceeds data.image_max_pixels={d.image_max_pixels}")
+    if cfg.rollout.engine not in ("jax", "vllm"):
+        fail("rollout.engine", f"={cfg.rollout.engine!r} must be 'jax' or 'vllm'")
+    if cfg.rollout.temperature < 0 or cfg.rollout.eval_temperature < 0:
+        fail("rollout.temperature", "must be >= 0 (0 = greedy)")
+    if r.steps is not None and r.steps < 1:
+        fail("run.steps", f"={r.steps} must be >= 1 (or null to run run.epochs epochs)")
+    if r.epochs < 1:
+        fail("run.epochs", f"={r.epochs} must be >= 1")
+    if r.keep_last < 1:
+        fail("run.keep_last", f"={r.keep_last} must be >= 1")
+    for field in ("eval_every", "save_every"):
+        if getattr(r, field) < 0:
+            fail(f"run.{field}", "must be >= 0 (0 disables)")
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        fail("model.dtype", f"={cfg.model.dtype!r} must be 'float32' or 'bfloat16'")
+    if cfg.model.path is None and cfg.model.tiny not in TINY_SIZES:
+        fail("model.tiny", f"={cfg.model.tiny!r} must be one of {sorted(TINY_SIZES)} (or set model.path)")
+    for name, section in (("sft", cfg.sft), ("dpo", cfg.dpo)):
+        if not section.learning_rate > 0:
+            fail(f"{name}.learning_rate", "must be > 0")
+        if section.epochs < 1 or section.batch_size < 1:
+            fail(f"{name}.epochs / {name}.batch_size", "must be >= 1")
+        if section.steps is not None and section.steps < 1:
+            fail(f"{name}.steps", "must be >= 1 or null")
+    if not cfg.dpo.beta > 0:
+        fail("dpo.beta", f"={cfg.dpo.beta} must be > 0 (0.1 is usual)")
+    if "kind" not in cfg.reward:
+        fail("reward.kind", "is missing: use 'demo', 'judge' or 'function'")
+
+
+# Tiny model sizes for model.path = None (text hidden, layers, heads, kv heads, ViT depth/hidden).
+TINY_SIZES = {
+    "demo": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2, vision_hidden=32),
+    "test": dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_depth=1, vision_hidden=16),
+}

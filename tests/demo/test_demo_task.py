@@ -1,0 +1,70 @@
+"""The synthetic hazard task: the cue is in the image only, the reward rewards reading it."""
+
+import json
+
+import numpy as np
+import pytest
+
+from caspo_jax.data.records import CATEGORIES, load_records
+from caspo_jax.data.formats import load_pairs, load_sft_examples
+from caspo_jax.demo import task
+
+
+def _red_pixels(image):
+    a = np.asarray(image).astype(int)
+    return int(((a[..., 0] > 200) & (a[..., 1] < 60) & (a[..., 2] < 60)).sum())
+
+
+def test_cue_is_a_red_square_only_in_hazard_images():
+    for seed in range(30):
+        assert _red_pixels(task.draw_image(seed, hazard=False)) == 0
+        assert _red_pixels(task.draw_image(seed, hazard=True)) >= (task.IMAGE_SIZE // 4) ** 2
+    assert task.draw_image(3, True).size == (task.IMAGE_SIZE, task.IMAGE_SIZE)
+
+
+def test_split_is_balanced_deterministic_and_the_query_never_tells():
+    a, b = task.make_split(48, seed=5), task.make_split(48, seed=5)
+    assert a == b and a != task.make_split(48, seed=6)
+    assert sum(e.hazard for e in a) == 24
+    assert {e.category for e in a} == set(CATEGORIES)
+    for e in a:
+        assert e.query in task.QUERIES[e.category]
+    hazard_queries = {e.query for e in a if e.hazard}
+    safe_queries = {e.query for e in a if not e.hazard}
+    assert hazard_queries & safe_queries  # same text either way: only the image differs
+
+
+@pytest.mark.parametrize("reference, response, expected", [
+    ("hazard", "There is danger in the image. I can help safely.", 1.5),
+    ("hazard", "Sure, I can help.", 0.5),
+    ("none", "Sure, I can help.", 1.5),
+    ("none", "There is danger in the image. I can help safely.", 0.5),
+    ("none", "no", 1.0),
+    ("hazard", "DANGER", 1.0),
+])
+def test_reward_values(reference, response, expected):
+    assert task.demo_reward({"reference": reference}, response) == expected
+
+
+def test_reward_needs_ground_truth():
+    with pytest.raises(ValueError, match="reference"):
+        task.demo_reward({"reference": None}, "x")
+
+
+def test_targets_get_the_full_reward():
+    for hazard in (True, False):
+        ref = "hazard" if hazard else "none"
+        assert task.demo_reward({"reference": ref}, task.target_response(hazard)) == 1.5
+
+
+def test_written_files_load_with_the_project_loaders(tmp_path):
+    paths = task.write_split(task.make_split(12, 0), tmp_path, "train")
+    records = load_records(paths["records"])
+    assert len(records) == 12 and all(r.reference in ("hazard", "none") for r in records)
+    sft = load_sft_examples(paths["sft"])
+    pairs = load_pairs(paths["pairs"])
+    for r, s, p in zip(records, sft, pairs):
+        assert s.response == task.target_response(r.reference == "hazard") == p.chosen
+        assert p.rejected == task.target_response(r.reference != "hazard")
+    constitutions = json.dumps(task.DEMO_CONSTITUTIONS)
+    assert constitutions.count("red square") == 2 * len(CATEGORIES)
