@@ -81,10 +81,12 @@ def test_greedy_matches_the_jax_sampler(setup):
     np.testing.assert_allclose(theirs.logprobs, ours.logprobs, atol=1e-4)
 
 
-@pytest.mark.parametrize("transport", ["in_process", "safetensors"])
+@pytest.mark.parametrize("transport", ["in_process", "dlpack", "safetensors"])
 def test_push_after_a_training_step_changes_outputs_and_originals_restore_them(setup, transport):
     engine, model, params, prompts, _ = setup
-    engine.transport, engine.bucket_bytes = transport, 256 * 1024  # several buckets for the bytes transport
+    engine.transport = "in_process" if transport == "dlpack" else transport
+    engine.dlpack = transport == "dlpack"
+    engine.bucket_bytes = 256 * 1024  # several buckets for the bytes transport
     greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
     before = engine.generate(prompts, n=1, sampling=greedy)
     trained = _sgd_step(model, params, prompts)
@@ -96,7 +98,7 @@ def test_push_after_a_training_step_changes_outputs_and_originals_restore_them(s
                                                                                             sampling=greedy)
         np.testing.assert_array_equal(after.tokens, jax_after.tokens)
     finally:
-        engine.transport = "in_process"
+        engine.transport, engine.dlpack = "in_process", False
         engine.sync_weights(params)
     restored = engine.generate(prompts, n=1, sampling=greedy)
     np.testing.assert_array_equal(restored.tokens, before.tokens)
