@@ -74,6 +74,10 @@ class VllmEngine:
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             kwargs.update(IN_PROCESS_DEFAULTS)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+            # the bytes transport sends a function (load_safetensors_on_worker) to the workers
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         kwargs.update(llm_kwargs or {})
         from vllm import LLM
 
@@ -81,6 +85,13 @@ class VllmEngine:
         if not in_process:
             engine_kwargs.setdefault("transport", "safetensors")
         return cls(llm, model, **engine_kwargs)
+
+    def shutdown(self) -> None:
+        """Stop the engine (its worker processes, if any) and drop it."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
 
     # ----- requests ---------------------------------------------------------------
     def _request(self, prompt: RolloutPrompt) -> dict:

@@ -26,7 +26,8 @@ def setup(tmp_path_factory):
     path, processor, eos = build_checkpoint(tmp_path_factory.mktemp("vllm_tiny"))
     model, params = load_pretrained(path)
     engine = VllmEngine.start(path, model, max_model_len=512, kv_cache_memory_bytes=64 * 2**20)
-    return engine, model, params, make_prompts(processor), eos
+    yield engine, model, params, make_prompts(processor), eos
+    engine.shutdown()
 
 
 def _sgd_step(model, params, prompts, lr=0.5):
