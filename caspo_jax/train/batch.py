@@ -32,14 +32,26 @@ class SequenceLayout:
 
     input_ids_BxL, attention_mask_BxL: int32; position_ids_3xBxL: int32 M-RoPE ids;
     image_slot_BxL: int32 row of the batch's image encoding for placeholder tokens, else -1.
-    prompt_len (static): Lp, where the response starts.
+    image_order [B*L]: int32 ``image_slot`` of the k-th placeholder in row-major order (0
+    after the last), the order the model's scatter consumes features in; computed on the
+    host so the device needs no cross-row prefix sum. prompt_len (static): Lp.
     """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     position_ids: np.ndarray
     image_slot: np.ndarray
+    image_order: np.ndarray
     prompt_len: int = dataclasses.field(metadata=dict(static=True))
+
+
+def image_order(image_slot_BxL) -> np.ndarray:
+    """[B*L] slots of the placeholders in row-major order, zero-padded to B*L."""
+    flat = np.asarray(image_slot_BxL).reshape(-1)
+    order = np.zeros(flat.shape, np.int32)
+    found = flat[flat >= 0]
+    order[:found.size] = found
+    return order
 
 
 @jax.tree_util.register_dataclass
@@ -141,11 +153,13 @@ def _layout(model, prompt_ids_PxL, prompt_mask_PxL, per_prompt_grids, offsets, r
     resp_pos_BxT = np.where(resp_valid, next_pos[prompt_index_B][:, None] + np.cumsum(resp_valid, 1) - 1, 0)
     position_ids = np.concatenate(
         [pos_3xPxL[:, prompt_index_B], np.broadcast_to(resp_pos_BxT, (3, B, T))], axis=2).astype(np.int32)
+    slot_BxL = np.concatenate([slot_PxL[prompt_index_B], np.full((B, T), -1, np.int32)], 1)
     return SequenceLayout(
         input_ids=np.concatenate([ids_PxL[prompt_index_B], response_ids_BxT], 1).astype(np.int32),
         attention_mask=np.concatenate([mask_PxL[prompt_index_B], resp_valid.astype(np.int32)], 1),
         position_ids=position_ids,
-        image_slot=np.concatenate([slot_PxL[prompt_index_B], np.full((B, T), -1, np.int32)], 1),
+        image_slot=slot_BxL,
+        image_order=image_order(slot_BxL),
         prompt_len=prompt_len,
     )
 
@@ -238,8 +252,9 @@ def take_rows(batch: TrainBatch, rows) -> TrainBatch:
     def sub(layout):
         if layout is None:
             return None
-        return SequenceLayout(layout.input_ids[rows], layout.attention_mask[rows], layout.position_ids[:, rows],
-                              layout.image_slot[rows], layout.prompt_len)
+        slot = np.asarray(layout.image_slot)[rows]
+        return SequenceLayout(np.asarray(layout.input_ids)[rows], np.asarray(layout.attention_mask)[rows],
+                              np.asarray(layout.position_ids)[:, rows], slot, image_order(slot), layout.prompt_len)
 
     def opt(x):
         return None if x is None else np.asarray(x)[rows]

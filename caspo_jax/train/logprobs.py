@@ -37,12 +37,10 @@ def encode_batch_images(model, params, batch: TrainBatch):
     return model.encode_images(params, batch.pixel_values, batch.image_grid_thw)
 
 
-def _row_image_embeds(embeds_UxD, image_slot_BxL):
+def _row_image_embeds(embeds_UxD, image_order):
     """Image features in the flattened row order of placeholder tokens (what the model's
     scatter consumes), padded to B*L rows so the shape is static."""
-    slot = image_slot_BxL.reshape(-1)
-    (order,) = jnp.nonzero(slot >= 0, size=slot.shape[0], fill_value=0)
-    return embeds_UxD[jnp.maximum(slot[order], 0)]
+    return embeds_UxD[image_order]
 
 
 def response_logprobs_from_hidden(model, params, h_BxTxD, targets_BxT, chunk: int = DEFAULT_CHUNK):
@@ -70,7 +68,11 @@ def response_logprobs_from_hidden(model, params, h_BxTxD, targets_BxT, chunk: in
         entropy = logz - jnp.sum(probs * logits, axis=-1)
         return picked - logz, jax.lax.stop_gradient(entropy)
 
+    if n == 1:  # no loop to compile
+        logp, entropy = one_chunk((h_NxBxCxD[0], t_NxBxC[0]))
+        return logp[:, :T], entropy[:, :T]
     logp, entropy = jax.lax.map(one_chunk, (h_NxBxCxD, t_NxBxC))
+
     def back(x):
         return x.transpose(1, 0, 2).reshape(B, n * C)[:, :T]
     return back(logp), back(entropy)
@@ -80,7 +82,7 @@ def layout_logprobs(model, params, layout: SequenceLayout, response_ids_BxT, emb
                     chunk: int = DEFAULT_CHUNK):
     """(logp, entropy) [B, T] of the response tokens in one layout; traceable (call inside jit)."""
     T = response_ids_BxT.shape[1]
-    row_embeds = None if embeds_UxD is None else _row_image_embeds(embeds_UxD, layout.image_slot)
+    row_embeds = None if embeds_UxD is None else _row_image_embeds(embeds_UxD, layout.image_order)
     h = model.hidden_states(params, layout.input_ids, layout.attention_mask, position_ids=layout.position_ids,
                             image_embeds=row_embeds)
     start = layout.prompt_len - 1

@@ -38,10 +38,19 @@ def _micro(x, M, axis=0):
     return jnp.moveaxis(x, axis + 1, 0)
 
 
+def _micro_order(image_slot_BxL, M):
+    """[M, B/M*L] image_order of each micro-batch (placeholders in row-major order)."""
+    slot = _micro(image_slot_BxL, M)  # [M, B/M, L]
+    flat = slot.reshape(M, -1)
+    key = jnp.where(flat >= 0, jnp.arange(flat.shape[1]), flat.shape[1])
+    first = jnp.argsort(key, axis=1)  # placeholders first, in order (stable)
+    return jnp.maximum(jnp.take_along_axis(flat, first, axis=1), 0)
+
+
 def _split_micro(batch: TrainBatch, M: int) -> TrainBatch:
     s = batch.student
     student = type(s)(_micro(s.input_ids, M), _micro(s.attention_mask, M), _micro(s.position_ids, M, 1),
-                      _micro(s.image_slot, M), s.prompt_len)
+                      _micro(s.image_slot, M), _micro_order(s.image_slot, M), s.prompt_len)
     return TrainBatch(student=student, teacher=None, response_ids=_micro(batch.response_ids, M),
                       response_mask=_micro(batch.response_mask, M), old_logp=_micro(batch.old_logp, M),
                       ref_logp=_micro(batch.ref_logp, M), advantages=_micro(batch.advantages, M),
@@ -161,7 +170,8 @@ def _train_step(model, cfg: TrainConfig, caspo: CaspoConfig, return_grads: bool,
 
 
 def make_train_step(model, cfg: TrainConfig, caspo: CaspoConfig, *, mesh: Mesh | None = None,
-                    rules: LogicalRules = LogicalRules(), donate: bool = False, return_grads: bool = False):
+                    rules: LogicalRules = LogicalRules(), donate: bool = False, return_grads: bool = False,
+                    compiler_options: dict | None = None):
     """``train_step(state, minibatch) -> (state, metrics)``, jitted.
 
     With ``mesh`` the new state keeps the parameters' shardings (``state_shardings``);
@@ -177,4 +187,5 @@ def make_train_step(model, cfg: TrainConfig, caspo: CaspoConfig, *, mesh: Mesh |
         shard = state_shardings(model, cfg, mesh, rules)
         replicated = NamedSharding(mesh, PartitionSpec())
         out_shardings = (shard, replicated, shard.params) if return_grads else (shard, replicated)
-    return jax.jit(fn, out_shardings=out_shardings, donate_argnums=(0,) if donate else ())
+    return jax.jit(fn, out_shardings=out_shardings, donate_argnums=(0,) if donate else (),
+                   compiler_options=compiler_options)

@@ -1,0 +1,203 @@
+"""train_step: mesh equivalence, PyTorch-autograd gradient parity, micro-batching, one
+step reduces the loss, zero-variance groups add nothing. One tiny model, compiled steps
+reused across tests (module fixtures).
+
+The mesh tests use a text-only batch: with images, the model's placeholder scatter does a
+prefix sum over the flattened (row-sharded) batch, whose ring collective-permutes XLA:CPU
+runs concurrently with the collectives inside the scanned layers; with 8 simulated devices
+on a 2-core host its 2-thread pool then deadlocks (rendezvous termination after 40 s,
+reproduced 3 times out of 3 on (2, 2, 2); text-only 6 out of 6 fine). See BUILD_NOTES."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _train_fixtures as fx  # noqa: E402
+
+from caspo_jax.algo import CaspoConfig  # noqa: E402
+from caspo_jax.bridge.hf_tensors import iter_hf_arrays  # noqa: E402
+from caspo_jax.models import load_pretrained  # noqa: E402
+from caspo_jax.models.qwen2_5_vl import canonical_hf_name  # noqa: E402
+from caspo_jax.sharding import make_mesh  # noqa: E402
+from caspo_jax.testing import tiny_models as tm  # noqa: E402
+from caspo_jax.train import (  # noqa: E402
+    TrainConfig,
+    build_train_batch,
+    compute_logprobs,
+    init_state,
+    make_train_step,
+    rollout_advantages,
+    shard_batch,
+    shard_state,
+    state_shardings,
+)
+
+MESH_TOL = 1e-5
+# JAX vs PyTorch autograd, float32, same weights: |g_jax - g_torch| <= TORCH_TOL * max|g_torch|
+# per tensor (different op order and attention kernels); measured ~1e-6.
+TORCH_TOL = 1e-4
+CASPO = CaspoConfig(group_size=fx.G, prompts_per_step=fx.P, beta=0.04)
+# AdamW's first update is lr * g / (|g| + eps): with eps = 1e-8 a float32 rounding
+# difference of 1e-9 in a 1e-8 gradient moves a parameter by ~1e-5 * lr / 1e-3, so the
+# mesh comparison of updated parameters uses eps = 1e-6 (gradients are compared directly).
+CFG = TrainConfig(learning_rate=1e-3, max_grad_norm=1.0, adam_eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_train_step")
+    hf = tm.hf_model("vision", seed=5)
+    hf.save_pretrained(path)
+    model, params = load_pretrained(path)
+    ids, mask, t_ids, t_mask, pixels, grids = fx.prompts(seed=6, constitution=4)
+    r_ids, r_mask, index = fx.responses(seed=7)
+    batch = build_train_batch(model, ids, mask, r_ids, r_mask, index, teacher_prompt_ids_PxL=t_ids,
+                              teacher_prompt_mask_PxL=t_mask, pixel_values=pixels, image_grid_thw=grids)
+    logp, _ = compute_logprobs(model, params, batch)
+    teacher, _ = compute_logprobs(model, params, batch, layout="teacher")
+    rng = np.random.default_rng(8)
+    rewards = rng.standard_normal((fx.P, fx.G)).astype(np.float32)
+    adv, _ = rollout_advantages(CASPO, rewards, teacher, logp, batch.response_mask)
+    valid = batch.response_mask > 0
+    noise = lambda: rng.normal(0, 0.3, logp.shape).astype(np.float32)  # noqa: E731
+    batch = batch.with_signals(old_logp=np.where(valid, np.asarray(logp) + noise(), 0.0),
+                               ref_logp=np.where(valid, np.asarray(logp) + noise(), 0.0), advantages=np.asarray(adv))
+    step = make_train_step(model, CFG, CASPO, return_grads=True)
+    state = init_state(params, CFG)
+    new_state, metrics, grads = step(state, batch)
+    return dict(hf=hf, model=model, params=params, batch=batch, step=step, state=state, new_state=new_state,
+                metrics=metrics, grads=grads, teacher=teacher, logp=logp)
+
+
+@pytest.fixture(scope="module")
+def text_world(world):
+    """A text-only batch and its single-device step (the mesh tests' baseline)."""
+    rng = np.random.default_rng(9)
+    ids = rng.integers(0, tm.VOCAB - 8, (fx.P, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    r_ids, r_mask, index = fx.responses(seed=10)
+    batch = build_train_batch(world["model"], ids, mask, r_ids, r_mask, index)
+    valid = batch.response_mask > 0
+    logp = np.asarray(compute_logprobs(world["model"], world["params"], batch)[0])
+    noisy = lambda: np.where(valid, logp + rng.normal(0, 0.3, logp.shape), 0.0).astype(np.float32)  # noqa: E731
+    batch = batch.with_signals(old_logp=noisy(), ref_logp=noisy(),
+                               advantages=(rng.standard_normal(logp.shape) * valid).astype(np.float32))
+    new_state, metrics, grads = world["step"](world["state"], batch)
+    return dict(batch=batch, new_state=new_state, metrics=metrics, grads=grads)
+
+
+def max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 2), (1, 8, 1), (2, 1, 4)])
+def test_mesh_step_equals_single_device(world, text_world, shape):
+    n = int(np.prod(shape))
+    mesh = make_mesh(*shape, devices=jax.devices()[:n])
+    model = world["model"]
+    step = make_train_step(model, CFG, CASPO, mesh=mesh, return_grads=True)
+    shardings = state_shardings(model, CFG, mesh)
+    state = shard_state(init_state(world["params"], CFG), shardings)
+    new_state, metrics, grads = step(state, shard_batch(text_world["batch"], mesh))
+    assert abs(float(metrics["loss"]) - float(text_world["metrics"]["loss"])) <= MESH_TOL
+    assert max_diff(grads, text_world["grads"]) <= MESH_TOL
+    assert max_diff(new_state.params, text_world["new_state"].params) <= MESH_TOL
+    q = new_state.params["text"]["layers"]["q_kernel"]
+    assert q.sharding.spec == shardings.params["text"]["layers"]["q_kernel"].spec
+    assert len(q.sharding.device_set) == n
+    mu = new_state.opt_state[1][0].mu["text"]["layers"]["q_kernel"]
+    assert mu.sharding.spec == q.sharding.spec  # AdamW moments sharded like the parameter
+
+
+def torch_loss_and_grads(hf, batch):
+    """The same loss written in torch on the transformers model: full-row forward, response
+    log-probs, PPO clipped surrogate + beta * k3 KL, token mean."""
+    hf.zero_grad()
+    hf.model.rope_deltas = None
+    seq = batch.student
+    patches = batch.pixel_values.shape[0] // fx.P
+    rows = [batch.pixel_values[(b // fx.G) * patches:(b // fx.G + 1) * patches] for b in range(batch.num_rows)]
+    out = hf(input_ids=torch.tensor(seq.input_ids, dtype=torch.long),
+             attention_mask=torch.tensor(seq.attention_mask, dtype=torch.long),
+             pixel_values=torch.tensor(np.concatenate(rows)),
+             image_grid_thw=torch.tensor(np.asarray([fx.GRID] * batch.num_rows)),
+             mm_token_type_ids=torch.tensor((seq.input_ids == tm.IMAGE_TOKEN_ID).astype(np.int64)))
+    T, Lp = batch.response_len, seq.prompt_len
+    logits = out.logits[:, Lp - 1:Lp - 1 + T]
+    logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(batch.response_ids, dtype=torch.long)[..., None])[..., 0]
+    mask = torch.tensor(batch.response_mask)
+    old, ref, adv = (torch.tensor(np.asarray(x)) for x in (batch.old_logp, batch.ref_logp, batch.advantages))
+    ratio = torch.exp(torch.clamp(logp - old, -20, 20))
+    pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - CASPO.clip_low, 1 + CASPO.clip_high))
+    x = torch.clamp(ref - logp, -20, 20)
+    kl = torch.clamp(torch.exp(x) - x - 1, 0, 10)
+    n = mask.sum()
+    loss = (pg * mask).sum() / n + CASPO.beta * (kl * mask).sum() / n
+    loss.backward()
+    return float(loss), {canonical_hf_name(k): p.grad.numpy() for k, p in hf.named_parameters()}
+
+
+def test_gradient_equals_pytorch_autograd(world):
+    loss, torch_grads = torch_loss_and_grads(world["hf"], world["batch"])
+    assert abs(loss - float(world["metrics"]["loss"])) <= 1e-5
+    table = world["model"].param_table()
+    seen = 0
+    for name, ours in iter_hf_arrays(world["grads"], table):
+        ref = torch_grads[name]
+        scale = max(float(np.abs(ref).max()), 1e-8)
+        assert np.abs(ours - ref).max() <= TORCH_TOL * scale, name
+        seen += 1
+    assert seen == len(torch_grads)
+    assert np.abs(torch_grads["visual.patch_embed.proj.weight"]).max() > 0  # the ViT is trained too
+
+
+def test_step_reduces_loss_and_reports_metrics(world):
+    m = world["metrics"]
+    for key in ("loss", "pg_loss", "kl", "entropy", "clipfrac", "approx_kl", "grad_norm", "learning_rate",
+                "advantage_mean", "advantage_std"):
+        assert np.isfinite(float(m[key])), key
+    assert float(m["clipfrac"]) > 0 and float(m["kl"]) > 0  # the noisy old/ref log-probs exercise both
+    assert float(m["learning_rate"]) == pytest.approx(CFG.learning_rate)
+    _, again, _ = world["step"](world["new_state"], world["batch"])
+    assert float(again["loss"]) < float(m["loss"]) - 1e-3
+
+
+def test_micro_batches_match_one_batch(world):
+    step = make_train_step(world["model"], CFG.replace(micro_batches=2), CASPO, return_grads=True)
+    new_state, metrics, grads = step(world["state"], world["batch"])
+    assert abs(float(metrics["loss"]) - float(world["metrics"]["loss"])) <= 1e-6
+    assert max_diff(grads, world["grads"]) <= 1e-6
+    assert max_diff(new_state.params, world["new_state"].params) <= 1e-5
+
+
+def test_zero_variance_groups_add_nothing(world):
+    """Group 0 has equal rewards: its advantages are exactly 0, and replacing its responses
+    by other tokens leaves the gradient unchanged (beta = 0: only the policy term)."""
+    caspo = CASPO.replace(beta=0.0)
+    batch, mask = world["batch"], world["batch"].response_mask
+    rewards = np.asarray([[1.0] * fx.G, [0.0, 1.0, 0.0, 1.0]], np.float32)
+    adv, metrics = rollout_advantages(caspo, rewards, world["teacher"], world["logp"], mask)
+    assert np.all(np.asarray(adv)[:fx.G] == 0.0) and float(metrics["zero_variance_group_frac"]) == 0.5
+    step = make_train_step(world["model"], CFG.replace(micro_batches=2), caspo, return_grads=True)
+    base = batch.with_signals(advantages=np.asarray(adv))
+    _, _, grads = step(world["state"], base)
+    other = np.where(np.arange(batch.num_rows)[:, None] < fx.G, (batch.response_ids + 7) % 500, batch.response_ids)
+    rows = np.arange(batch.num_rows) < fx.G
+    student = base.student
+    ids = student.input_ids.copy()
+    ids[:, student.prompt_len:] = np.where(mask > 0, other, 0)
+    import dataclasses
+
+    changed = dataclasses.replace(base, response_ids=np.where(mask > 0, other, 0).astype(np.int32),
+                                  student=dataclasses.replace(student, input_ids=ids))
+    assert np.any(changed.student.input_ids[rows] != base.student.input_ids[rows])
+    _, _, grads_changed = step(world["state"], changed)
+    assert max_diff(grads, grads_changed) <= 1e-7
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-4
