@@ -25,6 +25,7 @@ from caspo_jax import __version__
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("eval", "caspo_jax.evals.cli", "Generate, judge (R/S/E, SIUO, MSSBench) and report a model; --compare two runs"),
     ("curate", "caspo_jax.curate.cli", "Build latent-hazard data: synthesize, filter, dedup, images, rewrite, respond, select"),
+    ("dryrun", "caspo_jax.launch.dryrun", "Size a run without devices: mesh, per-device memory, step FLOPs for a preset and topology"),
 ]
 
 
