@@ -1,0 +1,155 @@
+"""The jitted CASPO train step vs transformers' forward + backward, with the matmul roof.
+
+Shape (bench/forward.py's): text hidden 512, 8 layers, vocab 32k, batch 4 x 1024 tokens,
+one 224x224 image per sample, the last 256 tokens are the response. Ours:
+``caspo_jax.train.make_train_step`` (forward with gradient through the text decoder AND the
+vision tower, chunked LM head on the response, CASPO loss, AdamW), float32. Peer:
+``Qwen2_5_VLForConditionalGeneration`` float32, ``attn_implementation="sdpa"``, full-sequence
+logits, log-softmax, the same token-mean policy-gradient loss, ``loss.backward()`` (no
+optimizer step: the peer is charged less work than we are). Also times a jitted 2048^3
+float32 matmul in the same run and reports our model FLOP/s as a fraction of it (FLOPs
+counted analytically as 3x bench/forward.py's forward count: backward = 2x forward).
+Prints peak memory (XLA's memory analysis of the compiled step) against
+params + grads + AdamW state.
+
+Run: python bench/train_step.py   (ends with one RESULT line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+GOAL = 0.55
+
+
+def _forward_bench():
+    spec = importlib.util.spec_from_file_location("bench_forward", Path(__file__).with_name("forward.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--response", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--image-px", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--remat", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from caspo_jax.algo import CaspoConfig
+    from caspo_jax.models import load_pretrained
+    from caspo_jax.train import TrainConfig, build_train_batch, compute_logprobs, init_state, make_train_step
+
+    fwd = _forward_bench()
+    cfg = fwd.bench_config(args.vocab, args.layers)
+    hf_config = Qwen2_5_VLConfig(**cfg)
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(hf_config).float().train()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        model, params = load_pretrained(tmp)
+    input_ids, mask, pixel_values, grid_thw = fwd.make_inputs(cfg, args.batch, args.length, args.image_px)
+    B, R = args.batch, args.response
+    Lp = args.length - R
+    batch = build_train_batch(model, input_ids[:, :Lp], mask[:, :Lp], input_ids[:, Lp:], mask[:, Lp:], np.arange(B),
+                              pixel_values=pixel_values, image_grid_thw=grid_thw)
+    logp, _ = compute_logprobs(model, params, batch)
+    rng = np.random.default_rng(0)
+    adv = rng.standard_normal((B, R)).astype(np.float32)
+    batch = batch.with_signals(old_logp=np.asarray(logp), ref_logp=np.asarray(logp), advantages=adv)
+    caspo = CaspoConfig(group_size=2, prompts_per_step=B)
+    train_cfg = TrainConfig(learning_rate=1e-6, remat=args.remat)
+    step = make_train_step(model, train_cfg, caspo)
+    state = init_state(params, train_cfg)
+    del params
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+
+    # transformers: same inputs, full logits, the same token-mean surrogate (ratio 1), backward.
+    t_inputs = dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask),
+                    pixel_values=torch.tensor(pixel_values), image_grid_thw=torch.tensor(grid_thw),
+                    mm_token_type_ids=torch.tensor((input_ids == cfg["image_token_id"]).astype(np.int64)))
+    t_targets = torch.tensor(input_ids[:, Lp:])
+    t_old, t_adv = torch.tensor(np.asarray(logp)), torch.tensor(adv)
+
+    def torch_step():
+        hf.zero_grad(set_to_none=True)
+        hf.model.rope_deltas = None
+        logits = hf(**t_inputs).logits[:, Lp - 1:-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, t_targets[..., None])[..., 0]
+        loss = (-t_adv * torch.exp(lp - t_old)).mean()
+        loss.backward()
+        return float(loss)
+
+    a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    holder = {"state": state}
+
+    def jax_step():
+        new_state, metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(new_state)
+        return float(metrics["loss"])
+
+    runs = {"roof": lambda: matmul(a, a).block_until_ready(), "jax": jax_step, "torch": torch_step}
+    outputs = {name: fn() for name, fn in runs.items()}  # warm-up
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():  # interleaved so neighbours' load hits all alike
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    t_jax, t_torch = min(times["jax"]), min(times["torch"])
+    roof = 2 * 2048**3 / min(times["roof"])
+    patches = len(pixel_values)
+    flops = 3 * fwd.model_flops(cfg, B, args.length, R, patches)
+    torch_flops = 3 * fwd.model_flops(cfg, B, args.length, args.length, patches)
+    fraction = flops / t_jax / roof
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    state_bytes = 4 * n_params * 4  # params + grads + AdamW mu and nu, float32
+    peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    tokens = B * args.length
+    print(f"shape: batch {B} x {args.length} tokens ({R} response), vocab {args.vocab}, {args.layers} layers, "
+          f"hidden 512, one {args.image_px}px image per sample; {n_params / 1e6:.1f} M params; "
+          f"{jax.device_count()} JAX devices, torch threads {torch.get_num_threads()}, remat={args.remat}")
+    print(f"matmul roof (2048^3 f32, JAX): {roof / 1e12:.3f} TFLOP/s")
+    print(f"jax train step  : {t_jax:.3f} s min ({tokens / t_jax:.0f} tok/s), compile {compile_s:.1f} s, "
+          f"{flops / 1e9:.1f} GFLOP -> {fraction:.2f} of the roof")
+    print(f"torch fwd+bwd   : {t_torch:.3f} s min ({tokens / t_torch:.0f} tok/s), sdpa, "
+          f"{torch_flops / 1e9:.1f} GFLOP -> {torch_flops / t_torch / roof:.2f} of the roof   [peer]")
+    print(f"speed vs peer: {t_torch / t_jax:.2f}x; medians: "
+          + ", ".join(f"{n} {statistics.median(ts):.3f} s" for n, ts in times.items()))
+    print(f"memory: XLA temp {mem.temp_size_in_bytes / 2**20:.0f} MiB, peak (args + outputs + temp - aliased) "
+          f"{peak / 2**20:.0f} MiB vs params+grads+AdamW {state_bytes / 2**20:.0f} MiB "
+          f"({peak / state_bytes:.2f}x)")
+    print(f"losses: jax {outputs['jax']:.5f}, torch {outputs['torch']:.5f}")
+    met = fraction >= GOAL and t_jax < t_torch
+    print(f"RESULT name=train_step value={fraction:.3f} unit=roof_fraction goal=>={GOAL} met={'yes' if met else 'no'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
