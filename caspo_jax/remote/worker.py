@@ -1,0 +1,151 @@
+"""The process-side half: a rollout engine that receives weights as safetensors bytes.
+
+``RolloutWorker`` is deliberately a plain class with picklable arguments and results, so
+the same object runs under ``concurrent.futures.ProcessPoolExecutor`` (one host) and as
+a Ray actor (``ray.remote(RolloutWorker)``, other hosts). Weights arrive as buckets of
+HF-named tensors in safetensors bytes (``caspo_jax.bridge.transport.encode_safetensors``):
+- engine "jax": the bytes are decoded to NumPy, rebuilt into the JAX pytree with the
+  model's checkpoint table (``params_from_hf``) and handed to ``JaxSampler``;
+- engine "vllm": each bucket goes to the vLLM worker(s) with ``collective_rpc``
+  (``load_safetensors_on_worker``), exactly the bridge's cross-process path, then the
+  prefix and encoder caches are reset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker builds. engine: "jax" or "vllm". model_config: the HF config.json as a
+    dict (the architecture; weights come later by ``load_weights``). model_dir: the HF
+    directory vLLM starts from (tokenizer, processor, initial weights). env: variables set
+    in the worker before JAX/vLLM import (CUDA_VISIBLE_DEVICES, JAX_PLATFORMS, ...)."""
+
+    engine: str
+    model_config: Mapping[str, Any]
+    model_dir: str | None = None
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    engine_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.engine not in ("jax", "vllm"):
+            raise ValueError(f"WorkerSpec.engine={self.engine!r}: use 'jax' or 'vllm'")
+        if self.engine == "vllm" and not self.model_dir:
+            raise ValueError("WorkerSpec.model_dir is required for engine='vllm' (an HF directory with tokenizer "
+                             "and processor on the rollout host)")
+
+    @classmethod
+    def jax(cls, model, **kwargs) -> "WorkerSpec":
+        return cls("jax", model.config.to_dict(), **kwargs)
+
+    @classmethod
+    def vllm(cls, model, model_dir: str, **kwargs) -> "WorkerSpec":
+        return cls("vllm", model.config.to_dict(), model_dir=str(model_dir), **kwargs)
+
+
+def build_model(config: Mapping[str, Any]):
+    from caspo_jax.models import qwen2_5_vl, qwen3_vl
+
+    if config.get("model_type") == "qwen3_vl":
+        return qwen3_vl.Qwen3VL(qwen3_vl.Qwen3VLConfig.from_dict(dict(config)))
+    return qwen2_5_vl.Qwen2_5_VL(qwen2_5_vl.Qwen2_5_VLConfig.from_dict(dict(config)))
+
+
+def params_from_hf(arrays: Mapping[str, np.ndarray], table) -> dict:
+    """The JAX parameter pytree from HF-named arrays (the inverse of ``iter_hf_arrays``)."""
+    import jax.numpy as jnp
+
+    from caspo_jax.models.common.checkpoint import tree_set
+
+    expected = {name for spec in table for name in spec.hf_names}
+    missing = sorted(expected - set(arrays))
+    if missing:
+        raise ValueError(f"weight push incomplete: {len(missing)} tensors missing, e.g. {missing[:5]}")
+    params: dict = {}
+    for spec in table:
+        layers = [spec.to_ours(np.asarray(arrays[name])) for name in spec.hf_names]
+        tree_set(params, spec.path, jnp.asarray(layers[0] if spec.num_layers is None else np.stack(layers)))
+    return params
+
+
+class RolloutWorker:
+    """A rollout engine behind picklable calls (``load_weights``, ``generate``, ``info``)."""
+
+    def __init__(self, spec: WorkerSpec):
+        for key, value in spec.env.items():
+            os.environ[key] = value
+        self.spec = spec
+        self.model = build_model(spec.model_config)
+        self.engine = None
+        self.version = -1
+        if spec.engine == "vllm":
+            from caspo_jax.rollout import VllmEngine
+
+            kwargs = dict(spec.engine_kwargs)
+            kwargs.setdefault("in_process", True)
+            self.engine = VllmEngine.start(spec.model_dir, self.model, **kwargs)
+
+    def info(self) -> dict:
+        import jax
+
+        return {"pid": os.getpid(), "engine": self.spec.engine, "version": self.version,
+                "backend": jax.default_backend(), "devices": jax.device_count()}
+
+    def load_weights(self, buckets: Sequence[bytes], version: int = 0) -> int:
+        """Replace the weights with these safetensors buckets (one full push); returns the
+        number of tensors received."""
+        if self.spec.engine == "vllm":
+            from caspo_jax.bridge.transport import load_safetensors_on_worker, reset_engine_caches
+
+            llm, count = self.engine.llm, 0
+            for data in buckets:
+                if self.engine.transport == "in_process":
+                    from caspo_jax.bridge.transport import in_process_worker
+
+                    count += load_safetensors_on_worker(in_process_worker(llm), data)
+                else:
+                    count += sum(llm.collective_rpc(load_safetensors_on_worker, args=(data,))[:1])
+            reset_engine_caches(llm)
+        else:
+            from safetensors.numpy import load
+
+            arrays: dict = {}
+            for data in buckets:
+                arrays.update(load(data))
+            params = params_from_hf(arrays, self.model.param_table())
+            if self.engine is None:
+                from caspo_jax.rollout import JaxSampler
+
+                self.engine = JaxSampler(self.model, params, **dict(self.spec.engine_kwargs))
+            else:
+                self.engine.sync_weights(params)
+            count = len(arrays)
+        self.version = version
+        return count
+
+    def generate(self, prompts, n: int, sampling):
+        if self.engine is None:
+            raise RuntimeError("RolloutWorker.generate before load_weights: push weights first (sync_weights)")
+        return self.engine.generate(list(prompts), n=n, sampling=sampling)
+
+
+# -- process-pool plumbing: one worker object per pool process -----------------------
+_WORKER: RolloutWorker | None = None
+
+
+def _init_process(spec: WorkerSpec) -> None:
+    global _WORKER
+    _WORKER = RolloutWorker(spec)
+
+
+def _call(method: str, *args, **kwargs):
+    if _WORKER is None:
+        raise RuntimeError("rollout worker process was not initialised")
+    return getattr(_WORKER, method)(*args, **kwargs)
