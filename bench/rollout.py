@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-new-tokens", type=int, default=32,
                         help="new tokens for the transformers baseline (it is slow; fewer tokens flatter it)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--vllm-threads", type=int, default=os.cpu_count() or 1,
+                        help="OMP threads for vLLM (vLLM's own default is 1; we give it the CPUs JAX gets)")
     args = parser.parse_args(argv)
 
     from caspo_jax.models import load_pretrained, save_pretrained
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
         print(f"vLLM not importable here ({type(err).__name__}); run with the vLLM venv's python for the full "
               "comparison")
     if have_vllm:
-        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # vLLM would drop to 1 thread
+        os.environ["OMP_NUM_THREADS"] = str(args.vllm_threads)  # vLLM would drop to 1 thread
         bench_vllm(tmp, model, params, prompts, sampling, args, total, rates)
 
     baseline = "vllm" if "vllm" in rates else "transformers"
@@ -169,7 +171,8 @@ def bench_vllm(path, model, params, prompts, sampling, args, total, rates) -> No
     rollouts, seconds = _timed(lambda: engine.generate(prompts, n=args.n, sampling=sampling))
     assert int(rollouts.mask.sum()) == total
     rates["vllm"] = total / seconds
-    print(f"vLLM-CPU (in-process, eager, float32): {rates['vllm']:.0f} new tokens/s ({seconds:.2f} s)")
+    print(f"vLLM-CPU (in-process, eager, float32, {args.vllm_threads} threads): {rates['vllm']:.0f} new tokens/s "
+          f"({seconds:.2f} s)")
 
     # ----- bridge: conversion vs memcpy -----
     table = model.param_table()
