@@ -1,0 +1,44 @@
+"""One of the two JAX processes of test_distributed_train.py (started with the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment).
+
+usage: python _dist_worker.py CHECKPOINT_DIR OUT.npz
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from caspo_jax.launch import distributed  # noqa: E402
+
+plan = distributed.start()  # before anything touches the devices
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import _dist_scenario as sc  # noqa: E402
+from caspo_jax.models import load_pretrained  # noqa: E402
+from caspo_jax.sharding import make_mesh  # noqa: E402
+from caspo_jax.train import batch_shardings, init_state, shard_state, state_shardings  # noqa: E402
+
+
+def main(ckpt: str, out: str) -> None:
+    assert plan.kind == "explicit" and jax.process_count() == 2, (plan, jax.process_count())
+    mesh = make_mesh(2, 2, 2)  # 8 devices, 4 on each process
+    model, params = load_pretrained(ckpt, mesh=mesh)
+    full = sc.batch_for(model)
+    shardings = batch_shardings(full, mesh)
+    local = distributed.take_local_rows(full, shardings)
+    batch = distributed.global_batch(local, shardings)
+    assert local.response_ids.shape[0] == full.num_rows // 2 and batch.response_ids.shape == full.response_ids.shape
+    state = shard_state(init_state(params, sc.CFG), state_shardings(model, sc.CFG, mesh))
+    state, losses = sc.run(model, state, batch, mesh)
+    host = distributed.gather_to_host(state.params)
+    if distributed.is_primary():
+        np.savez(out, losses=np.asarray(losses), rows=np.asarray([local.response_ids.shape[0]]), **sc.flat(host))
+    distributed.barrier("written")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
