@@ -188,3 +188,17 @@ def test_image_token_count_mismatch_is_named(tiny):
 @pytest.mark.parametrize("size,minimum,expected", [(1, 16, 16), (16, 16, 16), (17, 16, 32), (129, 1, 256)])
 def test_bucket_is_next_power_of_two(size, minimum, expected):
     assert bucket(size, minimum) == expected
+
+
+def test_length_buckets_bound_recompiles(tiny):
+    from caspo_jax.rollout import jax_engine
+
+    _, model, params = tiny
+    engine = JaxSampler(model, params, min_prompt_bucket=32)  # a shape no other test compiles
+    rng = np.random.default_rng(5)
+    before = jax_engine._rollout._cache_size()
+    for length, new in [(9, 5), (30, 7), (17, 16), (10, 3)]:  # all in the (32, 16) bucket
+        prompt = RolloutPrompt(rng.integers(0, 400, length))
+        out = engine.generate([prompt], n=2, sampling=SamplingParams(temperature=0.0, max_new_tokens=new))
+        assert out.tokens.shape[1] <= new
+    assert jax_engine._rollout._cache_size() - before == 1
