@@ -20,10 +20,20 @@ from caspo_jax.remote.worker import WorkerSpec, _call, _init_process
 
 
 def encode_weight_buckets(params, model, bucket_bytes: int = 256 * 2**20, dtype=None) -> list[bytes]:
-    """The full state dict as safetensors-bytes buckets (what crosses the process/host boundary)."""
+    """The full state dict as safetensors-bytes buckets (what crosses the process/host boundary).
+
+    With parameters sharded over several trainer processes this is a collective (every
+    process calls it; each leaf is all-gathered to the host in ``dtype``)."""
+    import jax
+
     from caspo_jax.bridge.hf_tensors import iter_buckets, iter_hf_arrays
     from caspo_jax.bridge.transport import encode_safetensors
 
+    if jax.process_count() > 1:
+        from caspo_jax.launch.distributed import gather_to_host
+
+        cast = (lambda x: x.astype(dtype)) if dtype is not None else (lambda x: x)
+        params = jax.tree.map(lambda x: gather_to_host(cast(x)), params)
     items = iter_hf_arrays(params, model.param_table(), dtype=dtype)
     return [encode_safetensors(bucket) for bucket in iter_buckets(items, bucket_bytes)]
 
@@ -125,9 +135,13 @@ class RemoteRolloutEngine:
         return self._gather([h.submit("info") for h in self.handles])
 
     def sync_weights(self, params) -> None:
-        """Push the full state dict to every worker (collective on multi-host trainers:
-        every trainer process gathers, only process 0 needs to call this)."""
+        """Push the full state dict to every worker. On a multi-host trainer every process
+        calls this (the gather is a collective) and only process 0 sends."""
+        import jax
+
         buckets = encode_weight_buckets(params, self.model, self.bucket_bytes, self.push_dtype)
+        if jax.process_index() != 0:
+            return
         self.last_push_bytes = sum(len(b) for b in buckets)
         self.version += 1
         expected = sum(len(spec.hf_names) for spec in self.model.param_table())

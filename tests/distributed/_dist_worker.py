@@ -15,9 +15,11 @@ plan = distributed.start()  # before anything touches the devices
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import safetensors.numpy  # noqa: E402
 
 import _dist_scenario as sc  # noqa: E402
 from caspo_jax.models import load_pretrained  # noqa: E402
+from caspo_jax.remote import encode_weight_buckets, params_from_hf  # noqa: E402
 from caspo_jax.sharding import make_mesh  # noqa: E402
 from caspo_jax.train import batch_shardings, init_state, shard_state, state_shardings  # noqa: E402
 
@@ -34,8 +36,16 @@ def main(ckpt: str, out: str) -> None:
     state = shard_state(init_state(params, sc.CFG), state_shardings(model, sc.CFG, mesh))
     state, losses = sc.run(model, state, batch, mesh)
     host = distributed.gather_to_host(state.params)
+    # the rollout push from a multi-host trainer: a collective gather, then bytes on process 0
+    buckets = encode_weight_buckets(state.params, model, bucket_bytes=256 * 1024)
     if distributed.is_primary():
-        np.savez(out, losses=np.asarray(losses), rows=np.asarray([local.response_ids.shape[0]]), **sc.flat(host))
+        arrays = {}
+        for data in buckets:
+            arrays.update(safetensors.numpy.load(data))
+        pushed = sc.flat(params_from_hf(arrays, model.param_table()))
+        bridge_diff = max(float(np.abs(pushed[k] - v).max()) for k, v in sc.flat(host).items())
+        np.savez(out, losses=np.asarray(losses), rows=np.asarray([local.response_ids.shape[0]]),
+                 bridge=np.asarray([bridge_diff, len(buckets)]), **sc.flat(host))
     distributed.barrier("written")
     distributed.shutdown()
 

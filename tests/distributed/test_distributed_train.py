@@ -1,6 +1,8 @@
 """Two JAX processes (loopback coordinator, gloo CPU collectives, 4 simulated devices each)
 run two CASPO train steps on an 8-device (2, 2, 2) mesh spanning both, each process feeding
-only its own rows; the result equals one process on one device (<= 1e-5)."""
+only its own rows; the result equals one process on one device (<= 1e-5). The trained,
+sharded weights are then encoded for a rollout worker (collective gather, safetensors
+buckets on process 0) and decode to exactly the gathered parameters."""
 
 import os
 import socket
@@ -59,8 +61,12 @@ def test_two_processes_match_single_process(tmp_path):
     assert np.abs(got["losses"] - np.asarray(ref_losses)).max() <= TOL
     assert ref_losses[1] < ref_losses[0]  # the steps did something
     ref = sc.flat(ref_params)
-    assert set(ref) == set(got.files) - {"losses", "rows"}
+    assert set(ref) == set(got.files) - {"losses", "rows", "bridge"}
+    bridge_diff, n_buckets = got["bridge"]
+    assert bridge_diff == 0 and n_buckets > 1  # the sharded weights crossed as bytes intact
     worst = max(float(np.abs(got[k] - v).max()) for k, v in ref.items())
+    print(f"two processes vs one: loss diff {np.abs(got['losses'] - np.asarray(ref_losses)).max():.2e}, "
+          f"max parameter diff {worst:.2e}")
     assert worst <= TOL, worst
     moved = max(float(np.abs(v - w).max()) for v, w in zip(ref.values(), sc.flat(sc.load_pretrained(ckpt)[1]).values()))
     assert moved > 1e-4  # parameters changed, so the comparison is not vacuous
