@@ -5,7 +5,6 @@ bit; a transformers model filled from the bridge gives our logits (float32, <= 2
 the models' parity tolerance).
 """
 
-import io
 
 import jax
 import jax.numpy as jnp
