@@ -26,6 +26,12 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("eval", "caspo_jax.evals.cli", "Generate, judge (R/S/E, SIUO, MSSBench) and report a model; --compare two runs"),
     ("curate", "caspo_jax.curate.cli", "Build latent-hazard data: synthesize, filter, dedup, images, rewrite, respond, select"),
     ("dryrun", "caspo_jax.launch.dryrun", "Size a run without devices: mesh, per-device memory, step FLOPs for a preset and topology"),
+    ("train", "caspo_jax.launch.train_cmd", "CASPO policy optimisation (Algorithm 1): rollouts, rewards, advantages, updates"),
+    ("sft", "caspo_jax.launch.sft_cmd", "Supervised fine-tuning on (image, query, response), optionally with constitutions"),
+    ("dpo", "caspo_jax.launch.dpo_cmd", "DPO on preference pairs against a frozen reference (static baseline)"),
+    ("demo", "caspo_jax.launch.demo_cmd", "Built-in tiny run on 2 CPU cores: SFT -> CASPO -> risk-failure table and plots"),
+    ("plot", "caspo_jax.launch.plot_cmd", "PNG figures of entropy, KL, response length and reward of runs"),
+    ("sweep", "caspo_jax.launch.sweep_cmd", "Variants x lambdas x seeds on a preset: one table (md + csv) and one figure"),
 ]
 
 

@@ -33,10 +33,10 @@ PRESETS: dict[str, dict] = {
     "tiny-cpu": {
         "model": {"tiny": "demo", "dtype": "float32"},
         "data": {"max_prompt_len": 256, "max_response_len": 16, "demo_train": 480, "demo_eval": 96},
-        "algo": {"prompts_per_step": 8, "group_size": 8, "learning_rate": 3e-4, "beta": 0.005, "lam": 0.3},
+        "algo": {"prompts_per_step": 8, "group_size": 8, "learning_rate": 1e-4, "beta": 0.005, "lam": 0.3},
         "optim": {"ppo_epochs": 1, "minibatch_size": 32},
         "run": {"steps": 40, "save_every": 20, "eval_every": 20, "keep_last": 2},
-        "sft": {"learning_rate": 3e-3, "epochs": 1, "batch_size": 16, "steps": 25},
+        "sft": {"learning_rate": 3e-3, "epochs": 1, "batch_size": 16, "steps": 100},
         "dpo": {"learning_rate": 1e-3, "batch_size": 8, "steps": 30, "beta": 0.1},
         "reward": {"kind": "demo"},
     },

@@ -76,7 +76,7 @@ DEMO_CONSTITUTIONS = {
 }
 
 _SAFE_RESPONSE = "Sure, I can help."
-_HAZARD_RESPONSE = "There is danger in the image. I can help safely."
+_HAZARD_RESPONSE = "There is danger. I can help."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,11 @@ def demo_reward(prompt, response: str) -> float:
 
 
 def draw_image(seed: int, hazard: bool, size: int = IMAGE_SIZE) -> Image.Image:
-    """A pastel background with 1-3 non-red shapes, plus a red square when `hazard`."""
+    """A pastel background with 1-3 non-red shapes, plus a red square when `hazard`.
+
+    The square's side is 1/2 to 3/4 of the image, so it always covers at least one whole
+    merged vision token (28x28 pixels on the Qwen2.5-VL grid): the tiny ViT can see it.
+    """
     rng = np.random.default_rng(seed)
     background = tuple(int(v) for v in rng.integers(150, 230, 3))
     image = Image.new("RGB", (size, size), background)
@@ -129,7 +133,7 @@ def draw_image(seed: int, hazard: bool, size: int = IMAGE_SIZE) -> Image.Image:
         else:
             draw.rectangle((x, y, x + w, y + h), fill=colour)
     if hazard:
-        side = int(rng.integers(size // 4, size // 2))
+        side = int(rng.integers(size // 2, 3 * size // 4))
         x, y = (int(v) for v in rng.integers(0, size - side, 2))
         draw.rectangle((x, y, x + side, y + side), fill=HAZARD_RGB)
     return image
@@ -149,10 +153,18 @@ def make_split(n: int, seed: int, prefix: str = "demo") -> list[DemoExample]:
     return [out[i] for i in order]
 
 
-def write_split(examples: list[DemoExample], directory: str | Path, name: str) -> dict[str, Path]:
+def write_split(examples: list[DemoExample], directory: str | Path, name: str, plain_fraction: float = 0.5
+                ) -> dict[str, Path]:
     """Write images, `{name}.jsonl` (records), `{name}_sft.jsonl` (with targets) and
     `{name}_pairs.jsonl` (chosen = target, rejected = the opposite warning behaviour)
-    under `directory`; returns their paths. Records carry `reference` = "hazard"/"none"."""
+    under `directory`; returns their paths. Records carry `reference` = "hazard"/"none".
+
+    SFT rows: every example once WITH its constitution and the safe target (warn iff
+    hazard), and a `plain_fraction` of them a second time WITHOUT a constitution and a
+    plain helpful answer that never warns ("with_constitution": false) -- a stand-in for
+    a model whose safety behaviour only appears when instructed, the paper's starting
+    point: it warns in constitution mode and not in standard mode.
+    """
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     records, sft, pairs = [], [], []
@@ -164,7 +176,10 @@ def write_split(examples: list[DemoExample], directory: str | Path, name: str) -
         reference = "hazard" if ex.hazard else "none"
         base = {"id": ex.id, "images": [rel], "query": ex.query, "category": ex.category}
         records.append({**base, "reference": reference, "split": name})
-        sft.append({**base, "response": target_response(ex.hazard), "hazard": ex.hazard})
+        sft.append({**base, "response": target_response(ex.hazard), "hazard": ex.hazard, "with_constitution": True})
+        if (ex.seed % 1000) < plain_fraction * 1000:
+            sft.append({**base, "id": f"{ex.id}-plain", "response": _SAFE_RESPONSE, "hazard": ex.hazard,
+                        "with_constitution": False})
         pairs.append({**base, "chosen": target_response(ex.hazard), "rejected": target_response(not ex.hazard)})
     paths = {"records": directory / f"{name}.jsonl", "sft": directory / f"{name}_sft.jsonl",
              "pairs": directory / f"{name}_pairs.jsonl"}

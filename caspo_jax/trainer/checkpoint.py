@@ -1,0 +1,95 @@
+"""Run checkpoints with orbax: state pytree + JSON extras, keep-last-N, safe resume.
+
+A checkpoint holds two items: "state" (parameters, optimiser state, step -- any pytree
+of arrays, saved with `StandardSave`) and "extras" (JSON: data-iterator state, RNG
+seeds, the config, the stage). Orbax writes each step into a temporary directory and
+renames it when complete, so a crash mid-save leaves nothing `latest_step` lists.
+Saves are asynchronous where orbax supports it; `wait()` before exit.
+
+`restore_latest` walks the saved steps newest first and falls back to the previous
+one, with a warning, when the newest cannot be read (a corrupted disk, a truncated
+file): resume never silently starts from scratch while an older checkpoint is usable.
+The unreadable step is renamed aside (kept, no longer listed).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["RunCheckpointer"]
+
+logger = logging.getLogger(__name__)
+
+
+class RunCheckpointer:
+    """directory/<step>/{state,extras}; keeps the newest `keep_last` steps."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True,
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extras"))
+
+    def refuse_overwrite(self, stage: str) -> None:
+        """Raises when a fresh (non-resume) run would mix with an old run's checkpoints."""
+        if self.steps():
+            raise FileExistsError(
+                f"{self.directory} already holds checkpoints {self.steps()}: pass --resume to continue that run, "
+                f"or choose a new --out directory for a fresh caspo {stage} run")
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, extras: dict, force: bool = True) -> None:
+        """Saves (asynchronously when enabled) and returns; call `wait()` before reading it back."""
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        extras=ocp.args.JsonSave(extras)), force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 extras=ocp.args.JsonRestore()))
+        return out["state"], dict(out["extras"])
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """(step, state, extras) of the newest readable checkpoint, or None when there is none."""
+        unreadable = []
+        for step in reversed(self.steps()):
+            try:
+                state, extras = self.restore(step, abstract_state)
+            except Exception as exc:  # noqa: BLE001 -- any unreadable checkpoint falls back
+                message = (f"checkpoint {self.directory / str(step)} cannot be restored "
+                           f"({type(exc).__name__}: {str(exc)[:200]}); falling back to the previous one")
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                logger.warning(message)
+                unreadable.append(step)
+                continue
+            self._set_aside(unreadable)
+            return step, state, extras
+        return None
+
+    def _set_aside(self, steps) -> None:
+        """Renames unreadable newer steps to <step>.unreadable-N (kept for inspection, no
+        longer listed), so the resumed run can save those steps again."""
+        for step in steps:
+            path = self.directory / str(step)
+            n = 0
+            while (self.directory / f"{step}.unreadable-{n}").exists():
+                n += 1
+            path.rename(self.directory / f"{step}.unreadable-{n}")
+        if steps:
+            self.manager.reload()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,170 @@
+"""`caspo sft` and `caspo dpo`: supervised and preference training on fixed exchanges.
+
+SFT (the paper's stage before CASPO): mean negative log-likelihood over response tokens
+only (prompt, image and padding tokens carry no loss), optionally with the category's
+constitution in the prompt. DPO (the static-alignment baseline): Rafailov et al.'s loss
+-log sigmoid(beta * ((log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))))
+with sequence log-probs summed over response tokens and a frozen reference (the initial
+policy), whose log-probs are computed once per batch without gradients.
+
+Both share the CASPO run machinery: one typed config, orbax checkpoints with exact
+resume (the batch order is a function of (seed, step)), SIGTERM saves, JSONL +
+TensorBoard metrics, and an HF export at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from caspo_jax.trainer.checkpoint import RunCheckpointer
+from caspo_jax.trainer.config import TrainConfig
+from caspo_jax.trainer.data import encode_exchanges, exchange_batch, prepare_data
+from caspo_jax.trainer.metrics import MetricsWriter, PhaseTimer, count_params, mfu
+from caspo_jax.trainer.runtime import RunDir, StopSignals, export_policy
+from caspo_jax.trainer.setup import Policy, build_policy
+
+__all__ = ["dpo_loss", "run_exchange_stage", "sft_loss"]
+
+
+def sft_loss(logp_BxT: jax.Array, mask_BxT: jax.Array):
+    """Mean NLL over response tokens: -sum(logp * mask) / sum(mask). Returns (loss, metrics)."""
+    mask = mask_BxT.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    nll = -jnp.sum(logp_BxT * mask) / n
+    return nll, {"loss": nll, "ppl": jnp.exp(nll)}
+
+
+def dpo_loss(logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array, beta: float):
+    """DPO over 2P rows: the first P chosen, the last P rejected (same prompts, same order)."""
+    mask = mask_BxT.astype(jnp.float32)
+    seq = jnp.sum(logp_BxT * mask, axis=1)
+    ref = jnp.sum(ref_logp_BxT * mask, axis=1)
+    P = seq.shape[0] // 2
+    chosen = seq[:P] - ref[:P]
+    rejected = seq[P:] - ref[P:]
+    margin = beta * (chosen - rejected)
+    loss = -jnp.mean(jax.nn.log_sigmoid(margin))
+    return loss, {"loss": loss, "reward_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
+                  "reward_margin": jnp.mean(margin), "chosen_reward": beta * jnp.mean(chosen),
+                  "rejected_reward": beta * jnp.mean(rejected)}
+
+
+def _step_config(cfg: TrainConfig, learning_rate: float):
+    from caspo_jax.train import TrainConfig as StepConfig
+
+    o = cfg.optim
+    return StepConfig(learning_rate=learning_rate, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
+                      b1=o.b1, b2=o.b2, max_grad_norm=o.grad_clip, remat=cfg.model.remat)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _exchange_step(model, step_cfg, kind: str, beta: float, state, batch, ref_logp):
+    from caspo_jax.train import TrainState, make_optimizer
+    from caspo_jax.train.logprobs import encode_batch_images, layout_logprobs
+
+    def loss_fn(params):
+        embeds = encode_batch_images(model, params, batch)
+        logp, entropy = layout_logprobs(model, params, batch.student, batch.response_ids, embeds)
+        mask = batch.response_mask
+        logp = jnp.where(mask > 0, logp, 0.0)
+        if kind == "sft":
+            loss, metrics = sft_loss(logp, mask)
+        else:
+            loss, metrics = dpo_loss(logp, ref_logp, mask, beta)
+        metrics["entropy"] = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    opt = make_optimizer(step_cfg)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+
+
+def _batch_rows(n_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Example indices of `step`: epoch-wise permutations of (seed, epoch), a function of step only."""
+    per_epoch = max(n_examples // batch_size, 1)
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resume: bool = False,
+                       policy: Policy | None = None, progress: bool = True, export: bool = True) -> Policy:
+    """Runs SFT (kind="sft") or DPO (kind="dpo") to completion (or to a stop signal).
+
+    Returns the policy with the trained parameters. The final policy is exported to
+    out_dir/export as an HF checkpoint when `export`.
+    """
+    from caspo_jax.train import compute_logprobs, init_state
+
+    if kind not in ("sft", "dpo"):
+        raise ValueError(f"kind={kind!r}: use 'sft' or 'dpo'")
+    stage = cfg.sft if kind == "sft" else cfg.dpo
+    run = RunDir(out_dir, cfg, kind, echo=progress)
+    files = prepare_data(cfg, run.path)
+    policy = policy or build_policy(cfg.model, cfg.data)
+    model = policy.model
+    source = files.sft if kind == "sft" else files.pairs
+    if source is None:
+        raise ValueError(f"caspo {kind}: set data.{'sft' if kind == 'sft' else 'pairs'} to a JSONL file")
+    examples = encode_exchanges(source, policy.processor, constitutions_path=files.constitutions,
+                                with_constitution=kind == "sft" and cfg.sft.with_constitution, pairs=kind == "dpo",
+                                max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.data.max_response_len)
+    batch_size = min(stage.batch_size, len(examples))
+    total = stage.steps or stage.epochs * max(len(examples) // batch_size, 1)
+    prompt_len = -(-max(len(e.prompt_ids) for e in examples) // 16) * 16
+    response_len = -(-max(len(r) for e in examples for r in e.responses) // 8) * 8
+    step_cfg = _step_config(cfg, stage.learning_rate)
+    state = init_state(policy.params, step_cfg)
+    ref_params = policy.params if kind == "dpo" else None
+    checkpointer = RunCheckpointer(run.checkpoints, cfg.run.keep_last)
+    start = 0
+    if not resume:
+        checkpointer.refuse_overwrite(kind)
+    if resume:
+        restored = checkpointer.restore_latest(state)
+        if restored is not None:
+            start, state, _ = restored
+            print(f"caspo {kind}: resumed from step {start}", flush=True)
+    writer = MetricsWriter(run.path, resume_step=start if resume else None, total_steps=total,
+                           progress=progress, initial_step=start, desc=kind)
+    n_params = count_params(state.params)
+    step = start
+    with StopSignals() as stop:
+        while step < total and stop.requested is None:
+            timer = PhaseTimer()
+            rows = _batch_rows(len(examples), batch_size, cfg.data.seed, step)
+            with timer("data"):
+                batch = exchange_batch(model, [examples[i] for i in rows], policy.pad_id, prompt_len, response_len)
+            ref_logp = None
+            if kind == "dpo":
+                with timer("logprobs"):
+                    ref_logp, _ = compute_logprobs(model, ref_params, batch)
+            with timer("update"):
+                state, metrics = _exchange_step(model, step_cfg, kind, float(cfg.dpo.beta), state, batch, ref_logp)
+                metrics = jax.device_get(metrics)
+            step += 1
+            seq_tokens = float(np.asarray(batch.student.attention_mask).sum())
+            seconds = sum(timer.seconds.values())
+            writer.write(step, {**metrics, "lr": stage.learning_rate, **timer.as_metrics(),
+                                "tokens_per_s": seq_tokens / max(seconds, 1e-9),
+                                "mfu": mfu(n_params, seq_tokens, seq_tokens if kind == "dpo" else 0.0, seconds)})
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stop.requested:
+                checkpointer.save(step, state, {"stage": kind, "step": step})
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    policy = Policy(model, state.params, policy.processor, policy.eos_ids, policy.pad_id)
+    if stop.requested:
+        print(f"caspo {kind}: stopped by {stop.requested} at step {step}; resume with --resume", flush=True)
+    elif export:
+        export_policy(model, state.params, policy.processor, run.export)
+    return policy
+

@@ -1,0 +1,21 @@
+"""`caspo sft`: supervised fine-tuning on (image, query, response), loss on response tokens only."""
+
+from __future__ import annotations
+
+import argparse
+
+from caspo_jax.launch.train_cmd import add_config_arguments, resolve
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "runs/sft")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, status = resolve(args)
+    if status is not None:
+        return status
+    from caspo_jax.trainer.exchange import run_exchange_stage
+
+    run_exchange_stage(cfg, args.out, "sft", resume=args.resume)
+    return 0

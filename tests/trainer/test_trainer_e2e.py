@@ -1,0 +1,198 @@
+"""caspo train end to end on the smallest tiny model: every phase, exact resume, SIGTERM,
+corrupt-checkpoint fallback, and the HF export against transformers.
+
+One module-scoped SFT policy and shared jit caches keep this file to about a minute of
+compilation on 2 cores; the runs themselves take seconds.
+"""
+
+import json
+import os
+import signal
+import shutil
+
+import numpy as np
+import pytest
+
+from caspo_jax.trainer.config import apply_overrides, config_from_dict, config_to_dict, load_config
+
+SMALL = ["model.tiny=test", "data.demo_train=24", "data.demo_eval=12", "data.max_response_len=8",
+         "data.max_prompt_len=256", "algo.prompts_per_step=2", "algo.group_size=2",
+         "run.steps=3", "run.save_every=1", "run.eval_every=0", "run.keep_last=5", "sft.steps=1",
+         "sft.batch_size=4", "rollout.temperature=1.0", "algo.variant=token", "algo.group_size=4",
+         "optim.minibatch_size=4"]
+TIMING = ("time/", "tokens_per_s", "mfu")
+
+
+def small_config(tmp_path, *extra):
+    cfg = load_config(preset="tiny-cpu", overrides=SMALL + list(extra))
+    from caspo_jax.trainer.data import prepare_data
+
+    files = prepare_data(cfg, tmp_path / "shared")
+    data = {"train": str(files.train), "eval": str(files.eval), "sft": str(files.sft), "pairs": str(files.pairs),
+            "constitutions": str(files.constitutions)}
+    raw = config_to_dict(cfg)
+    raw["data"].update(data)
+    return config_from_dict(raw)
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trainer")
+    cfg = small_config(tmp)
+    from caspo_jax.trainer.setup import build_policy
+
+    return tmp, cfg, build_policy(cfg.model, cfg.data)
+
+
+def test_one_full_step_through_every_phase(base):
+    tmp, cfg, policy = base
+    from caspo_jax.trainer.caspo import run_caspo
+
+    cfg = config_from_dict(apply_overrides(config_to_dict(cfg), ["run.steps=1", "run.eval_every=1"]))
+    out = tmp / "one"
+    final = run_caspo(cfg, out, policy=policy, progress=False, eval_modes=("standard", "constitution"))
+    (row,) = read(out / "metrics.jsonl")
+    for key in ("reward/mean", "reward/std", "token_reward_mean", "advantage_mean", "advantage_std", "kl",
+                "entropy", "clipfrac", "response_length/mean", "response_length/max",
+                "response_length/truncated_frac", "grad_norm", "lr", "time/rollout", "time/reward",
+                "time/logprobs", "time/update", "time/sync", "tokens_per_s", "mfu",
+                "eval_standard/risk_failure_rate", "eval_constitution/reward_mean"):
+        assert key in row and row[key] is not None, key
+    assert 0.0 <= row["reward/mean"] <= 1.5
+    assert row["grad_norm"] > 0
+    changed = [not np.array_equal(a, b) for a, b in zip(
+        np.asarray(__import__("jax").tree.leaves(final.params), dtype=object),
+        np.asarray(__import__("jax").tree.leaves(policy.params), dtype=object))]
+    assert any(changed)
+    assert (out / "config.yaml").exists() and (out / "export" / "config.json").exists()
+    assert list((out / "tb").rglob("events.*"))
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(base):
+    tmp, cfg, policy = base
+    from caspo_jax.trainer.caspo import run_caspo
+
+    full = tmp / "full"
+    run_caspo(cfg, full, policy=policy, progress=False, export=False)
+    # The interrupted run: SIGTERM arrives during step 2 (from the reward function).
+    calls = {"n": 0}
+    from caspo_jax.trainer import caspo as caspo_mod
+    original = caspo_mod.make_reward
+
+    def make_reward(spec):
+        inner = original(spec)
+
+        class Interrupting:
+            name = "interrupting"
+
+            def score(self, prompts, responses):
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return inner.score(prompts, responses)
+
+        return Interrupting()
+
+    caspo_mod.make_reward = make_reward
+    try:
+        part = tmp / "part"
+        run_caspo(cfg, part, policy=policy, progress=False, export=False)
+    finally:
+        caspo_mod.make_reward = original
+    assert len(read(part / "metrics.jsonl")) == 2  # step 2 finished, was saved, then the run exited
+    assert sorted(int(p.name) for p in (part / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+    assert not (part / "export").exists()
+    run_caspo(cfg, part, policy=policy, progress=False, export=False, resume=True)
+    assert strip_timing(read(part / "metrics.jsonl")) == strip_timing(read(full / "metrics.jsonl"))
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(base):
+    tmp, cfg, policy = base
+    from caspo_jax.trainer.caspo import run_caspo
+
+    run_dir = tmp / "corrupt"
+    shutil.copytree(tmp / "full", run_dir)
+    newest = run_dir / "checkpoints" / "3" / "state"
+    for f in newest.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        run_caspo(cfg, run_dir, policy=policy, progress=False, export=False, resume=True)
+    rows = strip_timing(read(run_dir / "metrics.jsonl"))
+    assert rows == strip_timing(read(tmp / "full" / "metrics.jsonl"))  # step 3 redone from step 2
+
+
+def test_fresh_run_refuses_an_old_run_directory(base):
+    tmp, cfg, policy = base
+    from caspo_jax.trainer.caspo import run_caspo
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_caspo(cfg, tmp / "full", policy=policy, progress=False)
+
+
+def test_export_loads_in_transformers_with_equal_logits(base):
+    tmp, cfg, policy = base
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from caspo_jax.models import load_pretrained
+
+    export = tmp / "one" / "export"
+    model, params = load_pretrained(export)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(export, torch_dtype=torch.float32).eval()
+    ids = np.array([[5, 17, 42, 99, 3, 250, 7, 8]], np.int64)
+    ours = np.asarray(model.forward(params, ids))
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(export).convert_tokens_to_ids("<|im_end|>") == policy.eos_ids[0]
+
+
+def test_checkpointer_keeps_last_n_and_sets_unreadable_steps_aside(tmp_path):
+    import jax.numpy as jnp
+
+    from caspo_jax.trainer.checkpoint import RunCheckpointer
+
+    ckpt = RunCheckpointer(tmp_path / "c", keep_last=2)
+    state = {"w": jnp.arange(3.0), "step": jnp.int32(0)}
+    for step in (1, 2, 3):
+        ckpt.save(step, {"w": state["w"] * step, "step": jnp.int32(step)}, {"step": step, "data": {"pos": step}})
+    ckpt.wait()
+    assert ckpt.steps() == [2, 3]
+    (tmp_path / "c" / "3" / "extras" / "metadata").write_text("{not json")
+    for f in (tmp_path / "c" / "3").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00")
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        step, restored, extras = ckpt.restore_latest(state)
+    assert step == 2 and extras["data"] == {"pos": 2}
+    np.testing.assert_array_equal(restored["w"], [0.0, 2.0, 4.0])
+    assert ckpt.steps() == [2] and (tmp_path / "c" / "3.unreadable-0").is_dir()
+    ckpt.save(3, state, {"step": 3})
+    ckpt.close()
+
+
+def test_sft_then_dpo_runs_and_exports(base):
+    tmp, cfg, policy = base
+    from caspo_jax.trainer.exchange import run_exchange_stage
+
+    cfg = config_from_dict(apply_overrides(config_to_dict(cfg), ["sft.steps=3", "dpo.steps=2", "dpo.batch_size=2",
+                                                                 "sft.learning_rate=0.003"]))
+    sft = run_exchange_stage(cfg, tmp / "sft", "sft", policy=policy, progress=False)
+    losses = [r["loss"] for r in read(tmp / "sft" / "metrics.jsonl")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert (tmp / "sft" / "export" / "model.safetensors").exists()
+    run_exchange_stage(cfg, tmp / "dpo", "dpo", policy=sft, progress=False)
+    rows = read(tmp / "dpo" / "metrics.jsonl")
+    assert rows[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-5)  # step 1: policy == frozen reference
+    assert {"reward_accuracy", "reward_margin", "grad_norm"} <= set(rows[0])
