@@ -34,8 +34,13 @@ def encode_weight_buckets(params, model, bucket_bytes: int = 256 * 2**20, dtype=
 
         cast = (lambda x: x.astype(dtype)) if dtype is not None else (lambda x: x)
         params = jax.tree.map(lambda x: gather_to_host(cast(x)), params)
-    items = iter_hf_arrays(params, model.param_table(), dtype=dtype)
-    return [encode_safetensors(bucket) for bucket in iter_buckets(items, bucket_bytes)]
+    # Grouped by the vLLM module that receives them: vLLM processes a fused module (q/k/v,
+    # gate/up) once per load, so a bucket must never split one (harmless for JAX workers).
+    from caspo_jax.bridge.verify import vllm_module_order
+
+    order, module_of = vllm_module_order(model.param_table())
+    items = iter_hf_arrays(params, model.param_table(), dtype=dtype, names=order)
+    return [encode_safetensors(bucket) for bucket in iter_buckets(items, bucket_bytes, group_of=module_of.get)]
 
 
 class _PoolHandle:
