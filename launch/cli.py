@@ -32,6 +32,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("demo", "caspo_jax.launch.demo_cmd", "Built-in tiny run on 2 CPU cores: SFT -> CASPO -> risk-failure table and plots"),
     ("plot", "caspo_jax.launch.plot_cmd", "PNG figures of entropy, KL, response length and reward of runs"),
     ("sweep", "caspo_jax.launch.sweep_cmd", "Variants x lambdas x seeds on a preset: one table (md + csv) and one figure"),
+    ("rm", "caspo_jax.launch.rm_cmd", "Train the reward model: Bradley-Terry pairs + lambda * MSE on RSE scores (eq. 7)"),
 ]
 
 

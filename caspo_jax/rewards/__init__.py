@@ -5,6 +5,15 @@ from caspo_jax.rewards.factory import build_reward, register_reward_kind, reward
 from caspo_jax.rewards.function import FunctionReward
 from caspo_jax.rewards.judge import JudgeReward
 
+
+def _build_reward_model(fields):  # lazy: importing rewards does not start JAX
+    from caspo_jax.rewards.reward_model import build_reward_model
+
+    return build_reward_model(fields)
+
+
+register_reward_kind("reward_model", _build_reward_model)
+
 __all__ = [
     "FunctionReward",
     "JudgeReward",

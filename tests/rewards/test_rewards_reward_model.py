@@ -1,0 +1,148 @@
+"""The reward model: eq. 7's loss by hand, the head's token, learning, save/load, build_reward, `caspo rm`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from caspo_jax.rewards import build_reward
+from caspo_jax.rewards.reward_model import HEAD_KEY, RewardModel, encode_rm_example, init_head, rm_rows, sequence_rewards
+from caspo_jax.rewards.rm_train import RMTrainConfig, load_scored_responses, rm_loss, train_reward_model
+
+
+def test_rm_loss_equals_hand_computed_bt_plus_weighted_mse():
+    # K = 2 slots, B = 4 rows: slot 0 a pair (rows 0 / 2), slot 1 two MSE records (rows 1 and 3).
+    r = jnp.array([2.0, 0.5, 0.3, 1.0])
+    bt_mask = jnp.array([1.0, 0.0])
+    mse_mask = jnp.array([0.0, 1.0, 0.0, 1.0])
+    target = jnp.array([0.0, 4 / 6, 0.0, 1.0])
+    bt = math.log1p(math.exp(-(2.0 - 0.3)))  # -log sigmoid(1.7)
+    mse = ((0.5 - 4 / 6) ** 2 + (1.0 - 1.0) ** 2) / 2
+    loss, m = rm_loss(r, bt_mask, mse_mask, target, 0.5)
+    np.testing.assert_allclose(float(loss), bt + 0.5 * mse, rtol=1e-6)
+    np.testing.assert_allclose(float(m["bt_loss"]), bt, rtol=1e-6)
+    np.testing.assert_allclose(float(m["mse"]), mse, rtol=1e-6)
+    assert float(m["accuracy"]) == 1.0
+    # Two pairs, one wrong way round; no MSE rows: the MSE term is 0, accuracy 1/2.
+    r2 = jnp.array([1.0, -1.0, 0.0, 0.0])
+    loss2, m2 = rm_loss(r2, jnp.ones(2), jnp.zeros(4), jnp.zeros(4), 3.0)
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0))) / 2
+    np.testing.assert_allclose(float(loss2), expected, rtol=1e-6)
+    assert float(m2["accuracy"]) == 0.5 and float(m2["mse"]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from caspo_jax.trainer.config import DataConfig, ModelConfig
+    from caspo_jax.trainer.setup import build_policy
+
+    policy = build_policy(ModelConfig(tiny="test"), DataConfig())
+    params = {**policy.params, HEAD_KEY: init_head(policy.params["text"]["embed"].shape[1], seed=1)}
+    return policy, params
+
+
+def test_head_reads_exactly_the_last_response_token(tiny):
+    policy, params = tiny
+    model = policy.model
+    ex = encode_rm_example(policy.processor, "How do I store bleach?", [], ["Keep it away from ammonia."])
+    short = rm_rows(model, [(ex, 0)], policy.pad_id, len(ex.prompt_ids) + 3, len(ex.responses[0]) + 2)
+    r = float(sequence_rewards(model, params, short)[0])
+    # Reference: the unpadded sequence through the backbone, the head on its final position.
+    ids = np.concatenate([ex.prompt_ids, ex.responses[0]])[None]
+    h = model.hidden_states(params, jnp.asarray(ids), jnp.ones_like(ids))
+    ref = float(h[0, -1] @ params[HEAD_KEY]["kernel"] + params[HEAD_KEY]["bias"])
+    np.testing.assert_allclose(r, ref, rtol=1e-5, atol=1e-5)
+    # More padding on both sides, and garbage (masked) tokens after the last one: same reward.
+    long = rm_rows(model, [(ex, 0)], policy.pad_id, len(ex.prompt_ids) + 11, len(ex.responses[0]) + 9)
+    seq = long.student
+    garbage = np.where(seq.attention_mask > 0, seq.input_ids, np.random.default_rng(0).integers(0, 300, seq.input_ids.shape))
+    import dataclasses
+
+    long = dataclasses.replace(long, student=dataclasses.replace(seq, input_ids=garbage.astype(np.int32)))
+    np.testing.assert_allclose(float(sequence_rewards(model, params, long)[0]), r, rtol=1e-5, atol=1e-5)
+    # Changing the last response token does change it.
+    other = encode_rm_example(policy.processor, "How do I store bleach?", [], ["Keep it away from ammonia!"])
+    r_other = float(sequence_rewards(model, params, rm_rows(model, [(other, 0)], policy.pad_id,
+                                                             len(ex.prompt_ids) + 3, len(ex.responses[0]) + 2))[0])
+    assert abs(r_other - r) > 1e-4
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+WORDS = "the a water store keep room cold light paper bottle glass box door window table chair".split()
+
+
+def _synthetic(tmp_path, n_pairs=48, n_scored=16, seed=0):
+    """Responses ending with "safe" are preferred to the same text ending with "now"."""
+    rng = np.random.default_rng(seed)
+
+    def filler():
+        return " ".join(rng.choice(WORDS, size=int(rng.integers(3, 7))))
+
+    pairs = [{"id": f"p{i}", "images": [], "query": f"how to {filler()}?",
+              "chosen": (body := filler()) + " safe", "rejected": body + " now"} for i in range(n_pairs)]
+    scored = [{"id": f"s{i}", "images": [], "query": f"what about {filler()}?",
+               "response": filler() + (" safe" if i % 2 else " now"), "score": 6 if i % 2 else 0}
+              for i in range(n_scored)]
+    return _write_jsonl(tmp_path / "pairs.jsonl", pairs), _write_jsonl(tmp_path / "scores.jsonl", scored)
+
+
+def test_tiny_rm_learns_marker_preference_and_round_trips(tiny, tmp_path):
+    from caspo_jax.trainer.runtime import export_policy
+
+    policy, _ = tiny
+    backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")
+    pairs, scores = _synthetic(tmp_path)
+    cfg = RMTrainConfig(mse_weight=1.0, batch_size=8, steps=40, learning_rate=3e-3, eval_fraction=0.25, seed=0,
+                        max_prompt_len=256, max_response_len=32)
+    trained, final = train_reward_model(pairs, scores, backbone, tmp_path / "run", cfg, progress=False)
+    assert final["eval_pairs"] == 12 and final["eval_mse"] == 4
+    assert final["eval/accuracy"] >= 0.8, final
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and rows[-1]["loss"] < rows[0]["loss"]
+    assert (tmp_path / "run" / "checkpoints" / "40").is_dir()
+
+    prompts = [{"query": "how to keep water cold?"}] * 2 + ["what about the door?"]
+    responses = ["keep the bottle safe", "keep the bottle now", "a table now"]
+    before = trained.score(prompts, responses)
+    assert before.ok.all() and before.rewards[0] > before.rewards[1]
+    loaded = RewardModel.load(tmp_path / "run" / "export")
+    after = loaded.score(prompts, responses)
+    np.testing.assert_array_equal(after.rewards, before.rewards)
+    built = build_reward({"kind": "reward_model", "path": str(tmp_path / "run" / "export"), "batch_size": 2})
+    np.testing.assert_allclose(built.score(prompts, responses).rewards, before.rewards, rtol=1e-5, atol=1e-6)
+    # A prompt whose image is missing fails alone (NaN, ok=False), the rest are scored.
+    mixed = built.score([{"query": "q", "images": ["/nonexistent.png"]}, "what about the door?"], ["x", "a table now"])
+    assert list(mixed.ok) == [False, True] and "nonexistent" in mixed.errors[0]
+
+
+def test_scores_loader_and_cli_errors_name_file_line_field(tmp_path, capsys):
+    from caspo_jax.data.records import RecordError
+    from caspo_jax.launch.cli import main
+
+    bad = _write_jsonl(tmp_path / "scores.jsonl", [
+        {"id": "a", "images": [], "query": "q", "response": "r", "score": 3},
+        {"id": "b", "images": [], "query": "q", "response": "r", "score": 9}])
+    with pytest.raises(RecordError, match=r"scores\.jsonl:2: field 'score' is 9"):
+        load_scored_responses(bad)
+    assert main(["rm", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--pairs" in capsys.readouterr().err
+    assert main(["rm", "--pairs", str(tmp_path / "missing.jsonl"), "--model", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "missing.jsonl: file not found" in capsys.readouterr().err
+    assert main(["rm", "--scores", str(bad), "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="mse_weight"):
+        RMTrainConfig(mse_weight=-1.0)
+    with pytest.raises(ValueError, match="path=<reward-model directory>"):
+        build_reward({"kind": "reward_model"})
+    with pytest.raises(FileNotFoundError, match="reward_head.safetensors"):
+        build_reward({"kind": "reward_model", "path": str(tmp_path)})
