@@ -196,3 +196,41 @@ def test_sft_then_dpo_runs_and_exports(base):
     rows = read(tmp / "dpo" / "metrics.jsonl")
     assert rows[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-5)  # step 1: policy == frozen reference
     assert {"reward_accuracy", "reward_margin", "grad_norm"} <= set(rows[0])
+
+
+def test_jax_generator_for_caspo_eval_matches_the_training_prompts(base):
+    tmp, cfg, policy = base
+    from caspo_jax.data.images import load_image, resize_image
+    from caspo_jax.data.pipeline import processor_resize_settings
+    from caspo_jax.data.prompts import encode_prompt
+    from caspo_jax.data.records import load_records
+    from caspo_jax.evals.generators import Sampling
+    from caspo_jax.evals.modes import Prompt
+    from caspo_jax.trainer.eval_generator import JaxGenerator
+
+    gen = JaxGenerator(str(tmp / "one" / "export"))
+    record = load_records(cfg.data.eval)[0]
+    prompt = Prompt(record.query, tuple(str(p) for p in record.images), system="You are a helpful assistant.")
+    factor, lo, hi = processor_resize_settings(policy.processor)
+    image = resize_image(load_image(record.images[0]), factor, lo, hi)
+    expected = encode_prompt(policy.processor, record, [image], "").input_ids
+    np.testing.assert_array_equal(gen._encode(prompt).token_ids, expected)
+    out = gen.generate([prompt, Prompt("hello")], n=2, sampling=Sampling(temperature=0.0, max_new_tokens=4))
+    assert len(out) == 2 and all(len(g.texts) == 2 and g.ok for g in out)
+    assert out[0].texts[0] == out[0].texts[1]  # greedy
+    assert out[0].completion_tokens <= 8
+
+
+def test_sweep_cells_and_table(tmp_path):
+    from caspo_jax.trainer.sweep import _write_figure, _write_table, sweep_cells
+
+    assert sweep_cells(["outcome", "token", "hybrid"], [0.3, 0.6]) == [
+        ("outcome", 0.0), ("token", 1.0), ("hybrid", 0.3), ("hybrid", 0.6)]
+    rows = [{"variant": v, "lambda": lam, "seeds": 2, "risk_failure_rate": 0.5, "over_warning_rate": 0.1,
+             "reward_mean": 1.2, "risk_failure_rate_per_seed": [0.4, 0.6], "over_warning_rate_per_seed": [0.1, 0.1],
+             "reward_mean_per_seed": [1.1, 1.3]} for v, lam in sweep_cells(["outcome", "hybrid"], [0.3])]
+    _write_table(rows, tmp_path)
+    _write_figure(rows, tmp_path / "sweep.png")
+    assert "| hybrid | 0.300 | 2 | 0.500 |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "table.csv").read_text().splitlines()[0].startswith("variant,lambda,seeds,risk_failure_rate")
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
