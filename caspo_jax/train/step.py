@@ -65,6 +65,16 @@ def _agg_weight(mask_BxT, agg: str):
     return jnp.sum(jnp.any(valid > 0, axis=-1).astype(F32))
 
 
+def truncated_is_weights(old_logp_BxT, rollout_logp_BxT, mask_BxT, cap: float):
+    """Per-token weights min(pi_old / pi_rollout, cap) for the trainer/inference mismatch
+    (truncated importance sampling, Yao et al. 2025), stop-gradient, 0 where mask is 0;
+    also the ratios (for metrics). The log-ratio is clamped to [-20, 20] first."""
+    valid = mask_BxT > 0
+    ratio = jnp.exp(jnp.clip(jnp.where(valid, old_logp_BxT - rollout_logp_BxT, 0.0), -20.0, 20.0))
+    weight = jnp.where(valid, jnp.minimum(ratio, cap), 0.0)
+    return jax.lax.stop_gradient(weight), jnp.where(valid, ratio, 0.0)
+
+
 def _micro_loss(model, cfg: TrainConfig, caspo: CaspoConfig, params_c, embeds, mb: TrainBatch):
     """caspo_loss on one micro-batch; returns (loss, metrics) with token sums for metrics."""
     logp, entropy = layout_logprobs(model, params_c, mb.student, mb.response_ids, embeds, cfg.logprob_chunk)
@@ -76,11 +86,10 @@ def _micro_loss(model, cfg: TrainConfig, caspo: CaspoConfig, params_c, embeds, m
         if mb.rollout_logp is None:
             raise ValueError("TrainConfig.tis_cap is set but the batch has no rollout_logp; pass the rollout "
                              "engine's log-probs with batch.with_signals(rollout_logp=...)")
-        ratio = jnp.exp(jnp.clip(jnp.where(valid, mb.old_logp - mb.rollout_logp, 0.0), -20.0, 20.0))
-        weight = jax.lax.stop_gradient(jnp.minimum(ratio, cfg.tis_cap))
+        weight, ratio = truncated_is_weights(mb.old_logp, mb.rollout_logp, mask, cfg.tis_cap)
         adv = adv * weight
-        metrics["tis_weight_mean"] = jnp.sum(jnp.where(valid, weight, 0.0))
-        metrics["tis_capped_frac"] = jnp.sum(jnp.where(valid, ratio > cfg.tis_cap, False).astype(F32))
+        metrics["tis_weight_mean"] = jnp.sum(weight)
+        metrics["tis_capped_frac"] = jnp.sum((valid & (ratio > cfg.tis_cap)).astype(F32))
     loss, parts = caspo_loss(logp, mb.old_logp, mb.ref_logp, adv, mask, **caspo.loss_kwargs())
     n_tokens = jnp.sum(valid.astype(F32))
     metrics.update({k: v * n_tokens for k, v in parts.items()})  # token-weighted, divided later
@@ -152,8 +161,8 @@ def _train_step(model, cfg: TrainConfig, caspo: CaspoConfig, return_grads: bool,
     opt = make_optimizer(cfg)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["update_norm"] = optax.global_norm(updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["update_norm"] = optax.tree.norm(updates)
     metrics["learning_rate"] = learning_rate_schedule(cfg)(state.step)
     valid = batch.response_mask > 0
     n = jnp.maximum(jnp.sum(valid.astype(F32)), 1.0)

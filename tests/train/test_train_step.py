@@ -142,7 +142,7 @@ def torch_loss_and_grads(hf, batch):
     n = mask.sum()
     loss = (pg * mask).sum() / n + CASPO.beta * (kl * mask).sum() / n
     loss.backward()
-    return float(loss), {canonical_hf_name(k): p.grad.numpy() for k, p in hf.named_parameters()}
+    return float(loss.detach()), {canonical_hf_name(k): p.grad.numpy() for k, p in hf.named_parameters()}
 
 
 def test_gradient_equals_pytorch_autograd(world):
