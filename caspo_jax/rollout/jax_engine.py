@@ -7,6 +7,15 @@ handful of loops. The vision tower runs once over all images of the batch; each 
 KV cache is computed once and repeated for its n samples. Generation stops early when
 every sample has hit an end token.
 
+Model-agnostic: the one dispatch point is ``model.kv_cache`` (each model family's
+``embed_tokens`` / ``prefill`` / ``decode_step``, e.g. ``caspo_jax.models.qwen3_vl.kv_cache``
+with DeepStack), so Qwen2.5-VL and Qwen3-VL share this loop unchanged.
+
+Multimodal placeholders (image/video pad, vision start/end) are never sampled by default:
+fed back when a response is scored they would be read as images. Their logits are set to
+-inf before greedy argmax and before temperature/top-k/top-p; the returned log-probs stay
+those of the unmodified distribution, like top-k/top-p.
+
 Sharding: with a mesh, parameters are placed by the model's table under the trainer's
 ``LogicalRules`` and the cache's sample axis follows the "batch" rule (heads the "kv"
 rule), so the same mesh serves training and sampling.
@@ -22,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caspo_jax.rollout import kv_cache
-from caspo_jax.rollout.sampling import SampleSpec, sample_keys, sample_tokens, step_keys, token_logprobs
+from caspo_jax.rollout.sampling import (SampleSpec, sample_keys, sample_tokens, step_keys, suppress_tokens,
+                                        token_logprobs)
 from caspo_jax.rollout.types import RolloutPrompt, Rollouts, SamplingParams, finish_reasons, prompt_arrays
 
 
@@ -42,18 +51,37 @@ def default_eos_ids(model) -> tuple[int, ...]:
     return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
 
 
-class JaxSampler:
-    """``generate`` / ``sync_weights`` for a ported Qwen2.5-VL in JAX (CPU, GPU, TPU).
+def multimodal_token_ids(model) -> tuple[int, ...]:
+    """The placeholder ids a response must never contain: image pad, video pad, vision start
+    and vision end (from the model config)."""
+    cfg = model.config
+    return tuple(int(getattr(cfg, name)) for name in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                       "vision_end_token_id"))
 
-    model: ``caspo_jax.models.qwen2_5_vl.Qwen2_5_VL``; params its pytree.
+
+class JaxSampler:
+    """``generate`` / ``sync_weights`` for a ported Qwen-VL model in JAX (CPU, GPU, TPU).
+
+    model: any ``caspo_jax.models`` port exposing ``kv_cache`` (``Qwen2_5_VL``, ``Qwen3VL``);
+        params its pytree.
     eos_token_ids: ids that end a response with reason "eos" (default: the config's).
+    suppress_token_ids: ids never sampled (default: the multimodal placeholders,
+        ``multimodal_token_ids(model)``; ``()`` turns suppression off).
     mesh / rules: place parameters and the KV cache like the trainer (optional).
     """
 
     def __init__(self, model, params, *, eos_token_ids: Sequence[int] | None = None, mesh=None, rules=None,
-                 min_prompt_bucket: int = 16, min_new_bucket: int = 16):
+                 min_prompt_bucket: int = 16, min_new_bucket: int = 16,
+                 suppress_token_ids: Sequence[int] | None = None):
         self.model = model
         self.eos_token_ids = tuple(default_eos_ids(model) if eos_token_ids is None else eos_token_ids)
+        ids = multimodal_token_ids(model) if suppress_token_ids is None else suppress_token_ids
+        self.suppress_token_ids = tuple(sorted(set(int(t) for t in ids)))
+        vocab = model.config.text.vocab_size
+        bad = [t for t in self.suppress_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"JaxSampler(suppress_token_ids=...): ids {bad} are outside the vocabulary "
+                             f"[0, {vocab}) of the model config; pass ids the tokenizer knows")
         self.mesh = mesh
         if mesh is not None and rules is None:
             from caspo_jax.sharding import LogicalRules
@@ -106,8 +134,11 @@ class JaxSampler:
         terminators = np.asarray(sorted(set(self.eos_token_ids) | set(sampling.stop_token_ids)) or [-1], np.int32)
         cache_sharding = self._cache_sharding((cfg.text.num_hidden_layers, P * n, L + T,
                                                cfg.text.num_key_value_heads, cfg.text.head_dim))
+        suppressed = np.zeros((cfg.text.vocab_size,), bool)
+        suppressed[list(self.suppress_token_ids)] = True
         tokens, logps, lengths, ended = _rollout(
-            model, SampleSpec.of(sampling), n, T, cache_sharding, self.params["text"], jnp.asarray(ids),
+            model, SampleSpec.of(sampling), n, T, cache_sharding, self.params["text"], jnp.asarray(suppressed),
+            jnp.asarray(ids),
             jnp.asarray(mask), jnp.asarray(position_ids, jnp.int32), jnp.asarray(rope_next, jnp.int32),
             image_embeds, keys, jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.max_new_tokens),
             jnp.asarray(terminators))
@@ -133,14 +164,15 @@ def _check_image_tokens(i: int, prompt: RolloutPrompt, cfg) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_params, ids_PxL, mask_PxL,
+def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_params, suppressed_V, ids_PxL, mask_PxL,
              position_ids_3xPxL, rope_next_P, image_embeds_UxD, keys_Sx2, temperature, max_new, terminators):
     """Prefill, repeat each prompt's cache n times, then decode up to ``max_new`` (<= T) tokens.
 
     Returns tokens [S, T], log-probs [S, T], response lengths [S] and whether each sample
-    ended on a terminator [S].
+    ended on a terminator [S]. ``suppressed_V`` (bool): token ids never sampled.
     """
     cfg = model.config.text
+    kv_cache = model.kv_cache
     P, L = ids_PxL.shape
     S = P * n
     embeds = kv_cache.embed_tokens(text_params, ids_PxL, image_embeds_UxD, model.config.image_token_id)
@@ -156,7 +188,7 @@ def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_param
     rope_next = jnp.repeat(rope_next_P, n)
 
     def emit(t, logits, tokens, logps, lengths, ended):
-        token = sample_tokens(step_keys(keys_Sx2, t), logits, temperature, spec)
+        token = sample_tokens(step_keys(keys_Sx2, t), suppress_tokens(logits, suppressed_V), temperature, spec)
         live = ~ended
         tokens = tokens.at[:, t].set(jnp.where(live, token, 0))
         logps = logps.at[:, t].set(jnp.where(live, token_logprobs(logits, token), 0.0))

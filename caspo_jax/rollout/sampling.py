@@ -48,6 +48,12 @@ def filter_logits(logits_SxV: jax.Array, temperature, top_k: int, top_p: float) 
     return scaled
 
 
+def suppress_tokens(logits_SxV: jax.Array, suppressed_V: jax.Array) -> jax.Array:
+    """Logits with the ``suppressed`` ids (bool [V]) at -inf, so neither argmax nor a draw
+    (after any temperature/top-k/top-p) can pick them."""
+    return jnp.where(suppressed_V, -jnp.inf, logits_SxV)
+
+
 def sample_tokens(keys_Sx2: jax.Array, logits_SxV: jax.Array, temperature, spec: SampleSpec) -> jax.Array:
     """One token per row [S] (int32): argmax when greedy, else a draw with that row's key."""
     if spec.greedy:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import kv_cache as kv_cache_lib
 from . import text as text_lib
 from . import vision as vision_lib
 from .config import Qwen2_5_VLConfig
@@ -41,6 +42,10 @@ class Qwen2_5_VL:
     attn_implementation: str | None = None
     remat: bool = False
     attn_block: int = 128
+
+    # embed_tokens / prefill / decode_step over a static KV cache: what the sampler calls
+    # (each family owns its module; a class attribute, not a field)
+    kv_cache = kv_cache_lib
 
     # ----- parameters -------------------------------------------------------------
     def param_table(self):

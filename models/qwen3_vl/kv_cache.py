@@ -1,8 +1,10 @@
 """Prefill and one decode step of the Qwen3-VL text decoder over a static-shape KV cache.
 
-Drop-in twin of ``caspo_jax.rollout.kv_cache`` (same three functions, same signatures and
-call order) for Qwen3-VL: q/k RMSNorm and the o bias come from ``text.project_qkv`` /
-``text.attention_output``, and DeepStack rides inside the prefill embeddings.
+The sampler reaches this module as ``Qwen3VL.kv_cache``: the twin of
+``caspo_jax.models.qwen2_5_vl.kv_cache`` (same three functions, signatures and call order).
+Cache layout, layer loops and grouped decode attention are shared
+(``caspo_jax.models.common.kv_cache``); Qwen3-VL adds its pieces (q/k RMSNorm, o bias via
+``text.project_qkv`` / ``text.attention_output``) and DeepStack inside the prefill.
 
 Let P denote prompts, S samples, L the (left-padded) prompt length, C = L + T the cache
 length, D width, K key/value heads, H head dim, Y layers, M DeepStack maps. ``embed_tokens``
@@ -16,10 +18,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.models.common.layers import attention, rms_norm
+from caspo_jax.models.common import kv_cache as common
 
 from . import text as text_lib
 from .config import TextConfig
+
+PIECES = common.DecoderPieces(mrope_cos_sin=text_lib.mrope_cos_sin, project_qkv=text_lib.project_qkv,
+                              attention_output=text_lib.attention_output, mlp_block=text_lib.mlp_block,
+                              causal_mask=text_lib.causal_mask)
 
 
 def embed_tokens(text_params: dict, input_ids_PxL, image_embeds_UxF, image_token_id: int) -> jax.Array:
@@ -29,70 +35,32 @@ def embed_tokens(text_params: dict, input_ids_PxL, image_embeds_UxF, image_token
     embeds = text_params["embed"][input_ids_PxL]
     if image_embeds_UxF is None:
         return embeds
-    P, L, D = embeds.shape
-    is_image = (input_ids_PxL == image_token_id)[..., None]
-    index = jnp.clip(jnp.cumsum((input_ids_PxL == image_token_id).reshape(-1)) - 1, 0, image_embeds_UxF.shape[0] - 1)
-    rows = image_embeds_UxF.astype(embeds.dtype)[index].reshape(P, L, -1)
+    D = embeds.shape[-1]
+    is_image, rows = common.gather_visual_rows(input_ids_PxL, image_token_id, image_embeds_UxF, embeds.dtype)
+    is_image = is_image[..., None]
     placed = jnp.where(is_image, rows, 0.0)
     return jnp.concatenate([jnp.where(is_image, rows[..., :D], embeds), placed[..., D:]], axis=-1)
 
 
 def prefill(text_params: dict, embeds_PxLxF, position_ids_3xPxL, mask_PxL, cfg: TextConfig, attn_impl=None):
-    """All layers over the prompts. Returns final-normed hidden states [P, L, D] and the
-    keys/values [Y, P, L, K, H] (rope applied to keys, as the decode step expects)."""
+    """All layers over the prompts, DeepStack map m added after layer m. Returns final-normed
+    hidden states [P, L, D] and the keys/values [Y, P, L, K, H] (rope applied to keys)."""
     D = cfg.hidden_size
     P, L, F = embeds_PxLxF.shape
-    x = embeds_PxLxF[..., :D]
     deepstack_MxPxLxD = jnp.moveaxis(embeds_PxLxF[..., D:].reshape(P, L, F // D - 1, D), 2, 0)
     M = deepstack_MxPxLxD.shape[0]
-    cos, sin = text_lib.mrope_cos_sin(position_ids_3xPxL, cfg, x.dtype)
-    mask = text_lib.causal_mask(mask_PxL)
 
-    def body(x, layer_and_i):
-        layer, i = layer_and_i
-        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = text_lib.project_qkv(layer, h, cos, sin, cfg)
-        out = attention(q, k, v, mask, attn_impl).reshape(P, L, -1)
-        x = text_lib.mlp_block(x + text_lib.attention_output(layer, out), layer, cfg)
-        if M:
-            add = jax.lax.dynamic_index_in_dim(deepstack_MxPxLxD, jnp.minimum(i, M - 1), keepdims=False)
-            x = jnp.where(i < M, x + add, x)
-        return x, (k, v)
+    def add_deepstack(x, i):
+        add = jax.lax.dynamic_index_in_dim(deepstack_MxPxLxD, jnp.minimum(i, M - 1), keepdims=False)
+        return jnp.where(i < M, x + add, x)
 
-    x, (k, v) = jax.lax.scan(body, x, (text_params["layers"], jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)))
-    return rms_norm(x, text_params["norm"], cfg.rms_norm_eps), k, v
+    return common.prefill(text_params, embeds_PxLxF[..., :D], position_ids_3xPxL, mask_PxL, cfg, PIECES, attn_impl,
+                          after_layer=add_deepstack if M else None)
 
 
 def decode_step(text_params: dict, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index,
-                cfg: TextConfig, attn_impl=None):
-    """Run one new token per sample at cache slot ``index`` (a traced scalar).
-
-    position_S: its M-RoPE position (the same for the t, h and w rows, as transformers'
-    decode). key_mask: which cache slots each sample may attend to (slot ``index`` included).
-    Returns final-normed hidden states [S, D] and the updated cache.
-    """
-    x = text_params["embed"][token_S][:, None, :]
-    S = x.shape[0]
-    pos = jnp.broadcast_to(position_S[None, :, None], (3, S, 1))
-    cos, sin = text_lib.mrope_cos_sin(pos, cfg, x.dtype)
-    mask = key_mask_SxC[:, None, None, :]
-
-    def body(carry, layer_and_i):
-        x, k_all, v_all = carry
-        layer, i = layer_and_i
-        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = text_lib.project_qkv(layer, h, cos, sin, cfg)
-        zero = jnp.zeros((), jnp.int32)
-        start = (i, zero, index, zero, zero)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-        k_l = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
-        v_l = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
-        out = attention(q, k_l, v_l, mask, attn_impl).reshape(S, 1, -1)
-        x = text_lib.mlp_block(x + text_lib.attention_output(layer, out), layer, cfg)
-        return (x, k_all, v_all), None
-
-    n_layers = k_YxSxCxKxH.shape[0]
-    (x, k_all, v_all), _ = jax.lax.scan(body, (x, k_YxSxCxKxH, v_YxSxCxKxH),
-                                        (text_params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
-    return rms_norm(x[:, 0], text_params["norm"], cfg.rms_norm_eps), k_all, v_all
+                cfg: TextConfig):
+    """One new token per sample at cache slot ``index``; see ``common.decode_step``.
+    Returns final-normed hidden states [S, D] and the updated cache."""
+    return common.decode_step(text_params, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index, cfg,
+                              PIECES)

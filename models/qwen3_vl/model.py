@@ -22,6 +22,7 @@ import numpy as np
 
 from caspo_jax.models.qwen2_5_vl.rope_index import _as_grids
 
+from . import kv_cache as kv_cache_lib
 from . import text as text_lib
 from . import vision as vision_lib
 from .config import Qwen3VLConfig
@@ -55,6 +56,10 @@ class Qwen3VL:
     attn_implementation: str | None = None
     remat: bool = False
     attn_block: int = 128
+
+    # embed_tokens / prefill / decode_step over a static KV cache: what the sampler calls
+    # (each family owns its module; a class attribute, not a field)
+    kv_cache = kv_cache_lib
 
     # ----- parameters -------------------------------------------------------------
     def param_table(self):

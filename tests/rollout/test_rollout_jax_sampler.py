@@ -2,9 +2,13 @@
 
 Tolerances: greedy tokens exactly equal; log-probs within 1e-5 (float32) of
 ``log_softmax(model.forward(prompt + response))`` gathered at the sampled tokens.
+The sampler never samples the multimodal placeholders (``MULTIMODAL``), so transformers'
+``generate`` gets them as ``suppress_tokens`` (its own logits processor, the reference
+otherwise unmodified).
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,6 +16,8 @@ import torch
 from caspo_jax.models import load_pretrained
 from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams, bucket
 from caspo_jax.testing import tiny_models as tm
+
+MULTIMODAL = [tm.IMAGE_TOKEN_ID, tm.VIDEO_TOKEN_ID, tm.VISION_START_TOKEN_ID, tm.VISION_END_TOKEN_ID]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,7 @@ def _hf_greedy(hf, prompt: RolloutPrompt, max_new: int) -> np.ndarray:
         kwargs = dict(pixel_values=torch.tensor(prompt.pixel_values), image_grid_thw=torch.tensor(prompt.image_grid_thw),
                       mm_token_type_ids=(ids == tm.IMAGE_TOKEN_ID).long())
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
-                      eos_token_id=tm.VISION_END_TOKEN_ID, pad_token_id=0, **kwargs)
+                      eos_token_id=tm.VISION_END_TOKEN_ID, pad_token_id=0, suppress_tokens=MULTIMODAL, **kwargs)
     return out[0, ids.shape[1]:].numpy()
 
 
@@ -69,9 +75,7 @@ def test_greedy_equals_transformers_generate_text_and_image(tiny):
 def test_sampled_logprobs_equal_full_forward(tiny):
     _, model, params = tiny
     prompts = _prompts()
-    # image/video pad ids stop a response (fed back as input they would be taken for images)
-    sampling = SamplingParams(temperature=1.0, top_p=0.9, top_k=100, max_new_tokens=10, seed=7,
-                              stop_token_ids=(tm.IMAGE_TOKEN_ID, tm.VIDEO_TOKEN_ID))
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, top_k=100, max_new_tokens=10, seed=7)
     rollouts = JaxSampler(model, params).generate(prompts, n=3, sampling=sampling)
     assert rollouts.tokens.shape[0] == 6
     worst = 0.0
@@ -92,8 +96,7 @@ def test_sampled_logprobs_equal_the_trainers_compute_logprobs(tiny):
 
     _, model, params = tiny
     prompts = _prompts()
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=9, seed=11,
-                              stop_token_ids=(tm.IMAGE_TOKEN_ID, tm.VIDEO_TOKEN_ID))
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=9, seed=11)
     rollouts = JaxSampler(model, params).generate(prompts, n=2, sampling=sampling)
     ids, mask, pixels, grids = prompt_arrays(prompts)
     batch = build_train_batch(model, ids, mask, rollouts.tokens, rollouts.mask, rollouts.prompt_index,
@@ -118,6 +121,33 @@ def test_fixed_seed_reproduces_and_per_request_seed_is_batch_independent(tiny):
     seeded = RolloutPrompt(prompts[1].token_ids, prompts[1].pixel_values, prompts[1].image_grid_thw, seed=4)
     alone = engine.generate([seeded], n=2, sampling=sampling)
     np.testing.assert_array_equal(alone.tokens[:, : a.tokens.shape[1]], a.tokens[2:, : alone.tokens.shape[1]])
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0, max_new_tokens=6),
+                                      SamplingParams(temperature=1.0, top_k=3, top_p=0.9, max_new_tokens=6, seed=2)],
+                         ids=["greedy", "sampled"])
+def test_multimodal_placeholders_are_never_sampled_even_when_most_likely(tiny, sampling):
+    import dataclasses
+
+    _, model, params = tiny
+
+    @dataclasses.dataclass(frozen=True)
+    class LovesPlaceholders(type(model)):
+        """The tiny model with +100 on every placeholder logit: each one beats every text token."""
+
+        def lm_head(self, params, h):
+            return super().lm_head(params, h).at[..., jnp.asarray(MULTIMODAL)].add(100.0)
+
+    biased = LovesPlaceholders(model.config)
+    prompts = _prompts()
+    out = JaxSampler(biased, params, eos_token_ids=()).generate(prompts, n=2, sampling=sampling)
+    assert out.mask.all() and out.tokens.shape[1] == 6  # nothing ended early
+    assert not np.isin(out.tokens, MULTIMODAL).any()
+    # log-probs stay those of the unmodified distribution: the placeholders hold nearly all the mass
+    assert (out.logprobs < -50).all()
+    # with suppression off the placeholders win, so the check above has teeth
+    raw = JaxSampler(biased, params, eos_token_ids=(), suppress_token_ids=()).generate(prompts, n=1, sampling=sampling)
+    assert np.isin(raw.tokens, MULTIMODAL).all()
 
 
 def test_stop_and_eos_tokens_end_responses_with_their_reason(tiny):

@@ -54,7 +54,7 @@ def test_greedy_is_argmax_and_keys_depend_only_on_seed_and_index():
 
 def test_grouped_decode_attention_equals_dot_product_attention():
     from caspo_jax.models.common.layers import attention
-    from caspo_jax.rollout.kv_cache import decode_attention
+    from caspo_jax.models.common.kv_cache import decode_attention
 
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     q = jax.random.normal(keys[0], (3, 1, 8, 32))

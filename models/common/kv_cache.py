@@ -1,0 +1,130 @@
+"""The static-shape KV cache shared by the Qwen-VL ports: prefill, one decode step, and
+grouped-query decode attention.
+
+Let P denote prompts, S samples, L the (bucketed, left-padded) prompt length, C = L + T
+the cache length, D width, N query heads, K key/value heads, H head dim, Y layers, U
+visual rows, F their width. The cache is a pair of arrays [Y, S, C, K, H] with rope
+already applied to the keys; the decode step carries it through the layer scan and
+writes the new token's k/v in place (``dynamic_update_slice`` on the carry), so no step
+copies the cache.
+
+A model family plugs in through ``DecoderPieces`` (its rope, q/k/v projection, attention
+output and MLP block), so a cached decode runs exactly the family's own layer maths and
+equals its full forward up to float summation order. Each family's ``kv_cache`` module
+(``caspo_jax.models.<family>.kv_cache``, exposed as ``Model.kv_cache``) wraps these with
+its embedding rule (e.g. Qwen3-VL's DeepStack) and is what the sampler calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from caspo_jax.models.common.layers import attention, rms_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderPieces:
+    """The family-specific parts of one text decoder layer (all pure functions).
+
+    mrope_cos_sin(position_ids_3xBxL, cfg, dtype) -> (cos, sin) [B, L, H]
+    project_qkv(layer, h_BxLxD, cos, sin, cfg) -> q [B, L, N, H], k, v [B, L, K, H] (rope applied)
+    attention_output(layer, out_BxLxNH) -> [B, L, D] (the o projection)
+    mlp_block(x_BxLxD, layer, cfg) -> x + MLP(norm(x))
+    causal_mask(mask_BxL) -> [B, 1, L, L] boolean
+    """
+
+    mrope_cos_sin: Callable
+    project_qkv: Callable
+    attention_output: Callable
+    mlp_block: Callable
+    causal_mask: Callable
+
+
+def gather_visual_rows(input_ids_PxL, token_id: int, features_UxF, dtype):
+    """Where the placeholder ``token_id`` sits [P, L] and, at each position, the visual row it
+    takes in order [P, L, F] (clipped elsewhere: mask before use). Padding rows at the end of
+    ``features`` (a sampler's bucket) are never gathered."""
+    P, L = input_ids_PxL.shape
+    is_visual = input_ids_PxL == token_id
+    index = jnp.clip(jnp.cumsum(is_visual.reshape(-1)) - 1, 0, features_UxF.shape[0] - 1)
+    return is_visual, features_UxF.astype(dtype)[index].reshape(P, L, -1)
+
+
+def prefill(text_params: dict, x_PxLxD, position_ids_3xPxL, mask_PxL, cfg, pieces: DecoderPieces,
+            attn_impl=None, after_layer: Callable | None = None):
+    """All layers over the prompts. ``after_layer(x, i)`` (traced layer index) may add to the
+    residual stream after layer i (DeepStack). Returns final-normed hidden states [P, L, D]
+    and the keys/values [Y, P, L, K, H]."""
+    cos, sin = pieces.mrope_cos_sin(position_ids_3xPxL, cfg, x_PxLxD.dtype)
+    mask = pieces.causal_mask(mask_PxL)
+    P, L, _ = x_PxLxD.shape
+
+    def body(x, layer_and_i):
+        layer, i = layer_and_i
+        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = pieces.project_qkv(layer, h, cos, sin, cfg)
+        out = attention(q, k, v, mask, attn_impl).reshape(P, L, -1)
+        x = pieces.mlp_block(x + pieces.attention_output(layer, out), layer, cfg)
+        if after_layer is not None:
+            x = after_layer(x, i)
+        return x, (k, v)
+
+    n_layers = cfg.num_hidden_layers
+    x, (k, v) = jax.lax.scan(body, x_PxLxD, (text_params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
+    return rms_norm(x, text_params["norm"], cfg.rms_norm_eps), k, v
+
+
+def decode_attention(q_SxNxH, k_SxCxKxH, v_SxCxKxH, key_mask_SxC) -> jax.Array:
+    """One query per sample against its cache, grouped-query without repeating k/v.
+
+    ``jax.nn.dot_product_attention`` repeats each kv head N/K times before the product;
+    with one query that repeat is most of the work (measured ~2x slower on CPU at S=64,
+    C=256, N=8, K=2). Logits and softmax in float32; masked keys get the float32 minimum
+    (as ``dot_product_attention``). Returns [S, N, H].
+    """
+    S, N, H = q_SxNxH.shape
+    K = k_SxCxKxH.shape[2]
+    q = q_SxNxH.reshape(S, K, N // K, H)
+    logits = jnp.einsum("skgh,sckh->skgc", q, k_SxCxKxH, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1.0 / H**0.5)
+    logits = jnp.where(key_mask_SxC[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_SxCxKxH.dtype)
+    return jnp.einsum("skgc,sckh->skgh", probs, v_SxCxKxH).reshape(S, N, H)
+
+
+def decode_step(text_params: dict, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index, cfg,
+                pieces: DecoderPieces):
+    """Run one new (text) token per sample at cache slot ``index`` (a traced scalar).
+
+    position_S: its M-RoPE position (the same for the t, h and w rows, as transformers'
+    decode). key_mask: which cache slots each sample may attend to (slot ``index`` included).
+    Returns final-normed hidden states [S, D] and the updated cache.
+    """
+    x = text_params["embed"][token_S][:, None, :]
+    S = x.shape[0]
+    pos = jnp.broadcast_to(position_S[None, :, None], (3, S, 1))
+    cos, sin = pieces.mrope_cos_sin(pos, cfg, x.dtype)
+
+    def body(carry, layer_and_i):
+        x, k_all, v_all = carry
+        layer, i = layer_and_i
+        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = pieces.project_qkv(layer, h, cos, sin, cfg)
+        zero = jnp.zeros((), jnp.int32)
+        start = (i, zero, index, zero, zero)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+        k_l = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
+        v_l = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
+        out = decode_attention(q[:, 0], k_l, v_l, key_mask_SxC).reshape(S, 1, -1)
+        x = pieces.mlp_block(x + pieces.attention_output(layer, out), layer, cfg)
+        return (x, k_all, v_all), None
+
+    n_layers = k_YxSxCxKxH.shape[0]
+    (x, k_all, v_all), _ = jax.lax.scan(body, (x, k_YxSxCxKxH, v_YxSxCxKxH),
+                                        (text_params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
+    return rms_norm(x[:, 0], text_params["norm"], cfg.rms_norm_eps), k_all, v_all

@@ -1,0 +1,61 @@
+"""Prefill and one decode step of the Qwen2.5-VL text decoder over a static-shape KV cache.
+
+The sampler reaches this module as ``Qwen2_5_VL.kv_cache`` (Qwen3-VL has a twin with the
+same three functions, signatures and call order). Cache layout, the layer loops and the
+grouped decode attention live in ``caspo_jax.models.common.kv_cache``; this module adds
+Qwen2.5-VL's pieces (biased q/k/v, o without bias) and its embedding rule.
+
+Let P denote prompts, S samples, L the (left-padded) prompt length, C = L + T the cache
+length, D width, K key/value heads, H head dim, Y layers, U visual rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from caspo_jax.models.common import kv_cache as common
+from caspo_jax.models.common.layers import gated_mlp, linear, rms_norm
+
+from . import text as text_lib
+from .config import TextConfig
+
+
+def _attention_output(layer: dict, out_BxLxNH) -> jax.Array:
+    return linear(out_BxLxNH, layer["o_kernel"])
+
+
+def _mlp_block(x, layer, cfg: TextConfig):
+    h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+    return x + gated_mlp(h, layer["gate_kernel"], layer["up_kernel"], layer["down_kernel"], cfg.hidden_act)
+
+
+PIECES = common.DecoderPieces(mrope_cos_sin=text_lib.mrope_cos_sin, project_qkv=text_lib.project_qkv,
+                              attention_output=_attention_output, mlp_block=_mlp_block,
+                              causal_mask=text_lib.causal_mask)
+
+
+def embed_tokens(text_params: dict, input_ids_PxL, image_embeds_UxD, image_token_id: int) -> jax.Array:
+    """Token embeddings [P, L, D] with image-pad positions replaced by vision features in order.
+
+    ``image_embeds`` may carry extra (padding) rows at the end; they are never gathered.
+    """
+    embeds = text_params["embed"][input_ids_PxL]
+    if image_embeds_UxD is None:
+        return embeds
+    is_image, rows = common.gather_visual_rows(input_ids_PxL, image_token_id, image_embeds_UxD, embeds.dtype)
+    return jnp.where(is_image[..., None], rows, embeds)
+
+
+def prefill(text_params: dict, embeds_PxLxD, position_ids_3xPxL, mask_PxL, cfg: TextConfig, attn_impl=None):
+    """All layers over the prompts. Returns final-normed hidden states [P, L, D] and the
+    keys/values [Y, P, L, K, H] (rope applied to keys, as the decode step expects)."""
+    return common.prefill(text_params, embeds_PxLxD, position_ids_3xPxL, mask_PxL, cfg, PIECES, attn_impl)
+
+
+def decode_step(text_params: dict, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index,
+                cfg: TextConfig):
+    """One new token per sample at cache slot ``index``; see ``common.decode_step``.
+    Returns final-normed hidden states [S, D] and the updated cache."""
+    return common.decode_step(text_params, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index, cfg,
+                              PIECES)
