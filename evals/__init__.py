@@ -5,7 +5,7 @@ Modules, one job each:
 * ``metrics``: R/S/E maths (judge-averaged X_A, X_0 two ways, 0/1/2 shares, deltas).
 * ``modes``: the standard / malicious / constitution / caption prompts.
 * ``generators``: the ``Generator`` protocol, the OpenAI-endpoint generator, the paper's
-  sampling preset; local JAX / vLLM engines raise ``EngineNotAvailable`` until built.
+  sampling preset, and ``LocalGenerator`` over the in-process JAX sampler or vLLM engine.
 * ``runner``: the resumable generate-then-judge loop over a ``ResultsStore`` (``store``).
 * ``judging``: judge functions (R/S/E rubric, SIUO safe/effective, MSSBench 4-class).
 * ``siuo``, ``mssbench``: benchmark adapters over their published JSON layouts.

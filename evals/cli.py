@@ -122,8 +122,9 @@ def _run_eval(args) -> int:
     from caspo_jax.evals.runner import Judge, run_items, spent_totals
     from caspo_jax.evals.store import ResultsStore, load_records
 
-    if args.engine != "openai" and not args.report_only:
-        local_generator(args.engine, args.checkpoint)  # raises EngineNotAvailable for now
+    if args.engine != "openai" and not args.report_only and not args.checkpoint:
+        raise ValueError(f"--engine {args.engine} needs --checkpoint DIR (an HF directory with config.json, "
+                         "safetensors, tokenizer and preprocessor_config.json)")
     if not args.out:
         raise ValueError("--out is required (the folder for results.jsonl and the report)")
     if not (args.records or args.siuo or args.mss):
@@ -177,7 +178,7 @@ def _run_eval(args) -> int:
 
     gen_name = args.model or args.checkpoint or args.engine
     if not args.report_only:
-        if not (args.base_url and args.model):
+        if args.engine == "openai" and not (args.base_url and args.model):
             raise ValueError("--engine openai needs --base-url and --model of the evaluated model")
         run_info = {"generator": gen_name, "sampling": dataclasses.asdict(sampling), "prompts_version": PROMPTS_VERSION}
         out.mkdir(parents=True, exist_ok=True)
@@ -190,10 +191,14 @@ def _run_eval(args) -> int:
         }
         _check_resume_compatible(out / "run.json", run_meta)
         (out / "run.json").write_text(json.dumps(run_meta, indent=2))
-        gen_client = _client(args, args.base_url, args.model, args.api_key_env, sampling.temperature)
+        gen_client = None
+        if args.engine == "openai":
+            gen_client = _client(args, args.base_url, args.model, args.api_key_env, sampling.temperature)
+            generator = OpenAIGenerator(gen_client, gen_name)
+        else:
+            generator = local_generator(args.engine, args.checkpoint)
         judges = [Judge(j["name"], _client(args, j["base_url"], j["model"], j["api_key_env"], 0.0), j["price_in"], j["price_out"])
                   for j in judge_specs]
-        generator = OpenAIGenerator(gen_client, gen_name)
         try:
             with ResultsStore(results_path) as store:
                 for bench, fn in (("ood", judging.rse_judge_fn), ("siuo", judging.siuo_judge_fn), ("mss", judging.mss_judge_fn)):
@@ -204,7 +209,8 @@ def _run_eval(args) -> int:
                         print(f"{bench}: {st.items} items, {st.skipped_done} already done, {st.done} done now, "
                               f"{st.failed} failed (rerun to retry)", file=sys.stderr)
         finally:
-            gen_client.close()
+            if gen_client is not None:
+                gen_client.close()
             for j in judges:
                 j.client.close()
     else:

@@ -6,8 +6,13 @@ sampled responses and their status. Engines:
 * ``OpenAIGenerator``: any OpenAI-compatible endpoint (closed APIs, or a checkpoint
   served by vLLM/SGLang) through ``caspo_jax.llm.client.ChatClient`` (retries,
   Retry-After, per-request failure reporting).
-* ``local_generator("jax" | "vllm", ...)``: the in-process JAX sampler and the vLLM
-  engine; not built yet, so it raises ``EngineNotAvailable`` naming the missing piece.
+* ``local_generator("jax" | "vllm", checkpoint)``: a ``LocalGenerator`` over the
+  in-process JAX sampler (``caspo_jax.rollout.JaxSampler``) or the vLLM engine
+  (``VllmEngine``; ``EngineNotAvailable`` when vllm does not import). The model comes from
+  ``caspo_jax.models.load_pretrained``, the tokenizer and image processor from the same
+  directory; prompts are rendered like training prompts (``caspo_jax.data.prompts``: chat
+  template, one ``<|image_pad|>`` run per image sized by the processor's grid, images
+  resized with ``caspo_jax.data.images.resize_image`` and the processor's min/max pixels).
 
 ``PAPER_SAMPLING`` is the paper's generation preset (appendix A.2.1: temperature 0.9,
 up to 4096 new tokens).
@@ -16,7 +21,10 @@ up to 4096 new tokens).
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+import json
+import zlib
+from pathlib import Path
+from typing import Any, Protocol, Sequence
 
 from caspo_jax.evals.modes import Prompt
 
@@ -51,27 +59,157 @@ class Generator(Protocol):
 
 
 class EngineNotAvailable(NotImplementedError):
-    """A generation engine that this build does not provide yet."""
+    """A generation engine that cannot run here (vllm not installed)."""
 
 
-_MISSING = {
-    "jax": (
-        "the in-process JAX sampler (caspo_jax rollouts: prefill/decode over "
-        "caspo_jax.models with a Qwen-VL processor)"
-    ),
-    "vllm": "the vLLM rollout engine and weight bridge (caspo_jax rollouts, vLLM backend)",
-}
+LOCAL_ENGINES = ("jax", "vllm")
 
 
-def local_generator(engine: str, checkpoint: str | None = None) -> Generator:
-    """The local engines; raise until the rollout engine lands (a later issue)."""
-    if engine not in _MISSING:
+@dataclasses.dataclass(frozen=True)
+class LocalProcessor:
+    """What prompt encoding needs: a chat-template tokenizer and a Qwen-VL image processor
+    (any object with these two attributes works, e.g. a transformers processor)."""
+
+    tokenizer: Any
+    image_processor: Any
+
+
+def load_local_processor(directory) -> LocalProcessor:
+    """The checkpoint's tokenizer (chat template from the tokenizer files or
+    ``chat_template.jinja``) and its image processor from ``preprocessor_config.json``,
+    built without torchvision (the PIL image processor)."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    directory = Path(directory)
+    config = directory / "preprocessor_config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{config} not found: --checkpoint must hold the tokenizer and image processor "
+                                "next to the weights (an HF directory, e.g. a caspo run's export/)")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    template = directory / "chat_template.jinja"
+    if not tokenizer.chat_template and template.exists():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    if not tokenizer.chat_template:
+        raise ValueError(f"{directory}: the tokenizer has no chat template (tokenizer_config.json "
+                         "'chat_template' or chat_template.jinja); add the model's template")
+    return LocalProcessor(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(directory))
+
+
+def local_generator(engine: str, checkpoint: str | None = None, *, processor=None, batch_size: int = 16,
+                    seed: int = 0, **engine_kwargs) -> "LocalGenerator":
+    """A ``LocalGenerator`` over the checkpoint in ``checkpoint`` (an HF directory).
+
+    processor: tokenizer + image processor (default: ``load_local_processor(checkpoint)``).
+    engine_kwargs go to ``JaxSampler`` (e.g. ``mesh``) or ``VllmEngine.start``.
+    """
+    if engine not in LOCAL_ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose openai, jax or vllm")
-    raise EngineNotAvailable(
-        f"--engine {engine} needs {_MISSING[engine]}, which is not built yet. Until then, "
-        f"serve the checkpoint{f' {checkpoint}' if checkpoint else ''} with an "
-        "OpenAI-compatible server (e.g. `vllm serve DIR`) and use --engine openai --base-url URL."
-    )
+    if not checkpoint:
+        raise ValueError(f"--engine {engine} needs --checkpoint DIR (an HF directory: config.json, "
+                         "safetensors, tokenizer and preprocessor_config.json)")
+    if engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise EngineNotAvailable(
+                f"--engine vllm needs the vllm package, which does not import here ({e}). Use --engine jax, "
+                f"or serve {checkpoint} with an OpenAI-compatible server (e.g. `vllm serve DIR`) and use "
+                "--engine openai --base-url URL.") from None
+    from caspo_jax.models import load_pretrained
+
+    model, params = load_pretrained(checkpoint)
+    processor = processor if processor is not None else load_local_processor(checkpoint)
+    tokenizer = processor.tokenizer
+    eos = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    eos_ids = tuple(sorted(i for i in eos if isinstance(i, int) and i >= 0))
+    if engine == "jax":
+        from caspo_jax.rollout import JaxSampler
+
+        rollout_engine = JaxSampler(model, params, eos_token_ids=eos_ids, **engine_kwargs)
+    else:
+        from caspo_jax.rollout import VllmEngine
+
+        rollout_engine = VllmEngine.start(checkpoint, model, eos_token_ids=eos_ids, **engine_kwargs)
+        rollout_engine.sync_weights(params)
+    return LocalGenerator(rollout_engine, processor, name=f"{engine}:{checkpoint}", batch_size=batch_size,
+                          seed=seed)
+
+
+def prompt_seed(prompt: Prompt, seed: int) -> int:
+    """A prompt's sampling seed from its content: its samples do not depend on the batch
+    it shares or on the order of a (resumed) run."""
+    key = json.dumps([prompt.system, prompt.text, list(prompt.images)]).encode()
+    return (zlib.crc32(key) + seed) % 2**31
+
+
+class LocalGenerator:
+    """Generation in this process with a ``caspo_jax.rollout`` engine (``RolloutEngine``).
+
+    Each prompt is encoded like a training prompt (system turn, one image entry per image
+    then the text, the processor's chat template, image placeholders expanded to the grid)
+    and its n samples drawn in one ``engine.generate`` call per ``batch_size`` prompts;
+    responses are decoded without special tokens. A prompt that cannot be encoded (e.g.
+    an unreadable image) fails alone, with the reason as its error.
+    """
+
+    def __init__(self, engine, processor, *, name: str = "local", batch_size: int = 16, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"LocalGenerator(batch_size={batch_size}): must be >= 1")
+        self.engine = engine
+        self.processor = processor
+        self.name = name
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def encode(self, prompt: Prompt):
+        """``RolloutPrompt`` of ``prompt``: token ids, pixels, grid and the resized images."""
+        import numpy as np
+
+        from caspo_jax.data.images import load_image, resize_image
+        from caspo_jax.data.pipeline import processor_resize_settings
+        from caspo_jax.data.prompts import expand_image_tokens, image_token_counts, render_prompt
+        from caspo_jax.rollout import RolloutPrompt
+
+        messages: list[dict[str, Any]] = [{"role": "system", "content": prompt.system}] if prompt.system else []
+        content = [{"type": "image"} for _ in prompt.images] + [{"type": "text", "text": prompt.text}]
+        messages.append({"role": "user", "content": content})
+        text = render_prompt(self.processor.tokenizer, messages)
+        pixels = grid = None
+        images: tuple = ()
+        if prompt.images:
+            factor, lo, hi = processor_resize_settings(self.processor)
+            images = tuple(resize_image(load_image(p), factor, lo, hi) for p in prompt.images)
+            vision = self.processor.image_processor(images=list(images), return_tensors="np")
+            pixels = np.asarray(vision["pixel_values"], np.float32)
+            grid = np.asarray(vision["image_grid_thw"], np.int64).reshape(-1, 3)
+            text = expand_image_tokens(text, image_token_counts(grid, self.processor.image_processor.merge_size))
+        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return RolloutPrompt(np.asarray(ids), pixels, grid, images, seed=prompt_seed(prompt, self.seed))
+
+    def generate(self, prompts: Sequence[Prompt], n: int, sampling: Sampling) -> list[Generation]:
+        from caspo_jax.rollout import SamplingParams
+
+        params = SamplingParams(temperature=float(sampling.temperature), max_new_tokens=int(sampling.max_new_tokens),
+                                seed=self.seed)
+        out: list[Generation | None] = [None] * len(prompts)
+        encoded = []
+        for i, p in enumerate(prompts):
+            try:
+                encoded.append((i, self.encode(p)))
+            except (OSError, ValueError) as e:  # caspo_jax.data.images.ImageError is a ValueError
+                out[i] = Generation(texts=[None] * n, errors=[f"cannot encode prompt: {e}"] * n)
+        decode = self.processor.tokenizer.decode
+        for lo in range(0, len(encoded), self.batch_size):
+            chunk = encoded[lo: lo + self.batch_size]
+            rollouts = self.engine.generate([r for _, r in chunk], n=n, sampling=params)
+            for c, (i, rp) in enumerate(chunk):
+                rows = range(c * n, (c + 1) * n)
+                out[i] = Generation(
+                    texts=[decode(rollouts.response(s).tolist(), skip_special_tokens=True) for s in rows],
+                    errors=[None] * n, prompt_tokens=n * len(rp.token_ids),
+                    completion_tokens=int(sum(int(rollouts.lengths[s]) for s in rows)))
+        return out  # type: ignore[return-value]
 
 
 class OpenAIGenerator:

@@ -114,7 +114,7 @@ def test_report_only_and_compare(tmp_path):
 
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert cli.main(["eval", "--out", str(tmp_path), "--records", "r.jsonl", "--engine", "vllm"]) == 2
-    assert "vLLM rollout engine" in capsys.readouterr().err
+    assert "--engine vllm needs --checkpoint" in capsys.readouterr().err
     assert cli.main(["eval", "--out", str(tmp_path), "--records", "r.jsonl", "--judge", "name=a,model=m"]) == 2
     assert "missing base_url" in capsys.readouterr().err
     assert cli.main(["eval", "--out", str(tmp_path), "--records", "r.jsonl", "--judge", "model=m,base_url=u",
