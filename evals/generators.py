@@ -130,8 +130,8 @@ def local_generator(engine: str, checkpoint: str | None = None, *, processor=Non
     else:
         from caspo_jax.rollout import VllmEngine
 
+        # vLLM reads the same weights from the directory; the JAX model only describes it
         rollout_engine = VllmEngine.start(checkpoint, model, eos_token_ids=eos_ids, **engine_kwargs)
-        rollout_engine.sync_weights(params)
     return LocalGenerator(rollout_engine, processor, name=f"{engine}:{checkpoint}", batch_size=batch_size,
                           seed=seed)
 
