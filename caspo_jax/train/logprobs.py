@@ -23,7 +23,7 @@ DEFAULT_CHUNK = 128
 
 def cast_floats(tree, dtype):
     """Floating leaves cast to ``dtype`` (bfloat16 compute over float32 master weights)."""
-    if dtype is None:
+    if dtype is None or jnp.dtype(dtype) == jnp.float32:
         return tree
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
