@@ -1,4 +1,7 @@
-"""The reward model: eq. 7's loss by hand, the head's token, learning, save/load, build_reward, `caspo rm`."""
+"""The reward model: eq. 7's loss by hand, the head's token, learning, save/load, build_reward,
+`caspo rm`, a sharded step equal to the single-device one, and the Qwen3-VL family with images.
+
+One module fixture builds the tiny policy (the tokenizer's BPE training dominates set-up)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from caspo_jax.rewards import build_reward
 from caspo_jax.rewards.reward_model import HEAD_KEY, RewardModel, encode_rm_example, init_head, rm_rows, sequence_rewards
@@ -80,7 +84,7 @@ def _write_jsonl(path, rows):
 WORDS = "the a water store keep room cold light paper bottle glass box door window table chair".split()
 
 
-def _synthetic(tmp_path, n_pairs=48, n_scored=16, seed=0):
+def _synthetic(tmp_path, n_pairs=32, n_scored=32, seed=0):
     """Responses ending with "safe" are preferred to the same text ending with "now"."""
     rng = np.random.default_rng(seed)
 
@@ -101,14 +105,16 @@ def test_tiny_rm_learns_marker_preference_and_round_trips(tiny, tmp_path):
     policy, _ = tiny
     backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")
     pairs, scores = _synthetic(tmp_path)
-    cfg = RMTrainConfig(mse_weight=1.0, batch_size=8, steps=40, learning_rate=3e-3, eval_fraction=0.25, seed=0,
+    cfg = RMTrainConfig(mse_weight=2.0, batch_size=8, steps=30, learning_rate=1e-3, eval_fraction=0.25, seed=0,
                         max_prompt_len=256, max_response_len=32)
     trained, final = train_reward_model(pairs, scores, backbone, tmp_path / "run", cfg, progress=False)
-    assert final["eval_pairs"] == 12 and final["eval_mse"] == 4
+    assert final["eval_pairs"] == 8 and final["eval_mse"] == 8
     assert final["eval/accuracy"] >= 0.8, final
+    # Held-out targets are 0 / 1 about half and half: predicting their mean scores 0.25.
+    assert final["eval/mse"] < 0.25, final
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 40 and rows[-1]["loss"] < rows[0]["loss"]
-    assert (tmp_path / "run" / "checkpoints" / "40").is_dir()
+    assert len(rows) == 30 and rows[-1]["loss"] < rows[0]["loss"]
+    assert (tmp_path / "run" / "checkpoints" / "30").is_dir()
 
     prompts = [{"query": "how to keep water cold?"}] * 2 + ["what about the door?"]
     responses = ["keep the bottle safe", "keep the bottle now", "a table now"]
@@ -146,3 +152,59 @@ def test_scores_loader_and_cli_errors_name_file_line_field(tmp_path, capsys):
         build_reward({"kind": "reward_model"})
     with pytest.raises(FileNotFoundError, match="reward_head.safetensors"):
         build_reward({"kind": "reward_model", "path": str(tmp_path)})
+
+
+def test_sharded_rm_step_equals_single_device_step(tiny):
+    from caspo_jax.rewards.rm_train import (_Unit, _slots, build_rm_batch, make_rm_step, rm_state_shardings,
+                                            shard_rm_batch)
+    from caspo_jax.sharding import make_mesh
+    from caspo_jax.train import TrainConfig, init_state, shard_state
+    policy, params = tiny
+    model, proc = policy.model, policy.processor
+    units = [_Unit(encode_rm_example(proc, "how to store a bottle?", [], ["keep it safe", "throw it now"]), None),
+             _Unit(encode_rm_example(proc, "how to open a door?", [], ["use the key", "break the window"]), None),
+             _Unit(encode_rm_example(proc, "what about the table?", [], ["a table"]), 0.5),
+             _Unit(encode_rm_example(proc, "what about light?", [], ["the light is cold safe"]), 1.0)]
+    batch = build_rm_batch(model, _slots(units), 4, policy.pad_id, 64, 16)  # 8 rows: 2 pairs, 2 MSE, 2 padding
+    np.testing.assert_array_equal(batch.bt_mask, [1, 1, 0, 0])  # slot 2: the two MSE records, slot 3: padding
+    np.testing.assert_array_equal(batch.mse_mask, [0, 0, 1, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(batch.target, [0, 0, 0.5, 0, 0, 0, 1.0, 0])
+    cfg = TrainConfig(learning_rate=1e-3)
+    single, m1 = make_rm_step(model, cfg, 1.0)(init_state(params, cfg), batch)
+    mesh = make_mesh(1, 2, 2, devices=jax.devices()[:4])  # fsdp x tensor
+    state = shard_state(init_state(params, cfg), rm_state_shardings(model, cfg, mesh))
+    sharded, m2 = make_rm_step(model, cfg, 1.0, mesh)(state, shard_rm_batch(batch, mesh))
+    assert sharded.params["text"]["embed"].sharding.spec != jax.sharding.PartitionSpec()  # really sharded
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
+    # AdamW's first update is ~lr * sign(g): a float32 reduction-order difference in a
+    # near-zero gradient moves a parameter by a fraction of lr, hence atol = 5% of lr.
+    for a, b in zip(jax.tree.leaves(jax.device_get(single.params)), jax.tree.leaves(jax.device_get(sharded.params))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+def test_qwen3_vl_reward_model_scores_images_and_round_trips(tiny, tmp_path):
+    from caspo_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
+    from caspo_jax.testing.tiny_qwen3_vl import hf_config_dict
+    from caspo_jax.testing.tiny_tokenizer import build_tiny_processor, tokenizer_info
+
+    tokenizer = tiny[0].processor.tokenizer
+    info = tokenizer_info(tokenizer)
+    raw = hf_config_dict("text", vocab_size=info.vocab_size)
+    raw["text_config"]["eos_token_id"] = info.im_end_id
+    raw.update(image_token_id=info.image_token_id, video_token_id=info.video_token_id,
+               vision_start_token_id=info.vision_start_token_id, vision_end_token_id=info.vision_end_token_id)
+    model = Qwen3VL(Qwen3VLConfig.from_dict(raw))
+    params = model.init(jax.random.PRNGKey(0))
+    params = {**params, HEAD_KEY: init_head(params["text"]["embed"].shape[1], seed=3)}
+    processor = build_tiny_processor(tokenizer, family="qwen3_vl")
+    rm = RewardModel(model, params, processor, info.pad_token_id, batch_size=4)
+    image = tmp_path / "red.png"
+    Image.fromarray(np.tile(np.array([200, 20, 20], np.uint8), (64, 64, 1))).save(image)
+    prompts = [{"query": "is this safe?", "images": [str(image)]}, {"query": "is this safe?", "images": [str(image)]},
+               "what about the door?"]
+    responses = ["keep it safe", "keep it now", "a table"]
+    before = rm.score(prompts, responses)
+    assert before.ok.all() and len(set(before.rewards.tolist())) == 3
+    loaded = RewardModel.load(rm.save(tmp_path / "rm"), batch_size=4)
+    assert loaded.processor.image_processor.patch_size == 16
+    np.testing.assert_array_equal(loaded.score(prompts, responses).rewards, before.rewards)
