@@ -65,3 +65,36 @@ def test_subprocess_worker_generates_with_pushed_weights(world):
             if weights is params:
                 first = got.tokens
         assert not np.array_equal(first, got.tokens)  # the second push took effect
+
+
+class _InProcessHandle:
+    """A worker handle without a process (the split/concatenate logic, cheaply)."""
+
+    def __init__(self, spec):
+        from caspo_jax.remote import RolloutWorker
+
+        self.worker = RolloutWorker(spec)
+
+    def submit(self, method, *args, **kwargs):
+        from concurrent.futures import Future
+
+        future = Future()
+        future.set_result(getattr(self.worker, method)(*args, **kwargs))
+        return future
+
+    result = staticmethod(lambda future, timeout=None: future.result(timeout))
+    put = staticmethod(lambda value: value)
+    close = staticmethod(lambda: None)
+
+
+def test_prompts_split_over_workers_equal_one_engine(world):
+    model, params, _ = world
+    spec = WorkerSpec.jax(model)
+    remote = RemoteRolloutEngine(model, [_InProcessHandle(spec), _InProcessHandle(spec)])
+    remote.sync_weights(params)
+    many = prompts() + prompts()[::-1]  # 4 prompts -> 2 per worker
+    got = remote.generate(many, n=2, sampling=SAMPLING)
+    want = JaxSampler(model, params).generate(many, n=2, sampling=SAMPLING)
+    assert got.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
