@@ -205,3 +205,21 @@ def test_zero_variance_groups_add_nothing(world, micro_step):
     _, _, grads_changed = micro_step(world["state"], changed)
     assert max_diff(grads, grads_changed) <= 1e-7
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-4
+
+
+def test_bfloat16_step_with_truncated_is(world):
+    """One executable, bfloat16 compute + TIS (cap 2): with rollout_logp == old_logp every
+    weight is 1 and the loss matches float32; with the rollout engine 3x less likely than
+    pi_old every weight is capped at 2, doubling the policy term."""
+    cfg = CFG.replace(compute_dtype="bfloat16", tis_cap=2.0)
+    step = make_train_step(world["model"], cfg, CASPO.replace(beta=0.0), compiler_options=FAST)
+    state = init_state(world["params"], cfg)
+    old = np.asarray(world["batch"].old_logp)
+    _, same = step(state, world["batch"].with_signals(rollout_logp=old))
+    assert float(same["tis_weight_mean"]) == pytest.approx(1.0) and float(same["tis_capped_frac"]) == 0.0
+    assert float(same["pg_loss"]) == pytest.approx(float(world["metrics"]["pg_loss"]), abs=5e-3)
+    _, capped = step(state, world["batch"].with_signals(rollout_logp=old - np.log(3.0)))
+    assert float(capped["tis_weight_mean"]) == pytest.approx(2.0) and float(capped["tis_capped_frac"]) == 1.0
+    assert float(capped["pg_loss"]) == pytest.approx(2 * float(same["pg_loss"]), rel=1e-4)
+    for leaf in jax.tree.leaves(state.params):
+        assert leaf.dtype == jnp.float32  # master weights stay float32
