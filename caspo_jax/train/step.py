@@ -6,7 +6,9 @@ loss run per micro-batch in a ``lax.scan`` that sums parameter and image-feature
 gradients; the image-feature gradient is then pulled back through the vision tower with
 its VJP. Each micro-batch's loss is weighted by its share of the mini-batch's tokens
 (token-mean) or sequences (seq-mean modes), so M micro-batches give the same loss and
-gradient as one (tested).
+gradient as one (tested). Metrics other than ``loss`` are token-weighted averages of the
+micro-batches' values (exact for token-level means; for pg_loss/kl under seq-mean ``agg``
+an approximation).
 """
 
 from __future__ import annotations
