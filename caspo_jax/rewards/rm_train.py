@@ -394,6 +394,8 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
         writer.write(step + 1, row)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total:
             checkpointer.save(step + 1, state, {"stage": "rm", "step": step + 1})
+    if start >= total:  # resumed a finished run: evaluate what was restored
+        final = _evaluate(model, state.params, eval_units, K, pad_id, prompt_len, response_len, shard)
     checkpointer.close()
     writer.close()
     params = jax.device_get(state.params)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from caspo_jax.rewards import build_reward
 from caspo_jax.rewards.reward_model import HEAD_KEY, RewardModel, encode_rm_example, init_head, rm_rows, sequence_rewards
-from caspo_jax.rewards.rm_train import RMTrainConfig, load_scored_responses, rm_loss, train_reward_model
+from caspo_jax.rewards.rm_train import RMTrainConfig, load_scored_responses, rm_loss
 
 
 def test_rm_loss_equals_hand_computed_bt_plus_weighted_mse():
@@ -105,9 +105,13 @@ def test_tiny_rm_learns_marker_preference_and_round_trips(tiny, tmp_path):
     policy, _ = tiny
     backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")
     pairs, scores = _synthetic(tmp_path)
-    cfg = RMTrainConfig(mse_weight=2.0, batch_size=8, steps=30, learning_rate=1e-3, eval_fraction=0.25, seed=0,
-                        max_prompt_len=256, max_response_len=32)
-    trained, final = train_reward_model(pairs, scores, backbone, tmp_path / "run", cfg, progress=False)
+    from caspo_jax.launch.cli import main
+
+    args = ["rm", "--pairs", str(pairs), "--scores", str(scores), "--model", str(backbone), "--out",
+            str(tmp_path / "run"), "--mse-weight", "2", "--batch-size", "8", "--steps", "30", "--lr", "1e-3",
+            "--eval-fraction", "0.25", "--max-prompt-len", "256", "--max-response-len", "32", "--no-progress"]
+    assert main(args) == 0
+    final = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert final["eval_pairs"] == 8 and final["eval_mse"] == 8
     assert final["eval/accuracy"] >= 0.8, final
     # Held-out targets are 0 / 1 about half and half: predicting their mean scores 0.25.
@@ -118,8 +122,16 @@ def test_tiny_rm_learns_marker_preference_and_round_trips(tiny, tmp_path):
 
     prompts = [{"query": "how to keep water cold?"}] * 2 + ["what about the door?"]
     responses = ["keep the bottle safe", "keep the bottle now", "a table now"]
+    trained = RewardModel.load(tmp_path / "run" / "export")
     before = trained.score(prompts, responses)
     assert before.ok.all() and before.rewards[0] > before.rewards[1]
+    # A fresh run refuses to mix with the old checkpoints; --resume of the finished run
+    # re-evaluates the restored state to the same held-out figures.
+    assert main(args) == 2
+    assert main(args + ["--resume"]) == 0
+    again = json.loads((tmp_path / "run" / "eval.json").read_text())
+    np.testing.assert_allclose(again["eval/accuracy"], final["eval/accuracy"])
+    np.testing.assert_allclose(again["eval/mse"], final["eval/mse"], rtol=1e-6)
     loaded = RewardModel.load(tmp_path / "run" / "export")
     after = loaded.score(prompts, responses)
     np.testing.assert_array_equal(after.rewards, before.rewards)
@@ -206,5 +218,11 @@ def test_qwen3_vl_reward_model_scores_images_and_round_trips(tiny, tmp_path):
     before = rm.score(prompts, responses)
     assert before.ok.all() and len(set(before.rewards.tolist())) == 3
     loaded = RewardModel.load(rm.save(tmp_path / "rm"), batch_size=4)
+    def arch(m):  # the config minus the saved dtype field
+        return {k: v for k, v in m.config.to_dict().items() if k != "dtype"}
+
+    assert arch(loaded.model) == arch(model)
     assert loaded.processor.image_processor.patch_size == 16
-    np.testing.assert_array_equal(loaded.score(prompts, responses).rewards, before.rewards)
+    # The saved parameters and processor, run by the already compiled model: same scores.
+    reloaded = RewardModel(model, loaded.params, loaded.processor, loaded.pad_id, batch_size=4)
+    np.testing.assert_array_equal(reloaded.score(prompts, responses).rewards, before.rewards)
