@@ -138,6 +138,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                     teacher_logp = compute_logprobs(model, source, tb, layout="teacher")[0]
                 mask_f = np.asarray(tb.response_mask) * np.repeat(ok_P, G)[:, None]
                 adv, adv_metrics = rollout_advantages(a, rewards_PxG, teacher_logp, old_logp, tb.response_mask)
+                jax.block_until_ready((old_logp, ref_logp, teacher_logp, adv))  # time the phase, not the dispatch
                 tb = tb.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
                 tb = dataclasses.replace(tb, response_mask=mask_f.astype(np.float32))  # failed groups: no loss
             with timer("update"):
@@ -151,6 +152,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 step_metrics = _mean_dicts(jax.device_get(step_metrics))
             with timer("sync"):
                 sampler.sync_weights(state.params)
+                jax.block_until_ready(sampler.params)
             step += 1
             lengths = mask.sum(axis=1)
             valid = np.asarray(tb.response_mask) > 0

@@ -146,7 +146,7 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
             ref_logp = None
             if kind == "dpo":
                 with timer("logprobs"):
-                    ref_logp, _ = compute_logprobs(model, ref_params, batch)
+                    ref_logp = jax.block_until_ready(compute_logprobs(model, ref_params, batch)[0])
             with timer("update"):
                 state, metrics = _exchange_step(model, step_cfg, kind, float(cfg.dpo.beta), state, batch, ref_logp)
                 metrics = jax.device_get(metrics)
