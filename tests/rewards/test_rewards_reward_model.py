@@ -206,7 +206,15 @@ def test_qwen3_vl_reward_model_scores_images_and_round_trips(tiny, tmp_path):
     raw.update(image_token_id=info.image_token_id, video_token_id=info.video_token_id,
                vision_start_token_id=info.vision_start_token_id, vision_end_token_id=info.vision_end_token_id)
     model = Qwen3VL(Qwen3VLConfig.from_dict(raw))
-    params = model.init(jax.random.PRNGKey(0))
+    # model.init's distribution (norm scales 1, the rest N(0, 0.02)) drawn in NumPy: one
+    # eager jax.random op per leaf costs ~15 s on the loaded 2-core box.
+    from caspo_jax.models.common.checkpoint import map_table
+    from caspo_jax.models.qwen3_vl.params import _UNIT_LEAVES
+
+    rng = np.random.default_rng(0)
+    params = map_table(model.param_table(), lambda spec: jnp.ones(spec.shape, jnp.float32)
+                       if spec.path[-1] in _UNIT_LEAVES else
+                       jnp.asarray(0.02 * rng.standard_normal(spec.shape), jnp.float32))
     params = {**params, HEAD_KEY: init_head(params["text"]["embed"].shape[1], seed=3)}
     processor = build_tiny_processor(tokenizer, family="qwen3_vl")
     rm = RewardModel(model, params, processor, info.pad_token_id, batch_size=4)
