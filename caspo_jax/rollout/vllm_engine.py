@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from caspo_jax.rollout.jax_engine import default_eos_ids
+from caspo_jax.rollout.jax_engine import default_eos_ids, multimodal_token_ids
 from caspo_jax.rollout.types import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, RolloutPrompt, Rollouts, SamplingParams
 
 IN_PROCESS_DEFAULTS = dict(distributed_executor_backend="uni", enforce_eager=True)
@@ -36,6 +36,10 @@ def collapse_image_tokens(token_ids: np.ndarray, image_token_id: int) -> list[in
     return out
 
 
+# Far below any real logit, finite so vLLM's bias arithmetic stays free of inf - inf.
+SUPPRESS_BIAS = -1e9
+
+
 class VllmEngine:
     """``generate`` / ``sync_weights`` over a vLLM ``LLM``.
 
@@ -44,10 +48,14 @@ class VllmEngine:
     ``reload_weights`` reads a lazy iterator; the engine must be in-process) or
     "safetensors" (bytes in buckets of ``bucket_bytes`` through ``collective_rpc``, for
     engines in other processes). dlpack: hand single-device JAX arrays to torch via DLPack.
+    suppress_token_ids: ids never sampled, as in ``JaxSampler`` (default: the multimodal
+    placeholders; ``()`` turns it off), applied as a ``logit_bias`` of ``SUPPRESS_BIAS``:
+    vLLM reports log-probs of the unbiased distribution, so they still match JAX's.
     """
 
     def __init__(self, llm, model, *, eos_token_ids: Sequence[int] | None = None, transport: str = "in_process",
-                 bucket_bytes: int = 256 * 2**20, dlpack: bool = False):
+                 bucket_bytes: int = 256 * 2**20, dlpack: bool = False,
+                 suppress_token_ids: Sequence[int] | None = None):
         if transport not in ("in_process", "safetensors"):
             raise ValueError(f"transport={transport!r}: use 'in_process' or 'safetensors'")
         self.llm = llm
@@ -57,6 +65,8 @@ class VllmEngine:
         self.bucket_bytes = bucket_bytes
         self.dlpack = dlpack
         self.last_sync_seconds: float | None = None
+        ids = multimodal_token_ids(model) if suppress_token_ids is None else suppress_token_ids
+        self.logit_bias = {int(i): SUPPRESS_BIAS for i in ids} or None
 
     @classmethod
     def start(cls, model_dir, model, *, dtype: str = "float32", max_model_len: int = 1024,
@@ -126,7 +136,7 @@ class VllmEngine:
             params.append(VllmSampling(
                 n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
                 max_tokens=sampling.max_new_tokens, stop_token_ids=terminators, ignore_eos=True, seed=seed,
-                logprobs=0, skip_special_tokens=False, detokenize=False))
+                logprobs=0, skip_special_tokens=False, detokenize=False, logit_bias=self.logit_bias))
         outputs = self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
         self._check_prompt_ids(outputs, prompts)
         samples = [(i, c) for i, out in enumerate(outputs) for c in sorted(out.outputs, key=lambda c: c.index)]
