@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
-from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from caspo_jax.evals.modes import Prompt
@@ -65,42 +64,11 @@ class EngineNotAvailable(NotImplementedError):
 LOCAL_ENGINES = ("jax", "vllm")
 
 
-@dataclasses.dataclass(frozen=True)
-class LocalProcessor:
-    """What prompt encoding needs: a chat-template tokenizer and a Qwen-VL image processor
-    (any object with these two attributes works, e.g. a transformers processor)."""
-
-    tokenizer: Any
-    image_processor: Any
-
-
-def load_local_processor(directory) -> LocalProcessor:
-    """The checkpoint's tokenizer (chat template from the tokenizer files or
-    ``chat_template.jinja``) and its image processor from ``preprocessor_config.json``,
-    built without torchvision (the PIL image processor)."""
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    directory = Path(directory)
-    config = directory / "preprocessor_config.json"
-    if not config.exists():
-        raise FileNotFoundError(f"{config} not found: --checkpoint must hold the tokenizer and image processor "
-                                "next to the weights (an HF directory, e.g. a caspo run's export/)")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    template = directory / "chat_template.jinja"
-    if not tokenizer.chat_template and template.exists():
-        tokenizer.chat_template = template.read_text(encoding="utf-8")
-    if not tokenizer.chat_template:
-        raise ValueError(f"{directory}: the tokenizer has no chat template (tokenizer_config.json "
-                         "'chat_template' or chat_template.jinja); add the model's template")
-    return LocalProcessor(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(directory))
-
-
 def local_generator(engine: str, checkpoint: str | None = None, *, processor=None, batch_size: int = 16,
                     seed: int = 0, **engine_kwargs) -> "LocalGenerator":
     """A ``LocalGenerator`` over the checkpoint in ``checkpoint`` (an HF directory).
 
-    processor: tokenizer + image processor (default: ``load_local_processor(checkpoint)``).
+    processor: tokenizer + image processor (default: ``caspo_jax.data.processor.load_processor(checkpoint)``).
     engine_kwargs go to ``JaxSampler`` (e.g. ``mesh``) or ``VllmEngine.start``.
     """
     if engine not in LOCAL_ENGINES:
@@ -116,10 +84,11 @@ def local_generator(engine: str, checkpoint: str | None = None, *, processor=Non
                 f"--engine vllm needs the vllm package, which does not import here ({e}). Use --engine jax, "
                 f"or serve {checkpoint} with an OpenAI-compatible server (e.g. `vllm serve DIR`) and use "
                 "--engine openai --base-url URL.") from None
+    from caspo_jax.data.processor import load_processor
     from caspo_jax.models import load_pretrained
 
     model, params = load_pretrained(checkpoint)
-    processor = processor if processor is not None else load_local_processor(checkpoint)
+    processor = processor if processor is not None else load_processor(checkpoint)
     tokenizer = processor.tokenizer
     eos = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
     eos_ids = tuple(sorted(i for i in eos if isinstance(i, int) and i >= 0))

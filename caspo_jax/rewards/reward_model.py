@@ -47,7 +47,6 @@ __all__ = [
     "init_head",
     "last_token_index",
     "load_head",
-    "load_rm_processor",
     "rm_rows",
     "save_head",
     "sequence_rewards",
@@ -279,42 +278,20 @@ class RewardModel:
 
     @classmethod
     def load(cls, directory: str | Path, *, dtype=jnp.float32, **options) -> "RewardModel":
-        """Backbone with `load_pretrained`, processor with `load_rm_processor`, then the head."""
+        """Backbone with `load_pretrained`, processor with `caspo_jax.data.processor.load_processor`, then the head."""
+        from caspo_jax.data.processor import load_processor
         from caspo_jax.models import load_pretrained
+        from caspo_jax.testing.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE
 
         directory = Path(directory)
         if not (directory / HEAD_FILE).is_file():
             raise FileNotFoundError(f"{directory / HEAD_FILE} not found: {directory} is not a reward-model "
                                     f"directory (train one with `caspo rm`, or save with RewardModel.save)")
         model, params = load_pretrained(directory, dtype=dtype)
-        processor = load_rm_processor(directory)
+        processor = load_processor(directory, default_chat_template=QWEN2_VL_CHAT_TEMPLATE)
         params = {**params, HEAD_KEY: load_head(directory / HEAD_FILE, params["text"]["embed"].shape[1])}
         pad_id = processor.tokenizer.pad_token_id
         return cls(model, params, processor, 0 if pad_id is None else pad_id, **options)
-
-
-def load_rm_processor(directory: str | Path):
-    """The checkpoint's processor. Qwen2.5-VL: the trainer's `load_processor` (patch 14);
-    Qwen3-VL: its tokenizer and its own saved image-processor settings (patch 16)."""
-    import json
-
-    from caspo_jax.trainer.config import DataConfig
-    from caspo_jax.trainer.setup import load_processor
-
-    directory = Path(directory)
-    model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type != "qwen3_vl":
-        return load_processor(directory, DataConfig())
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from caspo_jax.testing.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE, TinyQwen3VLProcessor
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    return TinyQwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(directory),
-                                tokenizer=tokenizer, video_processor=None, chat_template=tokenizer.chat_template)
 
 
 def build_reward_model(fields: dict[str, Any]) -> RewardModel:

@@ -72,29 +72,14 @@ def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig) -> Policy:
         model = Qwen2_5_VL(config, remat=model_cfg.remat)
         params = model.init(jax.random.PRNGKey(model_cfg.seed), dtype)
         return Policy(model, params, processor, (info.im_end_id, info.eos_token_id), info.pad_token_id)
+    from caspo_jax.data.processor import load_processor
     from caspo_jax.models import load_pretrained
+    from caspo_jax.testing.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE
 
     path = Path(model_cfg.path)
     model, params = load_pretrained(path, dtype=dtype, remat=model_cfg.remat)
-    processor = load_processor(path, data_cfg)
+    processor = load_processor(path, min_pixels=data_cfg.image_min_pixels, max_pixels=data_cfg.image_max_pixels,
+                               default_chat_template=QWEN2_VL_CHAT_TEMPLATE)
     tokenizer = processor.tokenizer
     eos = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
     return Policy(model, params, processor, tuple(sorted(i for i in eos if i is not None)), tokenizer.pad_token_id)
-
-
-def load_processor(path: str | Path, data_cfg: DataConfig):
-    """The checkpoint's tokenizer + image processor as a Qwen2.5-VL processor (no torchvision needed)."""
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from caspo_jax.testing.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE, TinyQwen2_5_VLProcessor
-
-    path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                               min_pixels=data_cfg.image_min_pixels,
-                                               max_pixels=data_cfg.image_max_pixels)
-    return TinyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                                   chat_template=tokenizer.chat_template)

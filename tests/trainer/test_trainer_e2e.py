@@ -182,23 +182,22 @@ def test_sft_then_dpo_runs_and_exports(base):
     assert {"reward_accuracy", "reward_margin", "grad_norm"} <= set(rows[0])
 
 
-def test_jax_generator_for_caspo_eval_matches_the_training_prompts(base):
+def test_local_jax_generator_for_caspo_eval_matches_the_training_prompts(base):
     tmp, cfg, policy = base
     from caspo_jax.data.images import load_image, resize_image
     from caspo_jax.data.pipeline import processor_resize_settings
     from caspo_jax.data.prompts import encode_prompt
     from caspo_jax.data.records import load_records
-    from caspo_jax.evals.generators import Sampling
+    from caspo_jax.evals.generators import Sampling, local_generator
     from caspo_jax.evals.modes import Prompt
-    from caspo_jax.trainer.eval_generator import JaxGenerator
 
-    gen = JaxGenerator(str(tmp / "one" / "export"))
+    gen = local_generator("jax", str(tmp / "one" / "export"))
     record = load_records(cfg.data.eval)[0]
     prompt = Prompt(record.query, tuple(str(p) for p in record.images), system="You are a helpful assistant.")
     factor, lo, hi = processor_resize_settings(policy.processor)
     image = resize_image(load_image(record.images[0]), factor, lo, hi)
     expected = encode_prompt(policy.processor, record, [image], "").input_ids
-    np.testing.assert_array_equal(gen._encode(prompt).token_ids, expected)
+    np.testing.assert_array_equal(gen.encode(prompt).token_ids, expected)
     out = gen.generate([prompt, Prompt("hello")], n=2, sampling=Sampling(temperature=0.0, max_new_tokens=4))
     assert len(out) == 2 and all(len(g.texts) == 2 and g.ok for g in out)
     assert out[0].texts[0] == out[0].texts[1]  # greedy
