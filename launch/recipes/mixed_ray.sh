@@ -17,7 +17,7 @@ VENV=${VENV:-$HOME/caspo-vllm}   # pip install -e '.[gpu]' 'ray>=2.9'
 if [ "$ROLE" = head ]; then
   ray start --head --port=6379 --ray-client-server-port=10001 --num-gpus="$(nvidia-smi -L | wc -l)"
 else
-  ray start --address="${HEAD:?set HEAD to the head node's address}:6379" --num-gpus="$(nvidia-smi -L | wc -l)"
+  ray start --address="${HEAD:?set HEAD to the address of the head node}:6379" --num-gpus="$(nvidia-smi -L | wc -l)"
 fi
 # The trainer side (process 0 only), in Python:
 #   import ray; ray.init(address="ray://HEAD:10001")

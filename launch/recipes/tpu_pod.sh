@@ -23,4 +23,4 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command
 #    every host writes its checkpoint shards (orbax) under $RUN.
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   . ~/caspo/bin/activate && cd ~/caspo-jax &&
-  caspo train --preset $PRESET --set model.path=$MODEL_DIR --set run.out_dir=$RUN $MESH"
+  caspo train --preset $PRESET --set model.path=$MODEL_DIR --out $RUN $MESH"
