@@ -375,25 +375,22 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- `caspo dryrun` -------------------------------------------------------------------------
+# -- `caspo dryrun` (the same as `caspo train --dry-run`) ------------------------------------
 def add_arguments(parser) -> None:
+    from caspo_jax.launch.train_cmd import add_topology_arguments
+
     parser.add_argument("--preset", default="tiny-cpu", help="a launch.presets name (default tiny-cpu)")
-    parser.add_argument("--topology", default="1x16",
-                        help="v5p-64, 16xa100-80gb or DEVICESxGIB (32x95); optional :data,fsdp,tensor")
-    parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: all devices on fsdp)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+    parser.add_argument("--config", metavar="YAML", help="YAML file of overrides on the preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, e.g. --set optim.minibatch_size=256 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_topology_arguments(parser)
 
 
 def run(args) -> int:
-    import yaml
+    from caspo_jax.launch.train_cmd import print_dry_run, resolve
 
-    cfg = _as_dict(args.preset)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set model.remat=true")
-        section, field = key.split(".", 1)
-        cfg.setdefault(section, {})[field] = yaml.safe_load(value)
-    print(dry_run_report(cfg, Topology.parse(args.topology, args.mesh)), end="")
-    return 0
+    cfg, status = resolve(args)
+    if status is not None:
+        return status
+    return print_dry_run(cfg, args)

@@ -43,6 +43,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "runs/caspo")
     parser.add_argument("--init", metavar="HF_DIR",
                         help="start from this HF checkpoint (e.g. the export of caspo sft) instead of model.path")
+    add_topology_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the mesh, per-device memory and step FLOPs for --topology and exit "
+                             "(nothing is allocated; no devices needed)")
+
+
+def add_topology_arguments(parser: argparse.ArgumentParser) -> None:
+    """--topology and --mesh: the devices a dry run sizes the job for."""
+    parser.add_argument("--topology", default="1x16",
+                        help="for --dry-run: v5p-64, 16xa100-80gb or DEVICESxGIB (32x95); optional :data,fsdp,tensor")
+    parser.add_argument("--mesh", default=None, help="for --dry-run: data,fsdp,tensor (default: all devices on fsdp)")
+
+
+def print_dry_run(cfg, args: argparse.Namespace) -> int:
+    from caspo_jax.launch.dryrun import Topology, dry_run_report
+
+    try:
+        topology = Topology.parse(args.topology, args.mesh)
+    except ValueError as exc:
+        print(f"caspo: --topology/--mesh: {exc}")
+        return 2
+    print(dry_run_report(cfg, topology), end="")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         import dataclasses
 
         cfg = cfg.replace(model=dataclasses.replace(cfg.model, path=args.init))
+    if args.dry_run:
+        return print_dry_run(cfg, args)
     from caspo_jax.trainer.caspo import run_caspo
 
     run_caspo(cfg, args.out, resume=args.resume)

@@ -104,3 +104,18 @@ def test_cli_dryrun(capsys):
     out = capsys.readouterr().out
     assert "data=2 fsdp=8 tensor=1" in out and "mini-batch 256 rows" in out and "(16 per device" in out
     assert np.isfinite(float(out.split("total")[-1].split()[0]))
+
+
+def test_train_dry_run_sizes_the_typed_config(capsys):
+    """`caspo train --dry-run` reads the same validated config as a real run and allocates nothing."""
+    from caspo_jax.launch.cli import main
+
+    assert main(["train", "--preset", "qwen2_5_vl_7b", "--dry-run", "--topology", "v5p-64",
+                 "--set", "optim.minibatch_size=256"]) == 0
+    out = capsys.readouterr().out
+    assert "mini-batch 256 rows" in out and "parameters" in out
+    total_gib = out.split("  total")[1].split()[0]
+    assert float(total_gib) > 0
+    # a bad field fails before any sizing, naming the field
+    assert main(["train", "--preset", "qwen2_5_vl_7b", "--dry-run", "--set", "optim.no_such_field=1"]) == 2
+    assert "no_such_field" in capsys.readouterr().out
