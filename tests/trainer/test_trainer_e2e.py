@@ -52,13 +52,22 @@ def base(tmp_path_factory):
     return tmp, cfg, build_policy(cfg.model, cfg.data)
 
 
-def test_one_full_step_through_every_phase(base):
+@pytest.fixture(scope="module")
+def one_step_run(base):
+    """(run dir, final state) of a one-step run; a fixture, not a test's side effect, so the
+    tests reading its export also pass when pytest-xdist sends them to another worker."""
     tmp, cfg, policy = base
     from caspo_jax.trainer.caspo import run_caspo
 
     cfg = config_from_dict(apply_overrides(config_to_dict(cfg), ["run.steps=1", "run.eval_every=1"]))
     out = tmp / "one"
     final = run_caspo(cfg, out, policy=policy, progress=False, eval_modes=("standard", "constitution"))
+    return out, final
+
+
+def test_one_full_step_through_every_phase(base, one_step_run):
+    tmp, cfg, policy = base
+    out, final = one_step_run
     (row,) = read(out / "metrics.jsonl")
     for key in ("reward/mean", "reward/std", "token_reward_mean", "advantage_mean", "advantage_std", "kl",
                 "entropy", "clipfrac", "response_length/mean", "response_length/max",
@@ -122,14 +131,14 @@ def test_fresh_run_refuses_an_old_run_directory(base):
         run_caspo(cfg, tmp / "full", policy=policy, progress=False)
 
 
-def test_export_loads_in_transformers_with_equal_logits(base):
+def test_export_loads_in_transformers_with_equal_logits(base, one_step_run):
     tmp, cfg, policy = base
     torch = pytest.importorskip("torch")
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from caspo_jax.models import load_pretrained
 
-    export = tmp / "one" / "export"
+    export = one_step_run[0] / "export"
     model, params = load_pretrained(export)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(export, torch_dtype=torch.float32).eval()
     ids = np.array([[5, 17, 42, 99, 3, 250, 7, 8]], np.int64)
@@ -182,7 +191,7 @@ def test_sft_then_dpo_runs_and_exports(base):
     assert {"reward_accuracy", "reward_margin", "grad_norm"} <= set(rows[0])
 
 
-def test_local_jax_generator_for_caspo_eval_matches_the_training_prompts(base):
+def test_local_jax_generator_for_caspo_eval_matches_the_training_prompts(base, one_step_run):
     tmp, cfg, policy = base
     from caspo_jax.data.images import load_image, resize_image
     from caspo_jax.data.pipeline import processor_resize_settings
@@ -191,7 +200,7 @@ def test_local_jax_generator_for_caspo_eval_matches_the_training_prompts(base):
     from caspo_jax.evals.generators import Sampling, local_generator
     from caspo_jax.evals.modes import Prompt
 
-    gen = local_generator("jax", str(tmp / "one" / "export"))
+    gen = local_generator("jax", str(one_step_run[0] / "export"))
     record = load_records(cfg.data.eval)[0]
     prompt = Prompt(record.query, tuple(str(p) for p in record.images), system="You are a helpful assistant.")
     factor, lo, hi = processor_resize_settings(policy.processor)
