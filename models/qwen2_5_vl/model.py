@@ -15,16 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caspo_jax.models.common.visual_inputs import prepare_visual_inputs
+
 from . import kv_cache as kv_cache_lib
 from . import text as text_lib
 from . import vision as vision_lib
 from .config import Qwen2_5_VLConfig
 from .params import init_params, param_table
 from .rope_index import _as_grids, get_rope_index, vision_metadata
-
-
-def _is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,37 +80,11 @@ class Qwen2_5_VL:
         when images or videos are given, else 0..L-1 for every row (transformers' behaviour;
         pass ``position_ids`` from ``get_rope_index`` to skip padding in text-only batches).
         """
-        cfg = self.config
-        image_grids, video_grids = _as_grids(image_grid_thw), _as_grids(video_grid_thw)
-        if attention_mask is None:
-            attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
-        if position_ids is None and (image_grids or video_grids):
-            if _is_traced(input_ids) or _is_traced(attention_mask):
-                raise ValueError("position_ids must be given when input_ids are traced: compute them on the "
-                                 "host with model.get_rope_index(input_ids, image_grid_thw, attention_mask)")
-            position_ids, _ = self.get_rope_index(input_ids, image_grids, attention_mask, video_grids,
-                                                  second_per_grid_ts)
-        features = []
-        for kind, token_id, grids, pixels, embeds in (
-                ("image", cfg.image_token_id, image_grids, pixel_values, image_embeds),
-                ("video", cfg.video_token_id, video_grids, pixel_values_videos, video_embeds)):
-            if embeds is not None and not grids and position_ids is None:
-                raise ValueError(f"{kind}_embeds given without {kind}_grid_thw or position_ids: the M-RoPE "
-                                 f"positions of the {kind} tokens need one of them")
-            if not _is_traced(input_ids):
-                n_tokens = int(np.sum(np.asarray(input_ids) == token_id))
-                n_features = sum(t * h * w for t, h, w in grids) // cfg.vision.spatial_merge_size**2
-                if embeds is not None and not grids:
-                    n_features = int(embeds.shape[0])
-                if n_tokens != n_features:
-                    raise ValueError(f"input_ids has {n_tokens} {kind} tokens (id {token_id}), "
-                                     f"{kind}_grid_thw / {kind}_embeds describe {n_features} merged patches")
-            if grids and embeds is None:
-                if pixels is None:
-                    name = "pixel_values" if kind == "image" else "pixel_values_videos"
-                    raise ValueError(f"{kind}_grid_thw given without {name} or {kind}_embeds")
-                embeds = self.encode_images(params, pixels, grids)
-            features.append(embeds)
+        attention_mask, position_ids, features = prepare_visual_inputs(
+            self, params, input_ids, attention_mask, position_ids, pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw, image_embeds=image_embeds, pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw, video_embeds=video_embeds,
+            rope_extra=(second_per_grid_ts,))
         return _hidden_states_jit(self, params["text"], input_ids, attention_mask, position_ids, *features)
 
     def lm_head(self, params: dict, h_xD: jax.Array) -> jax.Array:
