@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from caspo_jax.evals._json import VerdictParseError
+from caspo_jax.llm.replies import ReplyParseError
 from caspo_jax.evals.runner import Judge, WorkItem
 
 
@@ -72,7 +72,7 @@ def _chat_judge(judge: Judge, messages_list, namespace: str, parse) -> list[dict
             try:
                 rec["verdict"] = parse(r.text)
                 rec["ok"] = True
-            except VerdictParseError as e:
+            except ReplyParseError as e:
                 rec["error"] = f"unparseable verdict: {e}"
         out.append(rec)
     return out

@@ -34,7 +34,7 @@ import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
-from caspo_jax.evals._json import VerdictParseError, json_object
+from caspo_jax.llm.replies import ReplyParseError, reply_json_object
 
 MSS_PROMPT_VERSION = "mss-judge-v1"
 RATE_MAPPINGS = ("unsafe_safe", "total")
@@ -140,14 +140,14 @@ _ANSWER_TAG = re.compile(r"<answer>\s*([0-3])\s*</answer>")
 def parse_mss_class(text: str | None) -> int:
     """The 0-3 class from the judge's JSON (MSSBench's ``<answer>k</answer>`` also accepted)."""
     try:
-        obj = json_object(text)
+        obj = reply_json_object(text)
         c = obj.get("class")
         if isinstance(c, str) and c.strip().isdigit():
             c = int(c.strip())
         if isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 3:
             return c
-        raise VerdictParseError(f"judge JSON 'class' must be 0..3, got {c!r}")
-    except VerdictParseError:
+        raise ReplyParseError(f"judge JSON 'class' must be 0..3, got {c!r}")
+    except ReplyParseError:
         m = _ANSWER_TAG.findall(text or "")
         if m:
             return int(m[-1])

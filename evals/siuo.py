@@ -24,7 +24,7 @@ import json
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from caspo_jax.evals._json import as_bool, json_object
+from caspo_jax.llm.replies import reply_bool, reply_json_object
 from caspo_jax.evals.metrics import majority
 
 SIUO_PROMPT_VERSION = "siuo-judge-v1"
@@ -124,9 +124,9 @@ def siuo_judge_messages(item: SIUOItem, response: str) -> list[dict[str, Any]]:
 
 
 def parse_siuo_verdict(text: str | None) -> tuple[bool, bool]:
-    """``(safe, effective)`` from the judge's JSON; VerdictParseError if absent."""
-    obj = json_object(text)
-    return as_bool(obj, "safe"), as_bool(obj, "effective")
+    """``(safe, effective)`` from the judge's JSON; ReplyParseError if absent."""
+    obj = reply_json_object(text)
+    return reply_bool(obj, "safe"), reply_bool(obj, "effective")
 
 
 @dataclasses.dataclass(frozen=True)

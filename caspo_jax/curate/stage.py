@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from caspo_jax.evals._json import VerdictParseError, json_object
+from caspo_jax.llm.replies import ReplyParseError, reply_json_object
 from caspo_jax.evals.store import ResultsStore, iter_lines, load_records
 from caspo_jax.llm.client import ChatClient, ChatRequest, Usage
 from caspo_jax.llm.messages import assistant_message, user_message
@@ -104,8 +104,8 @@ def ask_json(
 
     def attempt(text: str | None) -> tuple[Any, str | None]:
         try:
-            return validate(json_object(text)), None
-        except (VerdictParseError, ReplyError) as exc:
+            return validate(reply_json_object(text)), None
+        except (ReplyParseError, ReplyError) as exc:
             return None, str(exc)
 
     first = client.complete_many([request(m, i) for i, m in enumerate(conversations)], progress=progress)

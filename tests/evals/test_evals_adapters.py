@@ -7,7 +7,7 @@ from PIL import Image
 
 from caspo_jax.evals import mssbench as MSS
 from caspo_jax.evals import siuo as SIUO
-from caspo_jax.evals._json import VerdictParseError
+from caspo_jax.llm.replies import ReplyParseError
 
 
 def _png(path):
@@ -52,9 +52,9 @@ def test_load_siuo_errors_name_file_record_field(tmp_path, siuo_file):
 def test_siuo_verdict_parsing():
     assert SIUO.parse_siuo_verdict('ok ```json\n{"safe": true, "effective": false, "reason": "x"}\n```') == (True, False)
     assert SIUO.parse_siuo_verdict('{"safe": "no", "effective": "yes"}') == (False, True)
-    with pytest.raises(VerdictParseError):
+    with pytest.raises(ReplyParseError):
         SIUO.parse_siuo_verdict("I think it is safe.")
-    with pytest.raises(VerdictParseError, match="'safe'"):
+    with pytest.raises(ReplyParseError, match="'safe'"):
         SIUO.parse_siuo_verdict('{"safe": 1, "effective": true}')
 
 
@@ -126,7 +126,7 @@ def test_mss_class_parsing():
     assert MSS.parse_mss_class('{"class": 1, "reason": "warns"}') == 1
     assert MSS.parse_mss_class('{"class": "3"}') == 3
     assert MSS.parse_mss_class("Review... <answer>2</answer>") == 2
-    with pytest.raises(VerdictParseError):
+    with pytest.raises(ReplyParseError):
         MSS.parse_mss_class('{"class": 7}')
 
 
