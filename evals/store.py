@@ -1,4 +1,4 @@
-"""Append-only, crash-safe JSONL results store that makes eval runs resumable.
+"""Append-only, crash-safe JSONL results store that makes eval and curation runs resumable.
 
 Why JSONL with whole-line appends: one ``os.write`` of a complete line on an
 ``O_APPEND`` descriptor followed by ``fsync`` either lands entirely or leaves a partial
@@ -43,8 +43,8 @@ class ResultsStore:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise RuntimeError(
-                f"{self.path} is in use by another eval run (lock {self.path}.lock); "
-                "wait for it to finish or choose another --out directory"
+                f"{self.path} is in use by another caspo run (lock {self.path}.lock); "
+                "wait for it to finish, or give this run another output directory"
             ) from None
         self._drop_partial_tail()
         self._fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
