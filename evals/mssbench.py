@@ -29,11 +29,11 @@ safe-situation accuracy; ``"total"``: both read the total accuracy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
+from caspo_jax.files import read_structured
 from caspo_jax.llm.replies import ReplyParseError, reply_json_object
 
 MSS_PROMPT_VERSION = "mss-judge-v1"
@@ -66,13 +66,8 @@ def load_mssbench(path: str | pathlib.Path, root: str | pathlib.Path | None = No
     """All safe/unsafe pairs of ``combined.json``; images under ``root`` (default: its folder)."""
     path = pathlib.Path(path)
     root = pathlib.Path(root) if root else path.parent
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: MSSBench file not found; pass the path of combined.json") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected MSSBench's combined.json") from None
-    if not isinstance(data, dict) or not ({"chat", "embodied"} & set(data)):
+    data = read_structured(path, dict, what="MSSBench combined.json", expected="an object with 'chat' and/or 'embodied' lists (MSSBench combined.json)")
+    if not ({"chat", "embodied"} & set(data)):
         raise ValueError(f"{path}: expected an object with 'chat' and/or 'embodied' lists (MSSBench combined.json)")
 
     def img(task: str, name: Any, where: str, field: str) -> str:

@@ -20,10 +20,10 @@ defined further; our option, documented in BUILD_NOTES):
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, Mapping, Sequence
 
+from caspo_jax.files import read_structured
 from caspo_jax.llm.replies import reply_bool, reply_json_object
 from caspo_jax.evals.metrics import majority
 
@@ -45,14 +45,7 @@ class SIUOItem:
 def load_siuo(path: str | pathlib.Path, images_dir: str | pathlib.Path | None = None, *, check_images: bool = True) -> list[SIUOItem]:
     """Read ``siuo_gen.json``; images resolve against ``images_dir`` (default: ``<dir>/images``)."""
     path = pathlib.Path(path)
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: SIUO file not found; pass the path of siuo_gen.json") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected the SIUO siuo_gen.json list") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of SIUO records, got {type(rows).__name__}")
+    rows = read_structured(path, list, what="SIUO siuo_gen.json", expected="the JSON list of SIUO records")
     img_root = pathlib.Path(images_dir) if images_dir else path.parent / "images"
     items = []
     for i, row in enumerate(rows):

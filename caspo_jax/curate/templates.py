@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from caspo_jax.files import read_structured
 from caspo_jax.llm.messages import system_message, user_message
 
 __all__ = ["PROMPTS_DIR", "PromptFile", "PromptFileError", "Template", "load_prompt_file", "render"]
@@ -86,14 +86,8 @@ def load_prompt_file(name_or_path: str | Path, required: tuple[str, ...] = ()) -
     path = Path(name_or_path)
     if not path.suffix:
         path = PROMPTS_DIR / f"prompt_{name_or_path}.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PromptFileError(f"{path}: prompt file not found") from None
-    except yaml.YAMLError as exc:
-        raise PromptFileError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise PromptFileError(f"{path}: expected a mapping with 'version' and templates")
+    data = read_structured(path, dict, what="prompt file", expected="a mapping with 'version' and templates",
+                           error=PromptFileError)
     version = data.get("version")
     if not isinstance(version, str) or not version.strip():
         raise PromptFileError(f"{path}: field 'version' is missing; give the file a version string and bump it on every edit")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
 
+from caspo_jax.files import read_structured
 from caspo_jax.data.records import CATEGORIES, SafetyRecord, normalize_category
 
 __all__ = [
@@ -30,14 +30,8 @@ class ConstitutionError(ValueError):
 
 
 def _read(path: Path) -> tuple[str | None, dict[str, str]]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConstitutionError(f"{path}: constitution file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConstitutionError(f"{path}: not valid YAML/JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConstitutionError(f"{path}: expected a mapping of category -> text")
+    data = read_structured(path, dict, what="constitution file", expected="a mapping of category -> text",
+                           error=ConstitutionError)
     version = data.get("version") if "constitutions" in data else None
     table = data["constitutions"] if "constitutions" in data else data
     if not isinstance(table, dict):
