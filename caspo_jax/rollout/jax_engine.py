@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caspo_jax.models.common import kv_cache as kv_common
 from caspo_jax.rollout.sampling import (SampleSpec, sample_keys, sample_tokens, step_keys, suppress_tokens,
                                         token_logprobs)
 from caspo_jax.rollout.types import RolloutPrompt, Rollouts, SamplingParams, finish_reasons, prompt_arrays
@@ -102,11 +103,10 @@ class JaxSampler:
         self.params = params
 
     def _cache_sharding(self, shape):
-        if self.mesh is None:
-            return None
+        """Placement of one layer's cache array [prompts or samples, K, length, H]."""
         from caspo_jax.sharding import named_sharding
 
-        return named_sharding(self.mesh, ("layers", "batch", None, "kv", None), shape, self.rules)
+        return named_sharding(self.mesh, ("batch", "kv", None, None), shape, self.rules)
 
     def generate(self, prompts: Sequence[RolloutPrompt], *, n: int = 1, sampling: SamplingParams = SamplingParams()
                  ) -> Rollouts:
@@ -132,8 +132,10 @@ class JaxSampler:
         seeds = np.asarray([p.seed if p.seed is not None else sampling.seed + i for i, p in enumerate(prompts)])
         keys = sample_keys(seeds, n)
         terminators = np.asarray(sorted(set(self.eos_token_ids) | set(sampling.stop_token_ids)) or [-1], np.int32)
-        cache_sharding = self._cache_sharding((cfg.text.num_hidden_layers, P * n, L + T,
-                                               cfg.text.num_key_value_heads, cfg.text.head_dim))
+        cache_sharding = None
+        if self.mesh is not None:  # (prompt cache, response cache) per layer
+            kv, hd = cfg.text.num_key_value_heads, cfg.text.head_dim
+            cache_sharding = (self._cache_sharding((P, kv, L, hd)), self._cache_sharding((P * n, kv, T, hd)))
         suppressed = np.zeros((cfg.text.vocab_size,), bool)
         suppressed[list(self.suppress_token_ids)] = True
         tokens, logps, lengths, ended = _rollout(
@@ -166,10 +168,13 @@ def _check_image_tokens(i: int, prompt: RolloutPrompt, cfg) -> None:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_params, suppressed_V, ids_PxL, mask_PxL,
              position_ids_3xPxL, rope_next_P, image_embeds_UxD, keys_Sx2, temperature, max_new, terminators):
-    """Prefill, repeat each prompt's cache n times, then decode up to ``max_new`` (<= T) tokens.
+    """Prefill, then decode up to ``max_new`` (<= T) tokens for the n samples of each prompt.
 
-    Returns tokens [S, T], log-probs [S, T], response lengths [S] and whether each sample
-    ended on a terminator [S]. ``suppressed_V`` (bool): token ids never sampled.
+    The prompt's keys/values stay one copy per prompt, shared by its n samples
+    (``decode_step_shared``); each sample's own tokens go to a per-layer response cache
+    [S, K, T, H] written in place. Returns tokens [S, T], log-probs [S, T], response
+    lengths [S] and whether each sample ended on a terminator [S]. ``suppressed_V`` (bool):
+    token ids never sampled.
     """
     cfg = model.config.text
     kv_cache = model.kv_cache
@@ -178,13 +183,15 @@ def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_param
     embeds = kv_cache.embed_tokens(text_params, ids_PxL, image_embeds_UxD, model.config.image_token_id)
     h, k, v = kv_cache.prefill(text_params, embeds, position_ids_3xPxL, mask_PxL, cfg, model.attn_implementation)
     logits = jnp.repeat(model.lm_head({"text": text_params}, h[:, -1]), n, axis=0)
-    pad = ((0, 0), (0, 0), (0, T), (0, 0), (0, 0))
-    k = jnp.pad(jnp.repeat(k, n, axis=1), pad)
-    v = jnp.pad(jnp.repeat(v, n, axis=1), pad)
+    prompt_kv = kv_common.prompt_cache(k, v)
+    response_kv = [(jnp.zeros((S, cfg.num_key_value_heads, T, cfg.head_dim), k.dtype),) * 2
+                   for _ in range(cfg.num_hidden_layers)]
     if cache_sharding is not None:
-        k = jax.lax.with_sharding_constraint(k, cache_sharding)
-        v = jax.lax.with_sharding_constraint(v, cache_sharding)
-    prompt_mask = jnp.repeat(mask_PxL.astype(bool), n, axis=0)
+        prompt_sharding, response_sharding = cache_sharding
+        prompt_kv = jax.lax.with_sharding_constraint(prompt_kv, jax.tree.map(lambda _: prompt_sharding, prompt_kv))
+        response_kv = jax.lax.with_sharding_constraint(response_kv,
+                                                       jax.tree.map(lambda _: response_sharding, response_kv))
+    decode_params = dict(text_params, layers=kv_common.layer_list(text_params["layers"], cfg.num_hidden_layers))
     rope_next = jnp.repeat(rope_next_P, n)
 
     def emit(t, logits, tokens, logps, lengths, ended):
@@ -200,16 +207,16 @@ def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_param
                  jnp.zeros((S,), jnp.int32), jnp.zeros((S,), bool))
 
     def cond(carry):
-        t, _, _, _, _, ended, _, _ = carry
+        t, _, _, _, _, ended, _ = carry
         return (t < max_new) & ~jnp.all(ended)
 
     def body(carry):
-        t, token, tokens, logps, lengths, ended, k, v = carry
-        key_mask = jnp.concatenate([prompt_mask, jnp.broadcast_to(jnp.arange(T) <= t - 1, (S, T))], axis=1)
-        h, k, v = kv_cache.decode_step(text_params, token, rope_next + t - 1, k, v, key_mask, L + t - 1, cfg)
+        t, token, tokens, logps, lengths, ended, response_kv = carry
+        h, response_kv = kv_cache.decode_step_shared(decode_params, token, rope_next + t - 1, prompt_kv, mask_PxL,
+                                                      response_kv, t - 1, cfg)
         logits = model.lm_head({"text": text_params}, h)
         token, tokens, logps, lengths, ended = emit(t, logits, tokens, logps, lengths, ended)
-        return t + 1, token, tokens, logps, lengths, ended, k, v
+        return t + 1, token, tokens, logps, lengths, ended, response_kv
 
-    _, _, tokens, logps, lengths, ended, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), *state, k, v))
+    _, _, tokens, logps, lengths, ended, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), *state, response_kv))
     return tokens, logps, lengths, ended

@@ -55,11 +55,51 @@ def suppress_tokens(logits_SxV: jax.Array, suppressed_V: jax.Array) -> jax.Array
 
 
 def sample_tokens(keys_Sx2: jax.Array, logits_SxV: jax.Array, temperature, spec: SampleSpec) -> jax.Array:
-    """One token per row [S] (int32): argmax when greedy, else a draw with that row's key."""
+    """One token per row [S] (int32): argmax when greedy, else a draw with that row's key
+    (one uniform per row, ``inverse_cdf_draw``)."""
     if spec.greedy:
         return jnp.argmax(logits_SxV, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits_SxV, temperature, spec.top_k, spec.top_p)
-    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys_Sx2, filtered).astype(jnp.int32)
+    uniform_S = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_Sx2)
+    return inverse_cdf_draw(uniform_S, filtered)
+
+
+def _first_above(cum_SxB: jax.Array, target_S: jax.Array, positive_SxB: jax.Array) -> jax.Array:
+    """Per row, the first column whose running sum exceeds ``target`` among columns of positive
+    mass; when rounding leaves none (target at the very top), the last positive column."""
+    B = cum_SxB.shape[-1]
+    columns = jnp.arange(B, dtype=jnp.int32)
+    above = (cum_SxB > target_S[:, None]) & positive_SxB
+    first = jnp.min(jnp.where(above, columns, B), axis=-1)
+    last_positive = jnp.max(jnp.where(positive_SxB, columns, -1), axis=-1)
+    return jnp.where(first < B, first, last_positive).astype(jnp.int32)
+
+
+def inverse_cdf_draw(uniform_S: jax.Array, logits_SxV: jax.Array, block: int = 128) -> jax.Array:
+    """Token ids [S] (int32) drawn from ``softmax(logits)`` by inverting the CDF at ``uniform``.
+
+    Why not ``jax.random.categorical``: its Gumbel-max trick draws V random numbers per row
+    and step, and on CPU the threefry bits for [64, 32k] cost more than the whole 8-layer
+    decode step (measured ~50 ms of a ~110 ms step). Here one uniform per row suffices.
+    The CDF is two-level (sums of ``block``-wide slices, then the running sum inside the
+    chosen slice), so each float32 running sum spans at most V/block or block terms and
+    the rounding stays near 1e-7 of the row's mass. A token whose logit is -inf (filtered,
+    suppressed) has zero mass and is never drawn, whatever the rounding: only columns of
+    positive mass qualify.
+    """
+    S, V = logits_SxV.shape
+    nb = -(-V // block)
+    padded = jnp.pad(logits_SxV.astype(jnp.float32), ((0, 0), (0, nb * block - V)), constant_values=-jnp.inf)
+    top = jnp.max(padded, axis=-1, keepdims=True)
+    mass_SxNxB = jnp.exp(padded - top).reshape(S, nb, block)
+    block_mass = jnp.sum(mass_SxNxB, axis=-1)
+    block_cum = jnp.cumsum(block_mass, axis=-1)
+    target = uniform_S.astype(jnp.float32) * block_cum[:, -1]
+    b = _first_above(block_cum, target, block_mass > 0)
+    inner = jnp.take_along_axis(mass_SxNxB, b[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(block_cum - block_mass, b[:, None], axis=1)[:, 0]
+    j = _first_above(jnp.cumsum(inner, axis=-1), target - before, inner > 0)
+    return b * block + j
 
 
 def token_logprobs(logits_SxV: jax.Array, tokens_S: jax.Array) -> jax.Array:

@@ -64,3 +64,12 @@ def decode_step(text_params: dict, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH
     Returns final-normed hidden states [S, D] and the updated cache."""
     return common.decode_step(text_params, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index, cfg,
                               PIECES)
+
+
+def decode_step_shared(text_params: dict, token_S, position_S, prompt_kv: list, prompt_mask_PxL, response_kv: list,
+                       slot, cfg: TextConfig):
+    """The sampler's decode step: prompt keys/values shared by a prompt's samples, per-layer
+    parameters and cache arrays; see ``common.decode_step_shared``. Returns final-normed
+    hidden states [S, D] and the updated per-layer response cache."""
+    return common.decode_step_shared(text_params, token_S, position_S, prompt_kv, prompt_mask_PxL, response_kv, slot,
+                                     cfg, PIECES)
