@@ -63,3 +63,62 @@ def test_grouped_decode_attention_equals_dot_product_attention():
     mask = jnp.arange(20)[None, :] < jnp.asarray([[5], [20], [1]])
     ref = attention(q, k, v, mask[:, None, None, :])[:, 0]
     np.testing.assert_allclose(np.asarray(decode_attention(q[:, 0], k, v, mask)), np.asarray(ref), atol=1e-6)
+
+
+def test_inverse_cdf_draw_follows_softmax_across_blocks_and_never_draws_zero_mass():
+    from caspo_jax.rollout.sampling import inverse_cdf_draw
+
+    V = 300  # three 128-wide blocks, the last one partial
+    logits = np.full(V, -np.inf, np.float32)
+    support = np.asarray([0, 5, 127, 128, 200, 299])
+    probs = np.asarray([0.1, 0.2, 0.05, 0.3, 0.25, 0.1])
+    logits[support] = np.log(probs)
+    u = (np.arange(6000) + 0.5) / 6000  # a uniform grid: frequencies equal probs up to 1/6000
+    tokens = np.asarray(inverse_cdf_draw(jnp.asarray(u), jnp.asarray(np.tile(logits, (len(u), 1)))))
+    freq = np.bincount(tokens, minlength=V)
+    assert set(np.flatnonzero(freq)) <= set(support.tolist())
+    np.testing.assert_allclose(freq[support] / len(u), probs, atol=2 / len(u))
+    # the ends of [0, 1): the first and the last token of positive mass, never a -inf one
+    edges = np.asarray(inverse_cdf_draw(jnp.asarray([0.0, np.nextafter(np.float32(1), 0)]),
+                                        jnp.asarray(np.tile(logits, (2, 1)))))
+    assert edges.tolist() == [0, 299]
+
+
+def test_sampled_draws_are_distributed_like_the_softmax_on_a_large_vocabulary():
+    V = 1000
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=V).astype(np.float32) * 2
+    keys = step_keys(sample_keys(np.arange(20000), 1), 3)
+    tokens = np.asarray(sample_tokens(keys, jnp.asarray(np.tile(logits, (20000, 1))), jnp.float32(1.0),
+                                      SampleSpec(False, 0, 1.0)))
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    top = np.argsort(-probs)[:5]
+    freq = np.bincount(tokens, minlength=V) / len(tokens)
+    sigma = np.sqrt(probs[top] * (1 - probs[top]) / len(tokens))
+    np.testing.assert_array_less(np.abs(freq[top] - probs[top]), 4 * sigma)  # ~4 sigma each
+    # the whole vocabulary: ids in ascending-probability order cut into 10 groups of ~equal mass
+    order = np.argsort(probs)
+    group = np.minimum((np.cumsum(probs[order]) * 10).astype(int), 9)
+    mass, seen = np.bincount(group, probs[order], 10), np.bincount(group, freq[order], 10)
+    np.testing.assert_array_less(np.abs(seen - mass), 4 * np.sqrt(mass * (1 - mass) / len(tokens)))
+
+
+def test_shared_prompt_attention_equals_attention_over_repeated_prompt_cache():
+    from caspo_jax.models.common.kv_cache import decode_attention, shared_prompt_attention
+
+    P, n, N, K, H, L, T = 2, 3, 8, 2, 32, 7, 5
+    keys = jax.random.split(jax.random.PRNGKey(1), 5)
+    q = jax.random.normal(keys[0], (P * n, N, H))
+    pk = jax.random.normal(keys[1], (P, K, L, H))
+    pv = jax.random.normal(keys[2], (P, K, L, H))
+    k = jax.random.normal(keys[3], (P * n, K, T, H))
+    v = jax.random.normal(keys[4], (P * n, K, T, H))
+    prompt_mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7], bool)  # prompt 0 left-padded
+    filled = jnp.arange(T) <= 2
+    got = shared_prompt_attention(q, pk, pv, prompt_mask, k, v, filled)
+    # the plain form: every sample holds its own copy of the prompt, layout [S, C, K, H]
+    full_k = jnp.concatenate([jnp.repeat(pk, n, axis=0), k], axis=2).transpose(0, 2, 1, 3)
+    full_v = jnp.concatenate([jnp.repeat(pv, n, axis=0), v], axis=2).transpose(0, 2, 1, 3)
+    mask = jnp.concatenate([jnp.repeat(prompt_mask, n, axis=0), jnp.broadcast_to(filled, (P * n, T))], axis=1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(decode_attention(q, full_k, full_v, mask)), atol=1e-6)
