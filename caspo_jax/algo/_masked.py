@@ -7,6 +7,8 @@ logits, say -- can neither leak into the result nor into the gradient: the cotan
 `jnp.where` sends to the unselected branch is an exact 0, not `0 * inf`.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -29,13 +31,33 @@ def count(valid: jax.Array, axis=None, keepdims=False) -> jax.Array:
     return jnp.sum(valid, axis=axis, keepdims=keepdims, dtype=F32)
 
 
-def row_sums(arrays, axis, keepdims=False):
-    """Sums of several same-shape arrays along `axis`, one reduction each.
+def fused_sums(arrays, axis, keepdims=False):
+    """Sums of several same-shape float32 arrays along `axis`, in ONE pass over memory.
 
-    Kept as separate reductions on purpose: stacking them into one [k, ...] reduction
-    materialises a branchy concatenate on XLA:CPU that measured ~5x slower.
+    A variadic `lax.reduce`: XLA:CPU emits a single loop that computes every producer
+    (the `where`s, differences, products feeding `arrays`) in registers and updates all
+    the accumulators, so nothing of shape `arrays[0].shape` is written to memory.
+    Separate `jnp.sum`s would each materialise their producer and read it back.
+    That loop is scalar, so keep `exp` and friends out of the producers (an `exp` there
+    costs more than a vectorised pass that writes the values out); see BUILD_NOTES.md.
+    Differentiable (the derivative of a sum is the sum of the tangents).
     """
-    return tuple(jnp.sum(a, axis=axis, keepdims=keepdims) for a in arrays)
+    arrays = tuple(jnp.asarray(a, F32) for a in arrays)
+    axes = tuple(sorted(a % arrays[0].ndim for a in ((axis,) if isinstance(axis, int) else axis)))
+    return _fused_sums(arrays, axes, keepdims)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _fused_sums(arrays, axes, keepdims):
+    zeros = tuple(jnp.zeros((), F32) for _ in arrays)
+    sums = jax.lax.reduce(arrays, zeros, lambda acc, x: tuple(a + b for a, b in zip(acc, x)), axes)
+    return tuple(jnp.expand_dims(s, axes) if keepdims else s for s in sums)
+
+
+@_fused_sums.defjvp
+def _fused_sums_jvp(axes, keepdims, primals, tangents):
+    (arrays,), (dots,) = primals, tangents
+    return _fused_sums(arrays, axes, keepdims), tuple(jnp.sum(t, axis=axes, keepdims=keepdims) for t in dots)
 
 
 def masked_mean(x: jax.Array, valid: jax.Array, axis=None, keepdims=False) -> jax.Array:
@@ -60,10 +82,10 @@ def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bo
     sum of x per slice (keepdims), for callers that report means for free.
     """
     x = present(x, valid)
-    n, total = row_sums((valid.astype(F32), x), axis, keepdims=True)
+    n, total = fused_sums((valid.astype(F32), x), axis, keepdims=True)
     mean = total / jnp.maximum(n, 1.0)
     d = jnp.where(valid, x - mean, 0.0)
-    d_sum, d_sq_sum = row_sums((d, d * d), axis, keepdims=True)
+    d_sum, d_sq_sum = fused_sums((d, d * d), axis, keepdims=True)
     var = jnp.maximum(d_sq_sum - d_sum * d_sum / jnp.maximum(n, 1.0), 0.0) / jnp.maximum(n - 1.0, 1.0)
     degenerate = (n < 2.0) | (var < eps * eps)
     if exact_constant:

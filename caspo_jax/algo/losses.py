@@ -9,10 +9,12 @@ nothing to the loss or metrics and receive exactly 0 gradient even if they hold 
 Everything is computed in float32. String keywords are static under `jax.jit`.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.algo._masked import F32, as_valid, present, row_sums
+from caspo_jax.algo._masked import F32, as_valid, fused_sums, present
 from caspo_jax.algo.kl import KL_KINDS, kl_penalty
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -53,7 +55,7 @@ def aggregate(loss_BxT: jax.Array, mask_BxT: jax.Array, *, agg: str = "token-mea
     """
     _check_agg(agg, norm_len)
     valid_BxT = as_valid(mask_BxT)
-    row_len_B, row_sum_B = row_sums((valid_BxT.astype(F32), present(loss_BxT, valid_BxT)), axis=-1)
+    row_len_B, row_sum_B = fused_sums((valid_BxT.astype(F32), present(loss_BxT, valid_BxT)), axis=-1)
     length = valid_BxT.shape[-1] if norm_len is None else norm_len
     return _agg_from_row_sums(row_sum_B, row_len_B, agg, length)
 
@@ -94,15 +96,18 @@ def clipped_surrogate(
     adv_BxT = present(adv_BxT, valid_BxT)
     log_ratio_BxT = jnp.clip(logp_BxT - old_logp_BxT, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio_BxT = jnp.exp(log_ratio_BxT)
-    clipped_high = valid_BxT & (adv_BxT > 0) & (ratio_BxT > 1.0 + clip_high)
-    clipped_low = valid_BxT & (adv_BxT < 0) & (ratio_BxT < 1.0 - clip_low)
+    # The clip tests compare the log-ratio with log(1 + eps): the same condition as
+    # ratio > 1 + eps up to the rounding of exp, and it needs no exp, so the metric sums
+    # can run in XLA's (scalar) fused reduction loop (see `_objective`).
+    clipped_high = valid_BxT & (adv_BxT > 0) & (log_ratio_BxT > jnp.log1p(jnp.asarray(clip_high, F32)))
+    clipped_low = valid_BxT & (adv_BxT < 0) & (log_ratio_BxT < jnp.log1p(-jnp.asarray(clip_low, F32)))
     bound_BxT = jax.lax.stop_gradient(jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high))
     loss_BxT = -adv_BxT * jnp.where(clipped_high | clipped_low, bound_BxT, ratio_BxT)
     dual_clipped = jnp.zeros_like(valid_BxT)
     if dual_clip is not None:
-        cap_BxT = -adv_BxT * dual_clip
-        dual_clipped = valid_BxT & (adv_BxT < 0) & (loss_BxT > cap_BxT)
-        loss_BxT = jnp.where(dual_clipped, cap_BxT, loss_BxT)
+        # -A * ratio > -A * dual_clip for A < 0, i.e. ratio > dual_clip (never when clipped low).
+        dual_clipped = valid_BxT & (adv_BxT < 0) & (log_ratio_BxT > jnp.log(jnp.asarray(dual_clip, F32)))
+        loss_BxT = jnp.where(dual_clipped, -adv_BxT * dual_clip, loss_BxT)
     parts = {
         "clipped_high": clipped_high,
         "clipped_low": clipped_low,
@@ -112,49 +117,103 @@ def clipped_surrogate(
     return jnp.where(valid_BxT, loss_BxT, 0.0), parts
 
 
+def _token_losses(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips, *, kl_kind, dual):
+    """Per-token policy loss and (when ref_logp is given) KL, both 0 at absent positions.
+
+    The reference maths, elementwise only: `clipped_surrogate` and `kl_penalty`. `clips`
+    is (clip_low, clip_high, dual_clip) as float32 scalars; `dual` says whether the
+    third is used.
+    """
+    clip_low, clip_high, dual_clip = clips
+    pg_BxT, _ = clipped_surrogate(
+        logp_BxT, old_logp_BxT, adv_BxT, valid_BxT,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip if dual else None,
+    )
+    if ref_logp_BxT is None:
+        return pg_BxT, None
+    kl_BxT = kl_penalty(present(logp_BxT, valid_BxT), present(ref_logp_BxT, valid_BxT), kind=kl_kind)
+    return pg_BxT, jnp.where(valid_BxT, kl_BxT, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _loss_row_sums(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips):
+    """Per-sequence sums ([B] each) of the policy loss and the KL: (pg_B, kl_B or None).
+
+    Custom VJP, for speed, not for different maths: the forward keeps nothing but its
+    inputs, and the backward is the VJP of `_token_losses` (the same per-token formulas,
+    so exactly jax.grad's values) with each row's cotangent broadcast over its tokens --
+    purely elementwise, so XLA emits it as one loop over [B, T] per requested gradient,
+    recomputing ratio and KL from the inputs instead of storing [B, T] residuals.
+    `static` is (kl_kind, dual).
+    """
+    kl_kind, dual = static
+    pg_BxT, kl_BxT = _token_losses(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips,
+                                   kl_kind=kl_kind, dual=dual)
+    return jnp.sum(pg_BxT, axis=-1), None if kl_BxT is None else jnp.sum(kl_BxT, axis=-1)
+
+
+def _loss_row_sums_fwd(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips):
+    sums = _loss_row_sums(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips)
+    return sums, (logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips)
+
+
+def _loss_row_sums_bwd(static, residuals, cotangents):
+    kl_kind, dual = static
+    logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips = residuals
+
+    def token_losses(logp, old, ref, adv):
+        return _token_losses(logp, old, ref, adv, valid_BxT, clips, kl_kind=kl_kind, dual=dual)
+
+    # The barrier keeps XLA from sharing ratio / exp(x) with the forward pass (CSE), which
+    # would write them to memory; recomputing them inside the gradient's loop is cheaper.
+    inputs = jax.lax.optimization_barrier((logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT))
+    _, vjp = jax.vjp(token_losses, *inputs)
+    shape = valid_BxT.shape
+    row_cts = tuple(None if ct is None else jnp.broadcast_to(ct[:, None], shape) for ct in cotangents)
+    d_logp, d_old, d_ref, d_adv = vjp(row_cts)
+    return d_logp, d_old, d_ref, d_adv, None, tuple(jnp.zeros_like(c) for c in clips)
+
+
+_loss_row_sums.defvjp(_loss_row_sums_fwd, _loss_row_sums_bwd)
+
+
 def _objective(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, *, kl_kind, clip_low,
                clip_high, dual_clip, agg, norm_len):
     """Policy loss and the unweighted KL term (when ref_logp is given), plus metrics.
 
-    Every per-token quantity -- surrogate, KL, clip indicators, log-ratio, validity -- is
-    summed once per sequence ([B, T] -> [B]); all aggregation modes and token-level
-    metrics are finished from those [k, B] row sums.
+    The differentiable part is `_loss_row_sums` (per-sequence sums, custom VJP); the
+    metrics -- clip indicators, log-ratio, validity -- are per-sequence sums of the
+    stop-gradient per-token parts. All aggregation modes and token-level metrics are
+    finished from those [B] row sums.
     """
     _check_agg(agg, norm_len)
-    loss_BxT, parts = clipped_surrogate(
-        logp_BxT, old_logp_BxT, adv_BxT, valid_BxT,
+    _check_clip(clip_low, clip_high, dual_clip)
+    dual = dual_clip is not None
+    clips = tuple(jnp.asarray(c, F32) for c in (clip_low, clip_high, dual_clip if dual else 0.0))
+    pg_B, kl_B = _loss_row_sums((kl_kind, dual), logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips)
+    stat = jax.lax.stop_gradient
+    _, parts = clipped_surrogate(
+        stat(logp_BxT), stat(old_logp_BxT), stat(adv_BxT), valid_BxT,
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
     )
     terms = {
         "valid": valid_BxT.astype(F32),
-        "pg": loss_BxT,
         "clipped_high": parts["clipped_high"].astype(F32),
         "clipped_low": parts["clipped_low"].astype(F32),
         "log_ratio": parts["log_ratio"],
     }
-    if dual_clip is not None:
+    if dual:
         terms["dual_clipped"] = parts["dual_clipped"].astype(F32)
-    if ref_logp_BxT is not None:
-        kl_BxT = kl_penalty(present(logp_BxT, valid_BxT), present(ref_logp_BxT, valid_BxT), kind=kl_kind)
-        terms["kl"] = jnp.where(valid_BxT, kl_BxT, 0.0)
-    names = tuple(terms)
-    rows_kxB = jnp.stack(row_sums(tuple(terms.values()), axis=-1))
-    totals = dict(zip(names, jnp.sum(rows_kxB, axis=1)))
-    row_len_B = rows_kxB[0]
+    rows = dict(zip(terms, fused_sums(terms.values(), axis=-1)))
+    row_len_B = rows["valid"]
     length = valid_BxT.shape[-1] if norm_len is None else norm_len
-    num_tokens = jnp.maximum(totals["valid"], 1.0)
-    stat = jax.lax.stop_gradient
+    num_tokens = jnp.maximum(jnp.sum(row_len_B), 1.0)
 
     def token_mean(name):
-        return stat(totals[name] / num_tokens)
+        return stat(jnp.sum(rows[name]) / num_tokens)
 
-    def aggregated(name):
-        if agg == "token-mean":
-            return totals[name] / num_tokens
-        return _agg_from_row_sums(rows_kxB[names.index(name)], row_len_B, agg, length)
-
-    pg_loss = aggregated("pg")
-    kl = aggregated("kl") if "kl" in terms else jnp.zeros((), F32)
+    pg_loss = _agg_from_row_sums(pg_B, row_len_B, agg, length)
+    kl = jnp.zeros((), F32) if kl_B is None else _agg_from_row_sums(kl_B, row_len_B, agg, length)
     clip_high_frac = token_mean("clipped_high")
     clip_low_frac = token_mean("clipped_low")
     metrics = {
@@ -162,7 +221,7 @@ def _objective(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, *, kl_k
         "clipfrac": clip_high_frac + clip_low_frac,
         "clipfrac_high": clip_high_frac,
         "clipfrac_low": clip_low_frac,
-        "dual_clipfrac": token_mean("dual_clipped") if dual_clip is not None else jnp.zeros((), F32),
+        "dual_clipfrac": token_mean("dual_clipped") if dual else jnp.zeros((), F32),
         "approx_kl": -token_mean("log_ratio"),
     }
     return pg_loss, kl, metrics
