@@ -66,36 +66,52 @@ def masked_mean(x: jax.Array, valid: jax.Array, axis=None, keepdims=False) -> ja
     return total / jnp.maximum(count(valid, axis, keepdims), 1.0)
 
 
-def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bool = True, exact_constant: bool = False):
+def _population_shift(x, valid, axes):
+    """One valid value of each population (the reduced `axes`, trailing), else 0.
+
+    Taken from the first position of the last axis (the first token of a trajectory):
+    the first trajectory whose first position is valid gives it. Every population of
+    right-padded sequences has one; a population without one gets 0.
+    """
+    lead = x.shape[: x.ndim - len(axes)]
+    x0 = x[..., 0].reshape(*lead, -1)
+    v0 = valid[..., 0].reshape(*lead, -1)
+    first = jnp.argmax(v0, axis=-1)[..., None]
+    shift = jnp.where(jnp.take_along_axis(v0, first, -1), jnp.take_along_axis(x0, first, -1), 0.0)
+    return shift.reshape(*lead, *(1,) * len(axes))
+
+
+def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bool = True):
     """(x - mean) / (std + eps) over the valid positions along `axis`; returns (z, n, total).
 
-    The std is the sample std (ddof=1). A slice that is degenerate -- fewer than two valid
-    positions or std below `eps` -- yields exactly 0 everywhere, with finite (zero through
-    the std) gradients: the variance fed to `sqrt` is replaced by 1 there (the double-where
-    pattern), so `sqrt'(0) = inf` never meets a 0 cotangent. The variance uses the
-    corrected two-pass formula (sum d^2 - (sum d)^2 / n with d = x - mean): when every
-    value is equal, the float mean's rounding residue cancels, so a constant slice gives
-    0 rather than +-1 even where that residue exceeds `eps` (e.g. values near 1e3).
-    `exact_constant` adds a max == min test (two more passes over x) that makes this exact
-    in every case; it is on for the small [P, G] reward array, off for [P, G, T] tokens.
-    Absent positions come out as exactly 0. `n` and `total` are the valid count and the
-    sum of x per slice (keepdims), for callers that report means for free.
+    `axis` names trailing axes ((1,) of [P, G]; (1, 2) or (0, 1, 2) of [P, G, T]). The std
+    is the sample std (ddof=1). One pass over x: count, sum and sum of squares of x - K,
+    where K is one valid value of the population (`_population_shift`). The shift makes
+    the one-pass variance as accurate as a two-pass one for data whose spread is not
+    tiny against |mean - K|, and exact for a constant population: every x - K is then
+    exactly 0, so the variance is exactly 0 (no rounding residue, whatever the values).
+    A degenerate population -- fewer than two valid positions, or std below `eps` --
+    yields exactly 0 everywhere, with finite (zero through the std) gradients: the
+    variance fed to `sqrt` is replaced by 1 there (the double-where pattern), so
+    `sqrt'(0) = inf` never meets a 0 cotangent. Absent positions come out as exactly 0.
+    `n` and `total` are the valid count and the sum of x per population (keepdims), for
+    callers that report means for free.
     """
-    x = present(x, valid)
-    n, total = fused_sums((valid.astype(F32), x), axis, keepdims=True)
-    mean = total / jnp.maximum(n, 1.0)
-    d = jnp.where(valid, x - mean, 0.0)
-    d_sum, d_sq_sum = fused_sums((d, d * d), axis, keepdims=True)
-    var = jnp.maximum(d_sq_sum - d_sum * d_sum / jnp.maximum(n, 1.0), 0.0) / jnp.maximum(n - 1.0, 1.0)
+    axes = tuple(sorted(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)))
+    if axes != tuple(range(x.ndim - len(axes), x.ndim)):
+        raise ValueError(f"masked_zscore: axis={axis} must name trailing axes of a rank-{x.ndim} array")
+    x = jnp.asarray(x).astype(F32)
+    shift = _population_shift(x, valid, axes)
+    d = jnp.where(valid, x - shift, 0.0)
+    n, d_sum, d_sq_sum = fused_sums((valid.astype(F32), d, d * d), axes, keepdims=True)
+    n_or_1 = jnp.maximum(n, 1.0)
+    d_mean = d_sum / n_or_1
+    var = jnp.maximum(d_sq_sum - d_sum * d_mean, 0.0) / jnp.maximum(n - 1.0, 1.0)
     degenerate = (n < 2.0) | (var < eps * eps)
-    if exact_constant:
-        hi = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axis, keepdims=True)
-        lo = jnp.min(jnp.where(valid, x, jnp.inf), axis=axis, keepdims=True)
-        degenerate = degenerate | (hi <= lo)
-    centred = d - d_sum / jnp.maximum(n, 1.0)
+    centred = d - d_mean
     if scale:
         std = jnp.sqrt(jnp.where(degenerate, 1.0, var))
         out = centred / (std + eps)
     else:
         out = centred
-    return jnp.where(valid & ~degenerate, out, 0.0), n, total
+    return jnp.where(valid & ~degenerate, out, 0.0), n, d_sum + n * shift

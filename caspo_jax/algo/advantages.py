@@ -47,7 +47,7 @@ def group_normalize(rewards_PxG: jax.Array, *, eps: float = 1e-6, scale: bool = 
         )
     _check_eps(eps)
     valid_PxG = jnp.ones(rewards_PxG.shape, jnp.bool_)
-    return masked_zscore(rewards_PxG, valid_PxG, axis=1, eps=eps, scale=scale, exact_constant=True)[0]
+    return masked_zscore(rewards_PxG, valid_PxG, axis=1, eps=eps, scale=scale)[0]
 
 
 def normalize_token_signal(
