@@ -111,7 +111,7 @@ def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bo
     centred = d - d_mean
     if scale:
         std = jnp.sqrt(jnp.where(degenerate, 1.0, var))
-        out = centred / (std + eps)
+        out = centred * (1.0 / (std + eps))  # one division per population, not per token
     else:
         out = centred
     return jnp.where(valid & ~degenerate, out, 0.0), n, d_sum + n * shift

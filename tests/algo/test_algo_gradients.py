@@ -1,0 +1,141 @@
+"""The loss's custom VJP and the one-pass z-score against plain autodiff and hand values.
+
+`caspo_loss` differentiates through `_loss_row_sums`, whose backward is hand-wired (the
+per-token VJP, recomputed from the inputs); here it must equal jax.grad of the same
+maths written without it: `aggregate(clipped_surrogate) + beta * aggregate(kl_penalty)`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from caspo_jax.algo import (
+    AGG_MODES,
+    KL_KINDS,
+    aggregate,
+    caspo_advantages,
+    caspo_loss,
+    clipped_surrogate,
+    kl_penalty,
+    normalize_token_signal,
+)
+
+
+def _batch(B=6, T=9, seed=0, spread=0.4):
+    rng = np.random.default_rng(seed)
+    old = -rng.gamma(2.0, size=(B, T)).astype(np.float32)
+    logp = (old + rng.normal(scale=spread, size=(B, T))).astype(np.float32)
+    ref = (old + rng.normal(scale=spread, size=(B, T))).astype(np.float32)
+    adv = rng.normal(size=(B, T)).astype(np.float32)
+    mask = np.arange(T)[None, :] < rng.integers(1, T + 1, size=B)[:, None]
+    mask[-1] = False
+    return logp, old, ref, adv, mask
+
+
+def _reference_loss(logp, old, ref, adv, mask, *, beta, kl_kind, agg, dual_clip):
+    """The objective from the per-token public functions, differentiated by plain autodiff."""
+    pg, _ = clipped_surrogate(logp, old, adv, mask, dual_clip=dual_clip)
+    valid = mask != 0
+    kl = jnp.where(valid, kl_penalty(jnp.where(valid, logp, 0.0), jnp.where(valid, ref, 0.0), kind=kl_kind), 0.0)
+    return aggregate(pg, mask, agg=agg) + beta * aggregate(kl, mask, agg=agg)
+
+
+CASES = [(agg, "k3", dual) for agg in AGG_MODES for dual in (None, 3.0)] + [
+    ("token-mean", "k1", None), ("seq-mean-token-mean", "k2", 3.0), ("seq-mean-token-sum", "abs", None)
+]
+
+
+@pytest.mark.parametrize("agg,kl_kind,dual_clip", CASES)
+def test_custom_vjp_equals_autodiff_of_the_reference(agg, kl_kind, dual_clip):
+    logp, old, ref, adv, mask = _batch(seed=AGG_MODES.index(agg) + 10 * KL_KINDS.index(kl_kind))
+    kw = dict(beta=0.1, kl_kind=kl_kind, agg=agg, dual_clip=dual_clip)
+    args = (logp, old, ref, adv, mask)
+    ours_fn = jax.value_and_grad(lambda *a: caspo_loss(*a, **kw)[0], argnums=(0, 1, 2, 3))
+    want_fn = jax.value_and_grad(functools.partial(_reference_loss, **kw), argnums=(0, 1, 2, 3))
+    loss, grads = ours_fn(*args)
+    want_loss, want_grads = want_fn(*args)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6, atol=1e-7)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+        assert np.all(np.asarray(got)[~mask] == 0.0)
+
+
+def test_gradient_hand_computed_token_mean_k3():
+    # Three valid tokens (N = 3), one absent. Token 0: A=1, ratio e^0.1 (inside the clip);
+    # token 1: A=1, ratio e^0.5 > 1.2 (clipped high, no policy gradient); token 2: A=-2,
+    # ratio 1. The k3 term kl = exp(x) - x - 1 with x = ref - logp has d kl / d logp =
+    # 1 - exp(x).
+    logp = np.array([[0.1, 0.5, 0.0, 7.0]], np.float32)
+    old = np.zeros((1, 4), np.float32)
+    ref = np.array([[0.3, 0.5, -0.2, 1.0]], np.float32)
+    adv = np.array([[1.0, 1.0, -2.0, 5.0]], np.float32)
+    mask = np.array([[1, 1, 1, 0]], bool)
+    beta = 0.5
+    grad = jax.grad(lambda lp: caspo_loss(lp, old, ref, adv, mask, beta=beta)[0])(logp)
+    x = ref - logp
+    pg = np.array([-1.0 * np.exp(0.1), 0.0, 2.0 * 1.0, 0.0])
+    kl = np.array([1 - np.exp(x[0, 0]), 1 - np.exp(x[0, 1]), 1 - np.exp(x[0, 2]), 0.0])
+    np.testing.assert_allclose(grad[0], (pg + beta * kl) / 3, rtol=1e-6, atol=1e-8)
+
+
+def test_loss_gradient_is_one_elementwise_pass_no_residuals():
+    """The jitted step (advantages + loss + gradient) keeps at most one [B, T] float32
+    temporary: no saved residuals (ratio, exp, clip masks) for the backward pass."""
+    P, G, T = 4, 8, 256
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=(P, G)).astype(np.float32)
+    old = -rng.gamma(1.5, size=(P * G, T)).astype(np.float32)
+    teacher, logp, ref = (old + rng.normal(scale=0.3, size=(3, P * G, T))).astype(np.float32)
+    mask = np.arange(T)[None, :] < rng.integers(1, T + 1, size=P * G)[:, None]
+
+    def step(rewards, teacher, old, logp, ref, mask):
+        adv, _ = caspo_advantages(rewards, teacher, old, mask, lam=0.3)
+        return jax.grad(lambda lp: caspo_loss(lp, old, ref, adv, mask, beta=0.005)[0])(logp)
+
+    compiled = jax.jit(step).lower(rewards, teacher, old, logp, ref, mask).compile()
+    one_array = P * G * T * 4
+    assert compiled.memory_analysis().temp_size_in_bytes <= 1.5 * one_array
+
+
+# ---------------------------------------------------------------- one-pass z-score
+
+
+@pytest.mark.parametrize("value", [1e6, -3.3e4, 0.1])
+def test_constant_signal_is_exact_zero_when_first_tokens_are_absent(value):
+    """The shift comes from the first trajectory whose first token is valid; rows whose
+    own first token is absent are still centred exactly."""
+    r = jnp.full((2, 4, 16), value, jnp.float32)
+    mask = np.ones((2, 4, 16), bool)
+    mask[:, 0, :3] = False  # trajectory 0 starts late
+    mask[1, 1:, 0] = False  # in group 1 only trajectory 0 ... which starts late too
+    mask[1, 2, 0] = True  # ... so trajectory 2 gives the shift
+    for scope in ("group", "batch"):
+        assert np.all(np.asarray(normalize_token_signal(r, mask, scope=scope)) == 0.0)
+
+
+def test_zscore_without_any_valid_first_token_is_still_right():
+    """Shift 0: a plain one-pass variance, whose relative error grows like
+    float32 eps * (mean / std)^2 -- here mean 50, std 1: ~1e-4."""
+    rng = np.random.default_rng(5)
+    r = (rng.normal(size=(3, 4, 10)) + 50.0).astype(np.float32)
+    mask = rng.random((3, 4, 10)) < 0.8
+    mask[..., 0] = False  # no population has a valid first token: shift 0
+    out = normalize_token_signal(r, mask)
+    for p in range(3):
+        vals = r[p][mask[p]]
+        want = (r[p] - vals.mean()) / (vals.std(ddof=1) + 1e-6)
+        np.testing.assert_allclose(np.asarray(out[p])[mask[p]], want[mask[p]], rtol=1e-3, atol=1e-3)
+        assert np.all(np.asarray(out[p])[~mask[p]] == 0.0)
+
+
+def test_zscore_matches_numpy_with_random_masks():
+    rng = np.random.default_rng(6)
+    r = rng.normal(2.0, 0.5, size=(4, 8, 32)).astype(np.float32)
+    mask = rng.random((4, 8, 32)) < 0.6
+    out = np.asarray(normalize_token_signal(r, mask, scope="batch"))
+    vals = r[mask]
+    np.testing.assert_allclose(out[mask], (vals - vals.mean()) / (vals.std(ddof=1) + 1e-6), rtol=1e-5, atol=1e-5)
+
