@@ -37,7 +37,9 @@ PRESETS: dict[str, dict] = {
         "data": {"max_prompt_len": 256, "max_response_len": 16, "demo_train": 480, "demo_eval": 96},
         "algo": {"prompts_per_step": 8, "group_size": 8, "learning_rate": 1e-4, "beta": 0.05, "lam": 0.3},
         "optim": {"ppo_epochs": 1, "minibatch_size": 32},
-        "run": {"steps": 40, "save_every": 20, "eval_every": 20, "keep_last": 2},
+        # one device: a laptop has one CPU device anyway; sharding the 64-wide model over
+        # simulated devices only adds collectives (--set run.mesh_data=-1 to try it).
+        "run": {"steps": 40, "save_every": 20, "eval_every": 20, "keep_last": 2, "mesh_data": 1},
         "sft": {"learning_rate": 3e-3, "epochs": 1, "batch_size": 16, "steps": 100},
         "dpo": {"learning_rate": 1e-3, "batch_size": 8, "steps": 30, "beta": 0.1},
         "reward": {"kind": "demo"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from caspo_jax.launch.train_cmd import add_config_arguments, resolve
+from caspo_jax.launch.train_cmd import add_config_arguments, resolve, run_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,5 +17,4 @@ def run(args: argparse.Namespace) -> int:
         return status
     from caspo_jax.trainer.exchange import run_exchange_stage
 
-    run_exchange_stage(cfg, args.out, "sft", resume=args.resume)
-    return 0
+    return run_stage(lambda: run_exchange_stage(cfg, args.out, "sft", resume=args.resume))

@@ -39,6 +39,26 @@ def resolve(args: argparse.Namespace):
     return cfg, None
 
 
+def run_stage(train) -> int:
+    """Joins the job the environment describes (`caspo_jax.launch.distributed.start`: one
+    process, explicit JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, SLURM or a
+    TPU pod) before anything touches a device, runs `train()`, leaves the job. Config
+    errors only the devices reveal (a mesh that does not fit) exit 2 like the others."""
+    from caspo_jax.launch import distributed
+    from caspo_jax.trainer.config import ConfigError
+
+    plan = distributed.start()
+    try:
+        train()
+    except ConfigError as exc:
+        print(f"caspo: config error: {exc}")
+        return 2
+    finally:
+        if plan.multi_process:
+            distributed.shutdown()
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "runs/caspo")
     parser.add_argument("--init", metavar="HF_DIR",
@@ -80,5 +100,4 @@ def run(args: argparse.Namespace) -> int:
         return print_dry_run(cfg, args)
     from caspo_jax.trainer.caspo import run_caspo
 
-    run_caspo(cfg, args.out, resume=args.resume)
-    return 0
+    return run_stage(lambda: run_caspo(cfg, args.out, resume=args.resume))

@@ -25,8 +25,8 @@ from caspo_jax.trainer.config import ConfigError, TrainConfig, config_to_dict
 from caspo_jax.trainer.data import prepare_data, prompt_dataset
 from caspo_jax.trainer.evaluate import batch_prompts, decode_responses, evaluate_policy
 from caspo_jax.trainer.exchange import _step_config
-from caspo_jax.trainer.metrics import MetricsWriter, PhaseTimer, count_params, mfu
-from caspo_jax.trainer.runtime import RunDir, StopSignals, export_policy
+from caspo_jax.trainer.metrics import PhaseTimer, count_params, mfu, open_writer
+from caspo_jax.trainer.runtime import RunDir, StopSignals, export_final
 from caspo_jax.trainer.setup import Policy, build_policy
 
 __all__ = ["clip_at_vision_tokens", "make_reward", "run_caspo"]
@@ -61,11 +61,32 @@ def _mean_dicts(rows: list[dict]) -> dict:
     return {k: float(np.mean([float(r[k]) for r in rows])) for k in rows[0]} if rows else {}
 
 
+def _host_step(batch, tokens, mask, truncated, rewards, ok, images_per_prompt) -> dict[str, np.ndarray]:
+    """This process's share of a step as plain arrays (what `merge_prompt_rows` gathers)."""
+    pixels = np.asarray(batch.pixel_values if batch.pixel_values is not None else np.zeros((0, 1)), np.float32)
+    return {"ids": batch.input_ids, "mask": batch.attention_mask, "teacher_ids": batch.teacher_input_ids,
+            "teacher_mask": batch.teacher_attention_mask,
+            "pixels": pixels if pixels.ndim == 2 else np.zeros((0, 1), np.float32),
+            "grids": np.asarray(batch.image_grid_thw, np.int32).reshape(-1, 3), "images": images_per_prompt,
+            "tokens": tokens.astype(np.int32), "response_mask": mask, "truncated": truncated,
+            "rewards": np.asarray(rewards, np.float64), "ok": ok}
+
+
 def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, policy: Policy | None = None,
               progress: bool = True, export: bool = True, eval_modes=("standard",)) -> Policy:
-    """Trains to run.steps (or run.epochs over the prompts), or until SIGTERM/SIGINT."""
+    """Trains to run.steps (or run.epochs over the prompts), or until SIGTERM/SIGINT.
+
+    On the mesh of run.mesh_* (`caspo_jax.trainer.placement`). With several processes
+    (`caspo_jax.launch.distributed.start`): each reads its 1/n of every step's prompts,
+    samples and scores their rollouts on its own devices, the step's host arrays are
+    gathered (same order as one process would read them, so the run equals a
+    single-process one), and each feeds its rows of the global batch; process 0 alone
+    writes metrics, the config and the export, every process writes its checkpoint shards.
+    """
+    from caspo_jax.launch.distributed import pipeline_shard
     from caspo_jax.train import (build_train_batch, compute_logprobs, init_state, make_train_step,
                                  rollout_advantages, take_rows, teacher_params)
+    from caspo_jax.trainer.placement import allgather_host, allgather_json, make_placement, merge_prompt_rows
 
     a, o = cfg.algo, cfg.optim
     if a.teacher == "original":
@@ -73,16 +94,24 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                           "does not load yet; use 'rollout_policy' or 'frozen_sft'")
     if cfg.rollout.engine != "jax":
         raise ConfigError("rollout.engine='vllm' is not wired into caspo train yet; use rollout.engine=jax")
-    run = RunDir(out_dir, cfg, "train", echo=progress)
-    files = prepare_data(cfg, run.path)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    primary = pid == 0
+    P, G = a.prompts_per_step, a.group_size
+    if P % n_proc:
+        raise ConfigError(f"algo.prompts_per_step={P} must be divisible by the {n_proc} processes (each reads "
+                          f"an equal share of a step's prompts); pick a multiple of {n_proc}")
+    run = RunDir(out_dir, cfg, "train", echo=progress, primary=primary)
+    files = prepare_data(cfg, run.data)
     policy = policy or build_policy(cfg.model, cfg.data)
     model, tokenizer = policy.model, policy.processor.tokenizer
-    dataset, _ = prompt_dataset(cfg, files, policy.processor, split="train", num_epochs=None)
-    total = cfg.run.steps or cfg.run.epochs * max(len(dataset) // a.prompts_per_step, 1)
+    dataset, _ = prompt_dataset(cfg, files, policy.processor, split="train", num_epochs=None,
+                                batch_size=P // n_proc, shard=pipeline_shard())
+    total = cfg.run.steps or cfg.run.epochs * max(len(dataset) // P, 1)
     reward = make_reward(cfg.reward)
     step_cfg = _step_config(cfg, a.learning_rate)
-    ref_params = policy.params  # the frozen reference (and the SFT teacher): the initial policy
-    state = init_state(policy.params, step_cfg)
+    place = make_placement(cfg, model, step_cfg, rows=o.minibatch_size, rows_field="optim.minibatch_size")
+    ref_params = place.params(policy.params)  # the frozen reference (and the SFT teacher): the initial policy
+    state = place.state(init_state(policy.params, step_cfg))
     iterator = dataset.iterator()
     checkpointer = RunCheckpointer(run.checkpoints, cfg.run.keep_last)
     start = 0
@@ -92,18 +121,21 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
         restored = checkpointer.restore_latest(state)
         if restored is not None:
             start, state, extras = restored
-            iterator.set_state(extras["data"])
-            print(f"caspo train: resumed from step {start}", flush=True)
-    train_step = make_train_step(model, step_cfg, a)
-    sampler = JaxSampler(model, state.params, eos_token_ids=policy.eos_ids)
+            data_state = extras["data"]
+            iterator.set_state(data_state[pid] if isinstance(data_state, list) else data_state)
+            if primary:
+                print(f"caspo train: resumed from step {start}", flush=True)
+    train_step = make_train_step(model, step_cfg, a, mesh=place.mesh)
+    sampler = JaxSampler(model, place.sampler_params(state.params), eos_token_ids=policy.eos_ids,
+                         mesh=place.sampler_mesh)
     eval_set = None
     if cfg.run.eval_every and files.eval is not None:
         eval_set, _ = prompt_dataset(cfg, files, policy.processor, split="eval", num_epochs=1, shuffle=False,
                                      batch_size=min(32, cfg.data.demo_eval))
-    writer = MetricsWriter(run.path, resume_step=start if resume else None, total_steps=total, progress=progress,
-                           initial_step=start, desc="caspo")
+    writer = open_writer(run.path, resume_step=start if resume else None, total_steps=total, progress=progress,
+                         initial_step=start, desc="caspo")
     n_params = count_params(state.params)
-    P, G = a.prompts_per_step, a.group_size
+    global_prompt = np.arange(P // n_proc) * n_proc + pid  # grain's process sharding interleaves prompts
     step = start
     with StopSignals() as stop:
         while step < total and stop.requested is None:
@@ -111,7 +143,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             with timer("data"):
                 batch = next(iterator)
             with timer("rollout"):
-                seeds = (cfg.run.seed * 1_000_003 + step * P + np.arange(P)) % (2**31 - 1)
+                seeds = (cfg.run.seed * 1_000_003 + step * P + global_prompt) % (2**31 - 1)
                 sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                           top_k=cfg.rollout.top_k, max_new_tokens=cfg.data.max_response_len)
                 rollouts = sampler.generate(batch_prompts(batch, seeds=seeds), n=G, sampling=sampling)
@@ -120,25 +152,34 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             with timer("reward"):
                 texts = decode_responses(tokenizer, tokens, mask)
                 scores = reward.score([batch.records[i] for i in rollouts.prompt_index], texts)
+                local = _host_step(batch, tokens, mask, rollouts.finish_reason == "length", scores.rewards,
+                                   np.asarray(scores.ok, bool), np.asarray([len(i) for i in batch.images]))
+                merged = merge_prompt_rows(allgather_host(local), G, policy.pad_id)
+                tokens, mask, ok = merged["tokens"], merged["response_mask"], merged["ok"]
+                raw_rewards = merged["rewards"]
                 from caspo_jax.rewards import group_ok
 
-                ok_P = group_ok(scores.ok, G)
-                rewards_PxG = np.where(ok_P[:, None], np.nan_to_num(scores.rewards).reshape(P, G), 0.0)
+                ok_P = group_ok(ok, G)
+                rewards_PxG = np.where(ok_P[:, None], np.nan_to_num(raw_rewards).reshape(P, G), 0.0)
             with timer("logprobs"):
-                tb = build_train_batch(model, batch.input_ids, batch.attention_mask, tokens, mask.astype(np.float32),
-                                       rollouts.prompt_index, teacher_prompt_ids_PxL=batch.teacher_input_ids,
-                                       teacher_prompt_mask_PxL=batch.teacher_attention_mask,
-                                       pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                                       length_multiple=16)
-                old_logp, entropy = compute_logprobs(model, state.params, tb)
-                ref_logp = compute_logprobs(model, ref_params, tb)[0] if a.beta > 0 else None
+                images = merged["grids"] if len(merged["grids"]) else None
+                tb = build_train_batch(model, merged["ids"], merged["mask"], tokens, mask.astype(np.float32),
+                                       np.repeat(np.arange(P, dtype=np.int32), G),
+                                       teacher_prompt_ids_PxL=merged["teacher_ids"],
+                                       teacher_prompt_mask_PxL=merged["teacher_mask"],
+                                       pixel_values=merged["pixels"] if images is not None else None,
+                                       image_grid_thw=images, length_multiple=16)
+                placed = place.batch(tb)
+                old_logp, entropy = compute_logprobs(model, state.params, placed)
+                ref_logp = compute_logprobs(model, ref_params, placed)[0] if a.beta > 0 else None
                 teacher_logp = None
                 if a.variant != "outcome":
                     source = teacher_params(a.teacher, rollout_policy=state.params, frozen_sft=ref_params)
-                    teacher_logp = compute_logprobs(model, source, tb, layout="teacher")[0]
+                    teacher_logp = compute_logprobs(model, source, placed, layout="teacher")[0]
                 mask_f = np.asarray(tb.response_mask) * np.repeat(ok_P, G)[:, None]
-                adv, adv_metrics = rollout_advantages(a, rewards_PxG, teacher_logp, old_logp, tb.response_mask)
-                jax.block_until_ready((old_logp, ref_logp, teacher_logp, adv))  # time the phase, not the dispatch
+                adv, adv_metrics = rollout_advantages(a, rewards_PxG, teacher_logp, old_logp, placed.response_mask)
+                old_logp, ref_logp, adv, entropy, adv_metrics = place.to_host(
+                    (old_logp, ref_logp, adv, entropy, adv_metrics))  # also times the phase, not the dispatch
                 tb = tb.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
                 tb = dataclasses.replace(tb, response_mask=mask_f.astype(np.float32))  # failed groups: no loss
             with timer("update"):
@@ -147,11 +188,11 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 for _ in range(o.ppo_epochs):
                     order = rng.permutation(P * G)
                     for lo in range(0, P * G, o.minibatch_size):
-                        state, m = train_step(state, take_rows(tb, order[lo:lo + o.minibatch_size]))
+                        state, m = train_step(state, place.batch(take_rows(tb, order[lo:lo + o.minibatch_size])))
                         step_metrics.append(m)
                 step_metrics = _mean_dicts(jax.device_get(step_metrics))
             with timer("sync"):
-                sampler.sync_weights(state.params)
+                sampler.sync_weights(place.sampler_params(state.params))
                 jax.block_until_ready(sampler.params)
             step += 1
             lengths = mask.sum(axis=1)
@@ -159,15 +200,16 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             response_tokens = float(lengths.sum())
             seq_tokens = float(np.asarray(tb.student.attention_mask).sum())
             seconds = sum(timer.seconds.values())
+            scored = raw_rewards[ok]
             metrics = {
-                "reward/mean": float(scores.rewards[scores.ok].mean()) if scores.ok.any() else float("nan"),
-                "reward/std": float(scores.rewards[scores.ok].std()) if scores.ok.any() else float("nan"),
+                "reward/mean": float(scored.mean()) if ok.any() else float("nan"),
+                "reward/std": float(scored.std()) if ok.any() else float("nan"),
                 "reward/failed_groups": float((~ok_P).sum()),
-                **{k: float(v) for k, v in jax.device_get(adv_metrics).items()},
+                **{k: float(v) for k, v in adv_metrics.items()},
                 **step_metrics,
                 "rollout_entropy": float(np.asarray(entropy)[valid].mean()) if valid.any() else 0.0,
                 "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
-                "response_length/truncated_frac": float(np.mean(rollouts.finish_reason == "length")),
+                "response_length/truncated_frac": float(np.mean(merged["truncated"])),
                 "lr": step_cfg.learning_rate,
                 **timer.as_metrics(),
                 "tokens_per_s": (seq_tokens * o.ppo_epochs + response_tokens) / max(seconds, 1e-9),
@@ -175,7 +217,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                            seconds),
             }
             if eval_set is not None and (step % cfg.run.eval_every == 0 or step == total):
-                policy_now = Policy(model, state.params, policy.processor, policy.eos_ids, policy.pad_id)
+                # every process evaluates the whole (small) eval set with its sampler; process 0 writes it
+                policy_now = Policy(model, sampler.params, policy.processor, policy.eos_ids, policy.pad_id)
                 for mode in eval_modes:
                     result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
                                              max_new_tokens=cfg.data.max_response_len,
@@ -183,14 +226,18 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                     metrics.update({f"eval_{mode}/{k}": v for k, v in result.items() if k != "n"})
             writer.write(step, metrics)
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stop.requested:
-                checkpointer.save(step, state, {"stage": "caspo", "step": step, "data": iterator.get_state(),
+                data_state = iterator.get_state()
+                if n_proc > 1:
+                    data_state = allgather_json(data_state)  # each process resumes its own shard
+                checkpointer.save(step, state, {"stage": "caspo", "step": step, "data": data_state,
                                                 "config": config_to_dict(cfg)})
     checkpointer.wait()
     checkpointer.close()
     writer.close()
     final = Policy(model, state.params, policy.processor, policy.eos_ids, policy.pad_id)
     if stop.requested:
-        print(f"caspo train: stopped by {stop.requested} at step {step}; continue with --resume", flush=True)
+        if primary:
+            print(f"caspo train: stopped by {stop.requested} at step {step}; continue with --resume", flush=True)
     elif export:
-        export_policy(model, state.params, policy.processor, run.export)
+        export_final(place, model, state.params, policy.processor, run.export)
     return final

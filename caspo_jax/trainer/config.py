@@ -108,7 +108,11 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """steps: RL steps (None: `epochs` passes over the prompts). eval_every / save_every /
-    log_every in steps (0 disables). keep_last: checkpoints kept."""
+    log_every in steps (0 disables). keep_last: checkpoints kept.
+
+    mesh_data / mesh_fsdp / mesh_tensor: the (data, fsdp, tensor) device mesh of every
+    stage (`caspo_jax.trainer.placement`); -1 (one field at most) = all remaining
+    devices. Rows of an update split over data * fsdp, which must divide them."""
 
     out_dir: str = "runs/caspo"
     steps: int | None = None
@@ -350,6 +354,17 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             fail(f"{name}.steps", "must be >= 1 or null")
     if not cfg.dpo.beta > 0:
         fail("dpo.beta", f"={cfg.dpo.beta} must be > 0 (0.1 is usual)")
+    mesh = {f: getattr(r, f) for f in ("mesh_data", "mesh_fsdp", "mesh_tensor")}
+    for field, size in mesh.items():
+        if size == 0 or size < -1:
+            fail(f"run.{field}", f"={size} must be >= 1, or -1 for all remaining devices")
+    if list(mesh.values()).count(-1) > 1:
+        fail("run.mesh_data / run.mesh_fsdp / run.mesh_tensor", f"={tuple(mesh.values())}: at most one may be -1 "
+             "(the remaining devices); give the others sizes")
+    if r.mesh_data > 0 and r.mesh_fsdp > 0 and o.minibatch_size % (r.mesh_data * r.mesh_fsdp):
+        fail("optim.minibatch_size", f"={o.minibatch_size} must be divisible by run.mesh_data * run.mesh_fsdp = "
+             f"{r.mesh_data * r.mesh_fsdp} (each device holds an equal share of an update's rows); pick a "
+             f"multiple of {r.mesh_data * r.mesh_fsdp} or smaller data/fsdp sizes")
     if "kind" not in cfg.reward:
         fail("reward.kind", "is missing: use 'demo', 'judge' or 'function'")
 

@@ -57,8 +57,10 @@ def prepare_data(cfg: TrainConfig, run_dir: str | Path) -> DataFiles:
 
 
 def prompt_dataset(cfg: TrainConfig, files: DataFiles, processor, *, split: str = "train",
-                   batch_size: int | None = None, num_epochs: int | None = None, shuffle: bool = True
-                   ) -> tuple[PromptDataset, dict[str, str]]:
+                   batch_size: int | None = None, num_epochs: int | None = None, shuffle: bool = True,
+                   shard: dict[str, int] | None = None) -> tuple[PromptDataset, dict[str, str]]:
+    """The prompts of `split`. shard: `caspo_jax.launch.distributed.pipeline_shard()`, i.e.
+    this process's process_index / process_count; batch_size is then per process."""
     path = files.train if split == "train" else files.eval
     if path is None:
         raise ConfigError(f"data.{split} is not set: the {split} prompts (safety-record JSONL) are needed")
@@ -68,7 +70,8 @@ def prompt_dataset(cfg: TrainConfig, files: DataFiles, processor, *, split: str 
     pipeline = PipelineConfig(batch_size=batch_size or cfg.algo.prompts_per_step,
                               max_prompt_len=cfg.data.max_prompt_len, pad_buckets=buckets, seed=cfg.data.seed,
                               shuffle=shuffle,
-                              num_epochs=num_epochs, drop_remainder=split == "train", prompt=PromptConfig())
+                              num_epochs=num_epochs, drop_remainder=split == "train", prompt=PromptConfig(),
+                              **(shard or {}))
     return PromptDataset(records, processor, constitutions, pipeline), constitutions
 
 

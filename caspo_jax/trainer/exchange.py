@@ -25,8 +25,9 @@ import optax
 from caspo_jax.trainer.checkpoint import RunCheckpointer
 from caspo_jax.trainer.config import TrainConfig
 from caspo_jax.trainer.data import encode_exchanges, exchange_batch, prepare_data
-from caspo_jax.trainer.metrics import MetricsWriter, PhaseTimer, count_params, mfu
-from caspo_jax.trainer.runtime import RunDir, StopSignals, export_policy
+from caspo_jax.trainer.metrics import PhaseTimer, count_params, mfu, open_writer
+from caspo_jax.trainer.placement import make_placement
+from caspo_jax.trainer.runtime import RunDir, StopSignals, export_final
 from caspo_jax.trainer.setup import Policy, build_policy
 
 __all__ = ["dpo_loss", "run_exchange_stage", "sft_loss"]
@@ -100,15 +101,17 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     """Runs SFT (kind="sft") or DPO (kind="dpo") to completion (or to a stop signal).
 
     Returns the policy with the trained parameters. The final policy is exported to
-    out_dir/export as an HF checkpoint when `export`.
+    out_dir/export as an HF checkpoint when `export`. On the mesh of run.mesh_*; with
+    several processes every process encodes the (small) exchange set and feeds the rows
+    its devices hold; process 0 alone writes metrics, the config and the export.
     """
     from caspo_jax.train import compute_logprobs, init_state
 
     if kind not in ("sft", "dpo"):
         raise ValueError(f"kind={kind!r}: use 'sft' or 'dpo'")
     stage = cfg.sft if kind == "sft" else cfg.dpo
-    run = RunDir(out_dir, cfg, kind, echo=progress)
-    files = prepare_data(cfg, run.path)
+    run = RunDir(out_dir, cfg, kind, echo=progress, primary=jax.process_index() == 0)
+    files = prepare_data(cfg, run.data)
     policy = policy or build_policy(cfg.model, cfg.data)
     model = policy.model
     source = files.sft if kind == "sft" else files.pairs
@@ -122,8 +125,10 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     prompt_len = -(-max(len(e.prompt_ids) for e in examples) // 16) * 16
     response_len = -(-max(len(r) for e in examples for r in e.responses) // 8) * 8
     step_cfg = _step_config(cfg, stage.learning_rate)
-    state = init_state(policy.params, step_cfg)
-    ref_params = policy.params if kind == "dpo" else None
+    place = make_placement(cfg, model, step_cfg, rows=batch_size * (2 if kind == "dpo" else 1),
+                           rows_field=f"{kind}.batch_size" + (" * 2 (chosen + rejected)" if kind == "dpo" else ""))
+    state = place.state(init_state(policy.params, step_cfg))
+    ref_params = place.params(policy.params) if kind == "dpo" else None
     checkpointer = RunCheckpointer(run.checkpoints, cfg.run.keep_last)
     start = 0
     if not resume:
@@ -132,8 +137,9 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
         restored = checkpointer.restore_latest(state)
         if restored is not None:
             start, state, _ = restored
-            print(f"caspo {kind}: resumed from step {start}", flush=True)
-    writer = MetricsWriter(run.path, resume_step=start if resume else None, total_steps=total,
+            if run.primary:
+                print(f"caspo {kind}: resumed from step {start}", flush=True)
+    writer = open_writer(run.path, resume_step=start if resume else None, total_steps=total,
                            progress=progress, initial_step=start, desc=kind)
     n_params = count_params(state.params)
     step = start
@@ -143,12 +149,13 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
             rows = _batch_rows(len(examples), batch_size, cfg.data.seed, step)
             with timer("data"):
                 batch = exchange_batch(model, [examples[i] for i in rows], policy.pad_id, prompt_len, response_len)
+                placed = place.batch(batch)
             ref_logp = None
             if kind == "dpo":
                 with timer("logprobs"):
-                    ref_logp = jax.block_until_ready(compute_logprobs(model, ref_params, batch)[0])
+                    ref_logp = jax.block_until_ready(compute_logprobs(model, ref_params, placed)[0])
             with timer("update"):
-                state, metrics = _exchange_step(model, step_cfg, kind, float(cfg.dpo.beta), state, batch, ref_logp)
+                state, metrics = _exchange_step(model, step_cfg, kind, float(cfg.dpo.beta), state, placed, ref_logp)
                 metrics = jax.device_get(metrics)
             step += 1
             seq_tokens = float(np.asarray(batch.student.attention_mask).sum())
@@ -163,8 +170,9 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     writer.close()
     policy = Policy(model, state.params, policy.processor, policy.eos_ids, policy.pad_id)
     if stop.requested:
-        print(f"caspo {kind}: stopped by {stop.requested} at step {step}; resume with --resume", flush=True)
+        if run.primary:
+            print(f"caspo {kind}: stopped by {stop.requested} at step {step}; resume with --resume", flush=True)
     elif export:
-        export_policy(model, state.params, policy.processor, run.export)
+        export_final(place, model, state.params, policy.processor, run.export)
     return policy
 

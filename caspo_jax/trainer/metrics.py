@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-__all__ = ["MetricsWriter", "PhaseTimer", "count_params", "mfu", "peak_flops", "read_metrics"]
+__all__ = ["MetricsWriter", "NullWriter", "PhaseTimer", "open_writer", "count_params", "mfu", "peak_flops", "read_metrics"]
 
 # Dense peak FLOP/s per device (bfloat16 where the chip has it). CPU: this project's
 # measured float32 matmul ceiling on the 2-core dev box (shared/notes/offline-tiny-models.md).
@@ -127,6 +127,21 @@ class MetricsWriter:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+class NullWriter:
+    """The MetricsWriter of processes other than 0 in a multi-process run: writes nothing."""
+
+    def write(self, step: int, metrics: dict) -> dict:
+        return {"step": int(step), **metrics}
+
+    def close(self) -> None:
+        pass
+
+
+def open_writer(run_dir, **kwargs):
+    """A MetricsWriter on process 0 (JSONL, TensorBoard, progress bar), else a NullWriter."""
+    return MetricsWriter(run_dir, **kwargs) if jax.process_index() == 0 else NullWriter()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -16,7 +16,7 @@ import yaml
 
 from caspo_jax.trainer.config import TrainConfig, config_from_dict, dump_config
 
-__all__ = ["RunDir", "StopSignals", "export_policy", "load_run_config"]
+__all__ = ["RunDir", "StopSignals", "export_final", "export_policy", "load_run_config"]
 
 
 class StopSignals:
@@ -54,14 +54,19 @@ class StopSignals:
 class RunDir:
     """run_dir/{config.yaml, checkpoints/, metrics.jsonl, tb/, export/}."""
 
-    def __init__(self, path: str | Path, cfg: TrainConfig, stage: str, *, echo: bool = True):
+    def __init__(self, path: str | Path, cfg: TrainConfig, stage: str, *, echo: bool = True, primary: bool = True):
+        """primary=False (processes other than 0 of a multi-process run): the directory is
+        made (orbax writes checkpoints from every process) but the config is neither
+        written nor printed."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.stage = stage
         self.cfg = cfg
+        self.primary = primary
         text = dump_config(cfg)
-        (self.path / "config.yaml").write_text(f"# caspo {stage}\n" + text, encoding="utf-8")
-        if echo:
+        if primary:
+            (self.path / "config.yaml").write_text(f"# caspo {stage}\n" + text, encoding="utf-8")
+        if echo and primary:
             print(f"caspo {stage}: run directory {self.path}\n--- config ---\n{text}--------------", flush=True)
 
     @property
@@ -71,6 +76,17 @@ class RunDir:
     @property
     def export(self) -> Path:
         return self.path / "export"
+
+    @property
+    def data(self) -> Path:
+        """Where generated demo data goes: the run directory on process 0, a per-process
+        directory elsewhere (hosts without a shared disk need their own copy; on a shared
+        disk two processes never write one file)."""
+        if self.primary:
+            return self.path
+        import jax
+
+        return self.path / "hosts" / str(jax.process_index())
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
@@ -89,3 +105,14 @@ def export_policy(model, params, processor, out_dir: str | Path) -> Path:
     save_tiny_processor(processor, out_dir)
     return out_dir
 
+
+
+def export_final(place, model, params, processor, out_dir: str | Path) -> Path:
+    """`export_policy` of a (possibly multi-host sharded) policy: every process joins the
+    gather (`place.to_host`), process 0 writes."""
+    import jax
+
+    host = place.to_host(params) if jax.process_count() > 1 else params
+    if jax.process_index() == 0:
+        export_policy(model, host, processor, out_dir)
+    return Path(out_dir)

@@ -51,6 +51,10 @@ def test_yaml_then_dotted_overrides(tmp_path):
      ["minibatch_size", "divide"]),
     ({"run": {"steps": "ten"}}, ["run.steps", "int"]),
     ({"model": {"tiny": "huge"}}, ["model.tiny"]),
+    ({"run": {"mesh_fsdp": 0}}, ["run.mesh_fsdp", "-1"]),
+    ({"run": {"mesh_data": -1, "mesh_tensor": -1}}, ["at most one", "-1"]),
+    ({"algo": {"prompts_per_step": 2, "group_size": 4}, "optim": {"minibatch_size": 4},
+      "run": {"mesh_data": 2, "mesh_fsdp": 4}}, ["optim.minibatch_size", "run.mesh_data * run.mesh_fsdp", "8"]),
 ])
 def test_bad_configs_fail_with_the_field(raw, words):
     with pytest.raises(ConfigError) as info:
@@ -66,3 +70,65 @@ def test_bad_override_syntax():
         load_config(overrides=["lam"])
     with pytest.raises(ConfigError, match="unknown section"):
         load_config(overrides=["alg.lam=1"])
+
+
+def test_mesh_shape_fills_minus_one_and_names_the_field_when_devices_do_not_fit():
+    from caspo_jax.trainer.config import RunConfig
+    from caspo_jax.trainer.placement import mesh_shape
+
+    assert mesh_shape(RunConfig(), 8) == (8, 1, 1)
+    assert mesh_shape(RunConfig(mesh_data=2, mesh_fsdp=-1, mesh_tensor=2), 8) == (2, 2, 2)
+    assert mesh_shape(RunConfig(mesh_data=1), 8) == (1, 1, 1)  # one process may use the first devices
+    with pytest.raises(ConfigError, match=r"run.mesh_data=3 .* does not divide the 8 devices"):
+        mesh_shape(RunConfig(mesh_data=3), 8)
+    with pytest.raises(ConfigError, match="must use every device"):
+        mesh_shape(RunConfig(mesh_data=2), 8, multi_process=True)
+
+
+def test_placement_rejects_rows_the_mesh_cannot_split():
+    from caspo_jax.trainer.placement import make_placement
+
+    cfg = load_config(preset="tiny-cpu", overrides=["run.mesh_data=-1", "optim.minibatch_size=4",
+                                                    "algo.prompts_per_step=2", "algo.group_size=4"])
+    import jax
+
+    if jax.device_count() % 8:
+        pytest.skip("needs the 8 simulated devices of tests/conftest.py")
+    with pytest.raises(ConfigError, match=r"optim.minibatch_size=4 rows .* 8 \* 1 = 8"):
+        make_placement(cfg, None, None, rows=cfg.optim.minibatch_size, rows_field="optim.minibatch_size")
+    assert make_placement(cfg.replace(run=cfg.run.__class__(mesh_data=1)), None, None, rows=4,
+                          rows_field="x").mesh is None  # one device: nothing is placed
+
+
+def test_merge_prompt_rows_restores_the_one_process_order():
+    """Two processes' shares (interleaved prompts, different widths and image counts) merge
+    into the arrays one process would have built."""
+    import numpy as np
+
+    from caspo_jax.trainer.placement import merge_prompt_rows
+
+    G = 2
+
+    def share(prompts, width, resp_width):
+        ids = np.full((len(prompts), width), 9, np.int32)  # left-padded with the pad id, as the pipeline does
+        mask = np.zeros_like(ids)
+        for i, (p, n_img) in enumerate(prompts):
+            ids[i, width - 2:] = [p, p + 100]
+            mask[i, width - 2:] = 1
+        grids = np.asarray([[1, 2, 2]] * sum(n for _, n in prompts), np.int32).reshape(-1, 3)
+        pixels = np.concatenate([np.full((4 * n, 3), p, np.float32) for p, n in prompts])
+        tokens = np.asarray([[p * 10 + g] * resp_width for p, _ in prompts for g in range(G)], np.int32)
+        return {"ids": ids, "mask": mask, "teacher_ids": ids + 1, "teacher_mask": mask, "pixels": pixels,
+                "grids": grids, "images": np.asarray([n for _, n in prompts]), "tokens": tokens,
+                "response_mask": tokens > 0, "rewards": tokens[:, 0].astype(np.float64)}
+
+    # global prompts 0..3: process 0 read 0 and 2, process 1 read 1 and 3 (grain's interleaving)
+    merged = merge_prompt_rows([share([(0, 1), (2, 2)], 4, 3), share([(1, 0), (3, 1)], 6, 5)], G, pad_id=9)
+    assert merged["ids"].shape == (4, 6) and merged["ids"][:, -2:].tolist() == [[0, 100], [1, 101], [2, 102],
+                                                                                  [3, 103]]
+    assert (merged["ids"][0, :4] == 9).all() and merged["mask"][0].tolist() == [0, 0, 0, 0, 1, 1]
+    assert merged["images"].tolist() == [1, 0, 2, 1] and len(merged["grids"]) == 4
+    assert merged["pixels"][:, 0].tolist() == [0] * 4 + [2] * 8 + [3] * 4  # images stay with their prompt
+    assert merged["tokens"][:, 0].tolist() == [0, 1, 10, 11, 20, 21, 30, 31] and merged["tokens"].shape[1] == 5
+    assert merged["rewards"].tolist() == [0, 1, 10, 11, 20, 21, 30, 31]
+    assert merged["response_mask"][2:4, 3:].all() and not merged["response_mask"][4:6, 3:].any()
