@@ -109,3 +109,40 @@ def test_buckets_are_bounded_and_safetensors_bytes_round_trip(tiny):
         count += len(bucket)
     assert total == state_dict_bytes(params, table)
     assert count == len(hf_tensor_refs(table)) and count > 10
+
+
+def test_tensors_prepared_ahead_equal_the_plain_iterator_and_respect_the_window(tiny):
+    from caspo_jax.bridge.hf_tensors import prepared_ahead
+
+    _, model, params = tiny
+    table = model.param_table()
+    plain = list(iter_torch_tensors(params, table))
+    ahead = list(iter_torch_tensors(params, table, ahead_bytes=2**16))
+    assert [name for name, _ in ahead] == [name for name, _ in plain]
+    for (name, want), (_, got) in zip(plain, ahead):
+        assert got.is_contiguous(), name
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    # the producer never runs more than the window ahead (one item at least)
+    produced, consumed = [], []
+
+    def items():
+        for i in range(20):
+            produced.append(i)
+            yield str(i), torch.zeros(256)  # 1 KiB each
+    for name, _ in prepared_ahead(items(), window_bytes=3 * 1024):
+        consumed.append(int(name))
+        assert len(produced) - len(consumed) <= 4  # 3 queued + the one being made
+    assert consumed == list(range(20))
+
+    # an error in the producer reaches the consumer after the items made before it; stopping early is clean
+    def failing():
+        yield "a", torch.zeros(4)
+        raise ValueError("bad leaf")
+    got = []
+    with pytest.raises(ValueError, match="bad leaf"):
+        for name, _ in prepared_ahead(failing(), window_bytes=2**20):
+            got.append(name)
+    assert got == ["a"]
+    first = next(iter(prepared_ahead(items(), window_bytes=1024)))
+    assert first[0] == "0"

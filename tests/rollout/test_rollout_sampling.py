@@ -122,3 +122,33 @@ def test_shared_prompt_attention_equals_attention_over_repeated_prompt_cache():
     full_v = jnp.concatenate([jnp.repeat(pv, n, axis=0), v], axis=2).transpose(0, 2, 1, 3)
     mask = jnp.concatenate([jnp.repeat(prompt_mask, n, axis=0), jnp.broadcast_to(filled, (P * n, T))], axis=1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(decode_attention(q, full_k, full_v, mask)), atol=1e-6)
+
+
+def _numpy_filter(logits, top_k, top_p):
+    """The filters' definition in float64 NumPy (full sorts)."""
+    x = np.asarray(logits, np.float64).copy()
+    for row in x:
+        if top_k:
+            row[row < np.sort(row)[::-1][top_k - 1]] = -np.inf
+        if top_p < 1:
+            desc = np.sort(row)[::-1]
+            probs = np.exp(desc - desc[0])
+            probs /= probs.sum()
+            kept = (np.cumsum(probs) - probs) < top_p
+            row[row < desc[kept].min()] = -np.inf
+    return x
+
+
+def test_filters_on_a_large_vocabulary_equal_full_sorts_inside_and_beyond_the_candidates():
+    """V = 5000 takes the candidate path (TopK of 256, no sort) when every nucleus fits in the
+    candidates, and the full sort when one does not (the flat rows)."""
+    rng = np.random.default_rng(3)
+    peaked = rng.normal(size=(4, 5000)).astype(np.float32) * 4
+    flat = rng.normal(size=(4, 5000)).astype(np.float32) * 0.1
+    for logits in (peaked, flat, np.concatenate([peaked[:2], flat[:2]])):
+        for top_k, top_p in [(50, 1.0), (0, 0.9), (100, 0.8), (0, 0.3)]:
+            got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), 1.0, top_k, top_p)))
+            want = np.isfinite(_numpy_filter(logits, top_k, top_p))
+            np.testing.assert_array_equal(got, want, err_msg=f"top_k={top_k} top_p={top_p}")
+    assert np.isfinite(np.asarray(filter_logits(jnp.asarray(peaked), 1.0, 0, 0.9))).sum(1).max() < 256
+    assert np.isfinite(np.asarray(filter_logits(jnp.asarray(flat), 1.0, 0, 0.9))).sum(1).min() > 256
