@@ -84,15 +84,17 @@ def _population_shift(x, valid, axes):
 def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bool = True):
     """(x - mean) / (std + eps) over the valid positions along `axis`; returns (z, n, total).
 
-    `axis` names trailing axes ((1,) of [P, G]; (1, 2) or (0, 1, 2) of [P, G, T]). The std
-    is the sample std (ddof=1). One pass over x: count, sum and sum of squares of x - K,
-    where K is one valid value of the population (`_population_shift`). The shift makes
-    the one-pass variance as accurate as a two-pass one for data whose spread is not
-    tiny against |mean - K|, and exact for a constant population: every x - K is then
-    exactly 0, so the variance is exactly 0 (no rounding residue, whatever the values).
-    A degenerate population -- fewer than two valid positions, or std below `eps` --
-    yields exactly 0 everywhere, with finite (zero through the std) gradients: the
-    variance fed to `sqrt` is replaced by 1 there (the double-where pattern), so
+    `axis` names trailing axes ((1,) of [P, G]; (1, 2) or (0, 1, 2) of [P, G, T]); the
+    last one is a row (a trajectory's tokens). The std is the sample std (ddof=1).
+    One pass over x: per row, the count, sum and sum of squares of x - K_row, where K_row
+    is the row's first value (or, when that is absent, the population's shift K from
+    `_population_shift`); the rows' statistics are then merged exactly (Chan et al.) on
+    [rows]-sized arrays. Shifting by a value of the data keeps the one-pass variance as
+    accurate as a two-pass one and makes it exact for a constant population: every
+    x - K is then exactly 0, so the variance is exactly 0 (no residue, whatever the
+    values). A degenerate population -- fewer than two valid positions, or std below
+    `eps` -- yields exactly 0 everywhere, with finite (zero through the std) gradients:
+    the variance fed to `sqrt` is replaced by 1 there (the double-where pattern), so
     `sqrt'(0) = inf` never meets a 0 cotangent. Absent positions come out as exactly 0.
     `n` and `total` are the valid count and the sum of x per population (keepdims), for
     callers that report means for free.
@@ -101,17 +103,24 @@ def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bo
     if axes != tuple(range(x.ndim - len(axes), x.ndim)):
         raise ValueError(f"masked_zscore: axis={axis} must name trailing axes of a rank-{x.ndim} array")
     x = jnp.asarray(x).astype(F32)
+    merge_axes = axes[:-1]
     shift = _population_shift(x, valid, axes)
-    d = jnp.where(valid, x - shift, 0.0)
-    n, d_sum, d_sq_sum = fused_sums((valid.astype(F32), d, d * d), axes, keepdims=True)
+    row_shift = jnp.where(valid[..., :1], x[..., :1], shift)
+    d = jnp.where(valid, x - row_shift, 0.0)
+    n_row, s1_row, s2_row = fused_sums((valid.astype(F32), d, d * d), -1, keepdims=True)
+    n_row_or_1 = jnp.maximum(n_row, 1.0)
+    row_mean = (row_shift - shift) + s1_row / n_row_or_1  # relative to the population's K
+    n = jnp.sum(n_row, axis=merge_axes, keepdims=True)
     n_or_1 = jnp.maximum(n, 1.0)
-    d_mean = d_sum / n_or_1
-    var = jnp.maximum(d_sq_sum - d_sum * d_mean, 0.0) / jnp.maximum(n - 1.0, 1.0)
+    mean = jnp.sum(n_row * row_mean, axis=merge_axes, keepdims=True) / n_or_1
+    within = jnp.sum(s2_row - s1_row * (s1_row / n_row_or_1), axis=merge_axes, keepdims=True)
+    between = jnp.sum(n_row * jnp.square(row_mean - mean), axis=merge_axes, keepdims=True)
+    var = jnp.maximum(within + between, 0.0) / jnp.maximum(n - 1.0, 1.0)
     degenerate = (n < 2.0) | (var < eps * eps)
-    centred = d - d_mean
+    centred = d + ((row_shift - shift) - mean)  # x - population mean, from d
     if scale:
         std = jnp.sqrt(jnp.where(degenerate, 1.0, var))
         out = centred * (1.0 / (std + eps))  # one division per population, not per token
     else:
         out = centred
-    return jnp.where(valid & ~degenerate, out, 0.0), n, d_sum + n * shift
+    return jnp.where(valid & ~degenerate, out, 0.0), n, n * (shift + mean)
