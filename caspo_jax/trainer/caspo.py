@@ -27,7 +27,7 @@ from caspo_jax.trainer.evaluate import batch_prompts, decode_responses, evaluate
 from caspo_jax.trainer.exchange import _step_config
 from caspo_jax.trainer.metrics import PhaseTimer, count_params, mfu, open_writer
 from caspo_jax.trainer.runtime import RunDir, StopSignals, export_final
-from caspo_jax.trainer.setup import Policy, build_policy
+from caspo_jax.trainer.setup import Policy, build_policy, load_teacher_params
 
 __all__ = ["clip_at_vision_tokens", "make_reward", "run_caspo"]
 
@@ -89,9 +89,6 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     from caspo_jax.trainer.placement import allgather_host, allgather_json, make_placement, merge_prompt_rows
 
     a, o = cfg.algo, cfg.optim
-    if a.teacher == "original":
-        raise ConfigError("algo.teacher='original' (CASPO-w.-OMC) needs the pre-SFT checkpoint, which caspo train "
-                          "does not load yet; use 'rollout_policy' or 'frozen_sft'")
     if cfg.rollout.engine != "jax":
         raise ConfigError("rollout.engine='vllm' is not wired into caspo train yet; use rollout.engine=jax")
     n_proc, pid = jax.process_count(), jax.process_index()
@@ -111,6 +108,9 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     step_cfg = _step_config(cfg, a.learning_rate)
     place = make_placement(cfg, model, step_cfg, rows=o.minibatch_size, rows_field="optim.minibatch_size")
     ref_params = place.params(policy.params)  # the frozen reference (and the SFT teacher): the initial policy
+    original = None  # CASPO-w.-OMC's teacher: the pre-SFT model at model.teacher_path
+    if a.teacher == "original" and a.variant != "outcome":
+        original = place.params(load_teacher_params(cfg.model, model))
     state = place.state(init_state(policy.params, step_cfg))
     iterator = dataset.iterator()
     checkpointer = RunCheckpointer(run.checkpoints, cfg.run.keep_last)
@@ -174,7 +174,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 ref_logp = compute_logprobs(model, ref_params, placed)[0] if a.beta > 0 else None
                 teacher_logp = None
                 if a.variant != "outcome":
-                    source = teacher_params(a.teacher, rollout_policy=state.params, frozen_sft=ref_params)
+                    source = teacher_params(a.teacher, rollout_policy=state.params, frozen_sft=ref_params,
+                                            original=original)
                     teacher_logp = compute_logprobs(model, source, placed, layout="teacher")[0]
                 mask_f = np.asarray(tb.response_mask) * np.repeat(ok_P, G)[:, None]
                 adv, adv_metrics = rollout_advantages(a, rewards_PxG, teacher_logp, old_logp, placed.response_mask)

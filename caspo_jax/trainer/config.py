@@ -47,9 +47,14 @@ class ConfigError(ValueError):
 class ModelConfig:
     """path: an HF checkpoint directory (config.json + safetensors + tokenizer/processor).
     None builds the built-in tiny random model (`tiny`: its size name) with the tiny
-    offline tokenizer -- the default for tests and `caspo demo`."""
+    offline tokenizer -- the default for tests and `caspo demo`.
+
+    teacher_path: the ORIGINAL (pre-SFT) model's HF directory, the teacher of
+    algo.teacher='original' (the paper's CASPO-w.-OMC): it scores the
+    constitution-conditioned prompt; same architecture as the policy."""
 
     path: str | None = None
+    teacher_path: str | None = None
     tiny: str = "demo"
     dtype: str = "float32"
     remat: bool = False
@@ -365,6 +370,13 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         fail("optim.minibatch_size", f"={o.minibatch_size} must be divisible by run.mesh_data * run.mesh_fsdp = "
              f"{r.mesh_data * r.mesh_fsdp} (each device holds an equal share of an update's rows); pick a "
              f"multiple of {r.mesh_data * r.mesh_fsdp} or smaller data/fsdp sizes")
+    if cfg.algo.teacher == "original" and cfg.model.teacher_path is None:
+        fail("model.teacher_path", "is not set: algo.teacher='original' (CASPO-w.-OMC) scores the constitution-"
+             "conditioned prompt with the original pre-SFT model; set model.teacher_path to its HF directory "
+             "(or use algo.teacher=rollout_policy / frozen_sft)")
+    if cfg.model.teacher_path is not None and cfg.algo.teacher != "original":
+        fail("model.teacher_path", f"is set but algo.teacher={cfg.algo.teacher!r} does not use it; set "
+             "algo.teacher=original or drop model.teacher_path")
     if "kind" not in cfg.reward:
         fail("reward.kind", "is missing: use 'demo', 'judge' or 'function'")
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from caspo_jax.trainer.config import TINY_SIZES, DataConfig, ModelConfig
 
-__all__ = ["Policy", "build_policy", "tiny_hf_config"]
+__all__ = ["Policy", "build_policy", "load_teacher_params", "tiny_hf_config"]
 
 
 @dataclasses.dataclass
@@ -83,3 +83,26 @@ def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig) -> Policy:
     tokenizer = processor.tokenizer
     eos = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
     return Policy(model, params, processor, tuple(sorted(i for i in eos if i is not None)), tokenizer.pad_token_id)
+
+
+def load_teacher_params(model_cfg: ModelConfig, model) -> dict:
+    """The parameters at model.teacher_path (algo.teacher='original'), checked to fit `model`:
+    the same parameter names and shapes, else a ConfigError naming the first difference."""
+    from caspo_jax.models import load_pretrained
+    from caspo_jax.trainer.config import ConfigError
+
+    path = Path(model_cfg.teacher_path)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"model.teacher_path={str(path)!r}: no config.json there; point it at the original "
+                          "(pre-SFT) model's HF directory")
+    dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else jnp.float32
+    teacher, params = load_pretrained(path, dtype=dtype)
+    want = {tuple(s.path): tuple(s.shape) for s in model.param_table()}
+    got = {tuple(s.path): tuple(s.shape) for s in teacher.param_table()}
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            raise ConfigError(
+                f"model.teacher_path={str(path)!r}: its architecture differs from the policy's at "
+                f"{'/'.join(map(str, name))} (teacher {got.get(name)}, policy {want.get(name)}); the teacher must be "
+                "the same model family and size (the original checkpoint the policy was fine-tuned from)")
+    return params

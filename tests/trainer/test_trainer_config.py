@@ -52,6 +52,8 @@ def test_yaml_then_dotted_overrides(tmp_path):
     ({"run": {"steps": "ten"}}, ["run.steps", "int"]),
     ({"model": {"tiny": "huge"}}, ["model.tiny"]),
     ({"run": {"mesh_fsdp": 0}}, ["run.mesh_fsdp", "-1"]),
+    ({"algo": {"teacher": "original"}}, ["model.teacher_path", "CASPO-w.-OMC"]),
+    ({"model": {"teacher_path": "/x"}}, ["model.teacher_path", "algo.teacher=original"]),
     ({"run": {"mesh_data": -1, "mesh_tensor": -1}}, ["at most one", "-1"]),
     ({"algo": {"prompts_per_step": 2, "group_size": 4}, "optim": {"minibatch_size": 4},
       "run": {"mesh_data": 2, "mesh_fsdp": 4}}, ["optim.minibatch_size", "run.mesh_data * run.mesh_fsdp", "8"]),

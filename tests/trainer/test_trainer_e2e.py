@@ -123,6 +123,33 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(base):
     assert strip_timing(read(part / "metrics.jsonl")) == strip_timing(read(full / "metrics.jsonl"))
 
 
+def test_original_teacher_is_loaded_from_model_teacher_path(base, one_step_run, tmp_path):
+    """algo.teacher='original' (CASPO-w.-OMC) scores with the parameters at model.teacher_path.
+    At step 1 pi_old and an export of the initial policy are the same model, so that step
+    equals the default teacher's one-step run; another architecture is refused by name."""
+    tmp, cfg, policy = base
+    from caspo_jax.trainer.caspo import run_caspo
+    from caspo_jax.trainer.config import ConfigError, ModelConfig
+    from caspo_jax.trainer.runtime import export_policy
+    from caspo_jax.trainer.setup import build_policy
+
+    initial = export_policy(policy.model, policy.params, policy.processor, tmp_path / "initial")
+    omc = config_from_dict(apply_overrides(config_to_dict(cfg), [
+        "run.steps=1", "algo.teacher=original", f"model.teacher_path={initial}"]))
+    run_caspo(omc, tmp_path / "omc", policy=policy, progress=False, export=False)
+    (got,) = strip_timing(read(tmp_path / "omc" / "metrics.jsonl"))
+    (want,) = strip_timing(read(one_step_run[0] / "metrics.jsonl"))
+    want = {k: v for k, v in want.items() if not k.startswith("eval_")}
+    assert got.keys() == want.keys() and got["token_reward_std"] > 0
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    other = build_policy(ModelConfig(tiny="demo"), cfg.data)  # a 64-wide model, the policy is 32-wide
+    wrong = export_policy(other.model, other.params, other.processor, tmp_path / "other")
+    bad = config_from_dict(apply_overrides(config_to_dict(omc), [f"model.teacher_path={wrong}"]))
+    with pytest.raises(ConfigError, match="model.teacher_path=.*architecture differs"):
+        run_caspo(bad, tmp_path / "bad", policy=policy, progress=False, export=False)
+
+
 def test_fresh_run_refuses_an_old_run_directory(base):
     tmp, cfg, policy = base
     from caspo_jax.trainer.caspo import run_caspo
