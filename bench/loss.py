@@ -13,9 +13,11 @@ the RESULT is the ratio of the minimums (see `main`).
 
     python bench/loss.py        # ~1 minute on 2 cores
 
-Allocator: both frameworks allocate each call's temporaries (tens of MiB here) afresh;
-glibc serves blocks that large with mmap and unmaps them on free, so every call pays
-page faults (measured: ~40% of our wall time was system time). After the default run
+Allocator: both frameworks allocate each call's temporaries afresh; glibc serves a
+block above its mmap threshold (dynamic, at most 32 MiB) with mmap and unmaps it on
+free, so every call pays page faults for it (PyTorch's many 8 MiB temporaries; our XLA
+arena was 34 MiB and cost ~40% of our time in system time until it shrank to 8 MiB,
+see BUILD_NOTES.md "Speed"). After the default run
 the bench repeats the timings with glibc's mallopt keeping large blocks in the heap
 (M_MMAP_THRESHOLD / M_TRIM_THRESHOLD = 1 GiB, what MALLOC_MMAP_THRESHOLD_ does from the
 environment), for both frameworks. The RESULT line is the default, untuned run.
