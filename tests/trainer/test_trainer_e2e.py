@@ -202,20 +202,51 @@ def test_checkpointer_keeps_last_n_and_sets_unreadable_steps_aside(tmp_path):
     ckpt.close()
 
 
-def test_sft_then_dpo_runs_and_exports(base):
+@pytest.fixture(scope="module")
+def exchange_runs(base):
+    """(config, SFT policy) after `caspo sft` (3 steps) then `caspo dpo` (2 steps) on one device."""
     tmp, cfg, policy = base
     from caspo_jax.trainer.exchange import run_exchange_stage
 
     cfg = config_from_dict(apply_overrides(config_to_dict(cfg), ["sft.steps=3", "dpo.steps=2", "dpo.batch_size=2",
                                                                  "sft.learning_rate=0.003"]))
     sft = run_exchange_stage(cfg, tmp / "sft", "sft", policy=policy, progress=False)
+    run_exchange_stage(cfg, tmp / "dpo", "dpo", policy=sft, progress=False)
+    return cfg, sft
+
+
+def test_sft_then_dpo_runs_and_exports(base, exchange_runs):
+    tmp = base[0]
     losses = [r["loss"] for r in read(tmp / "sft" / "metrics.jsonl")]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert (tmp / "sft" / "export" / "model.safetensors").exists()
-    run_exchange_stage(cfg, tmp / "dpo", "dpo", policy=sft, progress=False)
     rows = read(tmp / "dpo" / "metrics.jsonl")
     assert rows[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-5)  # step 1: policy == frozen reference
     assert {"reward_accuracy", "reward_margin", "grad_norm"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_sft_and_dpo_on_a_2x2x2_mesh_equal_one_device(base, exchange_runs):
+    """The same stages on a (2, 2, 2) mesh of the 8 simulated devices (state, reference and
+    rows sharded): equal losses, gradient norms and entropies (rtol 1e-4, atol 1e-5)."""
+    import jax
+
+    from caspo_jax.trainer.exchange import run_exchange_stage
+
+    tmp, _, policy = base
+    cfg, sft = exchange_runs
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 simulated devices of tests/conftest.py")
+    mesh = config_from_dict(apply_overrides(config_to_dict(cfg), ["run.mesh_data=2", "run.mesh_fsdp=2",
+                                                                  "run.mesh_tensor=2"]))
+    sft_mesh = run_exchange_stage(mesh, tmp / "sft_mesh", "sft", policy=policy, progress=False, export=False)
+    assert len(jax.tree.leaves(sft_mesh.params)[0].sharding.device_set) == 8
+    run_exchange_stage(mesh, tmp / "dpo_mesh", "dpo", policy=sft, progress=False, export=False)
+    for stage in ("sft", "dpo"):
+        want, got = read(tmp / stage / "metrics.jsonl"), read(tmp / f"{stage}_mesh" / "metrics.jsonl")
+        for w, g in zip(want, got, strict=True):
+            for key in ("loss", "grad_norm", "entropy"):
+                assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-5), (stage, key)
 
 
 def test_local_jax_generator_for_caspo_eval_matches_the_training_prompts(base, one_step_run):
