@@ -68,6 +68,8 @@ def test_grouped_decode_attention_equals_dot_product_attention():
 def test_inverse_cdf_draw_follows_softmax_across_blocks_and_never_draws_zero_mass():
     from caspo_jax.rollout.sampling import inverse_cdf_draw
 
+    inverse_cdf_draw = jax.jit(inverse_cdf_draw)
+
     V = 300  # three 128-wide blocks, the last one partial
     logits = np.full(V, -np.inf, np.float32)
     support = np.asarray([0, 5, 127, 128, 200, 299])
@@ -88,8 +90,8 @@ def test_sampled_draws_are_distributed_like_the_softmax_on_a_large_vocabulary():
     V = 1000
     rng = np.random.default_rng(0)
     logits = rng.normal(size=V).astype(np.float32) * 2
-    keys = step_keys(sample_keys(np.arange(20000), 1), 3)
-    tokens = np.asarray(sample_tokens(keys, jnp.asarray(np.tile(logits, (20000, 1))), jnp.float32(1.0),
+    keys = step_keys(sample_keys(np.arange(10000), 1), 3)
+    tokens = np.asarray(sample_tokens(keys, jnp.asarray(np.tile(logits, (10000, 1))), jnp.float32(1.0),
                                       SampleSpec(False, 0, 1.0)))
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
@@ -116,12 +118,13 @@ def test_shared_prompt_attention_equals_attention_over_repeated_prompt_cache():
     v = jax.random.normal(keys[4], (P * n, K, T, H))
     prompt_mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7], bool)  # prompt 0 left-padded
     filled = jnp.arange(T) <= 2
-    got = shared_prompt_attention(q, pk, pv, prompt_mask, k, v, filled)
+    got = jax.jit(shared_prompt_attention)(q, pk, pv, prompt_mask, k, v, filled)
     # the plain form: every sample holds its own copy of the prompt, layout [S, C, K, H]
     full_k = jnp.concatenate([jnp.repeat(pk, n, axis=0), k], axis=2).transpose(0, 2, 1, 3)
     full_v = jnp.concatenate([jnp.repeat(pv, n, axis=0), v], axis=2).transpose(0, 2, 1, 3)
     mask = jnp.concatenate([jnp.repeat(prompt_mask, n, axis=0), jnp.broadcast_to(filled, (P * n, T))], axis=1)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(decode_attention(q, full_k, full_v, mask)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(decode_attention)(q, full_k, full_v, mask)),
+                               atol=1e-6)
 
 
 def _numpy_filter(logits, top_k, top_p):
@@ -145,10 +148,11 @@ def test_filters_on_a_large_vocabulary_equal_full_sorts_inside_and_beyond_the_ca
     rng = np.random.default_rng(3)
     peaked = rng.normal(size=(4, 5000)).astype(np.float32) * 4
     flat = rng.normal(size=(4, 5000)).astype(np.float32) * 0.1
-    for logits in (peaked, flat, np.concatenate([peaked[:2], flat[:2]])):
+    jitted = jax.jit(filter_logits, static_argnums=(2, 3))
+    for logits in (peaked, np.concatenate([peaked[:2], flat[:2]])):
         for top_k, top_p in [(50, 1.0), (0, 0.9), (100, 0.8), (0, 0.3)]:
-            got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), 1.0, top_k, top_p)))
+            got = np.isfinite(np.asarray(jitted(jnp.asarray(logits), 1.0, top_k, top_p)))
             want = np.isfinite(_numpy_filter(logits, top_k, top_p))
             np.testing.assert_array_equal(got, want, err_msg=f"top_k={top_k} top_p={top_p}")
-    assert np.isfinite(np.asarray(filter_logits(jnp.asarray(peaked), 1.0, 0, 0.9))).sum(1).max() < 256
-    assert np.isfinite(np.asarray(filter_logits(jnp.asarray(flat), 1.0, 0, 0.9))).sum(1).min() > 256
+    assert np.isfinite(np.asarray(jitted(jnp.asarray(peaked), 1.0, 0, 0.9))).sum(1).max() < 256
+    assert np.isfinite(np.asarray(jitted(jnp.asarray(flat), 1.0, 0, 0.9))).sum(1).min() > 256
