@@ -11,7 +11,9 @@ state at column Lp + t - 1. That is the whole alignment: no per-row offsets on t
 Images: the P prompts' images are encoded once (``pixel_values`` / ``image_grid_thw`` in
 prompt order, as ``caspo_jax.data.pipeline.PromptBatch`` holds them); ``image_slot_BxL``
 maps each image-placeholder token of every row to its row of that encoding (-1 elsewhere),
-so G rows sharing a prompt share one vision forward, and rows can be sliced freely.
+computed here on the host from per-prompt offsets, so G rows sharing a prompt share one
+vision forward, rows can be sliced freely, and the device gathers features per token with
+no prefix sum across (sharded) rows (``model.hidden_states(image_slot=...)``).
 M-RoPE positions are computed per prompt with the model's ``get_rope_index`` and the
 response continues them (text tokens advance t/h/w together), equal to transformers'
 positions for the full row (tested).
@@ -33,8 +35,8 @@ class SequenceLayout:
     input_ids_BxL, attention_mask_BxL: int32; position_ids_3xBxL: int32 M-RoPE ids;
     image_slot_BxL: int32 row of the batch's image encoding for placeholder tokens, else -1.
     image_order [B*L]: int32 ``image_slot`` of the k-th placeholder in row-major order (0
-    after the last), the order the model's scatter consumes features in; computed on the
-    host so the device needs no cross-row prefix sum. prompt_len (static): Lp.
+    after the last), for callers that feed ``hidden_states`` features without
+    ``image_slot`` (the train step passes ``image_slot``). prompt_len (static): Lp.
     """
 
     input_ids: np.ndarray

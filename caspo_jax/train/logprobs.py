@@ -37,12 +37,6 @@ def encode_batch_images(model, params, batch: TrainBatch):
     return model.encode_images(params, batch.pixel_values, batch.image_grid_thw)
 
 
-def _row_image_embeds(embeds_UxD, image_order):
-    """Image features in the flattened row order of placeholder tokens (what the model's
-    scatter consumes), padded to B*L rows so the shape is static."""
-    return embeds_UxD[image_order]
-
-
 def response_logprobs_from_hidden(model, params, h_BxTxD, targets_BxT, chunk: int = DEFAULT_CHUNK):
     """log pi(target) and the entropy of pi at each of T positions, float32 [B, T] each.
 
@@ -82,9 +76,11 @@ def layout_logprobs(model, params, layout: SequenceLayout, response_ids_BxT, emb
                     chunk: int = DEFAULT_CHUNK):
     """(logp, entropy) [B, T] of the response tokens in one layout; traceable (call inside jit)."""
     T = response_ids_BxT.shape[1]
-    row_embeds = None if embeds_UxD is None else _row_image_embeds(embeds_UxD, layout.image_order)
+    # image_slot (host-computed) says which row of the encoding each placeholder takes: a
+    # per-token gather, no prefix sum across the (possibly sharded) rows.
+    slot = None if embeds_UxD is None else layout.image_slot
     h = model.hidden_states(params, layout.input_ids, layout.attention_mask, position_ids=layout.position_ids,
-                            image_embeds=row_embeds)
+                            image_embeds=embeds_UxD, image_slot=slot)
     start = layout.prompt_len - 1
     h_BxTxD = jax.lax.slice_in_dim(h, start, start + T, axis=1)
     return response_logprobs_from_hidden(model, params, h_BxTxD, response_ids_BxT, chunk)

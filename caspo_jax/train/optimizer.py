@@ -22,7 +22,10 @@ class TrainConfig:
         master weights; log-softmax and the loss stay float32).
     freeze_vision: no update for ``params["vision"]`` (its features are a constant of the
         loss). Default False: trainable, the paper does not say.
-    remat: rematerialise each decoder layer in the backward pass (the model's switch).
+    remat: rematerialise each decoder layer in the backward pass (the model's switch):
+        False (store every residual), True / "full" (store each layer's input only),
+        "save_projections" (store the weight matmuls' outputs, recompute attention and
+        elementwise work: no [B, N, L, L] probabilities stored), "save_dots".
     tis_cap: truncated importance sampling for the trainer/inference mismatch: the
         per-token policy-gradient term is weighted by min(exp(old_logp - rollout_logp),
         tis_cap) (Yao et al. 2025); None: off.
@@ -39,7 +42,7 @@ class TrainConfig:
     micro_batches: int = 1
     compute_dtype: str = "float32"
     freeze_vision: bool = False
-    remat: bool = False
+    remat: bool | str = False
     tis_cap: float | None = None
     logprob_chunk: int = 128
 
@@ -59,6 +62,8 @@ class TrainConfig:
             bad("max_grad_norm", "must be > 0, or None to disable clipping")
         if self.tis_cap is not None and not self.tis_cap > 0:
             bad("tis_cap", "must be > 0 (verl uses 2.0), or None to disable")
+        if self.remat not in (False, True, "none", "full", "save_projections", "save_dots"):
+            bad("remat", 'use False, True/"full", "save_projections" or "save_dots"')
         if not (isinstance(self.logprob_chunk, int) and self.logprob_chunk >= 1):
             bad("logprob_chunk", "must be an int >= 1")
 

@@ -40,19 +40,12 @@ def _micro(x, M, axis=0):
     return jnp.moveaxis(x, axis + 1, 0)
 
 
-def _micro_order(image_slot_BxL, M):
-    """[M, B/M*L] image_order of each micro-batch (placeholders in row-major order)."""
-    slot = _micro(image_slot_BxL, M)  # [M, B/M, L]
-    flat = slot.reshape(M, -1)
-    key = jnp.where(flat >= 0, jnp.arange(flat.shape[1]), flat.shape[1])
-    first = jnp.argsort(key, axis=1)  # placeholders first, in order (stable)
-    return jnp.maximum(jnp.take_along_axis(flat, first, axis=1), 0)
-
-
 def _split_micro(batch: TrainBatch, M: int) -> TrainBatch:
     s = batch.student
+    # image_slot indexes the whole mini-batch's encoding, so it splits like any row field;
+    # image_order (the row-major placeholder list) is not used by the step: not split.
     student = type(s)(_micro(s.input_ids, M), _micro(s.attention_mask, M), _micro(s.position_ids, M, 1),
-                      _micro(s.image_slot, M), _micro_order(s.image_slot, M), s.prompt_len)
+                      _micro(s.image_slot, M), None, s.prompt_len)
     return TrainBatch(student=student, teacher=None, response_ids=_micro(batch.response_ids, M),
                       response_mask=_micro(batch.response_mask, M), old_logp=_micro(batch.old_logp, M),
                       ref_logp=_micro(batch.ref_logp, M), advantages=_micro(batch.advantages, M),

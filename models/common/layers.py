@@ -49,6 +49,32 @@ def gated_mlp(x_xD, gate_DxF, up_DxF, down_FxD, act: str, gate_b=None, up_b=None
     return linear(hidden, down_FxD, down_b)
 
 
+REMAT_POLICIES = {
+    "full": None,
+    "save_projections": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def remat(fn, policy: bool | str | None):
+    """``fn`` rematerialised in the backward pass as ``policy`` says.
+
+    False/None/"none": no remat (every residual stored). True/"full": store only the
+    layer's input, recompute the whole layer. "save_projections": store the outputs of
+    the weight matmuls (no batch dimensions), recompute attention scores/probabilities and
+    elementwise ops (the [B, N, L, L] probabilities and the MLP's activation residuals are
+    never stored). "save_dots": store every matmul output, including attention scores.
+    """
+    if policy in (False, None, "none"):
+        return fn
+    if policy is True:
+        policy = "full"
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat={policy!r} is not a known policy; use one of "
+                         f"{[False, True, *REMAT_POLICIES]}")
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
 def rotate_half(x_xH: jax.Array) -> jax.Array:
     """[-x2, x1] over the two halves of the last axis."""
     half = x_xH.shape[-1] // 2

@@ -24,7 +24,7 @@ def is_traced(x) -> bool:
 def prepare_visual_inputs(model, params: dict, input_ids, attention_mask, position_ids, *, pixel_values=None,
                           image_grid_thw=None, image_embeds=None, pixel_values_videos=None, video_grid_thw=None,
                           video_embeds=None, rope_extra: tuple = (), embed_width: int | None = None,
-                          embed_width_terms: str = ""):
+                          embed_width_terms: str = "", image_slot=None):
     """(attention_mask [B, L], position_ids [3, B, L] or None, [image features, video features]).
 
     rope_extra: further positional arguments of ``model.get_rope_index`` after the video
@@ -49,7 +49,9 @@ def prepare_visual_inputs(model, params: dict, input_ids, attention_mask, positi
         if embeds is not None and not grids and position_ids is None:
             raise ValueError(f"{kind}_embeds given without {kind}_grid_thw or position_ids: the M-RoPE "
                              f"positions of the {kind} tokens need one of them")
-        if not is_traced(input_ids):
+        if kind == "image" and image_slot is not None:
+            _check_image_slot(input_ids, image_slot, token_id, embeds, grids, cfg.vision.spatial_merge_size)
+        elif not is_traced(input_ids):
             n_tokens = int(np.sum(np.asarray(input_ids) == token_id))
             n_features = sum(t * h * w for t, h, w in grids) // cfg.vision.spatial_merge_size**2
             if embeds is not None and not grids:
@@ -68,3 +70,18 @@ def prepare_visual_inputs(model, params: dict, input_ids, attention_mask, positi
             embeds = model.encode_images(params, pixels, grids)
         features.append(embeds)
     return attention_mask, position_ids, features
+
+
+def _check_image_slot(input_ids, image_slot, token_id: int, embeds, grids, merge: int) -> None:
+    """Placeholders and ``image_slot`` agree (host values only; traced ones are trusted)."""
+    if jnp.shape(image_slot) != jnp.shape(input_ids):
+        raise ValueError(f"image_slot has shape {jnp.shape(image_slot)}, input_ids {jnp.shape(input_ids)}: "
+                         "pass one slot per token (-1 on non-image tokens)")
+    if is_traced(input_ids) or is_traced(image_slot):
+        return
+    ids, slot = np.asarray(input_ids), np.asarray(image_slot)
+    if np.any((slot >= 0) != (ids == token_id)):
+        raise ValueError(f"image_slot must be >= 0 exactly on the image tokens (id {token_id}) of input_ids")
+    n_rows = int(embeds.shape[0]) if embeds is not None else sum(t * h * w for t, h, w in grids) // merge**2
+    if slot.size and slot.max() >= n_rows:
+        raise ValueError(f"image_slot points at row {int(slot.max())}, the image features have {n_rows} rows")

@@ -72,10 +72,13 @@ class Qwen2_5_VL:
 
     def hidden_states(self, params: dict, input_ids, attention_mask=None, pixel_values=None,
                       image_grid_thw=None, position_ids=None, image_embeds=None, pixel_values_videos=None,
-                      video_grid_thw=None, second_per_grid_ts=None, video_embeds=None) -> jax.Array:
+                      video_grid_thw=None, second_per_grid_ts=None, video_embeds=None, image_slot=None) -> jax.Array:
         """Final-normed hidden states [B, L, D].
 
         ``image_embeds`` / ``video_embeds`` (from ``encode_images``) may replace the pixels.
+        ``image_slot`` [B, L] (host-computed: each image token's row of the features, -1
+        elsewhere) lets rows share one encoding in any order; without it the image tokens
+        take the features in row-major order (a prefix sum over the whole batch).
         Without ``position_ids`` they are computed on the host: M-RoPE from ``get_rope_index``
         when images or videos are given, else 0..L-1 for every row (transformers' behaviour;
         pass ``position_ids`` from ``get_rope_index`` to skip padding in text-only batches).
@@ -84,8 +87,9 @@ class Qwen2_5_VL:
             self, params, input_ids, attention_mask, position_ids, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, image_embeds=image_embeds, pixel_values_videos=pixel_values_videos,
             video_grid_thw=video_grid_thw, video_embeds=video_embeds,
-            rope_extra=(second_per_grid_ts,))
-        return _hidden_states_jit(self, params["text"], input_ids, attention_mask, position_ids, *features)
+            rope_extra=(second_per_grid_ts,), image_slot=image_slot)
+        return _hidden_states_jit(self, params["text"], input_ids, attention_mask, position_ids, *features,
+                                  image_slot)
 
     def lm_head(self, params: dict, h_xD: jax.Array) -> jax.Array:
         """Logits [..., vocab] in float32 for hidden states [..., D] (chunk over L as you like)."""
@@ -109,6 +113,13 @@ def _encode_images_jit(model: Qwen2_5_VL, vision_params, pixel_values, grids):
     return vision_lib.encode_images(vision_params, pixel_values, meta, v, model.attn_implementation, model.remat)
 
 
+def _place_features(embeds_BxLxD, slot_BxL, features_UxD):
+    """Tokens with slot >= 0 take that row of the features: a per-token gather, so rows
+    sharded over devices need no communication beyond the (replicated) features."""
+    rows = features_UxD.astype(embeds_BxLxD.dtype)[jnp.maximum(slot_BxL, 0)]
+    return jnp.where((slot_BxL >= 0)[..., None], rows, embeds_BxLxD)
+
+
 def _scatter_features(embeds_BxLxD, input_ids_BxL, token_id: int, features_UxD):
     """Replace the placeholder tokens' embeddings by the vision features, in order."""
     B, L, D = embeds_BxLxD.shape
@@ -120,10 +131,12 @@ def _scatter_features(embeds_BxLxD, input_ids_BxL, token_id: int, features_UxD):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _hidden_states_jit(model: Qwen2_5_VL, text_params, input_ids_BxL, attention_mask_BxL, position_ids_3xBxL,
-                       image_embeds_UxD, video_embeds_VxD):
+                       image_embeds_UxD, video_embeds_VxD, image_slot_BxL=None):
     cfg = model.config
     embeds = text_params["embed"][input_ids_BxL]
-    if image_embeds_UxD is not None:
+    if image_embeds_UxD is not None and image_slot_BxL is not None:
+        embeds = _place_features(embeds, image_slot_BxL, image_embeds_UxD)
+    elif image_embeds_UxD is not None:
         embeds = _scatter_features(embeds, input_ids_BxL, cfg.image_token_id, image_embeds_UxD)
     if video_embeds_VxD is not None:
         embeds = _scatter_features(embeds, input_ids_BxL, cfg.video_token_id, video_embeds_VxD)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.models.common.layers import apply_rope, attention, causal_attention, gated_mlp, linear, rms_norm
+from caspo_jax.models.common.layers import apply_rope, attention, causal_attention, gated_mlp, linear, remat as remat_fn, rms_norm
 
 from .config import TextConfig
 
@@ -66,7 +66,7 @@ def decoder_layer(x_BxLxD, layer: dict, cos_BxLxH, sin_BxLxH, mask_Bx1xLxL, cfg:
 
 
 def decode(params: dict, embeds_BxLxD, position_ids_3xBxL, attention_mask_BxL, cfg: TextConfig,
-           attn_impl: str | None = None, remat: bool = False, attn_block: int = 128) -> jax.Array:
+           attn_impl: str | None = None, remat: bool | str = False, attn_block: int = 128) -> jax.Array:
     """All decoder layers (a ``lax.scan`` over the stacked layer axis) and the final norm."""
     cos, sin = mrope_cos_sin(position_ids_3xBxL, cfg, embeds_BxLxD.dtype)
     mask = causal_mask(attention_mask_BxL)
@@ -74,8 +74,7 @@ def decode(params: dict, embeds_BxLxD, position_ids_3xBxL, attention_mask_BxL, c
     def body(x, layer):
         return decoder_layer(x, layer, cos, sin, mask, cfg, attn_impl, attn_block), None
 
-    if remat:
-        body = jax.checkpoint(body)
+    body = remat_fn(body, remat)
     x, _ = jax.lax.scan(body, embeds_BxLxD, params["layers"])
     return rms_norm(x, params["norm"], cfg.rms_norm_eps)
 

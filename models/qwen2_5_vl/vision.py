@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caspo_jax.models.common.layers import attention, gated_mlp, linear, rms_norm, rotate_half
+from caspo_jax.models.common.layers import remat as remat_fn
 
 from .config import VisionConfig
 from .rope_index import VisionMetadata
@@ -53,7 +54,7 @@ def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, mask_PxP, cfg: VisionConf
 
 
 def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadata, cfg: VisionConfig,
-                  attn_impl: str | None = None, remat: bool = False) -> jax.Array:
+                  attn_impl: str | None = None, remat: bool | str = False) -> jax.Array:
     """Image features [U, O] in the order of the images (and their merge units) in ``pixel_values``.
 
     ``pixel_values`` is laid out as the HF processor returns it: [P, C*T*patch*patch].
@@ -75,8 +76,7 @@ def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadat
         mask = jnp.where(full, image_mask, window_mask)
         return vision_block(x, layer, cos, sin, mask, cfg, attn_impl), None
 
-    if remat:
-        body = jax.checkpoint(body)
+    body = remat_fn(body, remat)
     x, _ = jax.lax.scan(body, x, (params["blocks"], is_full))
     merger = params["merger"]
     h = rms_norm(x, merger["norm"], VISION_NORM_EPS).reshape(P // unit, unit * E)

@@ -95,10 +95,13 @@ class Qwen3VL:
 
     def hidden_states(self, params: dict, input_ids, attention_mask=None, pixel_values=None,
                       image_grid_thw=None, position_ids=None, image_embeds=None, pixel_values_videos=None,
-                      video_grid_thw=None, second_per_grid_ts=None, video_embeds=None) -> jax.Array:
+                      video_grid_thw=None, second_per_grid_ts=None, video_embeds=None, image_slot=None) -> jax.Array:
         """Final-normed hidden states [B, L, D].
 
         ``image_embeds`` / ``video_embeds`` (from ``encode_images``) may replace the pixels.
+        ``image_slot`` [B, L] (host-computed: each image token's row of the features, -1
+        elsewhere) lets rows share one encoding in any order; without it the image tokens
+        take the features in row-major order (a prefix sum over the whole batch).
         Without ``position_ids`` they are computed on the host: M-RoPE from ``get_rope_index``
         when images or videos are given, else 0..L-1 for every row (transformers' behaviour;
         pass ``position_ids`` from ``get_rope_index`` to skip padding in text-only batches).
@@ -109,8 +112,10 @@ class Qwen3VL:
             image_grid_thw=image_grid_thw, image_embeds=image_embeds, pixel_values_videos=pixel_values_videos,
             video_grid_thw=video_grid_thw, video_embeds=video_embeds,
             embed_width=(1 + cfg.num_deepstack) * cfg.text.hidden_size,
-            embed_width_terms=f"(1 + {cfg.num_deepstack} DeepStack maps) * {cfg.text.hidden_size}")
-        return _hidden_states_jit(self, params["text"], input_ids, attention_mask, position_ids, *features)
+            embed_width_terms=f"(1 + {cfg.num_deepstack} DeepStack maps) * {cfg.text.hidden_size}",
+            image_slot=image_slot)
+        return _hidden_states_jit(self, params["text"], input_ids, attention_mask, position_ids, *features,
+                                  image_slot)
 
     def lm_head(self, params: dict, h_xD: jax.Array) -> jax.Array:
         """Logits [..., vocab] in float32 for hidden states [..., D] (chunk over L as you like)."""
@@ -145,7 +150,7 @@ def _slot_index(input_ids_BxL, token_id: int, n_rows: int):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _hidden_states_jit(model: Qwen3VL, text_params, input_ids_BxL, attention_mask_BxL, position_ids_3xBxL,
-                       image_embeds_UxF, video_embeds_VxF):
+                       image_embeds_UxF, video_embeds_VxF, image_slot_BxL=None):
     cfg = model.config
     D = cfg.text.hidden_size
     embeds = text_params["embed"][input_ids_BxL]
@@ -154,7 +159,10 @@ def _hidden_states_jit(model: Qwen3VL, text_params, input_ids_BxL, attention_mas
         if features is None:
             continue
         merged, stack = split_visual_features(features, D)
-        index = _slot_index(input_ids_BxL, token_id, merged.shape[0])
+        if token_id == cfg.image_token_id and image_slot_BxL is not None:
+            index = jnp.asarray(image_slot_BxL, jnp.int32)  # host-computed: no prefix sum over rows
+        else:
+            index = _slot_index(input_ids_BxL, token_id, merged.shape[0])
         embeds = jnp.where((index >= 0)[..., None], merged.astype(embeds.dtype)[jnp.maximum(index, 0)], embeds)
         visual_index = jnp.where(index >= 0, index + offset, visual_index)
         deepstack.append(stack)

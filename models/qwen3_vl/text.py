@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caspo_jax.models.common.layers import apply_rope, attention, causal_attention, gated_mlp, linear, rms_norm
+from caspo_jax.models.common.layers import remat as remat_fn
 
 from .config import TextConfig
 
@@ -100,7 +101,7 @@ def add_deepstack(x_BxLxD, layer_index, deepstack_SxUxD, visual_index_BxL) -> ja
 
 
 def decode(params: dict, embeds_BxLxD, position_ids_3xBxL, attention_mask_BxL, cfg: TextConfig,
-           attn_impl: str | None = None, remat: bool = False, attn_block: int = 128,
+           attn_impl: str | None = None, remat: bool | str = False, attn_block: int = 128,
            deepstack_SxUxD=None, visual_index_BxL=None) -> jax.Array:
     """All decoder layers (one ``lax.scan`` over the stacked layer axis) and the final norm.
 
@@ -120,8 +121,7 @@ def decode(params: dict, embeds_BxLxD, position_ids_3xBxL, attention_mask_BxL, c
             x = add_deepstack(x, i, deepstack_SxUxD, visual_index_BxL)
         return x, None
 
-    if remat:
-        body = jax.checkpoint(body)
+    body = remat_fn(body, remat)
     x, _ = jax.lax.scan(body, embeds_BxLxD, (params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
     return rms_norm(x, params["norm"], cfg.rms_norm_eps)
 

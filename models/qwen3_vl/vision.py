@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caspo_jax.models.common.layers import activation, attention, linear, rotate_half
+from caspo_jax.models.common.layers import remat as remat_fn
 from caspo_jax.models.qwen2_5_vl.vision import vision_rope
 
 from .config import VisionConfig
@@ -71,7 +72,7 @@ def patch_merger(merger: dict, x_PxE: jax.Array, unit: int, postshuffle_norm: bo
 
 
 def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadata, cfg: VisionConfig,
-                  attn_impl: str | None = None, remat: bool = False) -> tuple[jax.Array, jax.Array]:
+                  attn_impl: str | None = None, remat: bool | str = False) -> tuple[jax.Array, jax.Array]:
     """Merged features [U, O] and DeepStack features [S, U, O], in the order of the images (and
     their merge units) in ``pixel_values`` ([P, C*T*patch*patch], the HF processor's layout).
 
@@ -101,8 +102,7 @@ def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadat
         x = vision_block(x, layer, cos, sin, mask, cfg, attn_impl)
         return (x, jax.lax.dynamic_update_index_in_dim(taps, x, tap_slot, 0)), None
 
-    if remat:
-        body = jax.checkpoint(body)
+    body = remat_fn(body, remat)
     taps = jnp.zeros((S + 1, P, E), dtype)
     (x, taps), _ = jax.lax.scan(body, (x, taps), (params["blocks"], jnp.asarray(slot)))
     merged = patch_merger(params["merger"], x, unit, postshuffle_norm=False)
