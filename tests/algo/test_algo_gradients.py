@@ -51,7 +51,7 @@ CASES = [(agg, "k3", dual) for agg in AGG_MODES for dual in (None, 3.0)] + [
 @pytest.mark.parametrize("agg,kl_kind,dual_clip", CASES)
 def test_custom_vjp_equals_autodiff_of_the_reference(agg, kl_kind, dual_clip):
     logp, old, ref, adv, mask = _batch(seed=AGG_MODES.index(agg) + 10 * KL_KINDS.index(kl_kind))
-    kw = dict(beta=0.1, kl_kind=kl_kind, agg=agg, dual_clip=dual_clip)
+    kw = {"beta": 0.1, "kl_kind": kl_kind, "agg": agg, "dual_clip": dual_clip}
     args = (logp, old, ref, adv, mask)
     ours_fn = jax.value_and_grad(lambda *a: caspo_loss(*a, **kw)[0], argnums=(0, 1, 2, 3))
     want_fn = jax.value_and_grad(functools.partial(_reference_loss, **kw), argnums=(0, 1, 2, 3))
