@@ -29,7 +29,7 @@ from caspo_jax.trainer.metrics import PhaseTimer, count_params, mfu, open_writer
 from caspo_jax.trainer.runtime import RunDir, StopSignals, export_final
 from caspo_jax.trainer.setup import Policy, build_policy, load_teacher_params
 
-__all__ = ["clip_at_vision_tokens", "make_reward", "run_caspo"]
+__all__ = ["clip_at_vision_tokens", "make_reward", "make_rollout_engine", "run_caspo"]
 
 
 def make_reward(spec: dict):
@@ -61,6 +61,27 @@ def _mean_dicts(rows: list[dict]) -> dict:
     return {k: float(np.mean([float(r[k]) for r in rows])) for k in rows[0]} if rows else {}
 
 
+def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params):
+    """The rollout engine of rollout.engine, holding `params`: both have `generate` (n
+    samples per prompt, per-prompt seeds) and `sync_weights`.
+
+    "jax": `JaxSampler` on the placement's sampler mesh. "vllm": `VllmEngine` started in
+    this process on model.path (its architecture, tokenizer and processor), then given
+    `params` through the weight bridge (a resumed or --init policy differs from the files).
+    On CPU the KV cache is bounded to 256 MiB; on GPUs vLLM sizes it itself.
+    """
+    if cfg.rollout.engine == "jax":
+        return JaxSampler(policy.model, params, eos_token_ids=policy.eos_ids, mesh=place.sampler_mesh)
+    from caspo_jax.rollout import VllmEngine
+
+    engine = VllmEngine.start(cfg.model.path, policy.model, dtype=cfg.model.dtype, seed=cfg.run.seed,
+                              max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len,
+                              kv_cache_memory_bytes=256 * 2**20 if jax.devices()[0].platform == "cpu" else None,
+                              eos_token_ids=policy.eos_ids)
+    engine.sync_weights(params)
+    return engine
+
+
 def _host_step(batch, tokens, mask, truncated, rewards, ok, images_per_prompt) -> dict[str, np.ndarray]:
     """This process's share of a step as plain arrays (what `merge_prompt_rows` gathers)."""
     pixels = np.asarray(batch.pixel_values if batch.pixel_values is not None else np.zeros((0, 1)), np.float32)
@@ -89,8 +110,9 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     from caspo_jax.trainer.placement import allgather_host, allgather_json, make_placement, merge_prompt_rows
 
     a, o = cfg.algo, cfg.optim
-    if cfg.rollout.engine != "jax":
-        raise ConfigError("rollout.engine='vllm' is not wired into caspo train yet; use rollout.engine=jax")
+    if cfg.rollout.engine == "vllm" and cfg.model.path is None:
+        raise ConfigError("rollout.engine='vllm' needs model.path (an HF directory vLLM can load; the built-in tiny "
+                          "model is JAX-only): set model.path, or use rollout.engine=jax")
     n_proc, pid = jax.process_count(), jax.process_index()
     primary = pid == 0
     P, G = a.prompts_per_step, a.group_size
@@ -126,8 +148,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             if primary:
                 print(f"caspo train: resumed from step {start}", flush=True)
     train_step = make_train_step(model, step_cfg, a, mesh=place.mesh)
-    sampler = JaxSampler(model, place.sampler_params(state.params), eos_token_ids=policy.eos_ids,
-                         mesh=place.sampler_mesh)
+    sampler = make_rollout_engine(cfg, policy, place, place.sampler_params(state.params))
     eval_set = None
     if cfg.run.eval_every and files.eval is not None:
         eval_set, _ = prompt_dataset(cfg, files, policy.processor, split="eval", num_epochs=1, shuffle=False,
@@ -194,7 +215,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 step_metrics = _mean_dicts(jax.device_get(step_metrics))
             with timer("sync"):
                 sampler.sync_weights(place.sampler_params(state.params))
-                jax.block_until_ready(sampler.params)
+                jax.block_until_ready(getattr(sampler, "params", None))
             step += 1
             lengths = mask.sum(axis=1)
             valid = np.asarray(tb.response_mask) > 0
@@ -219,7 +240,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             }
             if eval_set is not None and (step % cfg.run.eval_every == 0 or step == total):
                 # every process evaluates the whole (small) eval set with its sampler; process 0 writes it
-                policy_now = Policy(model, sampler.params, policy.processor, policy.eos_ids, policy.pad_id)
+                policy_now = Policy(model, getattr(sampler, "params", state.params), policy.processor,
+                                    policy.eos_ids, policy.pad_id)
                 for mode in eval_modes:
                     result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
                                              max_new_tokens=cfg.data.max_response_len,
@@ -235,6 +257,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     checkpointer.wait()
     checkpointer.close()
     writer.close()
+    if hasattr(sampler, "shutdown"):
+        sampler.shutdown()
     final = Policy(model, state.params, policy.processor, policy.eos_ids, policy.pad_id)
     if stop.requested:
         if primary:
