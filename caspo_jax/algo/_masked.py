@@ -26,11 +26,6 @@ def present(x: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(valid, jnp.asarray(x).astype(F32), 0.0)
 
 
-def count(valid: jax.Array, axis=None, keepdims=False) -> jax.Array:
-    """Number of valid positions, as float32."""
-    return jnp.sum(valid, axis=axis, keepdims=keepdims, dtype=F32)
-
-
 def fused_sums(arrays, axis, keepdims=False):
     """Sums of several same-shape float32 arrays along `axis`, in ONE pass over memory.
 
@@ -40,6 +35,8 @@ def fused_sums(arrays, axis, keepdims=False):
     Separate `jnp.sum`s would each materialise their producer and read it back.
     That loop is scalar, so keep `exp` and friends out of the producers (an `exp` there
     costs more than a vectorised pass that writes the values out); see BUILD_NOTES.md.
+    It accumulates in order, so keep `axis` short (a row of T tokens: error ~ sqrt(T)
+    float32 eps) and combine the [rows] results afterwards.
     Differentiable (the derivative of a sum is the sum of the tangents).
     """
     arrays = tuple(jnp.asarray(a, F32) for a in arrays)
@@ -58,12 +55,6 @@ def _fused_sums(arrays, axes, keepdims):
 def _fused_sums_jvp(axes, keepdims, primals, tangents):
     (arrays,), (dots,) = primals, tangents
     return _fused_sums(arrays, axes, keepdims), tuple(jnp.sum(t, axis=axes, keepdims=keepdims) for t in dots)
-
-
-def masked_mean(x: jax.Array, valid: jax.Array, axis=None, keepdims=False) -> jax.Array:
-    """Mean over valid positions; 0 where there are none (never NaN)."""
-    total = jnp.sum(present(x, valid), axis=axis, keepdims=keepdims)
-    return total / jnp.maximum(count(valid, axis, keepdims), 1.0)
 
 
 def _population_shift(x, valid, axes):
