@@ -45,14 +45,15 @@ class Qwen3VL:
 
     attn_implementation: passed to ``jax.nn.dot_product_attention`` (None: JAX picks,
         "xla", or "cudnn" for flash attention on GPU).
-    remat: rematerialise each layer in the backward pass (``jax.checkpoint`` in the scans).
+    remat: rematerialise each layer in the backward pass (``jax.checkpoint`` in the scans): False,
+        True (= "full") or a policy name of ``common.layers.remat`` ("save_projections").
     attn_block: text queries are attended in blocks of this many tokens, each seeing only the
         keys up to its end (skips the invisible half of the causal scores); 0 = one dense call.
     """
 
     config: Qwen3VLConfig
     attn_implementation: str | None = None
-    remat: bool = False
+    remat: bool | str = False
     attn_block: int = 128
 
     # embed_tokens / prefill / decode_step over a static KV cache: what the sampler calls

@@ -1,6 +1,7 @@
 """Shared layers: hand-computed values and the blocked causal attention equalling the dense one."""
 
 import numpy as np
+import pytest
 
 import jax
 import jax.numpy as jnp
@@ -45,3 +46,24 @@ def test_blocked_causal_attention_equals_dense_with_left_padding():
     np.testing.assert_allclose(np.asarray(blocked)[np.asarray(valid)], np.asarray(dense)[np.asarray(valid)],
                                atol=1e-6)
     assert np.isfinite(np.asarray(blocked)).all()
+
+
+def _toy_layer(x, w):
+    """A matmul with no batch dims, an attention-like batched einsum, elementwise work."""
+    h = jnp.tanh(x @ w)
+    scores = jnp.einsum("bld,bmd->blm", h, h)
+    return jax.nn.softmax(scores, axis=-1) @ h
+
+
+def test_remat_policies_give_the_same_gradients_and_unknown_ones_fail():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4))
+    w = jax.random.normal(jax.random.key(1), (4, 4))
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) ** 2)  # noqa: E731
+    expected = jax.grad(loss(_toy_layer), argnums=(0, 1))(x, w)
+    for policy in (False, True, "full", "save_projections", "save_dots"):
+        got = jax.jit(jax.grad(loss(layers.remat(_toy_layer, policy)), argnums=(0, 1)))(x, w)
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert layers.remat(_toy_layer, False) is _toy_layer
+    with pytest.raises(ValueError, match="save_projections"):
+        layers.remat(_toy_layer, "everything")

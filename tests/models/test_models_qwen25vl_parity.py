@@ -105,6 +105,32 @@ def test_pieces_compose_to_forward_and_jit_with_precomputed_positions(hf_and_our
     np.testing.assert_allclose(got, np.asarray(jax.nn.log_softmax(full)), atol=1e-5)
 
 
+def test_image_slot_gathers_shared_features_per_token(hf_and_ours):
+    """hidden_states(image_slot=...) == the row-major scatter; two rows may share one image's
+    features through their slots (the train batch's layout); bad slots name the fix."""
+    _, model, params = hf_and_ours
+    batch = tm.make_batch([[2, (1, 4, 4), 3], [1, (1, 4, 4), 4]], pad="left", seed=23)
+    is_image = batch.input_ids == tm.IMAGE_TOKEN_ID
+    slot = np.where(is_image, np.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1, -1)
+    pos, _ = model.get_rope_index(batch.input_ids, batch.image_grid_thw, batch.attention_mask)
+    embeds = model.encode_images(params, batch.pixel_values, batch.image_grid_thw)
+    kw = dict(position_ids=pos, image_embeds=embeds)
+    expected = model.hidden_states(params, batch.input_ids, batch.attention_mask, **kw)
+    got = model.hidden_states(params, batch.input_ids, batch.attention_mask, image_slot=slot, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6)
+    # both rows point at the first image: row 1 then sees row 0's features
+    shared = np.where(is_image, slot % 4, -1)
+    row0 = model.hidden_states(params, batch.input_ids[:1], batch.attention_mask[:1], position_ids=pos[:, :1],
+                               image_embeds=embeds[:4])
+    both = model.hidden_states(params, batch.input_ids, batch.attention_mask, image_slot=shared, **kw)
+    np.testing.assert_allclose(np.asarray(both[0]), np.asarray(row0[0]), atol=1e-6)
+    assert float(np.max(np.abs(np.asarray(both[1]) - np.asarray(expected[1])))) > 1e-3
+    with pytest.raises(ValueError, match="image_slot"):
+        model.hidden_states(params, batch.input_ids, batch.attention_mask, image_slot=np.full_like(slot, -1), **kw)
+    with pytest.raises(ValueError, match="image_slot"):
+        model.hidden_states(params, batch.input_ids, batch.attention_mask, image_slot=slot + 100 * is_image, **kw)
+
+
 def test_bfloat16_forward_close_to_float32(hf_and_ours):
     _, model, params = hf_and_ours
     batch = tm.make_batch(CASES["left_padded_mixed"], seed=11)

@@ -38,6 +38,9 @@ def test_config_errors_name_the_field():
         TrainConfig(compute_dtype="float16")
     with pytest.raises(ValueError, match="TrainConfig.tis_cap"):
         TrainConfig(tis_cap=0.0)
+    with pytest.raises(ValueError, match="TrainConfig.remat"):
+        TrainConfig(remat="save_everything")
+    assert TrainConfig(remat="save_projections").remat == "save_projections"
 
 
 def test_truncated_is_weights_by_hand_and_as_verl_applies_them():
