@@ -14,8 +14,8 @@ the remaining devices. A mesh of one device is no mesh (`place.mesh is None`): n
 is placed and every function runs as on a laptop. With several processes
 (`caspo_jax.launch.distributed.start`) the mesh spans every host's devices; each host
 holds its block of every row-sharded leaf (`global_batch`), host copies of sharded arrays
-come from a collective gather (`to_host`), and the rollout sampler runs on the host's own
-devices with a gathered copy of the parameters (`sampler_mesh` / `sampler_params`):
+come from a collective gather (`to_host`), and the rollout sampler runs on one of the
+host's devices with a gathered copy of the parameters (`sampler_mesh` / `sampler_params`):
 `JaxSampler` turns prompts into host NumPy arrays and reads its outputs with
 `device_get`, which needs arrays each process can address.
 """
@@ -111,16 +111,13 @@ class Placement:
 
     @property
     def sampler_mesh(self):
-        """The rollout sampler's mesh: the run's mesh, or with several processes the
-        host's own devices (fsdp over them; None when the host has one device)."""
-        if not self.multi_process:
-            return self.mesh
-        local = jax.local_devices()
-        if len(local) == 1:
-            return None
-        from caspo_jax.sharding import make_mesh
-
-        return make_mesh(1, len(local), 1, devices=local)
+        """The rollout sampler's mesh: the run's mesh with one process; with several, None
+        (the host's first device). A mesh over a host's own devices would run process-local
+        collectives through the CPU collectives backend too: in a two-process gloo run the
+        two hosts' 4-device sampler contexts crossed ("Received data size doesn't match
+        expected size ... collective mismatch", 1 run in 4), so rollouts stay on one local
+        device until the sampler runs on the global mesh."""
+        return None if self.multi_process else self.mesh
 
     def sampler_params(self, params):
         """What the sampler's `sync_weights` takes: the parameters themselves, or with
