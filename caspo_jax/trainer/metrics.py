@@ -16,7 +16,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-__all__ = ["MetricsWriter", "NullWriter", "PhaseTimer", "open_writer", "count_params", "mfu", "peak_flops", "read_metrics"]
+__all__ = ["MetricsWriter", "NullWriter", "PhaseTimer", "count_params", "mfu", "open_writer", "peak_flops",
+           "read_metrics"]
 
 # Dense peak FLOP/s per device (bfloat16 where the chip has it). CPU: this project's
 # measured float32 matmul ceiling on the 2-core dev box (shared/notes/offline-tiny-models.md).
