@@ -86,9 +86,10 @@ def sequence_rewards(model, params: dict, batch, compute_dtype=None):
     p = cast_floats(params, compute_dtype)
     embeds = encode_batch_images(model, p, batch)
     seq = batch.student
-    row_embeds = None if embeds is None else embeds[seq.image_order]
+    # image_slot (host-computed) picks each placeholder's feature row: no prefix sum over
+    # the batch, so a batch-sharded mesh needs no cross-row collective
     h = model.hidden_states(p, seq.input_ids, seq.attention_mask, position_ids=seq.position_ids,
-                            image_embeds=row_embeds)
+                            image_embeds=embeds, image_slot=None if embeds is None else seq.image_slot)
     return head_rewards(head, h, last_token_index(batch.response_mask, seq.prompt_len))
 
 
