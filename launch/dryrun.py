@@ -338,7 +338,10 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
     rows = min(_get(cfg, "optim", "minibatch_size", 512), prompts * group)
     micro = _get(cfg, "optim", "micro_batches", 1)
     dtype = _get(cfg, "model", "dtype", "float32")
-    remat = bool(_get(cfg, "model", "remat", False))
+    policy = _get(cfg, "model", "remat", False)
+    # only full remat (layer inputs kept) is modelled; partial policies ("save_projections",
+    # "save_dots") keep less than no remat, so they are estimated as no remat (an upper bound)
+    remat = policy in (True, "full")
     mem = estimate_memory(table, dims, topo.mesh, rows=rows, seq_len=prompt_len + response_len,
                           response_len=response_len, compute_dtype=dtype, reference_dtype=dtype, remat=remat,
                           micro_batches=micro, optimizer_leaves=optimizer_copies(table),
@@ -356,7 +359,8 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
         f"model           {type(model).__name__}: {total / 1e9:.3f} B parameters, {local / 1e6:.1f} M per device",
         f"step            {prompts} prompts x {group} samples, mini-batch {rows} rows "
         f"({-(-rows // (data * fsdp * micro))} per device per micro-batch, {micro} micro-batch(es)), "
-        f"sequence {prompt_len}+{response_len}, compute {dtype}, remat {'on' if remat else 'off'}",
+        f"sequence {prompt_len}+{response_len}, compute {dtype}, remat {policy if isinstance(policy, str) else ('on' if remat else 'off')}"
+        + (" (estimated as no remat: an upper bound)" if isinstance(policy, str) and not remat else ""),
         "memory per device:",
         f"  params (f32)  {_gib(mem.params)}",
         f"  grads (f32)   {_gib(mem.grads)}",

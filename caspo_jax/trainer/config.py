@@ -57,7 +57,7 @@ class ModelConfig:
     teacher_path: str | None = None
     tiny: str = "demo"
     dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = False
     seed: int = 0
 
 
@@ -190,7 +190,12 @@ def _check_type(value, annotation, where: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], where)
+        for option in inner[:-1]:  # bool | str: the first type that accepts the value
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                pass
+        return _check_type(value, inner[-1], where)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -346,6 +351,12 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     for field in ("eval_every", "save_every"):
         if getattr(r, field) < 0:
             fail(f"run.{field}", "must be >= 0 (0 disables)")
+    from caspo_jax.models.common.layers import REMAT_POLICIES
+
+    remat_options = [False, True, "none", *REMAT_POLICIES]
+    if cfg.model.remat not in remat_options:
+        fail("model.remat", f"={cfg.model.remat!r} must be one of {remat_options} (false: keep every "
+             "activation; true/'full': keep layer inputs; 'save_projections': keep matmul outputs)")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         fail("model.dtype", f"={cfg.model.dtype!r} must be 'float32' or 'bfloat16'")
     if cfg.model.path is None and cfg.model.tiny not in TINY_SIZES:

@@ -55,6 +55,8 @@ def test_yaml_then_dotted_overrides(tmp_path):
     ({"algo": {"teacher": "original"}}, ["model.teacher_path", "CASPO-w.-OMC"]),
     ({"model": {"teacher_path": "/x"}}, ["model.teacher_path", "algo.teacher=original"]),
     ({"run": {"mesh_data": -1, "mesh_tensor": -1}}, ["at most one", "-1"]),
+    ({"model": {"remat": "save_everything"}}, ["model.remat", "save_projections"]),
+    ({"model": {"remat": 3}}, ["model.remat", "str"]),
     ({"algo": {"prompts_per_step": 2, "group_size": 4}, "optim": {"minibatch_size": 4},
       "run": {"mesh_data": 2, "mesh_fsdp": 4}}, ["optim.minibatch_size", "run.mesh_data * run.mesh_fsdp", "8"]),
 ])
@@ -65,6 +67,13 @@ def test_bad_configs_fail_with_the_field(raw, words):
     assert "my.yaml" in message
     for word in words:
         assert word in message
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("full", "full"),
+                                             ("save_projections", "save_projections")])
+def test_remat_takes_a_switch_or_a_policy_name(value, expected):
+    cfg = load_config(preset="tiny-cpu", overrides=[f"model.remat={value}"])
+    assert cfg.model.remat == expected
 
 
 def test_bad_override_syntax():
