@@ -8,7 +8,7 @@ KV cache is computed once and repeated for its n samples. Generation stops early
 every sample has hit an end token.
 
 Model-agnostic: the one dispatch point is ``model.kv_cache`` (each model family's
-``embed_tokens`` / ``prefill`` / ``decode_step``, e.g. ``caspo_jax.models.qwen3_vl.kv_cache``
+``embed_tokens`` / ``prefill`` / ``decode_step_shared``, e.g. ``caspo_jax.models.qwen3_vl.kv_cache``
 with DeepStack), so Qwen2.5-VL and Qwen3-VL share this loop unchanged.
 
 Multimodal placeholders (image/video pad, vision start/end) are never sampled by default:

@@ -1,12 +1,13 @@
-"""The static-shape KV cache shared by the Qwen-VL ports: prefill, one decode step, and
-grouped-query decode attention.
+"""The static-shape KV cache shared by the Qwen-VL ports: prefill, and the sampler's decode
+step with each prompt's keys/values shared by its samples.
 
-Let P denote prompts, S samples, L the (bucketed, left-padded) prompt length, C = L + T
-the cache length, D width, N query heads, K key/value heads, H head dim, Y layers, U
-visual rows, F their width. The cache is a pair of arrays [Y, S, C, K, H] with rope
-already applied to the keys; the decode step carries it through the layer scan and
-writes the new token's k/v in place (``dynamic_update_slice`` on the carry), so no step
-copies the cache.
+Let P denote prompts, n samples per prompt, S = P * n samples (prompt-major), L the
+(bucketed, left-padded) prompt length, T the response length, D width, N query heads, K
+key/value heads, H head dim, Y layers, U visual rows, F their width. ``prefill`` returns
+the prompts' keys/values [Y, P, L, K, H] (rope applied to the keys); ``prompt_cache``
+turns them into per-layer [P, K, L, H] arrays read by all n samples; each sample's own
+tokens go to a per-layer response cache [S, K, T, H] that ``decode_step_shared`` writes
+in place (``dynamic_update_slice`` on the while-loop carry), so no step copies a cache.
 
 A model family plugs in through ``DecoderPieces`` (its rope, q/k/v projection, attention
 output and MLP block), so a cached decode runs exactly the family's own layer maths and
@@ -14,7 +15,6 @@ equals its full forward up to float summation order. Each family's ``kv_cache`` 
 (``caspo_jax.models.<family>.kv_cache``, exposed as ``Model.kv_cache``) wraps these with
 its embedding rule (e.g. Qwen3-VL's DeepStack) and is what the sampler calls.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -78,63 +78,11 @@ def prefill(text_params: dict, x_PxLxD, position_ids_3xPxL, mask_PxL, cfg, piece
     return rms_norm(x, text_params["norm"], cfg.rms_norm_eps), k, v
 
 
-def decode_attention(q_SxNxH, k_SxCxKxH, v_SxCxKxH, key_mask_SxC) -> jax.Array:
-    """One query per sample against its cache, grouped-query without repeating k/v.
-
-    ``jax.nn.dot_product_attention`` repeats each kv head N/K times before the product;
-    with one query that repeat is most of the work (measured ~2x slower on CPU at S=64,
-    C=256, N=8, K=2). Logits and softmax in float32; masked keys get the float32 minimum
-    (as ``dot_product_attention``). Returns [S, N, H].
-    """
-    S, N, H = q_SxNxH.shape
-    K = k_SxCxKxH.shape[2]
-    q = q_SxNxH.reshape(S, K, N // K, H)
-    logits = jnp.einsum("skgh,sckh->skgc", q, k_SxCxKxH, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(1.0 / H**0.5)
-    logits = jnp.where(key_mask_SxC[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_SxCxKxH.dtype)
-    return jnp.einsum("skgc,sckh->skgh", probs, v_SxCxKxH).reshape(S, N, H)
-
-
-def decode_step(text_params: dict, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index, cfg,
-                pieces: DecoderPieces):
-    """Run one new (text) token per sample at cache slot ``index`` (a traced scalar).
-
-    position_S: its M-RoPE position (the same for the t, h and w rows, as transformers'
-    decode). key_mask: which cache slots each sample may attend to (slot ``index`` included).
-    Returns final-normed hidden states [S, D] and the updated cache.
-    """
-    x = text_params["embed"][token_S][:, None, :]
-    S = x.shape[0]
-    pos = jnp.broadcast_to(position_S[None, :, None], (3, S, 1))
-    cos, sin = pieces.mrope_cos_sin(pos, cfg, x.dtype)
-
-    def body(carry, layer_and_i):
-        x, k_all, v_all = carry
-        layer, i = layer_and_i
-        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = pieces.project_qkv(layer, h, cos, sin, cfg)
-        zero = jnp.zeros((), jnp.int32)
-        start = (i, zero, index, zero, zero)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-        k_l = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
-        v_l = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
-        out = decode_attention(q[:, 0], k_l, v_l, key_mask_SxC).reshape(S, 1, -1)
-        x = pieces.mlp_block(x + pieces.attention_output(layer, out), layer, cfg)
-        return (x, k_all, v_all), None
-
-    n_layers = k_YxSxCxKxH.shape[0]
-    (x, k_all, v_all), _ = jax.lax.scan(body, (x, k_YxSxCxKxH, v_YxSxCxKxH),
-                                        (text_params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
-    return rms_norm(x[:, 0], text_params["norm"], cfg.rms_norm_eps), k_all, v_all
-
-
 # ----- the sampler's decode: the prompt cached once per prompt, per-layer arrays, no slicing -----
 #
-# ``decode_step`` above is the plain form (one stacked cache row per sample, a layer scan).
-# The sampler runs ``decode_step_shared``, which does the same maths with three changes that
-# each removed a measured per-step cost on CPU (S=64, L=T=128, 8 layers, width 512):
+# The plain form would keep one stacked cache row per sample and scan the layers;
+# ``decode_step_shared`` does the same maths with three changes that each removed a
+# measured per-step cost on CPU (S=64, L=T=128, 8 layers, width 512):
 # - the prompt's keys/values are kept once per prompt [P, K, L, H] and attended by all n
 #   samples together (one matmul with n*N/K query rows) instead of n repeated copies:
 #   the prompt half of the cache is read n times less;
@@ -162,7 +110,7 @@ def shared_prompt_attention(q_SxNxH, prompt_k_PxKxLxH, prompt_v_PxKxLxH, prompt_
                             filled_T) -> jax.Array:
     """One query per sample against its prompt's shared keys/values and its own response cache.
 
-    Samples are prompt-major (sample s = p * n + j). Equals ``decode_attention`` over the
+    Samples are prompt-major (sample s = p * n + j). Equals grouped-query attention over the
     concatenation [prompt keys, response keys] (one softmax over both; masked keys get the
     float32 minimum; logits and softmax in float32). ``filled_T``: which response slots hold
     a token (the same for every sample). Returns [S, N, H].

@@ -53,14 +53,6 @@ def prefill(text_params: dict, embeds_PxLxD, position_ids_3xPxL, mask_PxL, cfg: 
     return common.prefill(text_params, embeds_PxLxD, position_ids_3xPxL, mask_PxL, cfg, PIECES, attn_impl)
 
 
-def decode_step(text_params: dict, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index,
-                cfg: TextConfig):
-    """One new token per sample at cache slot ``index``; see ``common.decode_step``.
-    Returns final-normed hidden states [S, D] and the updated cache."""
-    return common.decode_step(text_params, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index, cfg,
-                              PIECES)
-
-
 def decode_step_shared(text_params: dict, token_S, position_S, prompt_kv: list, prompt_mask_PxL, response_kv: list,
                        slot, cfg: TextConfig):
     """The sampler's decode step: prompt keys/values shared by a prompt's samples, per-layer

@@ -6,11 +6,11 @@ Cache layout, layer loops and grouped decode attention are shared
 (``caspo_jax.models.common.kv_cache``); Qwen3-VL adds its pieces (q/k RMSNorm, o bias via
 ``text.project_qkv`` / ``text.attention_output``) and DeepStack inside the prefill.
 
-Let P denote prompts, S samples, L the (left-padded) prompt length, C = L + T the cache
-length, D width, K key/value heads, H head dim, Y layers, M DeepStack maps. ``embed_tokens``
+Let P denote prompts, S samples, L the (left-padded) prompt length, T the response length,
+D width, K key/value heads, H head dim, Y layers, M DeepStack maps. ``embed_tokens``
 returns [P, L, (1 + M) * D]: the token embeddings (visual features scattered in) followed by
 each DeepStack map already placed at its visual positions (zeros elsewhere); ``prefill`` adds
-map m after layer m. Decoded tokens are text, so ``decode_step`` has no DeepStack.
+map m after layer m. Decoded tokens are text, so ``decode_step_shared`` has no DeepStack.
 """
 
 from __future__ import annotations
@@ -56,14 +56,6 @@ def prefill(text_params: dict, embeds_PxLxF, position_ids_3xPxL, mask_PxL, cfg: 
 
     return common.prefill(text_params, embeds_PxLxF[..., :D], position_ids_3xPxL, mask_PxL, cfg, PIECES, attn_impl,
                           after_layer=add_deepstack if M else None)
-
-
-def decode_step(text_params: dict, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index,
-                cfg: TextConfig):
-    """One new token per sample at cache slot ``index``; see ``common.decode_step``.
-    Returns final-normed hidden states [S, D] and the updated cache."""
-    return common.decode_step(text_params, token_S, position_S, k_YxSxCxKxH, v_YxSxCxKxH, key_mask_SxC, index, cfg,
-                              PIECES)
 
 
 def decode_step_shared(text_params: dict, token_S, position_S, prompt_kv: list, prompt_mask_PxL, response_kv: list,

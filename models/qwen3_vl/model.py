@@ -56,7 +56,7 @@ class Qwen3VL:
     remat: bool | str = False
     attn_block: int = 128
 
-    # embed_tokens / prefill / decode_step over a static KV cache: what the sampler calls
+    # embed_tokens / prefill / decode_step_shared over a static KV cache: what the sampler calls
     # (each family owns its module; a class attribute, not a field)
     kv_cache = kv_cache_lib
 

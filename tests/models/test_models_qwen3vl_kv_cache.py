@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from caspo_jax.models import load_pretrained
+from caspo_jax.models.common import kv_cache as common_kv
 from caspo_jax.models.qwen3_vl import kv_cache
 from caspo_jax.testing import tiny_qwen3_vl as tq
 
@@ -31,14 +32,16 @@ def test_prefill_and_decode_step_equal_the_full_forward(tmp_path):
     full = np.asarray(model.forward(params, ids, mask, batch.pixel_values, batch.image_grid_thw))
     np.testing.assert_allclose(np.asarray(model.lm_head(params, h[:, -1])), full[:, -1], atol=TOL)
 
-    # One new text token per prompt at cache slot L, position max(prompt positions) + 1.
+    # One new text token per prompt (one sample each) at response slot 0, position
+    # max(prompt positions) + 1, through the sampler's decode step.
     new = np.array([7, 11])
     rope_next = position_ids.max(axis=(0, 2)) + 1
-    k = jnp.pad(k, ((0, 0), (0, 0), (0, 1), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, 0), (0, 1), (0, 0), (0, 0)))
-    key_mask = jnp.concatenate([jnp.asarray(mask, bool), jnp.ones((P, 1), bool)], axis=1)
-    h_new, _, _ = jax.jit(kv_cache.decode_step, static_argnums=7)(
-        text, jnp.asarray(new), jnp.asarray(rope_next), k, v, key_mask, jnp.int32(L), cfg)
+    K, H = k.shape[3], k.shape[4]
+    response_kv = [(jnp.zeros((P, K, 2, H)), jnp.zeros((P, K, 2, H))) for _ in range(cfg.num_hidden_layers)]
+    decode_params = dict(text, layers=common_kv.layer_list(text["layers"], cfg.num_hidden_layers))
+    h_new, _ = jax.jit(kv_cache.decode_step_shared, static_argnums=7)(
+        decode_params, jnp.asarray(new), jnp.asarray(rope_next), common_kv.prompt_cache(k, v), jnp.asarray(mask),
+        response_kv, jnp.int32(0), cfg)
     ids2 = np.concatenate([ids, new[:, None]], axis=1)
     mask2 = np.concatenate([mask, np.ones((P, 1), mask.dtype)], axis=1)
     full2 = np.asarray(model.forward(params, ids2, mask2, batch.pixel_values, batch.image_grid_thw))

@@ -52,19 +52,6 @@ def test_greedy_is_argmax_and_keys_depend_only_on_seed_and_index():
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(jax.random.fold_in(jax.random.PRNGKey(5), 0)))
 
 
-def test_grouped_decode_attention_equals_dot_product_attention():
-    from caspo_jax.models.common.layers import attention
-    from caspo_jax.models.common.kv_cache import decode_attention
-
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    q = jax.random.normal(keys[0], (3, 1, 8, 32))
-    k = jax.random.normal(keys[1], (3, 20, 2, 32))
-    v = jax.random.normal(keys[2], (3, 20, 2, 32))
-    mask = jnp.arange(20)[None, :] < jnp.asarray([[5], [20], [1]])
-    ref = attention(q, k, v, mask[:, None, None, :])[:, 0]
-    np.testing.assert_allclose(np.asarray(decode_attention(q[:, 0], k, v, mask)), np.asarray(ref), atol=1e-6)
-
-
 def test_inverse_cdf_draw_follows_softmax_across_blocks_and_never_draws_zero_mass():
     from caspo_jax.rollout.sampling import inverse_cdf_draw
 
@@ -107,7 +94,8 @@ def test_sampled_draws_are_distributed_like_the_softmax_on_a_large_vocabulary():
 
 
 def test_shared_prompt_attention_equals_attention_over_repeated_prompt_cache():
-    from caspo_jax.models.common.kv_cache import decode_attention, shared_prompt_attention
+    from caspo_jax.models.common.kv_cache import shared_prompt_attention
+    from caspo_jax.models.common.layers import attention
 
     P, n, N, K, H, L, T = 2, 3, 8, 2, 32, 7, 5
     keys = jax.random.split(jax.random.PRNGKey(1), 5)
@@ -123,8 +111,8 @@ def test_shared_prompt_attention_equals_attention_over_repeated_prompt_cache():
     full_k = jnp.concatenate([jnp.repeat(pk, n, axis=0), k], axis=2).transpose(0, 2, 1, 3)
     full_v = jnp.concatenate([jnp.repeat(pv, n, axis=0), v], axis=2).transpose(0, 2, 1, 3)
     mask = jnp.concatenate([jnp.repeat(prompt_mask, n, axis=0), jnp.broadcast_to(filled, (P * n, T))], axis=1)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(decode_attention)(q, full_k, full_v, mask)),
-                               atol=1e-6)
+    ref = attention(q[:, None], full_k, full_v, mask[:, None, None, :])[:, 0]  # dot_product_attention
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6)
 
 
 def _numpy_filter(logits, top_k, top_p):
