@@ -134,16 +134,20 @@ class VllmEngine:
         from vllm import SamplingParams as VllmSampling
 
         terminators = sorted(set(self.eos_token_ids) | set(sampling.stop_token_ids))
+        # vLLM refuses temperature 0 with n > 1; greedy samples are all the same sequence,
+        # so one is generated and repeated n times (as the JAX sampler's n greedy rows)
+        copies = n if sampling.temperature == 0 else 1
         params = []
         for i, prompt in enumerate(prompts):
             seed = prompt.seed if prompt.seed is not None else sampling.seed + i
             params.append(VllmSampling(
-                n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
+                n=n // copies, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
                 max_tokens=sampling.max_new_tokens, stop_token_ids=terminators, ignore_eos=True, seed=seed,
                 logprobs=0, skip_special_tokens=False, detokenize=False, logit_bias=self.logit_bias))
         outputs = self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
         self._check_prompt_ids(outputs, prompts)
-        samples = [(i, c) for i, out in enumerate(outputs) for c in sorted(out.outputs, key=lambda c: c.index)]
+        samples = [(i, c) for i, out in enumerate(outputs) for c in sorted(out.outputs, key=lambda c: c.index)
+                   for _ in range(copies)]
         width = max(max(len(c.token_ids) for _, c in samples), 1)
         S = len(samples)
         tokens = np.zeros((S, width), np.int32)

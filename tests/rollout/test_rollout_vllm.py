@@ -80,6 +80,13 @@ def test_greedy_matches_the_jax_sampler(setup):
     np.testing.assert_array_equal(theirs.tokens, ours.tokens)
     assert theirs.finish_reason.tolist() == ours.finish_reason.tolist()
     np.testing.assert_allclose(theirs.logprobs, ours.logprobs, atol=1e-4)
+    # n greedy samples per prompt (vLLM alone refuses temperature 0 with n > 1): n equal rows
+    group = engine.generate(prompts, n=3, sampling=greedy)
+    ours3 = JaxSampler(model, params, eos_token_ids=engine.eos_token_ids).generate(prompts, n=3, sampling=greedy)
+    np.testing.assert_array_equal(group.prompt_index, ours3.prompt_index)
+    np.testing.assert_array_equal(group.tokens, ours3.tokens)
+    np.testing.assert_array_equal(group.tokens[::3], theirs.tokens)
+    np.testing.assert_allclose(group.logprobs, ours3.logprobs, atol=1e-4)
 
 
 @pytest.mark.parametrize("transport", ["in_process", "dlpack", "safetensors"])
