@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from caspo_jax.algo.config import CaspoConfig
+from caspo_jax.files import read_structured
 
 __all__ = [
     "CheckpointConfig",
@@ -297,14 +298,8 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
         source = f"preset {preset!r}"
     if path is not None:
         path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: the config must be a mapping of sections")
+        loaded = read_structured(path, Mapping, what="config file", expected="a mapping of sections",
+                                 error=ConfigError, empty={})
         raw = _merge(raw, loaded)
         source = str(path)
     overrides = list(overrides)
