@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from caspo_jax.data.formats import PreferencePair, SFTExample
+from caspo_jax.data.records import image_paths_json
 
 __all__ = ["ScoredResponse", "Selection", "build_preferences", "select", "select_sft", "uniform_from"]
 
@@ -47,8 +47,7 @@ class ScoredResponse:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def to_json(self, root: str | Path | None = None) -> dict[str, Any]:
-        images = [os.path.relpath(p, root) if root is not None else str(p) for p in self.images]
-        return {"id": self.id, "images": images, "query": self.query, "response": self.response,
+        return {"id": self.id, "images": image_paths_json(self.images, root), "query": self.query, "response": self.response,
                 "score": self.score, "category": self.category, **self.meta}
 
 

@@ -11,14 +11,13 @@ exactly as for SafetyRecord (`records.load_jsonl`).
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from caspo_jax.data.records import (
     CATEGORIES,
     RecordError,
+    image_paths_json,
     load_jsonl,
     normalize_category,
     parse_id,
@@ -27,10 +26,6 @@ from caspo_jax.data.records import (
 )
 
 __all__ = ["PreferencePair", "SFTExample", "load_pairs", "load_sft_examples"]
-
-
-def _rel(paths: Iterable[Path], root: str | Path | None) -> list[str]:
-    return [os.path.relpath(p, root) if root is not None else str(p) for p in paths]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +41,7 @@ class PreferencePair:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def to_json(self, root: str | Path | None = None) -> dict[str, Any]:
-        return {"id": self.id, "images": _rel(self.images, root), "query": self.query,
+        return {"id": self.id, "images": image_paths_json(self.images, root), "query": self.query,
                 "chosen": self.chosen, "rejected": self.rejected, "category": self.category, **self.meta}
 
 
@@ -62,7 +57,7 @@ class SFTExample:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def to_json(self, root: str | Path | None = None) -> dict[str, Any]:
-        return {"id": self.id, "images": _rel(self.images, root), "query": self.query,
+        return {"id": self.id, "images": image_paths_json(self.images, root), "query": self.query,
                 "response": self.response, "category": self.category, **self.meta}
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "load_jsonl",
     "load_records",
     "normalize_category",
+    "image_paths_json",
     "resolve_image_path",
 ]
 
@@ -51,6 +52,12 @@ class RecordError(ValueError):
     """A record (or records) that cannot be used; the message names file, line and field."""
 
 
+def image_paths_json(paths, root: str | Path | None = None) -> list[str]:
+    """Image paths as a JSONL row stores them: relative to ``root`` when given (so a data
+    folder can move), else as they are."""
+    return [os.path.relpath(p, root) if root is not None else str(p) for p in paths]
+
+
 @dataclasses.dataclass(frozen=True)
 class SafetyRecord:
     id: str
@@ -65,10 +72,7 @@ class SafetyRecord:
 
     def to_json(self, root: str | Path | None = None) -> dict[str, Any]:
         """The JSONL object for this record (image paths relative to `root` if given)."""
-        images = [
-            os.path.relpath(p, root) if root is not None else str(p) for p in self.images
-        ]
-        out: dict[str, Any] = {"id": self.id, "images": images, "query": self.query,
+        out: dict[str, Any] = {"id": self.id, "images": image_paths_json(self.images, root), "query": self.query,
                                "category": self.category}
         for key in ("malicious_query", "reference", "split", "constitution"):
             if getattr(self, key) is not None:
