@@ -14,9 +14,9 @@ it is tested without a cluster:
               JAX's Cloud TPU detection does everything
     single    none of the above: no initialize, one process
 
-Roles: only process 0 writes logs, metrics and HF exports (``is_primary``,
-``primary_only``); every process takes part in orbax checkpoint saves (orbax coordinates
-the hosts itself) and in every jitted step.
+Roles: only process 0 writes logs, metrics and HF exports (``is_primary``); every process
+takes part in orbax checkpoint saves (orbax coordinates the hosts itself) and in every
+jitted step.
 
 Data: each host reads its own shard of prompts (``pipeline_shard`` gives
 ``PipelineConfig(process_index=..., process_count=...)`` for the grain pipeline), builds
@@ -29,9 +29,8 @@ batch (tests, small eval sets) can cut its block with ``take_local_rows``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -39,7 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 __all__ = [
-    "StartPlan", "plan_start", "start", "shutdown", "is_primary", "primary_only", "pipeline_shard",
+    "StartPlan", "plan_start", "start", "shutdown", "is_primary", "pipeline_shard",
     "local_rows", "take_local_rows", "global_batch", "gather_to_host", "barrier",
 ]
 
@@ -118,16 +117,6 @@ def shutdown() -> None:
 def is_primary() -> bool:
     """Process 0: the one that writes logs, metrics, HF exports and prints."""
     return jax.process_index() == 0
-
-
-def primary_only(fn: Callable) -> Callable:
-    """``fn`` runs on process 0 only; other processes get None (no collective inside ``fn``)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs) if is_primary() else None
-
-    return wrapper
 
 
 def pipeline_shard() -> dict[str, int]:

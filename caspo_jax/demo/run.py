@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
 from pathlib import Path
 
-from caspo_jax.trainer.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
+from caspo_jax.trainer.config import TrainConfig
 
 __all__ = ["QUICK", "demo_config", "run_demo"]
 
@@ -59,7 +60,7 @@ def _table(before: dict, after: dict) -> str:
 def run_demo(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Runs the whole demo; returns (and writes to out_dir/results.json) the numbers."""
     from caspo_jax.trainer.caspo import make_reward, run_caspo
-    from caspo_jax.trainer.data import prepare_data
+    from caspo_jax.trainer.data import prepare_data, with_data_files
     from caspo_jax.trainer.exchange import run_exchange_stage
     from caspo_jax.trainer.plot import plot_runs
 
@@ -69,12 +70,10 @@ def run_demo(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True) ->
             shutil.rmtree(out_dir / stage)
     start = time.perf_counter()
     files = prepare_data(cfg, out_dir)
-    shared = {"data": {"train": str(files.train), "eval": str(files.eval), "sft": str(files.sft),
-                       "pairs": str(files.pairs), "constitutions": str(files.constitutions)}}
-    cfg = config_from_dict({**config_to_dict(cfg), **{"data": {**config_to_dict(cfg)["data"], **shared["data"]}}})
+    cfg = with_data_files(cfg, files)
     reward = make_reward(cfg.reward)
     print("[1/4] SFT with constitutions in the prompt", flush=True)
-    sft_cfg = config_from_dict(apply_overrides(config_to_dict(cfg), ["sft.with_constitution=true"]))
+    sft_cfg = cfg.replace(sft=dataclasses.replace(cfg.sft, with_constitution=True))
     policy = run_exchange_stage(sft_cfg, out_dir / "sft", "sft", progress=progress, export=False)
     t_sft = time.perf_counter() - start
     print("[2/4] evaluating the SFT policy", flush=True)

@@ -149,7 +149,7 @@ def rm_loss(r_B, bt_mask_K, mse_mask_B, target_B, mse_weight: float):
 
 
 def _rm_step(model, step_cfg, mse_weight: float, state, batch: RMBatch):
-    from caspo_jax.train import TrainState, make_optimizer
+    from caspo_jax.train import apply_gradients
 
     dtype = None if step_cfg.compute_dtype == "float32" else jnp.dtype(step_cfg.compute_dtype)
 
@@ -158,10 +158,8 @@ def _rm_step(model, step_cfg, mse_weight: float, state, batch: RMBatch):
         return rm_loss(r, batch.bt_mask, batch.mse_mask, batch.target, mse_weight)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    opt = make_optimizer(step_cfg)
-    updates, opt_state = opt.update(grads, state.opt_state, state.params)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+    state, update_metrics = apply_gradients(step_cfg, state, grads)
+    return state, {**metrics, **update_metrics}
 
 
 def rm_state_shardings(model, step_cfg, mesh, rules=None):
@@ -324,8 +322,8 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
         if (model_dir / "reward_head.safetensors").is_file():
             reward_model = RewardModel.load(model_dir)
         else:
-            from caspo_jax.models import load_pretrained
             from caspo_jax.data.processor import load_processor
+            from caspo_jax.models import load_pretrained
             from caspo_jax.testing.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE
 
             if not (model_dir / "config.json").is_file():

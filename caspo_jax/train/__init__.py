@@ -33,10 +33,11 @@ from caspo_jax.train.state import (
     shard_state,
     state_shardings,
 )
-from caspo_jax.train.step import loss_and_grads, make_train_step, truncated_is_weights
+from caspo_jax.train.step import apply_gradients, loss_and_grads, make_train_step, truncated_is_weights
 
 __all__ = [
-    "TEACHER_SOURCES", "SequenceLayout", "TrainBatch", "TrainConfig", "TrainState", "batch_shardings",
+    "TEACHER_SOURCES", "SequenceLayout", "TrainBatch", "TrainConfig", "TrainState", "apply_gradients",
+    "batch_shardings",
     "build_train_batch", "compute_logprobs", "init_state", "layout_logprobs", "learning_rate_schedule",
     "loss_and_grads", "make_optimizer", "make_train_step", "response_logprobs_from_hidden", "rollout_advantages",
     "shard_batch", "shard_state", "state_shardings", "take_rows", "teacher_params", "truncated_is_weights",

@@ -42,10 +42,9 @@ def _micro(x, M, axis=0):
 
 def _split_micro(batch: TrainBatch, M: int) -> TrainBatch:
     s = batch.student
-    # image_slot indexes the whole mini-batch's encoding, so it splits like any row field;
-    # image_order (the row-major placeholder list) is not used by the step: not split.
+    # image_slot indexes the whole mini-batch's encoding, so it splits like any row field
     student = type(s)(_micro(s.input_ids, M), _micro(s.attention_mask, M), _micro(s.position_ids, M, 1),
-                      _micro(s.image_slot, M), None, s.prompt_len)
+                      _micro(s.image_slot, M), s.prompt_len)
     return TrainBatch(student=student, teacher=None, response_ids=_micro(batch.response_ids, M),
                       response_mask=_micro(batch.response_mask, M), old_logp=_micro(batch.old_logp, M),
                       ref_logp=_micro(batch.ref_logp, M), advantages=_micro(batch.advantages, M),
@@ -150,15 +149,21 @@ def loss_and_grads(model, cfg: TrainConfig, caspo: CaspoConfig, params: dict, ba
     return loss, g_params, metrics
 
 
+def apply_gradients(cfg: TrainConfig, state: TrainState, grads) -> tuple[TrainState, dict]:
+    """One AdamW update (``make_optimizer(cfg)``) of ``state``; traceable. Metrics:
+    grad_norm, update_norm and the scheduled learning_rate of this step. Every trainer
+    (CASPO, SFT, DPO, reward model) ends its step here."""
+    updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+    metrics = {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+               "learning_rate": learning_rate_schedule(cfg)(state.step)}
+    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+
+
 def _train_step(model, cfg: TrainConfig, caspo: CaspoConfig, return_grads: bool, state: TrainState,
                 batch: TrainBatch):
     loss, grads, metrics = loss_and_grads(model, cfg, caspo, state.params, batch)
-    opt = make_optimizer(cfg)
-    updates, opt_state = opt.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["update_norm"] = optax.tree.norm(updates)
-    metrics["learning_rate"] = learning_rate_schedule(cfg)(state.step)
+    new_state, update_metrics = apply_gradients(cfg, state, grads)
+    metrics.update(update_metrics)
     valid = batch.response_mask > 0
     n = jnp.maximum(jnp.sum(valid.astype(F32)), 1.0)
     adv = jnp.where(valid, batch.advantages, 0.0)
@@ -167,7 +172,6 @@ def _train_step(model, cfg: TrainConfig, caspo: CaspoConfig, return_grads: bool,
     metrics["advantage_std"] = jnp.sqrt(jnp.sum(jnp.where(valid, (adv - adv_mean) ** 2, 0.0)) / n)
     metrics["advantage_abs_max"] = jnp.max(jnp.abs(adv))
     metrics["response_tokens"] = jnp.sum(valid.astype(F32))
-    new_state = TrainState(state.step + 1, params, opt_state)
     if return_grads:
         return new_state, metrics, grads
     return new_state, metrics

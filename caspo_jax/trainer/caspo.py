@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from caspo_jax.rewards import group_ok
 from caspo_jax.rollout import JaxSampler, SamplingParams
 from caspo_jax.trainer.checkpoint import RunCheckpointer
 from caspo_jax.trainer.config import ConfigError, TrainConfig, config_to_dict
@@ -29,7 +30,7 @@ from caspo_jax.trainer.metrics import PhaseTimer, count_params, mfu, open_writer
 from caspo_jax.trainer.runtime import RunDir, StopSignals, export_final
 from caspo_jax.trainer.setup import Policy, build_policy, load_teacher_params
 
-__all__ = ["clip_at_vision_tokens", "make_reward", "make_rollout_engine", "run_caspo"]
+__all__ = ["make_reward", "make_rollout_engine", "run_caspo"]
 
 
 def make_reward(spec: dict):
@@ -42,19 +43,6 @@ def make_reward(spec: dict):
     from caspo_jax.rewards import build_reward
 
     return build_reward(spec)
-
-
-def clip_at_vision_tokens(model, tokens_BxT: np.ndarray, mask_BxT: np.ndarray) -> np.ndarray:
-    """The response mask cut before the first vision placeholder a sampler emitted.
-
-    An untrained policy may sample <|image_pad|> / <|video_pad|> / <|vision_start|>; such
-    a response would read as an image to M-RoPE and the embedding scatter, so it is
-    scored only up to that token (as if truncated there).
-    """
-    cfg = model.config
-    special = np.isin(tokens_BxT, [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id])
-    mask = np.asarray(mask_BxT).astype(bool)
-    return mask & (np.cumsum(special & mask, axis=1) == 0)
 
 
 def _mean_dicts(rows: list[dict]) -> dict:
@@ -157,6 +145,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                          initial_step=start, desc="caspo")
     n_params = count_params(state.params)
     global_prompt = np.arange(P // n_proc) * n_proc + pid  # grain's process sharding interleaves prompts
+    sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                              top_k=cfg.rollout.top_k, max_new_tokens=cfg.data.max_response_len)
     step = start
     with StopSignals() as stop:
         while step < total and stop.requested is None:
@@ -165,10 +155,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 batch = next(iterator)
             with timer("rollout"):
                 seeds = (cfg.run.seed * 1_000_003 + step * P + global_prompt) % (2**31 - 1)
-                sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                          top_k=cfg.rollout.top_k, max_new_tokens=cfg.data.max_response_len)
                 rollouts = sampler.generate(batch_prompts(batch, seeds=seeds), n=G, sampling=sampling)
-                mask = clip_at_vision_tokens(model, rollouts.tokens, rollouts.mask)
+                mask = np.asarray(rollouts.mask, bool)  # both engines never emit vision placeholders
                 tokens = np.where(mask, rollouts.tokens, 0)
             with timer("reward"):
                 texts = decode_responses(tokenizer, tokens, mask)
@@ -178,8 +166,6 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 merged = merge_prompt_rows(allgather_host(local), G, policy.pad_id)
                 tokens, mask, ok = merged["tokens"], merged["response_mask"], merged["ok"]
                 raw_rewards = merged["rewards"]
-                from caspo_jax.rewards import group_ok
-
                 ok_P = group_ok(ok, G)
                 rewards_PxG = np.where(ok_P[:, None], np.nan_to_num(raw_rewards).reshape(P, G), 0.0)
             with timer("logprobs"):
@@ -232,7 +218,6 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 "rollout_entropy": float(np.asarray(entropy)[valid].mean()) if valid.any() else 0.0,
                 "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
                 "response_length/truncated_frac": float(np.mean(merged["truncated"])),
-                "lr": step_cfg.learning_rate,
                 **timer.as_metrics(),
                 "tokens_per_s": (seq_tokens * o.ppo_epochs + response_tokens) / max(seconds, 1e-9),
                 "mfu": mfu(n_params, seq_tokens * o.ppo_epochs, seq_tokens * (3 if a.variant != "outcome" else 2),
@@ -240,8 +225,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             }
             if eval_set is not None and (step % cfg.run.eval_every == 0 or step == total):
                 # every process evaluates the whole (small) eval set with its sampler; process 0 writes it
-                policy_now = Policy(model, getattr(sampler, "params", state.params), policy.processor,
-                                    policy.eos_ids, policy.pad_id)
+                policy_now = dataclasses.replace(policy, params=getattr(sampler, "params", state.params))
                 for mode in eval_modes:
                     result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
                                              max_new_tokens=cfg.data.max_response_len,
@@ -259,7 +243,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     writer.close()
     if hasattr(sampler, "shutdown"):
         sampler.shutdown()
-    final = Policy(model, state.params, policy.processor, policy.eos_ids, policy.pad_id)
+    final = dataclasses.replace(policy, params=state.params)
     if stop.requested:
         if primary:
             print(f"caspo train: stopped by {stop.requested} at step {step}; continue with --resume", flush=True)

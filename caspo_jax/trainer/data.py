@@ -35,6 +35,14 @@ class DataFiles:
     demo: bool
 
 
+def with_data_files(cfg: TrainConfig, files: DataFiles) -> TrainConfig:
+    """``cfg`` with its data paths pinned to ``files`` (e.g. the generated demo task), so
+    later stages read the same files; paths a run does not have stay unset."""
+    paths = {k: str(getattr(files, k)) for k in ("train", "eval", "sft", "pairs", "constitutions")
+             if getattr(files, k) is not None}
+    return cfg.replace(data=dataclasses.replace(cfg.data, **paths))
+
+
 def prepare_data(cfg: TrainConfig, run_dir: str | Path) -> DataFiles:
     """Configured files, or (no data file set) the demo task generated under run_dir/data."""
     d = cfg.data

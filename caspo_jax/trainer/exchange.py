@@ -14,14 +14,15 @@ TensorBoard metrics, and an HF export at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from caspo_jax.launch.distributed import is_primary
 from caspo_jax.trainer.checkpoint import RunCheckpointer
 from caspo_jax.trainer.config import TrainConfig
 from caspo_jax.trainer.data import encode_exchanges, exchange_batch, prepare_data
@@ -66,7 +67,7 @@ def _step_config(cfg: TrainConfig, learning_rate: float):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _exchange_step(model, step_cfg, kind: str, beta: float, state, batch, ref_logp):
-    from caspo_jax.train import TrainState, make_optimizer
+    from caspo_jax.train import apply_gradients
     from caspo_jax.train.logprobs import encode_batch_images, layout_logprobs
 
     def loss_fn(params):
@@ -82,10 +83,8 @@ def _exchange_step(model, step_cfg, kind: str, beta: float, state, batch, ref_lo
         return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    opt = make_optimizer(step_cfg)
-    updates, opt_state = opt.update(grads, state.opt_state, state.params)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+    state, update_metrics = apply_gradients(step_cfg, state, grads)
+    return state, {**metrics, **update_metrics}
 
 
 def _batch_rows(n_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -110,7 +109,7 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     if kind not in ("sft", "dpo"):
         raise ValueError(f"kind={kind!r}: use 'sft' or 'dpo'")
     stage = cfg.sft if kind == "sft" else cfg.dpo
-    run = RunDir(out_dir, cfg, kind, echo=progress, primary=jax.process_index() == 0)
+    run = RunDir(out_dir, cfg, kind, echo=progress, primary=is_primary())
     files = prepare_data(cfg, run.data)
     policy = policy or build_policy(cfg.model, cfg.data)
     model = policy.model
@@ -160,7 +159,7 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
             step += 1
             seq_tokens = float(np.asarray(batch.student.attention_mask).sum())
             seconds = sum(timer.seconds.values())
-            writer.write(step, {**metrics, "lr": stage.learning_rate, **timer.as_metrics(),
+            writer.write(step, {**metrics, **timer.as_metrics(),
                                 "tokens_per_s": seq_tokens / max(seconds, 1e-9),
                                 "mfu": mfu(n_params, seq_tokens, seq_tokens if kind == "dpo" else 0.0, seconds)})
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stop.requested:
@@ -168,7 +167,7 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     checkpointer.wait()
     checkpointer.close()
     writer.close()
-    policy = Policy(model, state.params, policy.processor, policy.eos_ids, policy.pad_id)
+    policy = dataclasses.replace(policy, params=state.params)
     if stop.requested:
         if run.primary:
             print(f"caspo {kind}: stopped by {stop.requested} at step {step}; resume with --resume", flush=True)

@@ -16,6 +16,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from caspo_jax.launch.distributed import is_primary
+
 __all__ = ["MetricsWriter", "NullWriter", "PhaseTimer", "count_params", "mfu", "open_writer", "peak_flops",
            "read_metrics"]
 
@@ -142,7 +144,7 @@ class NullWriter:
 
 def open_writer(run_dir, **kwargs):
     """A MetricsWriter on process 0 (JSONL, TensorBoard, progress bar), else a NullWriter."""
-    return MetricsWriter(run_dir, **kwargs) if jax.process_index() == 0 else NullWriter()
+    return MetricsWriter(run_dir, **kwargs) if is_primary() else NullWriter()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

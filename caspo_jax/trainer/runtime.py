@@ -12,9 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-import yaml
-
-from caspo_jax.trainer.config import TrainConfig, config_from_dict, dump_config
+from caspo_jax.launch.distributed import is_primary
+from caspo_jax.trainer.config import TrainConfig, dump_config, load_config
 
 __all__ = ["RunDir", "StopSignals", "export_final", "export_policy", "load_run_config"]
 
@@ -90,8 +89,7 @@ class RunDir:
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
-    path = Path(run_dir) / "config.yaml"
-    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+    return load_config(path=Path(run_dir) / "config.yaml")
 
 
 def export_policy(model, params, processor, out_dir: str | Path) -> Path:
@@ -113,6 +111,6 @@ def export_final(place, model, params, processor, out_dir: str | Path) -> Path:
     import jax
 
     host = place.to_host(params) if jax.process_count() > 1 else params
-    if jax.process_index() == 0:
+    if is_primary():
         export_policy(model, host, processor, out_dir)
     return Path(out_dir)

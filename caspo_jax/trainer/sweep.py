@@ -46,16 +46,13 @@ def run_sweep(cfg: TrainConfig, out_dir: str | Path, *, variants=("outcome", "to
     """Runs every (variant, lambda, seed) cell; returns the table rows."""
     from caspo_jax.demo.run import _evaluate
     from caspo_jax.trainer.caspo import make_reward, run_caspo
-    from caspo_jax.trainer.data import prepare_data
+    from caspo_jax.trainer.data import prepare_data, with_data_files
     from caspo_jax.trainer.exchange import run_exchange_stage
     from caspo_jax.trainer.setup import build_policy
 
     out_dir = Path(out_dir)
     files = prepare_data(cfg, out_dir)
-    raw = config_to_dict(cfg)
-    raw["data"].update({"train": str(files.train), "eval": str(files.eval), "sft": str(files.sft),
-                        "pairs": str(files.pairs), "constitutions": str(files.constitutions)})
-    cfg = config_from_dict(raw)
+    cfg = with_data_files(cfg, files)
     reward = make_reward(cfg.reward)
     start = None
     if sft_first and files.sft is not None:

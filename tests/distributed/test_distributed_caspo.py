@@ -35,7 +35,7 @@ FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false"
 BOOT = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
         "from caspo_jax.launch.cli import main; sys.exit(main(sys.argv[1:]))")
 EXACT = ("reward/mean", "reward/std", "reward/failed_groups", "reward_mean", "response_length/mean",
-         "response_length/max", "response_length/truncated_frac", "lr")
+         "response_length/max", "response_length/truncated_frac", "learning_rate")
 
 
 def train_argv(out, mesh) -> list[str]:

@@ -7,8 +7,8 @@ compilation on 2 cores; the runs themselves take seconds.
 
 import json
 import os
-import signal
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -71,7 +71,7 @@ def test_one_full_step_through_every_phase(base, one_step_run):
     (row,) = read(out / "metrics.jsonl")
     for key in ("reward/mean", "reward/std", "token_reward_mean", "advantage_mean", "advantage_std", "kl",
                 "entropy", "clipfrac", "response_length/mean", "response_length/max",
-                "response_length/truncated_frac", "grad_norm", "lr", "time/rollout", "time/reward",
+                "response_length/truncated_frac", "grad_norm", "learning_rate", "time/rollout", "time/reward",
                 "time/logprobs", "time/update", "time/sync", "tokens_per_s", "mfu",
                 "eval_standard/risk_failure_rate", "eval_constitution/reward_mean"):
         assert key in row and row[key] is not None, key
@@ -150,20 +150,20 @@ def test_original_teacher_is_loaded_from_model_teacher_path(base, one_step_run, 
         run_caspo(bad, tmp_path / "bad", policy=policy, progress=False, export=False)
 
 
-def test_fresh_run_refuses_an_old_run_directory(base):
+def test_fresh_run_refuses_an_old_run_directory(base, one_step_run):
     tmp, cfg, policy = base
     from caspo_jax.trainer.caspo import run_caspo
 
+    # the fixture's run (not another test's side effect: xdist may run that one elsewhere)
     with pytest.raises(FileExistsError, match="--resume"):
-        run_caspo(cfg, tmp / "full", policy=policy, progress=False)
+        run_caspo(cfg, one_step_run[0], policy=policy, progress=False)
 
 
 def test_export_loads_in_transformers_with_equal_logits(base, one_step_run):
     tmp, cfg, policy = base
     torch = pytest.importorskip("torch")
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from caspo_jax.models import load_pretrained
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     export = one_step_run[0] / "export"
     model, params = load_pretrained(export)
@@ -251,12 +251,13 @@ def test_sft_and_dpo_on_a_2x2x2_mesh_equal_one_device(base, exchange_runs):
 
 def test_local_jax_generator_for_caspo_eval_matches_the_training_prompts(base, one_step_run):
     tmp, cfg, policy = base
+    from caspo_jax.evals.generators import Sampling, local_generator
+    from caspo_jax.evals.modes import Prompt
+
     from caspo_jax.data.images import load_image, resize_image
     from caspo_jax.data.pipeline import processor_resize_settings
     from caspo_jax.data.prompts import encode_prompt
     from caspo_jax.data.records import load_records
-    from caspo_jax.evals.generators import Sampling, local_generator
-    from caspo_jax.evals.modes import Prompt
 
     gen = local_generator("jax", str(one_step_run[0] / "export"))
     record = load_records(cfg.data.eval)[0]

@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from caspo_jax.launch.cli import main
+
 from caspo_jax.trainer.exchange import _batch_rows, dpo_loss, sft_loss
 from caspo_jax.trainer.metrics import MetricsWriter, mfu, read_metrics
 
@@ -97,3 +97,16 @@ def test_train_saves_the_config_it_prints(tmp_path):
     cfg = TrainConfig()
     RunDir(tmp_path, cfg, "train", echo=False)
     assert load_run_config(tmp_path) == cfg
+
+
+def test_with_data_files_pins_only_the_paths_a_run_has(tmp_path):
+    from pathlib import Path
+
+    from caspo_jax.trainer.config import TrainConfig
+    from caspo_jax.trainer.data import DataFiles, with_data_files
+
+    files = DataFiles(train=tmp_path / "train.jsonl", eval=None, sft=None, pairs=tmp_path / "pairs.jsonl",
+                      constitutions=None, demo=False)
+    cfg = with_data_files(TrainConfig(), files)
+    assert cfg.data.train == str(tmp_path / "train.jsonl") and cfg.data.pairs == str(Path(tmp_path / "pairs.jsonl"))
+    assert cfg.data.eval is None and cfg.data.sft is None and cfg.data.constitutions is None  # never "None"
