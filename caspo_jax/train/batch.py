@@ -33,27 +33,16 @@ class SequenceLayout:
     """One layout (student or teacher) of the B rows.
 
     input_ids_BxL, attention_mask_BxL: int32; position_ids_3xBxL: int32 M-RoPE ids;
-    image_slot_BxL: int32 row of the batch's image encoding for placeholder tokens, else -1.
-    image_order [B*L]: int32 ``image_slot`` of the k-th placeholder in row-major order (0
-    after the last), for callers that feed ``hidden_states`` features without
-    ``image_slot`` (the train step passes ``image_slot``). prompt_len (static): Lp.
+    image_slot_BxL: int32 row of the batch's image encoding for placeholder tokens, else -1
+    (passed to ``hidden_states(image_slot=...)``: a per-token gather, no prefix sum over
+    rows). prompt_len (static): Lp.
     """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     position_ids: np.ndarray
     image_slot: np.ndarray
-    image_order: np.ndarray
     prompt_len: int = dataclasses.field(metadata=dict(static=True))
-
-
-def image_order(image_slot_BxL) -> np.ndarray:
-    """[B*L] slots of the placeholders in row-major order, zero-padded to B*L."""
-    flat = np.asarray(image_slot_BxL).reshape(-1)
-    order = np.zeros(flat.shape, np.int32)
-    found = flat[flat >= 0]
-    order[:found.size] = found
-    return order
 
 
 @jax.tree_util.register_dataclass
@@ -161,7 +150,6 @@ def _layout(model, prompt_ids_PxL, prompt_mask_PxL, per_prompt_grids, offsets, r
         attention_mask=np.concatenate([mask_PxL[prompt_index_B], resp_valid.astype(np.int32)], 1),
         position_ids=position_ids,
         image_slot=slot_BxL,
-        image_order=image_order(slot_BxL),
         prompt_len=prompt_len,
     )
 
@@ -256,7 +244,7 @@ def take_rows(batch: TrainBatch, rows) -> TrainBatch:
             return None
         slot = np.asarray(layout.image_slot)[rows]
         return SequenceLayout(np.asarray(layout.input_ids)[rows], np.asarray(layout.attention_mask)[rows],
-                              np.asarray(layout.position_ids)[:, rows], slot, image_order(slot), layout.prompt_len)
+                              np.asarray(layout.position_ids)[:, rows], slot, layout.prompt_len)
 
     def opt(x):
         return None if x is None else np.asarray(x)[rows]

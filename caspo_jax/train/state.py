@@ -59,7 +59,7 @@ def shard_state(state: TrainState, shardings: TrainState) -> TrainState:
 
 def batch_shardings(batch: TrainBatch, mesh: Mesh, rules: LogicalRules = LogicalRules()) -> TrainBatch:
     """Rows over the ``batch`` logical axis (default (data, fsdp)); position ids' row axis is
-    their second; image inputs and ``image_order`` are replicated (any row may use any image)."""
+    their second; image inputs are replicated (any row may use any image)."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def rows(x, axis=0):
@@ -73,8 +73,7 @@ def batch_shardings(batch: TrainBatch, mesh: Mesh, rules: LogicalRules = Logical
         if seq is None:
             return None
         return dataclasses.replace(seq, input_ids=rows(seq.input_ids), attention_mask=rows(seq.attention_mask),
-                                   position_ids=rows(seq.position_ids, 1), image_slot=rows(seq.image_slot),
-                                   image_order=replicated)
+                                   position_ids=rows(seq.position_ids, 1), image_slot=rows(seq.image_slot))
 
     def rep(x):
         return None if x is None else replicated
