@@ -23,7 +23,8 @@ def encode_weight_buckets(params, model, bucket_bytes: int = 256 * 2**20, dtype=
     """The full state dict as safetensors-bytes buckets (what crosses the process/host boundary).
 
     With parameters sharded over several trainer processes this is a collective (every
-    process calls it; each leaf is all-gathered to the host in ``dtype``)."""
+    process calls it; each leaf is all-gathered to the host in ``dtype``); only process 0,
+    the one that sends, serialises: the others get ``[]``."""
     import jax
 
     from caspo_jax.bridge.hf_tensors import iter_buckets, iter_hf_arrays
@@ -34,6 +35,8 @@ def encode_weight_buckets(params, model, bucket_bytes: int = 256 * 2**20, dtype=
 
         cast = (lambda x: x.astype(dtype)) if dtype is not None else (lambda x: x)
         params = jax.tree.map(lambda x: gather_to_host(cast(x)), params)
+        if jax.process_index() != 0:
+            return []
     # Grouped by the vLLM module that receives them: vLLM processes a fused module (q/k/v,
     # gate/up) once per load, so a bucket must never split one (harmless for JAX workers).
     from caspo_jax.bridge.verify import vllm_module_order
@@ -145,7 +148,7 @@ class RemoteRolloutEngine:
         import jax
 
         buckets = encode_weight_buckets(params, self.model, self.bucket_bytes, self.push_dtype)
-        if jax.process_index() != 0:
+        if jax.process_index() != 0:  # the gather above was the collective part
             return
         self.last_push_bytes = sum(len(b) for b in buckets)
         self.version += 1

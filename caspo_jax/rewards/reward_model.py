@@ -227,23 +227,28 @@ class RewardModel:
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> RewardBatch:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        examples: list[RMExample | None] = []
-        errors: list[str | None] = []
-        for prompt, response in zip(prompts, responses):
+        # An RL step scores G responses per prompt object: its images and tokens are encoded
+        # once, and its rows share that encoding (and one pass of the vision tower per batch).
+        members: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            members.setdefault(id(prompt), []).append(i)
+        rows: list[tuple[RMExample, int] | None] = [None] * len(responses)
+        errors: list[str | None] = [None] * len(responses)
+        for items in members.values():
             try:
-                fields = prompt_fields(prompt)
-                ex = encode_rm_example(self.processor, fields.query, fields.images, [response],
+                fields = prompt_fields(prompts[items[0]])
+                ex = encode_rm_example(self.processor, fields.query, fields.images, [responses[i] for i in items],
                                        max_response_len=self.max_response_len)
                 if len(ex.prompt_ids) > self.max_prompt_len:
                     raise ValueError(f"prompt of {len(ex.prompt_ids)} tokens exceeds max_prompt_len="
                                      f"{self.max_prompt_len}")
-                examples.append(ex)
-                errors.append(None)
-            except Exception as exc:  # one bad item fails alone
-                examples.append(None)
-                errors.append(f"{self.name}: {type(exc).__name__}: {exc}")
+                for k, i in enumerate(items):
+                    rows[i] = (ex, k)
+            except Exception as exc:  # one bad prompt fails its items alone
+                for i in items:
+                    errors[i] = f"{self.name}: {type(exc).__name__}: {exc}"
         values = [None] * len(responses)
-        good = [i for i, ex in enumerate(examples) if ex is not None]
+        good = [i for i, row in enumerate(rows) if row is not None]
         chunks = range(0, len(good), self.batch_size)
         if self.progress:
             from tqdm.auto import tqdm
@@ -251,20 +256,20 @@ class RewardModel:
             chunks = tqdm(chunks, desc=self.name, unit="batch")
         for start in chunks:
             idx = good[start:start + self.batch_size]
-            for i, r in zip(idx, self.rewards([examples[i] for i in idx])):
+            for i, r in zip(idx, self.rewards([rows[i] for i in idx])):
                 if np.isfinite(r):
                     values[i] = float(r)
                 else:
                     errors[i] = f"{self.name}: non-finite reward {r}"
         return RewardBatch.from_items(values, errors)
 
-    def rewards(self, examples: Sequence[RMExample]) -> np.ndarray:
-        """r [len(examples)] float32 of each example's first response (one jitted call)."""
-        n = len(examples)
-        rows = [(ex, 0) for ex in examples] + [(examples[0], -1)] * (self.batch_size - n if n < self.batch_size else 0)
-        prompt_len = _round_up(max(len(ex.prompt_ids) for ex in examples), self.pad_multiple)
-        response_len = _round_up(max(len(ex.responses[0]) for ex in examples), self.pad_multiple)
-        batch = rm_rows(self.model, rows, self.pad_id, prompt_len, response_len)
+    def rewards(self, rows: Sequence[tuple[RMExample, int]]) -> np.ndarray:
+        """r [len(rows)] float32 of each (example, response index) row (one jitted call)."""
+        n = len(rows)
+        padded = list(rows) + [(rows[0][0], -1)] * max(self.batch_size - n, 0)
+        prompt_len = _round_up(max(len(ex.prompt_ids) for ex, _ in rows), self.pad_multiple)
+        response_len = _round_up(max(len(ex.responses[k]) for ex, k in rows), self.pad_multiple)
+        batch = rm_rows(self.model, padded, self.pad_id, prompt_len, response_len)
         return np.asarray(_score_jit(self.model, self.params, batch))[:n]
 
     def save(self, directory: str | Path) -> Path:

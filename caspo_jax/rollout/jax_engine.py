@@ -83,6 +83,9 @@ class JaxSampler:
         if bad:
             raise ValueError(f"JaxSampler(suppress_token_ids=...): ids {bad} are outside the vocabulary "
                              f"[0, {vocab}) of the model config; pass ids the tokenizer knows")
+        suppressed = np.zeros((vocab,), bool)
+        suppressed[list(self.suppress_token_ids)] = True
+        self._suppressed_V = jnp.asarray(suppressed)  # built once: generate() runs every RL step
         self.mesh = mesh
         if mesh is not None and rules is None:
             from caspo_jax.sharding import LogicalRules
@@ -136,10 +139,8 @@ class JaxSampler:
         if self.mesh is not None:  # (prompt cache, response cache) per layer
             kv, hd = cfg.text.num_key_value_heads, cfg.text.head_dim
             cache_sharding = (self._cache_sharding((P, kv, L, hd)), self._cache_sharding((P * n, kv, T, hd)))
-        suppressed = np.zeros((cfg.text.vocab_size,), bool)
-        suppressed[list(self.suppress_token_ids)] = True
         tokens, logps, lengths, ended = _rollout(
-            model, SampleSpec.of(sampling), n, T, cache_sharding, self.params["text"], jnp.asarray(suppressed),
+            model, SampleSpec.of(sampling), n, T, cache_sharding, self.params["text"], self._suppressed_V,
             jnp.asarray(ids),
             jnp.asarray(mask), jnp.asarray(position_ids, jnp.int32), jnp.asarray(rope_next, jnp.int32),
             image_embeds, keys, jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.max_new_tokens),

@@ -125,6 +125,9 @@ def test_tiny_rm_learns_marker_preference_and_round_trips(tiny, tmp_path):
     trained = RewardModel.load(tmp_path / "run" / "export")
     before = trained.score(prompts, responses)
     assert before.ok.all() and before.rewards[0] > before.rewards[1]
+    # The two rows of the shared prompt object used one encoding; distinct copies agree.
+    copies = [dict(p) if isinstance(p, dict) else p for p in prompts]
+    np.testing.assert_allclose(trained.score(copies, responses).rewards, before.rewards, rtol=1e-5, atol=1e-6)
     # A fresh run refuses to mix with the old checkpoints; --resume of the finished run
     # re-evaluates the restored state to the same held-out figures.
     assert main(args) == 2
@@ -143,8 +146,9 @@ def test_tiny_rm_learns_marker_preference_and_round_trips(tiny, tmp_path):
 
 
 def test_scores_loader_and_cli_errors_name_file_line_field(tmp_path, capsys):
-    from caspo_jax.data.records import RecordError
     from caspo_jax.launch.cli import main
+
+    from caspo_jax.data.records import RecordError
 
     bad = _write_jsonl(tmp_path / "scores.jsonl", [
         {"id": "a", "images": [], "query": "q", "response": "r", "score": 3},
@@ -196,6 +200,7 @@ def test_sharded_rm_step_equals_single_device_step(tiny):
 
 def test_qwen3_vl_reward_model_scores_images_and_round_trips(tiny, tmp_path):
     from caspo_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
+
     from caspo_jax.testing.tiny_qwen3_vl import hf_config_dict
     from caspo_jax.testing.tiny_tokenizer import build_tiny_processor, tokenizer_info
 
