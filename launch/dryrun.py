@@ -32,8 +32,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from caspo_jax.sharding import MESH_AXES
+
 GIB = 2**30
-MESH_AXES = ("data", "fsdp", "tensor")
 
 # Parameter-shaping fields of the released checkpoints' config.json (used when the preset's
 # model.path is not on this machine: a dry run needs no weights).

@@ -12,8 +12,9 @@ no family default is hard-coded). `min_pixels` / `max_pixels` override the saved
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from caspo_jax.files import read_structured
 
 __all__ = ["load_processor"]
 
@@ -23,13 +24,6 @@ DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 # Released Qwen3-VL checkpoints normalise with mean = std = 0.5 (Qwen2.5-VL: the CLIP values,
 # the image processor's defaults).
 _QWEN3_NORM = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-export the checkpoint") from None
 
 
 def _image_processor(directory: Path, model_type: str, vision: dict, overrides: dict):
@@ -66,7 +60,7 @@ def load_processor(directory: str | Path, *, min_pixels: int | None = None, max_
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: pass an HF checkpoint directory (config.json, "
                                 "tokenizer files, preprocessor_config.json), e.g. a caspo run's export/")
-    config = _read_json(config_path)
+    config = read_structured(config_path, dict, what="checkpoint config", expected="an HF config.json object")
     model_type = config.get("model_type", "qwen2_5_vl")
     overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     image_processor = _image_processor(directory, model_type, config.get("vision_config") or {}, overrides)
