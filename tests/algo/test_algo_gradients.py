@@ -6,6 +6,8 @@ maths written without it: `aggregate(clipped_surrogate) + beta * aggregate(kl_pe
 """
 
 import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +25,18 @@ from caspo_jax.algo import (
     normalize_token_signal,
 )
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_algo_losses import _random  # noqa: E402
 
-def _batch(B=6, T=9, seed=0, spread=0.4):
-    rng = np.random.default_rng(seed)
-    old = -rng.gamma(2.0, size=(B, T)).astype(np.float32)
-    logp = (old + rng.normal(scale=spread, size=(B, T))).astype(np.float32)
-    ref = (old + rng.normal(scale=spread, size=(B, T))).astype(np.float32)
-    adv = rng.normal(size=(B, T)).astype(np.float32)
-    mask = np.arange(T)[None, :] < rng.integers(1, T + 1, size=B)[:, None]
-    mask[-1] = False
+
+def _batch(seed, dual_clip):
+    """test_algo_losses' random batch; with a dual clip, two negative-advantage tokens whose
+    ratio e^1.5 exceeds it, so the dual branch of the backward is exercised."""
+    logp, old, ref, adv, mask = _random(seed=seed, spread=0.4)
+    if dual_clip is not None:
+        mask[0, :2] = True
+        adv[0, :2] = -1.0
+        logp[0, :2] = old[0, :2] + 1.5
     return logp, old, ref, adv, mask
 
 
@@ -51,7 +56,10 @@ CASES = [(agg, "k3", None) for agg in AGG_MODES] + [
 
 @pytest.mark.parametrize("agg,kl_kind,dual_clip", CASES)
 def test_custom_vjp_equals_autodiff_of_the_reference(agg, kl_kind, dual_clip):
-    logp, old, ref, adv, mask = _batch(seed=AGG_MODES.index(agg) + 10 * KL_KINDS.index(kl_kind))
+    logp, old, ref, adv, mask = _batch(AGG_MODES.index(agg) + 10 * KL_KINDS.index(kl_kind) + 100 * bool(dual_clip),
+                                       dual_clip)
+    if dual_clip is not None:
+        assert float(clipped_surrogate(logp, old, adv, mask, dual_clip=dual_clip)[1]["dual_clipped"].sum()) > 0
     kw = {"beta": 0.1, "kl_kind": kl_kind, "agg": agg, "dual_clip": dual_clip}
     args = (logp, old, ref, adv, mask)
     ours_fn = jax.value_and_grad(lambda *a: caspo_loss(*a, **kw)[0], argnums=(0, 1, 2, 3))
@@ -104,15 +112,15 @@ def test_loss_gradient_is_one_elementwise_pass_no_residuals():
 # ---------------------------------------------------------------- one-pass z-score
 
 
-@pytest.mark.parametrize("value", [1e6, -3.3e4, 0.1])
+@pytest.mark.parametrize("value", [7.77, 33000.1, -1e6 + 0.3])
 def test_constant_signal_is_exact_zero_when_first_tokens_are_absent(value):
     """The shift comes from the first trajectory whose first token is valid; rows whose
     own first token is absent are still centred exactly."""
-    r = jnp.full((2, 4, 16), value, jnp.float32)
     mask = np.ones((2, 4, 16), bool)
     mask[:, 0, :3] = False  # trajectory 0 starts late
     mask[1, 1:, 0] = False  # in group 1 only trajectory 0 ... which starts late too
     mask[1, 2, 0] = True  # ... so trajectory 2 gives the shift
+    r = jnp.where(mask, jnp.float32(value), jnp.float32(-5.0))  # absent tokens hold other values
     for scope in ("group", "batch"):
         assert np.all(np.asarray(normalize_token_signal(r, mask, scope=scope)) == 0.0)
 
