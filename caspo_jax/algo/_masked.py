@@ -26,6 +26,16 @@ def present(x: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(valid, jnp.asarray(x).astype(F32), 0.0)
 
 
+def clamp(x: jax.Array, low, high) -> jax.Array:
+    """x bounded to [low, high] (float32 bounds), derivative 1 strictly inside, else 0.
+
+    `lax.clamp` rather than `jnp.clip`: the values are the same; jnp.clip's gradient
+    (through max and min) gives 1/2 at an exact tie and costs two divisions per element
+    in the backward loop, which only changes anything at a value exactly on a bound.
+    """
+    return jax.lax.clamp(jnp.asarray(low, F32), x, jnp.asarray(high, F32))
+
+
 def fused_sums(arrays, axis, keepdims=False):
     """Sums of several same-shape float32 arrays along `axis`, in ONE pass over memory.
 
@@ -57,48 +67,41 @@ def _fused_sums_jvp(axes, keepdims, primals, tangents):
     return _fused_sums(arrays, axes, keepdims), tuple(jnp.sum(t, axis=axes, keepdims=keepdims) for t in dots)
 
 
-def _population_shift(x, valid, axes):
-    """One valid value of each population (the reduced `axes`, trailing), else 0.
+def _population_shift(x0, v0):
+    """One valid value of each population, else 0: [..., rows] first values -> [..., 1].
 
-    Taken from the first position of the last axis (the first token of a trajectory):
-    the first trajectory whose first position is valid gives it. Every population of
+    `x0` / `v0` hold each row's first value and validity (the first token of a
+    trajectory), populations on the leading axes and their rows on the last one; the
+    first row whose first position is valid gives the shift. Every population of
     right-padded sequences has one; a population without one gets 0.
     """
-    lead = x.shape[: x.ndim - len(axes)]
-    x0 = x[..., 0].reshape(*lead, -1)
-    v0 = valid[..., 0].reshape(*lead, -1)
     first = jnp.argmax(v0, axis=-1)[..., None]
-    shift = jnp.where(jnp.take_along_axis(v0, first, -1), jnp.take_along_axis(x0, first, -1), 0.0)
-    return shift.reshape(*lead, *(1,) * len(axes))
+    return jnp.where(jnp.take_along_axis(v0, first, -1), jnp.take_along_axis(x0, first, -1), 0.0)
 
 
-def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bool = True):
-    """(x - mean) / (std + eps) over the valid positions along `axis`; returns (z, n, total).
+def row_shifts(x, valid, axes):
+    """(row_shift, shift) of `masked_zscore`: each row's first value, else its population's K.
 
-    `axis` names trailing axes ((1,) of [P, G]; (1, 2) or (0, 1, 2) of [P, G, T]); the
-    last one is a row (a trajectory's tokens). The std is the sample std (ddof=1).
-    One pass over x: per row, the count, sum and sum of squares of x - K_row, where K_row
-    is the row's first value (or, when that is absent, the population's shift K from
-    `_population_shift`); the rows' statistics are then merged exactly (Chan et al.) on
-    [rows]-sized arrays. Shifting by a value of the data keeps the one-pass variance as
-    accurate as a two-pass one and makes it exact for a constant population: every
-    x - K is then exactly 0, so the variance is exactly 0 (no residue, whatever the
-    values). A degenerate population -- fewer than two valid positions, or std below
-    `eps` -- yields exactly 0 everywhere, with finite (zero through the std) gradients:
-    the variance fed to `sqrt` is replaced by 1 there (the double-where pattern), so
-    `sqrt'(0) = inf` never meets a 0 cotangent. Absent positions come out as exactly 0.
-    `n` and `total` are the valid count and the sum of x per population (keepdims), for
-    callers that report means for free.
+    Shapes: x [..., rows..., T] -> row_shift with the last axis kept as 1, shift with
+    every reduced axis kept as 1. Only the first column of `x` is read.
     """
-    axes = tuple(sorted(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)))
-    if axes != tuple(range(x.ndim - len(axes), x.ndim)):
-        raise ValueError(f"masked_zscore: axis={axis} must name trailing axes of a rank-{x.ndim} array")
-    x = jnp.asarray(x).astype(F32)
-    merge_axes = axes[:-1]
-    shift = _population_shift(x, valid, axes)
-    row_shift = jnp.where(valid[..., :1], x[..., :1], shift)
-    d = jnp.where(valid, x - row_shift, 0.0)
-    n_row, s1_row, s2_row = fused_sums((valid.astype(F32), d, d * d), -1, keepdims=True)
+    lead = x.shape[: x.ndim - len(axes)]
+    x0, v0 = x[..., :1], valid[..., :1]
+    shift = _population_shift(x0.reshape(*lead, -1), v0.reshape(*lead, -1))
+    shift = shift.reshape(*lead, *(1,) * len(axes))
+    return jnp.where(v0, x0, shift), shift
+
+
+def merge_row_stats(n_row, s1_row, s2_row, row_shift, shift, merge_axes, eps, scale=True):
+    """Exact merge (Chan et al.) of per-row shifted statistics into per-population ones.
+
+    Inputs are [..., rows..., 1]: each row's valid count, and sum and sum of squares of
+    d = x - row_shift over its valid positions; `shift` is the population's K. Returns
+    (offset_row, inv_std, n, total): a valid position's z-score is
+    (d + offset_row) * inv_std, inv_std is exactly 0 for a degenerate population (fewer
+    than two valid positions or std < eps; the variance fed to `sqrt` is then replaced by
+    1 so its gradient stays finite), n the valid count and total the sum of x.
+    """
     n_row_or_1 = jnp.maximum(n_row, 1.0)
     row_mean = (row_shift - shift) + s1_row / n_row_or_1  # relative to the population's K
     n = jnp.sum(n_row, axis=merge_axes, keepdims=True)
@@ -108,10 +111,36 @@ def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bo
     between = jnp.sum(n_row * jnp.square(row_mean - mean), axis=merge_axes, keepdims=True)
     var = jnp.maximum(within + between, 0.0) / jnp.maximum(n - 1.0, 1.0)
     degenerate = (n < 2.0) | (var < eps * eps)
-    centred = d + ((row_shift - shift) - mean)  # x - population mean, from d
     if scale:
         std = jnp.sqrt(jnp.where(degenerate, 1.0, var))
-        out = centred * (1.0 / (std + eps))  # one division per population, not per token
+        inv_std = jnp.where(degenerate, 0.0, 1.0 / (std + eps))  # one division per population
     else:
-        out = centred
-    return jnp.where(valid & ~degenerate, out, 0.0), n, n * (shift + mean)
+        inv_std = jnp.where(degenerate, 0.0, 1.0)
+    return (row_shift - shift) - mean, inv_std, n, n * (shift + mean)
+
+
+def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bool = True):
+    """(x - mean) / (std + eps) over the valid positions along `axis`; returns (z, n, total).
+
+    `axis` names trailing axes ((1,) of [P, G]; (1, 2) or (0, 1, 2) of [P, G, T]); the
+    last one is a row (a trajectory's tokens). The std is the sample std (ddof=1).
+    One pass over x: per row, the count, sum and sum of squares of x - K_row, where K_row
+    is the row's first value (or, when that is absent, the population's shift K from
+    `row_shifts`); the rows' statistics are then merged exactly (`merge_row_stats`) on
+    [rows]-sized arrays. Shifting by a value of the data keeps the one-pass variance as
+    accurate as a two-pass one and makes it exact for a constant population: every
+    x - K is then exactly 0, so the variance is exactly 0 (no residue, whatever the
+    values). A degenerate population -- fewer than two valid positions, or std below
+    `eps` -- yields exactly 0 everywhere, with finite (zero through the std) gradients.
+    Absent positions come out as exactly 0. `n` and `total` are the valid count and the
+    sum of x per population (keepdims), for callers that report means for free.
+    """
+    axes = tuple(sorted(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)))
+    if axes != tuple(range(x.ndim - len(axes), x.ndim)):
+        raise ValueError(f"masked_zscore: axis={axis} must name trailing axes of a rank-{x.ndim} array")
+    x = jnp.asarray(x).astype(F32)
+    row_shift, shift = row_shifts(x, valid, axes)
+    d = jnp.where(valid, x - row_shift, 0.0)
+    n_row, s1_row, s2_row = fused_sums((valid.astype(F32), d, d * d), -1, keepdims=True)
+    offset, inv_std, n, total = merge_row_stats(n_row, s1_row, s2_row, row_shift, shift, axes[:-1], eps, scale)
+    return jnp.where(valid, (d + offset) * inv_std, 0.0), n, total

@@ -10,7 +10,8 @@ dtype, and returns exactly 0 -- with exactly 0 gradient -- at positions whose ma
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.algo._masked import F32, as_valid, masked_zscore, present
+from caspo_jax.algo._blocks import map_row_blocks, row_sums, rows_per_block
+from caspo_jax.algo._masked import F32, as_valid, masked_zscore, merge_row_stats, present, row_shifts
 
 VARIANTS = ("hybrid", "outcome", "token")
 TOKEN_SCOPES = ("group", "batch")
@@ -174,9 +175,16 @@ def caspo_advantages(
     else:
         if teacher_logp_BxT is None or student_logp_BxT is None:
             raise ValueError(f"caspo_advantages: variant={variant!r} needs teacher and student log-probs")
-        r_BxT = token_rewards(teacher_logp_BxT, student_logp_BxT, valid_BxT, clamp=token_reward_clamp)
         _check_choice("token_scope", token_scope, TOKEN_SCOPES)
         _check_eps(eps)
+        if token_scope == "group":
+            adv_PxGxT, n_P, total_P = _group_advantages_blocked(
+                R_hat_PxG, teacher_logp_BxT, student_logp_BxT, valid_BxT, lam=lam, variant=variant, eps=eps,
+                clamp=token_reward_clamp, nonneg_factor=nonneg_factor,
+            )
+            token_reward_mean = jnp.sum(total_P) / jnp.maximum(jnp.sum(n_P), 1.0)
+            return jax.lax.stop_gradient(adv_PxGxT.reshape(B, T)), {"token_reward_mean": token_reward_mean}
+        r_BxT = token_rewards(teacher_logp_BxT, student_logp_BxT, valid_BxT, clamp=token_reward_clamp)
         r_hat_PxGxT, n, total = _token_zscore(r_BxT.reshape(P, G, T), valid_PxGxT, token_scope, eps)
         # The barrier stops XLA from folding sum(per-group sums) back into a fresh full
         # reduction over [P, G, T] (measured: two extra passes on CPU).
@@ -187,3 +195,38 @@ def caspo_advantages(
     )
     adv_BxT = jax.lax.stop_gradient(adv_PxGxT.reshape(B, T))
     return adv_BxT, {"token_reward_mean": token_reward_mean}
+
+
+def _group_advantages_blocked(R_hat_PxG, teacher_logp_BxT, student_logp_BxT, valid_BxT, *, lam, variant, eps,
+                              clamp, nonneg_factor):
+    """caspo_advantages' group-scope path, a few prompts at a time; returns (A_PxGxT, n_P, total_P).
+
+    The same maths as `normalize_token_signal(scope="group")` + `hybrid_advantages` (the
+    z-score of `masked_zscore`: row shifts, per-row sums, exact merge), computed over
+    blocks of whole groups (`_blocks`): a group's statistics need only its own tokens, so
+    each block reads teacher, student and mask from memory once and writes A once; the
+    statistics' three sums are vectorised reductions over the cache-resident block.
+    n_P / total_P: each group's valid-token count and sum of r_t (for token_reward_mean).
+    """
+    P, G = R_hat_PxG.shape
+    B, T = valid_BxT.shape
+    teacher_PxGxT = jnp.asarray(teacher_logp_BxT).reshape(P, G, T)
+    student_PxGxT = jnp.asarray(student_logp_BxT).reshape(P, G, T)
+    valid_PxGxT = valid_BxT.reshape(P, G, T)
+    # Shifts come from each trajectory's first token: computed here, on [P, G], and fed to
+    # the blocks as inputs (inside a block XLA would recompute them for every token).
+    r0_PxGx1 = token_rewards(teacher_PxGxT[..., :1], student_PxGxT[..., :1], valid_PxGxT[..., :1], clamp=clamp)
+    row_shift_PxGx1, shift_Px1x1 = row_shifts(r0_PxGx1, valid_PxGxT[..., :1], (1, 2))
+
+    def block(teacher, student, valid, row_shift, shift, R_hat):
+        r = token_rewards(teacher, student, valid, clamp=clamp)
+        d = jnp.where(valid, r - row_shift, 0.0)
+        n_row, s1_row, s2_row = (s[..., None] for s in row_sums(valid.astype(F32), d, d * d))
+        offset, inv_std, n, total = merge_row_stats(n_row, s1_row, s2_row, row_shift, shift, (1,), eps)
+        r_hat = jnp.where(valid, (d + offset) * inv_std, 0.0)
+        adv = hybrid_advantages(R_hat, r_hat, valid, lam=lam, variant=variant, nonneg_factor=nonneg_factor)
+        return adv, n[:, 0, 0], total[:, 0, 0]
+
+    groups = rows_per_block(P, G * T)
+    inputs = (teacher_PxGxT, student_PxGxT, valid_PxGxT, row_shift_PxGx1, shift_Px1x1, jnp.asarray(R_hat_PxG, F32))
+    return map_row_blocks(block, inputs, groups)

@@ -14,7 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.algo._masked import F32, as_valid, fused_sums, present
+from caspo_jax.algo._blocks import map_row_blocks, row_sums, rows_per_block
+from caspo_jax.algo._masked import F32, as_valid, clamp, fused_sums, present
 from caspo_jax.algo.kl import KL_KINDS, kl_penalty
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -94,14 +95,14 @@ def clipped_surrogate(
     logp_BxT = present(logp_BxT, valid_BxT)
     old_logp_BxT = present(old_logp_BxT, valid_BxT)
     adv_BxT = present(adv_BxT, valid_BxT)
-    log_ratio_BxT = jnp.clip(logp_BxT - old_logp_BxT, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    log_ratio_BxT = clamp(logp_BxT - old_logp_BxT, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio_BxT = jnp.exp(log_ratio_BxT)
     # The clip tests compare the log-ratio with log(1 + eps): the same condition as
     # ratio > 1 + eps up to the rounding of exp, and it needs no exp, so the metric sums
-    # can run in XLA's (scalar) fused reduction loop (see `_objective`).
+    # share the loop that computes the loss (see `_count_rows`).
     clipped_high = valid_BxT & (adv_BxT > 0) & (log_ratio_BxT > jnp.log1p(jnp.asarray(clip_high, F32)))
     clipped_low = valid_BxT & (adv_BxT < 0) & (log_ratio_BxT < jnp.log1p(-jnp.asarray(clip_low, F32)))
-    bound_BxT = jax.lax.stop_gradient(jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high))
+    bound_BxT = jax.lax.stop_gradient(clamp(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high))
     loss_BxT = -adv_BxT * jnp.where(clipped_high | clipped_low, bound_BxT, ratio_BxT)
     dual_clipped = jnp.zeros_like(valid_BxT)
     if dual_clip is not None:
@@ -118,42 +119,91 @@ def clipped_surrogate(
 
 
 def _token_losses(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips, *, kl_kind, dual):
-    """Per-token policy loss and (when ref_logp is given) KL, both 0 at absent positions.
+    """Per-token policy loss, KL (when ref_logp is given) and `clipped_surrogate`'s parts.
 
-    The reference maths, elementwise only: `clipped_surrogate` and `kl_penalty`. `clips`
-    is (clip_low, clip_high, dual_clip) as float32 scalars; `dual` says whether the
-    third is used.
+    The reference maths, elementwise only: `clipped_surrogate` and `kl_penalty`, both 0
+    at absent positions. `clips` is (clip_low, clip_high, dual_clip) as float32 scalars;
+    `dual` says whether the third is used.
     """
     clip_low, clip_high, dual_clip = clips
-    pg_BxT, _ = clipped_surrogate(
+    pg_BxT, parts = clipped_surrogate(
         logp_BxT, old_logp_BxT, adv_BxT, valid_BxT,
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip if dual else None,
     )
     if ref_logp_BxT is None:
-        return pg_BxT, None
+        return pg_BxT, None, parts
     kl_BxT = kl_penalty(present(logp_BxT, valid_BxT), present(ref_logp_BxT, valid_BxT), kind=kl_kind)
-    return pg_BxT, jnp.where(valid_BxT, kl_BxT, 0.0)
+    return pg_BxT, jnp.where(valid_BxT, kl_BxT, 0.0), parts
+
+
+def _count_rows(valid_RxT, high_RxT, low_RxT):
+    """Per-row counts of valid, clipped-high and clipped-low tokens from ONE reduction.
+
+    Each token contributes 1 (valid) + base * high + base^2 * low, summed over chunks of
+    at most 128 tokens with base = chunk + 1, so no field can carry into the next and
+    every partial sum is an integer below 2^24: exact in float32 in any summation order.
+    The fields are then read back with integer division. When T has no divisor between
+    16 and 128 the three counts are summed separately.
+    """
+    R, T = valid_RxT.shape
+    chunk = min(T, 128)
+    while T % chunk:
+        chunk -= 1
+    if chunk < 16:
+        return dict(zip(("valid", "clipped_high", "clipped_low"),
+                        row_sums(*(x.astype(F32) for x in (valid_RxT, high_RxT, low_RxT)))))
+    base = chunk + 1
+    code = jnp.where(valid_RxT, jnp.where(high_RxT, 1.0 + base, jnp.where(low_RxT, 1.0 + base * base, 1.0)), 0.0)
+    packed = jnp.sum(code.reshape(R, T // chunk, chunk), axis=-1).astype(jnp.int32)
+    low = packed // (base * base)
+    high = (packed - low * (base * base)) // base
+    valid = packed - low * (base * base) - high * base
+    return {name: jnp.sum(x, axis=-1).astype(F32) for name, x in (("valid", valid), ("clipped_high", high),
+                                                                   ("clipped_low", low))}
+
+
+def _loss_row_stats(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips):
+    """Per-sequence sums ([B] each) of the loss terms and the metric counts, blocked by rows.
+
+    One `lax.map` over blocks of rows (`_blocks`): each block's inputs are read from memory
+    once, and its per-token values (`_token_losses`) are summed by vectorised reductions
+    while in cache. Returns (pg_B, kl_B or None, stats) with stats: valid, clipped_high,
+    clipped_low, dual_clipped (with a dual clip), log_ratio.
+    """
+    kl_kind, dual = static
+    B, T = valid_BxT.shape
+
+    def block(logp, old, ref, adv, valid):
+        pg, kl, parts = _token_losses(logp, old, ref, adv, valid, clips, kl_kind=kl_kind, dual=dual)
+        (pg_R, log_ratio_R) = row_sums(pg, parts["log_ratio"])
+        stats = {**_count_rows(valid, parts["clipped_high"], parts["clipped_low"]), "log_ratio": log_ratio_R}
+        if dual:
+            stats["dual_clipped"] = jnp.sum(parts["dual_clipped"], axis=-1, dtype=F32)
+        return pg_R, None if kl is None else jnp.sum(kl, axis=-1), stats
+
+    if ref_logp_BxT is None:
+        return map_row_blocks(lambda lp, o, a, v: block(lp, o, None, a, v),
+                              (logp_BxT, old_logp_BxT, adv_BxT, valid_BxT), rows_per_block(B, T))
+    return map_row_blocks(block, (logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT), rows_per_block(B, T))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _loss_row_sums(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips):
-    """Per-sequence sums ([B] each) of the policy loss and the KL: (pg_B, kl_B or None).
+    """`_loss_row_stats` with a hand-wired VJP: (pg_B, kl_B or None, stats).
 
     Custom VJP, for speed, not for different maths: the forward keeps nothing but its
     inputs, and the backward is the VJP of `_token_losses` (the same per-token formulas,
     so exactly jax.grad's values) with each row's cotangent broadcast over its tokens --
     purely elementwise, so XLA emits it as one loop over [B, T] per requested gradient,
     recomputing ratio and KL from the inputs instead of storing [B, T] residuals.
-    `static` is (kl_kind, dual).
+    `stats` are counts and the log-ratio sum for metrics: constants of the loss, whose
+    cotangents are ignored (callers stop their gradient). `static` is (kl_kind, dual).
     """
-    kl_kind, dual = static
-    pg_BxT, kl_BxT = _token_losses(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips,
-                                   kl_kind=kl_kind, dual=dual)
-    return jnp.sum(pg_BxT, axis=-1), None if kl_BxT is None else jnp.sum(kl_BxT, axis=-1)
+    return _loss_row_stats(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips)
 
 
 def _loss_row_sums_fwd(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips):
-    sums = _loss_row_sums(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips)
+    sums = _loss_row_stats(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips)
     return sums, (logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips)
 
 
@@ -162,14 +212,14 @@ def _loss_row_sums_bwd(static, residuals, cotangents):
     logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips = residuals
 
     def token_losses(logp, old, ref, adv):
-        return _token_losses(logp, old, ref, adv, valid_BxT, clips, kl_kind=kl_kind, dual=dual)
+        return _token_losses(logp, old, ref, adv, valid_BxT, clips, kl_kind=kl_kind, dual=dual)[:2]
 
     # The barrier keeps XLA from sharing ratio / exp(x) with the forward pass (CSE), which
     # would write them to memory; recomputing them inside the gradient's loop is cheaper.
     inputs = jax.lax.optimization_barrier((logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT))
     _, vjp = jax.vjp(token_losses, *inputs)
     shape = valid_BxT.shape
-    row_cts = tuple(None if ct is None else jnp.broadcast_to(ct[:, None], shape) for ct in cotangents)
+    row_cts = tuple(None if ct is None else jnp.broadcast_to(ct[:, None], shape) for ct in cotangents[:2])
     d_logp, d_old, d_ref, d_adv = vjp(row_cts)
     return d_logp, d_old, d_ref, d_adv, None, tuple(jnp.zeros_like(c) for c in clips)
 
@@ -181,30 +231,19 @@ def _objective(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, *, kl_k
                clip_high, dual_clip, agg, norm_len):
     """Policy loss and the unweighted KL term (when ref_logp is given), plus metrics.
 
-    The differentiable part is `_loss_row_sums` (per-sequence sums, custom VJP); the
-    metrics -- clip indicators, log-ratio, validity -- are per-sequence sums of the
-    stop-gradient per-token parts. All aggregation modes and token-level metrics are
+    Everything comes from one blocked pass, `_loss_row_sums` (custom VJP): per-sequence
+    sums of the loss terms (differentiable) and of the metric parts -- clip indicators,
+    log-ratio, validity (constants). All aggregation modes and token-level metrics are
     finished from those [B] row sums.
     """
     _check_agg(agg, norm_len)
     _check_clip(clip_low, clip_high, dual_clip)
     dual = dual_clip is not None
     clips = tuple(jnp.asarray(c, F32) for c in (clip_low, clip_high, dual_clip if dual else 0.0))
-    pg_B, kl_B = _loss_row_sums((kl_kind, dual), logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips)
+    pg_B, kl_B, rows = _loss_row_sums((kl_kind, dual), logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT,
+                                      clips)
     stat = jax.lax.stop_gradient
-    _, parts = clipped_surrogate(
-        stat(logp_BxT), stat(old_logp_BxT), stat(adv_BxT), valid_BxT,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-    )
-    terms = {
-        "valid": valid_BxT.astype(F32),
-        "clipped_high": parts["clipped_high"].astype(F32),
-        "clipped_low": parts["clipped_low"].astype(F32),
-        "log_ratio": parts["log_ratio"],
-    }
-    if dual:
-        terms["dual_clipped"] = parts["dual_clipped"].astype(F32)
-    rows = dict(zip(terms, fused_sums(terms.values(), axis=-1)))
+    rows = stat(rows)
     row_len_B = rows["valid"]
     length = valid_BxT.shape[-1] if norm_len is None else norm_len
     num_tokens = jnp.maximum(jnp.sum(row_len_B), 1.0)

@@ -1,0 +1,47 @@
+"""Row-blocked passes: the [B, T] maths one cache-sized block of rows at a time.
+
+Why (measured on XLA:CPU, jax 0.10.2; figures in BUILD_NOTES.md "Speed"): a loop fusion
+has one output, and every `jnp.sum` is a vectorised YNNPACK reduction that reads its
+operand from memory, while a fused (variadic) reduction is a scalar loop. A step that
+needs several sums over [B, T] therefore either writes each summand out and reads it back
+(one memory pass each) or runs scalar code. Blocking the rows with `lax.map` keeps each
+block's inputs and summands -- `BLOCK_ELEMENTS` float32 values, 512 KiB per array -- in
+cache, so the inputs come from memory once and the extra passes are cache passes.
+A `lax.map` output of shape [B, T] is written block by block into one buffer; per-row
+values (shifts, weights) enter as mapped inputs, so XLA does not recompute them per token.
+"""
+
+import jax
+import jax.numpy as jnp
+
+BLOCK_ELEMENTS = 1 << 17
+
+
+def rows_per_block(num_rows: int, row_elements: int, multiple: int = 1) -> int:
+    """Rows per block: a multiple of `multiple` dividing `num_rows`, about BLOCK_ELEMENTS values."""
+    units = num_rows // multiple
+    cap = max(1, BLOCK_ELEMENTS // max(1, row_elements * multiple))
+    per_block = min(units, cap)
+    while units % per_block:
+        per_block -= 1
+    return per_block * multiple
+
+
+def map_row_blocks(fn, arrays, rows: int):
+    """fn over consecutive blocks of `rows` leading rows of every array; outputs re-joined.
+
+    `fn(*blocks)` returns a pytree of arrays whose leading axis is the block's rows; the
+    results come back with that axis `num_rows` long. One block calls `fn` directly.
+    """
+    num_rows = arrays[0].shape[0]
+    if rows >= num_rows:
+        return fn(*arrays)
+    num_blocks = num_rows // rows
+    blocked = tuple(a.reshape(num_blocks, rows, *a.shape[1:]) for a in arrays)
+    out = jax.lax.map(lambda xs: fn(*xs), blocked)
+    return jax.tree.map(lambda y: y.reshape(num_rows, *y.shape[2:]), out)
+
+
+def row_sums(*arrays_RxT):
+    """Sums over the last axis, one vectorised reduction per array (see the module doc)."""
+    return tuple(jnp.sum(a, axis=-1) for a in arrays_RxT)
