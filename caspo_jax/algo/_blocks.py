@@ -17,14 +17,16 @@ import jax.numpy as jnp
 BLOCK_ELEMENTS = 1 << 17
 
 
-def rows_per_block(num_rows: int, row_elements: int, multiple: int = 1) -> int:
-    """Rows per block: a multiple of `multiple` dividing `num_rows`, about BLOCK_ELEMENTS values."""
-    units = num_rows // multiple
-    cap = max(1, BLOCK_ELEMENTS // max(1, row_elements * multiple))
-    per_block = min(units, cap)
-    while units % per_block:
+def rows_per_block(num_rows: int, row_elements: int) -> int:
+    """The most rows dividing `num_rows` whose values fit BLOCK_ELEMENTS (at least one).
+
+    A "row" is whatever the caller blocks by: a trajectory of T tokens, or a whole group
+    of G trajectories (row_elements = G * T).
+    """
+    per_block = min(num_rows, max(1, BLOCK_ELEMENTS // max(1, row_elements)))
+    while num_rows % per_block:
         per_block -= 1
-    return per_block * multiple
+    return per_block
 
 
 def map_row_blocks(fn, arrays, rows: int):

@@ -1,0 +1,159 @@
+"""The row-blocked passes (`_blocks`): many small blocks give the same numbers as the
+reference maths, and the packed clip counts are exact.
+
+The other tests use arrays that fit one block; here `BLOCK_ELEMENTS` is shrunk so that
+`lax.map` really runs over several blocks (of rows for the loss, of groups for the
+advantages).
+"""
+
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from caspo_jax.algo import (
+    AGG_MODES,
+    caspo_advantages,
+    caspo_loss,
+    group_normalize,
+    hybrid_advantages,
+    normalize_token_signal,
+    policy_loss,
+)
+from caspo_jax.algo import _blocks
+from caspo_jax.algo.losses import _count_rows
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_algo_gradients import _batch, _reference_loss  # noqa: E402
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 18 values: 2 rows of the 9-token loss batch, 1 group of the advantages'."""
+    monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 18)
+
+
+def test_rows_per_block_is_the_largest_divisor_that_fits(monkeypatch):
+    monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 100)
+    assert _blocks.rows_per_block(12, 10) == 6  # 10 rows fit, 6 is the largest divisor
+    assert _blocks.rows_per_block(7, 10) == 7  # prime, all fit
+    assert _blocks.rows_per_block(13, 10) == 1  # prime, only single rows divide it
+    assert _blocks.rows_per_block(3, 40) == 1  # groups of 40 values: 2 fit, but 2 does not divide 3
+    assert _blocks.rows_per_block(6, 1000) == 1  # a row larger than a block still goes alone
+
+
+@pytest.mark.parametrize("agg,kl_kind,dual_clip,beta", [
+    ("token-mean", "k3", None, 0.1), ("seq-mean-token-mean", "k2", 3.0, 0.1),
+    ("seq-mean-token-sum", "abs", None, 0.1), ("seq-mean-token-sum-norm", "k1", 3.0, 0.1),
+    ("token-mean", "k3", 3.0, 0.0),
+])
+def test_blocked_loss_and_gradients_equal_the_reference(small_blocks, agg, kl_kind, dual_clip, beta):
+    logp, old, ref, adv, mask = _batch(7, dual_clip)
+    logp[~mask] = np.nan  # absent garbage must not leak from any block
+    kw = {"beta": beta, "kl_kind": kl_kind, "agg": agg, "dual_clip": dual_clip}
+    args = (logp, old, ref, adv, mask)
+    (loss, metrics), grads = jax.value_and_grad(lambda *a: caspo_loss(*a, **kw), argnums=(0, 1, 2, 3),
+                                                has_aux=True)(*args)
+    clean = np.where(mask, logp, old)
+    want_loss, want_grads = jax.value_and_grad(functools.partial(_reference_loss, **kw),
+                                               argnums=(0, 1, 2, 3))(clean, old, ref, adv, mask)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6, atol=1e-7)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+        assert np.all(np.asarray(got)[~mask] == 0.0)
+    # Metrics: the same as one block holding everything.
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_blocks, "BLOCK_ELEMENTS", 1 << 17)
+        _, one_block = caspo_loss(clean, old, ref, adv, mask, **kw)
+    for key, value in one_block.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_blocked_policy_loss_counts_clipped_tokens_exactly(small_blocks):
+    logp, old, _, adv, mask = _batch(3, 3.0)
+    _, metrics = policy_loss(logp, old, adv, mask, dual_clip=3.0)
+    ratio = np.exp(np.clip(logp - old, -20, 20))
+    n = mask.sum()
+    high = mask & (adv > 0) & (ratio > 1.2)
+    low = mask & (adv < 0) & (ratio < 0.8)
+    dual = mask & (adv < 0) & (ratio > 3.0)
+    assert high.sum() > 0 and low.sum() > 0 and dual.sum() > 0
+    np.testing.assert_allclose(metrics["clipfrac_high"], high.sum() / n, rtol=1e-6)
+    np.testing.assert_allclose(metrics["clipfrac_low"], low.sum() / n, rtol=1e-6)
+    np.testing.assert_allclose(metrics["dual_clipfrac"], dual.sum() / n, rtol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1024, 200, 17, 13])
+def test_packed_counts_are_exact_even_when_every_token_counts(T):
+    """T=1024: chunks of 128 with every field at its maximum; 200: chunks of 100; 17: one
+    chunk of 17; 13: no chunk of at least 16 tokens, so the counts are summed separately."""
+    rng = np.random.default_rng(T)
+    valid = np.ones((5, T), bool)
+    high = np.zeros((5, T), bool)
+    low = np.zeros((5, T), bool)
+    high[1] = True  # a row of only clipped-high tokens
+    low[2] = True  # a row of only clipped-low tokens
+    valid[3] = rng.random(T) < 0.5
+    high[3] = valid[3] & (rng.random(T) < 0.5)
+    low[3] = valid[3] & ~high[3] & (rng.random(T) < 0.5)
+    valid[4] = False
+    counts = jax.jit(_count_rows)(valid, high, low)
+    np.testing.assert_array_equal(counts["valid"], valid.sum(-1))
+    np.testing.assert_array_equal(counts["clipped_high"], high.sum(-1))
+    np.testing.assert_array_equal(counts["clipped_low"], low.sum(-1))
+
+
+def _groups(P=5, G=3, T=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=(P, G)).astype(np.float32)
+    student = -rng.gamma(2.0, size=(P * G, T)).astype(np.float32)
+    teacher = (student + rng.normal(scale=0.3, size=(P * G, T))).astype(np.float32)
+    mask = np.arange(T)[None, :] < rng.integers(1, T + 1, size=P * G)[:, None]
+    mask[0, 0] = False  # group 0's shift comes from its second trajectory
+    mask[3:6] = False  # group 1 has no valid token at all
+    teacher[6:9] = 2.5  # group 2: a constant signal ...
+    student[6:9] = 0.5  # ... must give exactly 0 token advantage
+    return rewards, teacher, student, mask
+
+
+@pytest.mark.parametrize("variant,clamp,nonneg", [("hybrid", None, False), ("hybrid", 0.2, True),
+                                                  ("token", None, False)])
+def test_blocked_advantages_equal_the_public_pieces(small_blocks, variant, clamp, nonneg):
+    rewards, teacher, student, mask = _groups()
+    P, G = rewards.shape
+    T = mask.shape[1]
+    dirty_teacher = np.where(mask, teacher, np.nan).astype(np.float32)
+    adv, metrics = caspo_advantages(rewards, dirty_teacher, student, mask, lam=0.3, variant=variant,
+                                    token_reward_clamp=clamp, nonneg_factor=nonneg)
+    r = np.where(mask, teacher - student, 0.0)
+    if clamp is not None:
+        r = np.clip(r, -clamp, clamp)
+    r_hat = normalize_token_signal(r.reshape(P, G, T), mask.reshape(P, G, T), scope="group")
+    want = hybrid_advantages(group_normalize(rewards), r_hat, mask.reshape(P, G, T), lam=0.3, variant=variant,
+                             nonneg_factor=nonneg).reshape(P * G, T)
+    np.testing.assert_allclose(adv, want, rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(adv)[~mask] == 0.0)
+    np.testing.assert_allclose(metrics["token_reward_mean"], r[mask].mean(), rtol=1e-6, atol=1e-7)
+    if variant == "token":
+        assert np.all(np.asarray(adv)[6:9] == 0.0)  # the constant group
+
+
+def test_blocked_step_under_jit_matches_one_block(small_blocks):
+    rewards, teacher, student, mask = _groups(seed=2)
+    logp = (student + 0.1).astype(np.float32)
+
+    def step(rewards, teacher, student, logp, mask):
+        adv, _ = caspo_advantages(rewards, teacher, student, mask, lam=0.3)
+        return jax.grad(lambda lp: caspo_loss(lp, student, student, adv, mask, beta=0.005)[0])(logp), adv
+
+    grad, adv = jax.jit(step)(rewards, teacher, student, logp, mask)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_blocks, "BLOCK_ELEMENTS", 1 << 17)
+        want_grad, want_adv = jax.jit(step)(rewards, teacher, student, logp, mask)
+    np.testing.assert_allclose(adv, want_adv, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-10)
+    assert jnp.asarray(grad).dtype == jnp.float32
