@@ -16,7 +16,7 @@ the RESULT is the ratio of the minimums (see `main`).
 Allocator: both frameworks allocate each call's temporaries afresh; glibc serves a
 block above its mmap threshold (dynamic, at most 32 MiB) with mmap and unmaps it on
 free, so every call pays page faults for it (PyTorch's many 8 MiB temporaries; our XLA
-arena was 34 MiB and cost ~40% of our time in system time until it shrank to 8 MiB,
+arena was 34 MiB and cost ~40% of our time in system time until it shrank, now 1.5 MiB,
 see BUILD_NOTES.md "Speed"). After the default run
 the bench repeats the timings with glibc's mallopt keeping large blocks in the heap
 (M_MMAP_THRESHOLD / M_TRIM_THRESHOLD = 1 GiB, what MALLOC_MMAP_THRESHOLD_ does from the
@@ -76,26 +76,6 @@ def jax_step(rewards, teacher, old, logp, ref, mask):
     loss_and_grad = jax.value_and_grad(caspo_loss, has_aux=True)
     (loss, metrics), grad = loss_and_grad(logp, old, ref, adv, mask, **CFG.loss_kwargs())
     return loss, {**metrics, **adv_metrics}, grad, adv
-
-
-MICRO_BATCHES = 16  # 4 prompts x 32 trajectories per micro-batch
-
-
-@jax.jit
-def jax_step_micro(rewards, teacher, old, logp, ref, mask):
-    """Cost probe, not the RESULT: the same step over 16 micro-batches of 4 prompts
-    (lax.map), as a trainer accumulating gradients per micro-batch would run it. The
-    advantages are identical (group scope is per prompt); each micro-batch's loss is
-    normalised by its own token count, so loss values differ from the whole-batch step."""
-    def split(x):
-        return x.reshape(MICRO_BATCHES, -1, *x.shape[1:])
-
-    def one(args):
-        loss, _, grad, adv = jax_step.__wrapped__(*args)
-        return loss, grad, adv
-
-    loss, grad, adv = jax.lax.map(one, tuple(split(x) for x in (rewards, teacher, old, logp, ref, mask)))
-    return loss, grad.reshape(B, T), adv.reshape(B, T)
 
 
 @jax.jit
@@ -189,11 +169,10 @@ def main():
           f"threads: torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
 
     def timed(label):
-        (t_jax, t_torch, t_roof, t_micro), (m_jax, m_torch, m_roof, m_micro) = interleaved_times([
+        (t_jax, t_torch, t_roof), (m_jax, m_torch, m_roof) = interleaved_times([
             lambda: jax.block_until_ready(jax_step(*jx)),
             lambda: torch_step(*th),
             lambda: jax.block_until_ready(roof_pass(*jx)),
-            lambda: jax.block_until_ready(jax_step_micro(*jx)),
         ])
         print(f"[{label}]  median / min of {REPEATS} interleaved runs")
         print(f"  pytorch eager (verl-style) : {t_torch * 1e3:8.2f} / {m_torch * 1e3:8.2f} ms")
@@ -202,8 +181,6 @@ def main():
               f"{roof_bytes / 2**20:.0f} MiB = {roof_bytes / m_roof / 1e9:.1f} GB/s at the min")
         print(f"  ours as fraction of roof   : {m_roof / m_jax:.3f} at the mins  (ours = {m_jax / m_roof:.1f} roof passes)")
         print(f"  speed-up vs pytorch        : {t_torch / t_jax:.1f}x (medians), {m_torch / m_jax:.1f}x (mins)")
-        print(f"  probe: {MICRO_BATCHES} micro-batches   : {t_micro * 1e3:8.2f} / {m_micro * 1e3:8.2f} ms  "
-              f"({m_torch / m_micro:.1f}x pytorch at the mins; not the RESULT)")
         return m_torch / m_jax
 
     # RESULT uses the ratio of minimums: PyTorch's eager step is bimodal here (~50-60 ms,
