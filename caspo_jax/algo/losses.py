@@ -175,7 +175,7 @@ def _loss_row_stats(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid
 
     def block(logp, old, ref, adv, valid):
         pg, kl, parts = _token_losses(logp, old, ref, adv, valid, clips, kl_kind=kl_kind, dual=dual)
-        (pg_R, log_ratio_R) = row_sums(pg, parts["log_ratio"])
+        pg_R, log_ratio_R = row_sums(pg, parts["log_ratio"])
         stats = {**_count_rows(valid, parts["clipped_high"], parts["clipped_low"]), "log_ratio": log_ratio_R}
         if dual:
             stats["dual_clipped"] = jnp.sum(parts["dual_clipped"], axis=-1, dtype=F32)
