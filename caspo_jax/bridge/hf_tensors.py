@@ -17,9 +17,7 @@ Importing this module needs neither torch nor vllm; ``iter_torch_tensors`` impor
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -84,14 +82,14 @@ def _ordered_refs(table, names: Sequence[str] | None) -> list[HFTensorRef]:
     return [by_name[name] for name in names]
 
 
-def iter_hf_arrays(params: dict, table: Sequence[ParamSpec], *, dtype=None, contiguous: bool = True,
+def iter_hf_arrays(params: dict, table: Sequence[ParamSpec], *, dtype=None,
                    names: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, NumPy array in the HF layout) for every tensor, one at a time.
+    """(HF name, contiguous NumPy array in the HF layout) for every tensor, one at a time.
 
-    contiguous=False returns transposes as views (no copy; consumers that copy into their
-    own storage, like vLLM's loaders, transpose while copying). ``dtype`` casts on the device.
-    names: the order to produce them in (default: table order), e.g. grouped by the
-    engine's fused modules so a bucket never splits one.
+    Our leaves are stored in HF's layouts (linear kernels [out, in]; the patch embedding
+    only reshaped), so each array is a view of the layer, never a transposed copy.
+    ``dtype`` casts on the device. names: the order to produce them in (default: table
+    order), e.g. grouped by the engine's fused modules so a bucket never splits one.
     """
     for ref in _ordered_refs(table, names):
         host = _host_layer(params, ref)
@@ -103,8 +101,6 @@ def iter_hf_arrays(params: dict, table: Sequence[ParamSpec], *, dtype=None, cont
         elif dtype is not None and host.dtype != jnp.dtype(dtype):
             host = host.astype(jnp.dtype(dtype))
         out = ref.spec.to_hf(host)
-        if contiguous:
-            out = np.ascontiguousarray(out)
         if tuple(out.shape) != ref.hf_shape:
             raise ValueError(f"{ref.name}: produced shape {out.shape}, the table expects {ref.hf_shape}")
         yield ref.name, out
@@ -125,27 +121,18 @@ def numpy_to_torch(array: np.ndarray):
         return torch.from_numpy(array)
 
 
-def iter_torch_tensors(params: dict, table: Sequence[ParamSpec], *, dtype=None, contiguous: bool = False,
-                       dlpack: bool = False, names: Sequence[str] | None = None, ahead_bytes: int = 0
-                       ) -> Iterator[tuple]:
+def iter_torch_tensors(params: dict, table: Sequence[ParamSpec], *, dtype=None, dlpack: bool = False,
+                       names: Sequence[str] | None = None) -> Iterator[tuple]:
     """(HF name, torch tensor) for every tensor, one at a time, without extra host copies.
 
     dlpack=True hands each single-device layer to torch through DLPack (zero copy; on a GPU
     the tensor stays on the GPU) and applies the layout transform as a torch view.
     Multi-device (sharded) leaves are gathered to the host instead.
-    ahead_bytes > 0: a background thread gathers and materialises contiguous HF layouts (the
-    transposes) up to that many bytes ahead of the consumer (``prepared_ahead``), so they
-    overlap the consumer's own work (vLLM's loaders and weight repacking); the host then
-    holds at most that window plus the tensor being read.
     """
-    if ahead_bytes > 0:
-        items = iter_torch_tensors(params, table, dtype=dtype, contiguous=True, dlpack=dlpack, names=names)
-        yield from prepared_ahead(items, ahead_bytes)
-        return
     import torch
 
     if not dlpack:
-        for name, array in iter_hf_arrays(params, table, dtype=dtype, contiguous=contiguous, names=names):
+        for name, array in iter_hf_arrays(params, table, dtype=dtype, names=names):
             yield name, numpy_to_torch(array)
         return
     for ref in _ordered_refs(table, names):
@@ -156,11 +143,7 @@ def iter_torch_tensors(params: dict, table: Sequence[ParamSpec], *, dtype=None, 
             tensor = numpy_to_torch(np.asarray(jax.device_get(layer)))
         else:
             tensor = torch.from_dlpack(layer)
-        if ref.spec.transform == "linear":
-            tensor = tensor.T
-        elif ref.spec.transform == "flatten_out_first":
-            tensor = tensor.T.reshape(ref.hf_shape)
-        yield ref.name, tensor.contiguous() if contiguous else tensor
+        yield ref.name, ref.spec.to_hf(tensor)
 
 
 def iter_buckets(items: Iterator[tuple], bucket_bytes: int = 256 * 2**20, group_of=None) -> Iterator[list[tuple]]:
@@ -189,55 +172,3 @@ def state_dict_bytes(params: dict, table: Sequence[ParamSpec]) -> int:
     """Total bytes of the HF tensors (what a full push moves)."""
     return sum(int(np.prod(ref.hf_shape)) * jnp.dtype(tree_get(params, ref.spec.path).dtype).itemsize
                for ref in hf_tensor_refs(table))
-
-
-def prepared_ahead(items: Iterator[tuple], window_bytes: int) -> Iterator[tuple]:
-    """The (name, tensor) items, pulled by a background thread up to ``window_bytes`` ahead of
-    the consumer (one tensor at least): whatever producing an item costs (a gather, a
-    contiguous transpose: NumPy, torch and JAX copies release the GIL) runs beside the
-    consumer. An
-    error in the thread is raised to the consumer after the items prepared before it; a
-    consumer that stops early stops the thread."""
-    queue: collections.deque = collections.deque()
-    cond = threading.Condition()
-    state = {"bytes": 0, "done": False, "stop": False, "error": None}
-
-    def produce():
-        try:
-            for name, tensor in items:
-                nbytes = tensor.numel() * tensor.element_size()
-                with cond:
-                    while state["bytes"] and state["bytes"] + nbytes > window_bytes and not state["stop"]:
-                        cond.wait()
-                    if state["stop"]:
-                        return
-                    queue.append((name, tensor, nbytes))
-                    state["bytes"] += nbytes
-                    cond.notify_all()
-        except BaseException as err:  # noqa: BLE001 (re-raised in the consumer)
-            state["error"] = err
-        finally:
-            with cond:
-                state["done"] = True
-                cond.notify_all()
-
-    thread = threading.Thread(target=produce, name="prepared_ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            with cond:
-                while not queue and not state["done"]:
-                    cond.wait()
-                if not queue:
-                    if state["error"] is not None:
-                        raise state["error"]
-                    return
-                name, tensor, nbytes = queue.popleft()
-                state["bytes"] -= nbytes
-                cond.notify_all()
-            yield name, tensor
-    finally:
-        with cond:
-            state["stop"] = True
-            cond.notify_all()
-        thread.join()

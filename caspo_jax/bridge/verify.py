@@ -82,7 +82,7 @@ def find_bad_tensor(vllm_model, params, table) -> tuple[str | None, float, list[
     named = dict(vllm_model.named_parameters())
     slots = vllm_slots(table)
     unreadable = []
-    for name, ours in iter_hf_arrays(params, table, contiguous=False):
+    for name, ours in iter_hf_arrays(params, table):
         target, start, stop = slots[name]
         if target not in named:
             return name, float("inf"), unreadable

@@ -48,16 +48,15 @@ class VllmEngine:
     ``reload_weights`` reads a lazy iterator; the engine must be in-process) or
     "safetensors" (bytes in buckets of ``bucket_bytes`` through ``collective_rpc``, for
     engines in other processes). dlpack: hand single-device JAX arrays to torch via DLPack.
-    ahead_bytes (in-process): > 0 lays the HF tensors out contiguously (the transposes) in a
-    background thread up to that many bytes ahead of vLLM's loader, overlapping its work;
-    0 hands zero-copy views and vLLM's loader transposes while it copies.
+    Our parameters are stored in HF's layouts, so in-process the loader reads zero-copy
+    views of them.
     suppress_token_ids: ids never sampled, as in ``JaxSampler`` (default: the multimodal
     placeholders; ``()`` turns it off), applied as a ``logit_bias`` of ``SUPPRESS_BIAS``:
     vLLM reports log-probs of the unbiased distribution, so they still match JAX's.
     """
 
     def __init__(self, llm, model, *, eos_token_ids: Sequence[int] | None = None, transport: str = "in_process",
-                 bucket_bytes: int = 256 * 2**20, dlpack: bool = False, ahead_bytes: int = 0,
+                 bucket_bytes: int = 256 * 2**20, dlpack: bool = False,
                  suppress_token_ids: Sequence[int] | None = None):
         if transport not in ("in_process", "safetensors"):
             raise ValueError(f"transport={transport!r}: use 'in_process' or 'safetensors'")
@@ -67,7 +66,6 @@ class VllmEngine:
         self.transport = transport
         self.bucket_bytes = bucket_bytes
         self.dlpack = dlpack
-        self.ahead_bytes = ahead_bytes
         self.last_sync_seconds: float | None = None
         ids = multimodal_token_ids(model) if suppress_token_ids is None else suppress_token_ids
         self.logit_bias = {int(i): SUPPRESS_BIAS for i in ids} or None
@@ -187,8 +185,7 @@ class VllmEngine:
         table = self.model.param_table()
         with Timer() as timer:
             if self.transport == "in_process":
-                transport.push_in_process(self.llm, hf_tensors.iter_torch_tensors(params, table, dlpack=self.dlpack,
-                                                                                  ahead_bytes=self.ahead_bytes))
+                transport.push_in_process(self.llm, hf_tensors.iter_torch_tensors(params, table, dlpack=self.dlpack))
             else:
                 from caspo_jax.bridge.verify import vllm_module_order
 

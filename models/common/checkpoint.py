@@ -34,8 +34,9 @@ class ParamSpec:
     path: our pytree path (nested dict keys).
     shape: our leaf shape, the layer axis first when stacked.
     axes: logical axis name (or None) per dimension of ``shape``.
-    transform: "identity", "linear" (HF [out, in] <-> our [in, out]) or "flatten_out_first"
-        (HF [out, *in] <-> our [prod(in), out]; the Conv3d patch embedding as a matmul).
+    transform: "identity" (linear kernels included: we store HF's [out, in]) or "flatten_in"
+        (HF [out, *in] <-> our [out, prod(in)]; the Conv3d patch embedding as a matmul, a
+        reshape with no copy either way).
     num_layers: stacked layer count, or None for an unstacked leaf.
     """
 
@@ -64,26 +65,22 @@ class ParamSpec:
     def expected_hf_shape(self) -> tuple[int, ...]:
         if self.hf_shape is not None:
             return self.hf_shape
-        if self.transform == "linear":
-            return tuple(reversed(self.layer_shape))
         return self.layer_shape
 
-    def to_ours(self, hf_array: np.ndarray) -> np.ndarray:
+    def to_ours(self, hf_array):
+        """One HF tensor (NumPy or torch) in our layout: a view, never a copy."""
         if self.transform == "identity":
             return hf_array
-        if self.transform == "linear":
-            return hf_array.T
-        if self.transform == "flatten_out_first":
-            return hf_array.reshape(hf_array.shape[0], -1).T
+        if self.transform == "flatten_in":
+            return hf_array.reshape(hf_array.shape[0], -1)
         raise ValueError(f"unknown transform {self.transform!r}")
 
-    def to_hf(self, our_array: np.ndarray) -> np.ndarray:
+    def to_hf(self, our_array):
+        """One layer of our leaf (NumPy or torch) in the HF layout: a view, never a copy."""
         if self.transform == "identity":
             return our_array
-        if self.transform == "linear":
-            return our_array.T
-        if self.transform == "flatten_out_first":
-            return our_array.T.reshape(self.expected_hf_shape())
+        if self.transform == "flatten_in":
+            return our_array.reshape(self.expected_hf_shape())
         raise ValueError(f"unknown transform {self.transform!r}")
 
 

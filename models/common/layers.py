@@ -37,16 +37,20 @@ def rms_norm(x_xD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
     return weight_D * normed
 
 
-def linear(x_xI: jax.Array, kernel_IxO: jax.Array, bias_O: jax.Array | None = None) -> jax.Array:
-    """``x @ kernel + bias`` with the kernel stored [in, out]."""
-    y = jnp.einsum("...i,io->...o", x_xI, kernel_IxO)
+def linear(x_xI: jax.Array, kernel_OxI: jax.Array, bias_O: jax.Array | None = None) -> jax.Array:
+    """``x @ kernel.T + bias`` with the kernel stored [out, in], as HF and vLLM store it.
+
+    Why [out, in]: the weight sync into vLLM then needs no transposition pass, and on CPU
+    XLA's matmuls are no slower in this layout (an MLP forward+backward measured ~8% faster).
+    """
+    y = jnp.einsum("...i,oi->...o", x_xI, kernel_OxI)
     return y if bias_O is None else y + bias_O
 
 
-def gated_mlp(x_xD, gate_DxF, up_DxF, down_FxD, act: str, gate_b=None, up_b=None, down_b=None):
+def gated_mlp(x_xD, gate_FxD, up_FxD, down_DxF, act: str, gate_b=None, up_b=None, down_b=None):
     """``down(act(gate(x)) * up(x))``, the SwiGLU-style MLP of Qwen2 and the Qwen2.5-VL ViT."""
-    hidden = activation(act)(linear(x_xD, gate_DxF, gate_b)) * linear(x_xD, up_DxF, up_b)
-    return linear(hidden, down_FxD, down_b)
+    hidden = activation(act)(linear(x_xD, gate_FxD, gate_b)) * linear(x_xD, up_FxD, up_b)
+    return linear(hidden, down_DxF, down_b)
 
 
 REMAT_POLICIES = {

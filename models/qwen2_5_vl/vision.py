@@ -61,7 +61,7 @@ def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadat
     """
     dtype = params["patch_embed"].dtype
     unit = cfg.spatial_merge_size**2
-    x = pixel_values_PxC.astype(dtype) @ params["patch_embed"]  # the Conv3d with stride = kernel
+    x = linear(pixel_values_PxC.astype(dtype), params["patch_embed"])  # the Conv3d with stride = kernel
     P, E = x.shape
     if P != len(meta.positions_Px2):
         raise ValueError(f"pixel_values has {P} patches, image_grid_thw describes {len(meta.positions_Px2)}")

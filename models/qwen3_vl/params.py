@@ -2,12 +2,13 @@
 
 Our pytree::
 
-    {"text": {"embed": [V, D], "layers": {... stacked [layers, ...]}, "norm": [D], "lm_head": [D, V]},
-     "vision": {"patch_embed": [C*T*P*P, E], "patch_bias": [E], "pos_embed": [G*G, E],
+    {"text": {"embed": [V, D], "layers": {... stacked [layers, ...]}, "norm": [D], "lm_head": [V, D]},
+     "vision": {"patch_embed": [E, C*T*P*P], "patch_bias": [E], "pos_embed": [G*G, E],
                 "blocks": {... stacked [depth, ...]}, "merger": {...},
                 "deepstack": {... the DeepStack mergers stacked [num_deepstack, ...]}}}
 
-Linear kernels are stored [in, out] (HF stores [out, in]). ``lm_head`` is absent when
+Linear kernels are stored [out, in], HF's own layout, so loading, saving and the
+vLLM bridge hand tensors over as they are (no transposes; see BUILD_NOTES). ``lm_head`` is absent when
 embeddings are tied. Names follow the layout transformers writes for Qwen3-VL
 (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``).
 """
@@ -37,13 +38,13 @@ def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
     U = E * v.spatial_merge_size**2
     Nd = cfg.num_deepstack
 
-    def layer(hf, path, shape, axes, transform="identity"):
+    def layer(hf, path, shape, axes):
         return ParamSpec(f"{TEXT_PREFIX}layers.{{i}}.{hf}", ("text", "layers", *path), (Lt, *shape),
-                         ("layers", *axes), transform, num_layers=Lt)
+                         ("layers", *axes), num_layers=Lt)
 
-    def block(hf, path, shape, axes, transform="identity"):
+    def block(hf, path, shape, axes):
         return ParamSpec(f"{VISION_PREFIX}blocks.{{i}}.{hf}", ("vision", "blocks", *path), (Lv, *shape),
-                         ("layers", *axes), transform, num_layers=Lv)
+                         ("layers", *axes), num_layers=Lv)
 
     def merger(hf_prefix, path, norm_width, stacked):
         """A patch merger: LayerNorm (over E, or over the m*m*E concatenation for DeepStack),
@@ -53,29 +54,29 @@ def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
         name = (lambda s: f"{hf_prefix}.{{i}}.{s}") if stacked else (lambda s: f"{hf_prefix}.{s}")
         n = Nd if stacked else None
         rows = [
-            ("norm.weight", "norm_scale", (norm_width,), ("vision_embed" if not stacked else None,), "identity"),
-            ("norm.bias", "norm_bias", (norm_width,), ("vision_embed" if not stacked else None,), "identity"),
-            ("linear_fc1.weight", "fc1_kernel", (U, U), (None, "vision_mlp"), "linear"),
-            ("linear_fc1.bias", "fc1_bias", (U,), ("vision_mlp",), "identity"),
-            ("linear_fc2.weight", "fc2_kernel", (U, O), ("vision_mlp", "embed"), "linear"),
-            ("linear_fc2.bias", "fc2_bias", (O,), ("embed",), "identity"),
+            ("norm.weight", "norm_scale", (norm_width,), ("vision_embed" if not stacked else None,)),
+            ("norm.bias", "norm_bias", (norm_width,), ("vision_embed" if not stacked else None,)),
+            ("linear_fc1.weight", "fc1_kernel", (U, U), ("vision_mlp", None)),
+            ("linear_fc1.bias", "fc1_bias", (U,), ("vision_mlp",)),
+            ("linear_fc2.weight", "fc2_kernel", (O, U), ("embed", "vision_mlp")),
+            ("linear_fc2.bias", "fc2_bias", (O,), ("embed",)),
         ]
-        return [ParamSpec(name(hf), ("vision", path, ours), (*lead, *shape), (*lead_axes, *axes), tr, num_layers=n)
-                for hf, ours, shape, axes, tr in rows]
+        return [ParamSpec(name(hf), ("vision", path, ours), (*lead, *shape), (*lead_axes, *axes), num_layers=n)
+                for hf, ours, shape, axes in rows]
 
     table = [
         ParamSpec(f"{TEXT_PREFIX}embed_tokens.weight", ("text", "embed"), (V, D), ("vocab", "embed")),
         layer("input_layernorm.weight", ("attn_norm",), (D,), ("embed",)),
-        layer("self_attn.q_proj.weight", ("q_kernel",), (D, NH), ("embed", "heads"), "linear"),
-        layer("self_attn.k_proj.weight", ("k_kernel",), (D, KH), ("embed", "kv"), "linear"),
-        layer("self_attn.v_proj.weight", ("v_kernel",), (D, KH), ("embed", "kv"), "linear"),
-        layer("self_attn.o_proj.weight", ("o_kernel",), (NH, D), ("heads", "embed"), "linear"),
+        layer("self_attn.q_proj.weight", ("q_kernel",), (NH, D), ("heads", "embed")),
+        layer("self_attn.k_proj.weight", ("k_kernel",), (KH, D), ("kv", "embed")),
+        layer("self_attn.v_proj.weight", ("v_kernel",), (KH, D), ("kv", "embed")),
+        layer("self_attn.o_proj.weight", ("o_kernel",), (D, NH), ("embed", "heads")),
         layer("self_attn.q_norm.weight", ("q_norm",), (H,), (None,)),
         layer("self_attn.k_norm.weight", ("k_norm",), (H,), (None,)),
         layer("post_attention_layernorm.weight", ("mlp_norm",), (D,), ("embed",)),
-        layer("mlp.gate_proj.weight", ("gate_kernel",), (D, F), ("embed", "mlp"), "linear"),
-        layer("mlp.up_proj.weight", ("up_kernel",), (D, F), ("embed", "mlp"), "linear"),
-        layer("mlp.down_proj.weight", ("down_kernel",), (F, D), ("mlp", "embed"), "linear"),
+        layer("mlp.gate_proj.weight", ("gate_kernel",), (F, D), ("mlp", "embed")),
+        layer("mlp.up_proj.weight", ("up_kernel",), (F, D), ("mlp", "embed")),
+        layer("mlp.down_proj.weight", ("down_kernel",), (D, F), ("embed", "mlp")),
         ParamSpec(f"{TEXT_PREFIX}norm.weight", ("text", "norm"), (D,), ("embed",)),
     ]
     if t.attention_bias:
@@ -86,25 +87,25 @@ def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
             layer("self_attn.o_proj.bias", ("o_bias",), (D,), ("embed",)),
         ]
     if not cfg.tie_word_embeddings:
-        table.append(ParamSpec("lm_head.weight", ("text", "lm_head"), (D, V), ("embed", "vocab"), "linear"))
+        table.append(ParamSpec("lm_head.weight", ("text", "lm_head"), (V, D), ("vocab", "embed")))
     table += [
-        ParamSpec(f"{VISION_PREFIX}patch_embed.proj.weight", ("vision", "patch_embed"), (v.patch_dim, E),
-                  ("patch", "vision_embed"), "flatten_out_first",
+        ParamSpec(f"{VISION_PREFIX}patch_embed.proj.weight", ("vision", "patch_embed"), (E, v.patch_dim),
+                  ("vision_embed", "patch"), "flatten_in",
                   hf_shape=(E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)),
         ParamSpec(f"{VISION_PREFIX}patch_embed.proj.bias", ("vision", "patch_bias"), (E,), ("vision_embed",)),
         ParamSpec(f"{VISION_PREFIX}pos_embed.weight", ("vision", "pos_embed"), (v.num_position_embeddings, E),
                   (None, "vision_embed")),
         block("norm1.weight", ("attn_norm",), (E,), ("vision_embed",)),
         block("norm1.bias", ("attn_norm_bias",), (E,), ("vision_embed",)),
-        block("attn.qkv.weight", ("qkv_kernel",), (E, 3 * E), ("vision_embed", "vision_qkv"), "linear"),
+        block("attn.qkv.weight", ("qkv_kernel",), (3 * E, E), ("vision_qkv", "vision_embed")),
         block("attn.qkv.bias", ("qkv_bias",), (3 * E,), ("vision_qkv",)),
-        block("attn.proj.weight", ("proj_kernel",), (E, E), ("vision_heads", "vision_embed"), "linear"),
+        block("attn.proj.weight", ("proj_kernel",), (E, E), ("vision_embed", "vision_heads")),
         block("attn.proj.bias", ("proj_bias",), (E,), ("vision_embed",)),
         block("norm2.weight", ("mlp_norm",), (E,), ("vision_embed",)),
         block("norm2.bias", ("mlp_norm_bias",), (E,), ("vision_embed",)),
-        block("mlp.linear_fc1.weight", ("fc1_kernel",), (E, Fv), ("vision_embed", "vision_mlp"), "linear"),
+        block("mlp.linear_fc1.weight", ("fc1_kernel",), (Fv, E), ("vision_mlp", "vision_embed")),
         block("mlp.linear_fc1.bias", ("fc1_bias",), (Fv,), ("vision_mlp",)),
-        block("mlp.linear_fc2.weight", ("fc2_kernel",), (Fv, E), ("vision_mlp", "vision_embed"), "linear"),
+        block("mlp.linear_fc2.weight", ("fc2_kernel",), (E, Fv), ("vision_embed", "vision_mlp")),
         block("mlp.linear_fc2.bias", ("fc2_bias",), (E,), ("vision_embed",)),
         *merger(f"{VISION_PREFIX}merger", "merger", E, stacked=False),
     ]

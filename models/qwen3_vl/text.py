@@ -128,6 +128,5 @@ def decode(params: dict, embeds_BxLxD, position_ids_3xBxL, attention_mask_BxL, c
 
 def lm_head(params: dict, h_xD: jax.Array, tie_word_embeddings: bool) -> jax.Array:
     """Logits in float32 (accumulated in float32 whatever the parameter dtype)."""
-    if tie_word_embeddings:
-        return jnp.einsum("...d,vd->...v", h_xD, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", h_xD, params["lm_head"], preferred_element_type=jnp.float32)
+    head_VxD = params["embed"] if tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...d,vd->...v", h_xD, head_VxD, preferred_element_type=jnp.float32)

@@ -83,7 +83,7 @@ def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadat
     """
     dtype = params["patch_embed"].dtype
     unit = cfg.spatial_merge_size**2
-    x = pixel_values_PxC.astype(dtype) @ params["patch_embed"] + params["patch_bias"]  # the Conv3d
+    x = linear(pixel_values_PxC.astype(dtype), params["patch_embed"], params["patch_bias"])  # the Conv3d
     P, E = x.shape
     if P != len(meta.positions_Px2):
         raise ValueError(f"pixel_values has {P} patches, image_grid_thw describes {len(meta.positions_Px2)}")

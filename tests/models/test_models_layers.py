@@ -23,9 +23,15 @@ def test_rotate_half_and_rope_identity_at_zero_angle():
     np.testing.assert_array_equal(layers.apply_rope(x, ones, zeros), x)
 
 
+def test_linear_takes_hf_out_by_in_kernels():
+    x = jnp.array([[1.0, 2.0, 3.0]])
+    kernel = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])  # [out=2, in=3], torch.nn.Linear's weight
+    np.testing.assert_array_equal(layers.linear(x, kernel, jnp.array([10.0, 20.0])), [[11.0, 25.0]])
+
+
 def test_gated_mlp_hand_computed():
     x = jnp.array([[1.0, 2.0]])
-    gate, up, down = jnp.eye(2), 2 * jnp.eye(2), jnp.ones((2, 1))
+    gate, up, down = jnp.eye(2), 2 * jnp.eye(2), jnp.ones((1, 2))  # kernels [out, in]
     silu = lambda z: z / (1 + np.exp(-z))
     expected = silu(1.0) * 2 + silu(2.0) * 4
     np.testing.assert_allclose(layers.gated_mlp(x, gate, up, down, "silu"), [[expected]], rtol=1e-6)

@@ -189,8 +189,8 @@ def test_mesh_forward_equals_single_device(tmp_path):
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded_model, sharded = load_pretrained(tmp_path, mesh=mesh)
     q = sharded["text"]["layers"]["q_kernel"]
-    assert q.sharding.spec == P(None, "fsdp", "tensor") and len(q.sharding.device_set) == 8
-    assert sharded["vision"]["deepstack"]["fc1_kernel"].sharding.spec == P(None, None, "tensor")
+    assert q.sharding.spec == P(None, "tensor", "fsdp") and len(q.sharding.device_set) == 8
+    assert sharded["vision"]["deepstack"]["fc1_kernel"].sharding.spec == P(None, "tensor", None)
 
     batch = tq.make_batch([[2, (1, 4, 6), 3], [9], [1, (1, 8, 4), 1], [4, (1, 4, 4)]], seed=17)
     expected = np.asarray(model.forward(params, batch.input_ids, batch.attention_mask, batch.pixel_values,

@@ -24,7 +24,7 @@ def test_mesh_forward_equals_single_device(checkpoint):
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded_model, sharded = load_pretrained(checkpoint, mesh=mesh)
     q = sharded["text"]["layers"]["q_kernel"]
-    assert q.sharding.spec == P(None, "fsdp", "tensor") and len(q.sharding.device_set) == 8
+    assert q.sharding.spec == P(None, "tensor", "fsdp") and len(q.sharding.device_set) == 8
     assert sharded["text"]["embed"].sharding.spec == P("tensor", "fsdp")
 
     batch = tm.make_batch([[2, (1, 4, 6), 3], [9], [1, (1, 8, 4), 1], [4, (1, 4, 4)]], seed=17)

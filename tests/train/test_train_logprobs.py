@@ -88,7 +88,7 @@ def head_temp_bytes(vocab, chunk, B=2, T=256):
     raw = tm.hf_config_dict("text", vocab_size=vocab, num_layers=1)
     model = Qwen2_5_VL(Qwen2_5_VLConfig.from_dict(raw))
     D = model.config.text.hidden_size
-    params = {"text": {"lm_head": jax.ShapeDtypeStruct((D, vocab), jnp.float32),
+    params = {"text": {"lm_head": jax.ShapeDtypeStruct((vocab, D), jnp.float32),
                        "embed": jax.ShapeDtypeStruct((vocab, D), jnp.float32)}}
     h = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
     targets = jax.ShapeDtypeStruct((B, T), jnp.int32)
