@@ -221,7 +221,9 @@ def _group_advantages_blocked(R_hat_PxG, teacher_logp_BxT, student_logp_BxT, val
     def block(teacher, student, valid, row_shift, shift, R_hat):
         r = token_rewards(teacher, student, valid, clamp=clamp)
         d = jnp.where(valid, r - row_shift, 0.0)
-        n_row, s1_row, s2_row = (s[..., None] for s in row_sums(valid.astype(F32), d, d * d))
+        # 0/1 is exact in bfloat16 (half the bytes of float32); the sum accumulates in float32.
+        n_row = jnp.sum(valid.astype(jnp.bfloat16), axis=-1, dtype=F32)[..., None]
+        s1_row, s2_row = (s[..., None] for s in row_sums(d, d * d))
         offset, inv_std, n, total = merge_row_stats(n_row, s1_row, s2_row, row_shift, shift, (1,), eps)
         r_hat = jnp.where(valid, (d + offset) * inv_std, 0.0)
         adv = hybrid_advantages(R_hat, r_hat, valid, lam=lam, variant=variant, nonneg_factor=nonneg_factor)

@@ -139,27 +139,27 @@ def _token_losses(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clip
 def _count_rows(valid_RxT, high_RxT, low_RxT):
     """Per-row counts of valid, clipped-high and clipped-low tokens from ONE reduction.
 
-    Each token contributes 1 (valid) + base * high + base^2 * low, summed over chunks of
-    at most 128 tokens with base = chunk + 1, so no field can carry into the next and
-    every partial sum is an integer below 2^24: exact in float32 in any summation order.
-    The fields are then read back with integer division. When T has no divisor between
-    16 and 128 the three counts are summed separately.
+    Each valid token contributes a power of two -- 1 (not clipped), 2^8 (clipped high) or
+    2^16 (clipped low) -- summed in float32 over chunks of at most 255 tokens, so no field
+    can reach 2^8 and carry into the next, and every partial sum is an integer below
+    2^24: exact in any summation order. Powers of two are exact in bfloat16 too, so the
+    per-token codes are written at half the bytes. The fields are read back with integer
+    shifts. When T has no divisor between 16 and 255 the counts are summed separately.
     """
     R, T = valid_RxT.shape
-    chunk = min(T, 128)
+    chunk = min(T, 255)
     while T % chunk:
         chunk -= 1
     if chunk < 16:
         return dict(zip(("valid", "clipped_high", "clipped_low"),
                         row_sums(*(x.astype(F32) for x in (valid_RxT, high_RxT, low_RxT)))))
-    base = chunk + 1
-    code = jnp.where(valid_RxT, jnp.where(high_RxT, 1.0 + base, jnp.where(low_RxT, 1.0 + base * base, 1.0)), 0.0)
-    packed = jnp.sum(code.reshape(R, T // chunk, chunk), axis=-1).astype(jnp.int32)
-    low = packed // (base * base)
-    high = (packed - low * (base * base)) // base
-    valid = packed - low * (base * base) - high * base
-    return {name: jnp.sum(x, axis=-1).astype(F32) for name, x in (("valid", valid), ("clipped_high", high),
-                                                                   ("clipped_low", low))}
+    code = jnp.where(valid_RxT, jnp.where(high_RxT, 256.0, jnp.where(low_RxT, 65536.0, 1.0)), 0.0)
+    code = code.astype(jnp.bfloat16).reshape(R, T // chunk, chunk)
+    packed = jnp.sum(code, axis=-1, dtype=F32).astype(jnp.int32)
+    fields = {"unclipped": packed & 255, "clipped_high": (packed >> 8) & 255, "clipped_low": packed >> 16}
+    counts = {name: jnp.sum(x, axis=-1).astype(F32) for name, x in fields.items()}
+    counts["valid"] = counts.pop("unclipped") + counts["clipped_high"] + counts["clipped_low"]
+    return counts
 
 
 def _loss_row_stats(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips):
