@@ -99,7 +99,7 @@ def clipped_surrogate(
     ratio_BxT = jnp.exp(log_ratio_BxT)
     # The clip tests compare the log-ratio with log(1 + eps): the same condition as
     # ratio > 1 + eps up to the rounding of exp, and it needs no exp, so the metric sums
-    # share the loop that computes the loss (see `_count_rows`).
+    # share the loop that computes the loss (see `_count_codes`).
     clipped_high = valid_BxT & (adv_BxT > 0) & (log_ratio_BxT > jnp.log1p(jnp.asarray(clip_high, F32)))
     clipped_low = valid_BxT & (adv_BxT < 0) & (log_ratio_BxT < jnp.log1p(-jnp.asarray(clip_low, F32)))
     bound_BxT = jax.lax.stop_gradient(clamp(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high))
@@ -136,15 +136,16 @@ def _token_losses(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clip
     return pg_BxT, jnp.where(valid_BxT, kl_BxT, 0.0), parts
 
 
-def _count_rows(valid_RxT, high_RxT, low_RxT):
+def _count_codes(valid_RxT, high_RxT, low_RxT):
     """Per-row counts of valid, clipped-high and clipped-low tokens from ONE reduction.
 
     Each valid token contributes a power of two -- 1 (not clipped), 2^8 (clipped high) or
     2^16 (clipped low) -- summed in float32 over chunks of at most 255 tokens, so no field
     can reach 2^8 and carry into the next, and every partial sum is an integer below
     2^24: exact in any summation order. Powers of two are exact in bfloat16 too, so the
-    per-token codes are written at half the bytes. The fields are read back with integer
-    shifts. When T has no divisor between 16 and 255 the counts are summed separately.
+    per-token codes are written at half the bytes. Returns {"packed": [R, chunks]}, read
+    back by `_decode_counts` (once, after the blocked loop); when T has no divisor
+    between 16 and 255, the three counts summed separately.
     """
     R, T = valid_RxT.shape
     chunk = min(T, 255)
@@ -155,11 +156,19 @@ def _count_rows(valid_RxT, high_RxT, low_RxT):
                         row_sums(*(x.astype(F32) for x in (valid_RxT, high_RxT, low_RxT)))))
     code = jnp.where(valid_RxT, jnp.where(high_RxT, 256.0, jnp.where(low_RxT, 65536.0, 1.0)), 0.0)
     code = code.astype(jnp.bfloat16).reshape(R, T // chunk, chunk)
-    packed = jnp.sum(code, axis=-1, dtype=F32).astype(jnp.int32)
+    return {"packed": jnp.sum(code, axis=-1, dtype=F32)}
+
+
+def _decode_counts(stats):
+    """`_count_codes`' packed chunk sums -> valid, clipped_high, clipped_low per row ([B])."""
+    if "packed" not in stats:
+        return stats
+    stats = dict(stats)
+    packed = stats.pop("packed").astype(jnp.int32)
     fields = {"unclipped": packed & 255, "clipped_high": (packed >> 8) & 255, "clipped_low": packed >> 16}
     counts = {name: jnp.sum(x, axis=-1).astype(F32) for name, x in fields.items()}
     counts["valid"] = counts.pop("unclipped") + counts["clipped_high"] + counts["clipped_low"]
-    return counts
+    return {**stats, **counts}
 
 
 def _loss_row_stats(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips):
@@ -176,15 +185,18 @@ def _loss_row_stats(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid
     def block(logp, old, ref, adv, valid):
         pg, kl, parts = _token_losses(logp, old, ref, adv, valid, clips, kl_kind=kl_kind, dual=dual)
         pg_R, log_ratio_R = row_sums(pg, parts["log_ratio"])
-        stats = {**_count_rows(valid, parts["clipped_high"], parts["clipped_low"]), "log_ratio": log_ratio_R}
+        stats = {**_count_codes(valid, parts["clipped_high"], parts["clipped_low"]), "log_ratio": log_ratio_R}
         if dual:
             stats["dual_clipped"] = jnp.sum(parts["dual_clipped"], axis=-1, dtype=F32)
         return pg_R, None if kl is None else jnp.sum(kl, axis=-1), stats
 
     if ref_logp_BxT is None:
-        return map_row_blocks(lambda lp, o, a, v: block(lp, o, None, a, v),
-                              (logp_BxT, old_logp_BxT, adv_BxT, valid_BxT), rows_per_block(B, T))
-    return map_row_blocks(block, (logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT), rows_per_block(B, T))
+        pg_B, kl_B, stats = map_row_blocks(lambda lp, o, a, v: block(lp, o, None, a, v),
+                                           (logp_BxT, old_logp_BxT, adv_BxT, valid_BxT), rows_per_block(B, T))
+    else:
+        pg_B, kl_B, stats = map_row_blocks(block, (logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT),
+                                           rows_per_block(B, T))
+    return pg_B, kl_B, _decode_counts(stats)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -25,7 +25,7 @@ from caspo_jax.algo import (
     policy_loss,
 )
 from caspo_jax.algo import _blocks
-from caspo_jax.algo.losses import _count_rows
+from caspo_jax.algo.losses import _count_codes, _decode_counts
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_algo_gradients import _batch, _reference_loss  # noqa: E402
@@ -101,7 +101,7 @@ def test_packed_counts_are_exact_even_when_every_token_counts(T):
     high[3] = valid[3] & (rng.random(T) < 0.5)
     low[3] = valid[3] & ~high[3] & (rng.random(T) < 0.5)
     valid[4] = False
-    counts = jax.jit(_count_rows)(valid, high, low)
+    counts = jax.jit(lambda *a: _decode_counts(_count_codes(*a)))(valid, high, low)
     np.testing.assert_array_equal(counts["valid"], valid.sum(-1))
     np.testing.assert_array_equal(counts["clipped_high"], high.sum(-1))
     np.testing.assert_array_equal(counts["clipped_low"], low.sum(-1))
