@@ -21,8 +21,12 @@ def rows_per_block(num_rows: int, row_elements: int) -> int:
     """The most rows dividing `num_rows` whose values fit BLOCK_ELEMENTS (at least one).
 
     A "row" is whatever the caller blocks by: a trajectory of T tokens, or a whole group
-    of G trajectories (row_elements = G * T).
+    of G trajectories (row_elements = G * T). Off the CPU backend everything is one block:
+    GPU/TPU compilers fuse the whole pass (multi-output fusion), and a loop over slices
+    of a batch-sharded axis would serialise the devices' work.
     """
+    if jax.default_backend() != "cpu":
+        return num_rows
     per_block = min(num_rows, max(1, BLOCK_ELEMENTS // max(1, row_elements)))
     while num_rows % per_block:
         per_block -= 1

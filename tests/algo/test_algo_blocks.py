@@ -44,6 +44,8 @@ def test_rows_per_block_is_the_largest_divisor_that_fits(monkeypatch):
     assert _blocks.rows_per_block(13, 10) == 1  # prime, only single rows divide it
     assert _blocks.rows_per_block(3, 40) == 1  # groups of 40 values: 2 fit, but 2 does not divide 3
     assert _blocks.rows_per_block(6, 1000) == 1  # a row larger than a block still goes alone
+    monkeypatch.setattr(_blocks.jax, "default_backend", lambda: "gpu")
+    assert _blocks.rows_per_block(12, 10) == 12  # off the CPU: one block, XLA fuses the pass
 
 
 @pytest.mark.parametrize("agg,kl_kind,dual_clip,beta", [
