@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from caspo_jax.data.records import CATEGORIES, SafetyRecord
+from caspo_jax.data.records import CATEGORIES
 
 __all__ = [
     "DEMO_CONSTITUTIONS",
@@ -190,10 +190,3 @@ def write_split(examples: list[DemoExample], directory: str | Path, name: str, p
                              encoding="utf-8")
     paths["constitutions"] = constitutions
     return paths
-
-
-def as_records(examples: list[DemoExample], directory: str | Path) -> list[SafetyRecord]:
-    """SafetyRecords for examples already written by `write_split` into `directory`."""
-    directory = Path(directory)
-    return [SafetyRecord(id=ex.id, images=(directory / f"images/{ex.id}.png",), query=ex.query, category=ex.category,
-                         reference="hazard" if ex.hazard else "none") for ex in examples]

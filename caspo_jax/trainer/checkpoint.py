@@ -30,10 +30,10 @@ logger = logging.getLogger(__name__)
 class RunCheckpointer:
     """directory/<step>/{state,extras}; keeps the newest `keep_last` steps."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, keep_last: int = 3):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True,
-                                               enable_async_checkpointing=async_save,
+                                               enable_async_checkpointing=True,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extras"))
 
@@ -47,10 +47,10 @@ class RunCheckpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, extras: dict, force: bool = True) -> None:
-        """Saves (asynchronously when enabled) and returns; call `wait()` before reading it back."""
+    def save(self, step: int, state: Any, extras: dict) -> None:
+        """Saves asynchronously and returns; call `wait()` before reading it back."""
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        extras=ocp.args.JsonSave(extras)), force=force)
+                                                        extras=ocp.args.JsonSave(extras)), force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

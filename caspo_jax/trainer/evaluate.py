@@ -42,8 +42,7 @@ def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[st
 
 
 def evaluate_policy(policy, dataset, reward, *, mode: str = "standard", max_new_tokens: int = 32,
-                    temperature: float = 0.0, seed: int = 0, sampler: JaxSampler | None = None,
-                    return_samples: bool = False) -> dict:
+                    temperature: float = 0.0, seed: int = 0, sampler: JaxSampler | None = None) -> dict:
     """Metrics over every prompt of `dataset` (a PromptDataset with num_epochs=1)."""
     if mode not in ("standard", "constitution"):
         raise ValueError(f"mode={mode!r}: use 'standard' or 'constitution'")
@@ -67,6 +66,4 @@ def evaluate_policy(policy, dataset, reward, *, mode: str = "standard", max_new_
         metrics["risk_failure_rate"] = float(np.mean(~warned[hazard])) if hazard.any() else float("nan")
         metrics["over_warning_rate"] = float(np.mean(warned[~hazard])) if (~hazard).any() else float("nan")
         metrics["help_rate"] = float(np.mean([is_help(t) for t in texts]))
-    if return_samples:
-        metrics["samples"] = [{"id": r.id, "response": t} for r, t in zip(records, texts)]
     return metrics
