@@ -8,9 +8,9 @@ sampled responses and their status. Engines:
   Retry-After, per-request failure reporting).
 * ``local_generator("jax" | "vllm", checkpoint)``: a ``LocalGenerator`` over the
   in-process JAX sampler (``caspo_jax.rollout.JaxSampler``) or the vLLM engine
-  (``VllmEngine``; ``EngineNotAvailable`` when vllm does not import). The model comes from
-  ``caspo_jax.models.load_pretrained``, the tokenizer and image processor from the same
-  directory; prompts are rendered like training prompts (``caspo_jax.data.prompts``: chat
+  (``VllmEngine``; ``EngineNotAvailable`` when vllm does not import). The model,
+  tokenizer and image processor come from the directory through
+  ``caspo_jax.hf_checkpoint.load_hf_checkpoint``; prompts are rendered like training prompts (``caspo_jax.data.prompts``: chat
   template, one ``<|image_pad|>`` run per image sized by the processor's grid, images
   resized with ``caspo_jax.data.images.resize_image`` and the processor's min/max pixels).
 
@@ -68,7 +68,7 @@ def local_generator(engine: str, checkpoint: str | None = None, *, processor=Non
                     seed: int = 0, **engine_kwargs) -> "LocalGenerator":
     """A ``LocalGenerator`` over the checkpoint in ``checkpoint`` (an HF directory).
 
-    processor: tokenizer + image processor (default: ``caspo_jax.data.processor.load_processor(checkpoint)``).
+    processor: tokenizer + image processor (default: the checkpoint's, ``caspo_jax.hf_checkpoint``).
     engine_kwargs go to ``JaxSampler`` (e.g. ``mesh``) or ``VllmEngine.start``.
     """
     if engine not in LOCAL_ENGINES:
@@ -84,14 +84,11 @@ def local_generator(engine: str, checkpoint: str | None = None, *, processor=Non
                 f"--engine vllm needs the vllm package, which does not import here ({e}). Use --engine jax, "
                 f"or serve {checkpoint} with an OpenAI-compatible server (e.g. `vllm serve DIR`) and use "
                 "--engine openai --base-url URL.") from None
-    from caspo_jax.data.processor import load_processor
-    from caspo_jax.models import load_pretrained
+    from caspo_jax.hf_checkpoint import load_hf_checkpoint, stop_token_ids
 
-    model, params = load_pretrained(checkpoint)
-    processor = processor if processor is not None else load_processor(checkpoint)
-    tokenizer = processor.tokenizer
-    eos = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
-    eos_ids = tuple(sorted(i for i in eos if isinstance(i, int) and i >= 0))
+    model, params, own_processor = load_hf_checkpoint(checkpoint)
+    processor = processor if processor is not None else own_processor
+    eos_ids = stop_token_ids(processor.tokenizer)
     if engine == "jax":
         from caspo_jax.rollout import JaxSampler
 

@@ -284,17 +284,14 @@ class RewardModel:
 
     @classmethod
     def load(cls, directory: str | Path, *, dtype=jnp.float32, **options) -> "RewardModel":
-        """Backbone with `load_pretrained`, processor with `caspo_jax.data.processor.load_processor`, then the head."""
-        from caspo_jax.data.processor import load_processor
-        from caspo_jax.models import load_pretrained
-        from caspo_jax.testing.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE
+        """Backbone and processor with `caspo_jax.hf_checkpoint.load_hf_checkpoint`, then the head."""
+        from caspo_jax.hf_checkpoint import load_hf_checkpoint
 
         directory = Path(directory)
         if not (directory / HEAD_FILE).is_file():
             raise FileNotFoundError(f"{directory / HEAD_FILE} not found: {directory} is not a reward-model "
                                     f"directory (train one with `caspo rm`, or save with RewardModel.save)")
-        model, params = load_pretrained(directory, dtype=dtype)
-        processor = load_processor(directory, default_chat_template=QWEN2_VL_CHAT_TEMPLATE)
+        model, params, processor = load_hf_checkpoint(directory, dtype=dtype)
         params = {**params, HEAD_KEY: load_head(directory / HEAD_FILE, params["text"]["embed"].shape[1])}
         pad_id = processor.tokenizer.pad_token_id
         return cls(model, params, processor, 0 if pad_id is None else pad_id, **options)

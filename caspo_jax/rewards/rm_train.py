@@ -322,15 +322,12 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
         if (model_dir / "reward_head.safetensors").is_file():
             reward_model = RewardModel.load(model_dir)
         else:
-            from caspo_jax.data.processor import load_processor
-            from caspo_jax.models import load_pretrained
-            from caspo_jax.testing.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE
+            from caspo_jax.hf_checkpoint import load_hf_checkpoint
 
             if not (model_dir / "config.json").is_file():
                 raise FileNotFoundError(f"--model {model_dir}: no config.json; pass a Qwen2.5-VL / Qwen3-VL HF "
                                         "directory (or a reward-model directory from an earlier caspo rm)")
-            model, params = load_pretrained(model_dir)
-            processor = load_processor(model_dir, default_chat_template=QWEN2_VL_CHAT_TEMPLATE)
+            model, params, processor = load_hf_checkpoint(model_dir)
             params = {**params, HEAD_KEY: init_head(params["text"]["embed"].shape[1], cfg.seed)}
             pad = processor.tokenizer.pad_token_id
             reward_model = RewardModel(model, params, processor, 0 if pad is None else pad)

@@ -72,17 +72,12 @@ def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig) -> Policy:
         model = Qwen2_5_VL(config, remat=model_cfg.remat)
         params = model.init(jax.random.PRNGKey(model_cfg.seed), dtype)
         return Policy(model, params, processor, (info.im_end_id, info.eos_token_id), info.pad_token_id)
-    from caspo_jax.data.processor import load_processor
-    from caspo_jax.models import load_pretrained
-    from caspo_jax.testing.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE
+    from caspo_jax.hf_checkpoint import load_hf_checkpoint, stop_token_ids
 
-    path = Path(model_cfg.path)
-    model, params = load_pretrained(path, dtype=dtype, remat=model_cfg.remat)
-    processor = load_processor(path, min_pixels=data_cfg.image_min_pixels, max_pixels=data_cfg.image_max_pixels,
-                               default_chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    tokenizer = processor.tokenizer
-    eos = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
-    return Policy(model, params, processor, tuple(sorted(i for i in eos if i is not None)), tokenizer.pad_token_id)
+    model, params, processor = load_hf_checkpoint(model_cfg.path, dtype=dtype, remat=model_cfg.remat,
+                                                  min_pixels=data_cfg.image_min_pixels,
+                                                  max_pixels=data_cfg.image_max_pixels)
+    return Policy(model, params, processor, stop_token_ids(processor.tokenizer), processor.tokenizer.pad_token_id)
 
 
 def load_teacher_params(model_cfg: ModelConfig, model) -> dict:

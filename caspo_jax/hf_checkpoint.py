@@ -1,0 +1,34 @@
+"""An HF checkpoint directory as every entry point loads it: model, parameters and processor.
+
+The trainer, the reward model, `caspo rm` and the evaluation's local engines all read the
+same directories (released checkpoints or our own exports), so they read them one way:
+the same loader, the same processor settings and the same fallback chat template (a
+directory whose tokenizer carries none gets Qwen2-VL's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+
+
+def load_hf_checkpoint(path: str | Path, *, dtype=jnp.float32, remat: bool | str = False,
+                       min_pixels: int | None = None, max_pixels: int | None = None):
+    """(model, params, processor) from an HF directory (config.json, safetensors, tokenizer,
+    preprocessor_config.json); min/max_pixels override the image processor's (they set the
+    number of image tokens, so the trainer and the rollout engines must agree on them)."""
+    from caspo_jax.data.processor import load_processor
+    from caspo_jax.models import load_pretrained
+    from caspo_jax.testing.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE
+
+    model, params = load_pretrained(path, dtype=dtype, remat=remat)
+    processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels,
+                               default_chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    return model, params, processor
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end a reply: ``<|im_end|>`` (the chat turn's end) and the tokenizer's eos."""
+    ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    return tuple(sorted(i for i in ids if isinstance(i, int) and i >= 0))
