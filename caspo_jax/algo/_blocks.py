@@ -5,8 +5,9 @@ has one output, and every `jnp.sum` is a vectorised YNNPACK reduction that reads
 operand from memory, while a fused (variadic) reduction is a scalar loop. A step that
 needs several sums over [B, T] therefore either writes each summand out and reads it back
 (one memory pass each) or runs scalar code. Blocking the rows with `lax.map` keeps each
-block's inputs and summands -- `BLOCK_ELEMENTS` float32 values, 512 KiB per array -- in
-cache, so the inputs come from memory once and the extra passes are cache passes.
+block's inputs and summands -- `BLOCK_ELEMENTS` float32 values, 1 MiB per array -- in
+cache (L2/L3), so the inputs come from memory once and the extra passes are cache passes.
+2^18 measured slightly ahead of 2^17 and 2^19, 2^15 clearly behind (BUILD_NOTES.md).
 A `lax.map` output of shape [B, T] is written block by block into one buffer; per-row
 values (shifts, weights) enter as mapped inputs, so XLA does not recompute them per token.
 """
@@ -14,7 +15,7 @@ values (shifts, weights) enter as mapped inputs, so XLA does not recompute them 
 import jax
 import jax.numpy as jnp
 
-BLOCK_ELEMENTS = 1 << 17
+BLOCK_ELEMENTS = 1 << 18
 
 
 def rows_per_block(num_rows: int, row_elements: int) -> int:
