@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caspo_jax.models.common.layers import attention, gated_mlp, linear, rms_norm, rotate_half
+from caspo_jax.models.common.layers import gated_mlp, linear, rms_norm, rotate_half, segment_attention
 from caspo_jax.models.common.layers import remat as remat_fn
 
 from .config import VisionConfig
@@ -39,14 +39,15 @@ def _rope_f32(x_PxNxH, cos_PxH, sin_PxH):
     return out.astype(x_PxNxH.dtype)
 
 
-def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, mask_PxP, cfg: VisionConfig, attn_impl=None):
-    """One ViT block: x + proj(attn(norm1(x))), then x + mlp(norm2(x))."""
+def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, segment_P: np.ndarray, cfg: VisionConfig, attn_impl=None):
+    """One ViT block: x + proj(attn(norm1(x))), then x + mlp(norm2(x)); tokens attend within
+    their segment of ``segment_P`` (their window, or their image in full-attention blocks)."""
     P, E = x_PxE.shape
     h = rms_norm(x_PxE, layer["attn_norm"], VISION_NORM_EPS)
     qkv = linear(h, layer["qkv_kernel"], layer["qkv_bias"]).reshape(P, 3, cfg.num_heads, cfg.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q, k = _rope_f32(q, cos_PxH, sin_PxH), _rope_f32(k, cos_PxH, sin_PxH)
-    out = attention(q[None], k[None], v[None], mask_PxP[None, None], attn_impl)[0]
+    out = segment_attention(q, k, v, segment_P, attn_impl)
     x_PxE = x_PxE + linear(out.reshape(P, E), layer["proj_kernel"], layer["proj_bias"])
     h = rms_norm(x_PxE, layer["mlp_norm"], VISION_NORM_EPS)
     return x_PxE + gated_mlp(h, layer["gate_kernel"], layer["up_kernel"], layer["down_kernel"], cfg.hidden_act,
@@ -67,14 +68,14 @@ def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadat
         raise ValueError(f"pixel_values has {P} patches, image_grid_thw describes {len(meta.positions_Px2)}")
     x = x.reshape(P // unit, unit, E)[meta.window_index_U].reshape(P, E)
     cos, sin = vision_rope(meta.positions_Px2, cfg)
-    image_mask = jnp.asarray(meta.image_segment_P[:, None] == meta.image_segment_P[None, :])
-    window_mask = jnp.asarray(meta.window_segment_P[:, None] == meta.window_segment_P[None, :])
     is_full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
 
     def body(x, layer_and_flag):
         layer, full = layer_and_flag
-        mask = jnp.where(full, image_mask, window_mask)
-        return vision_block(x, layer, cos, sin, mask, cfg, attn_impl), None
+        x = jax.lax.cond(full,
+                         lambda x: vision_block(x, layer, cos, sin, meta.image_segment_P, cfg, attn_impl),
+                         lambda x: vision_block(x, layer, cos, sin, meta.window_segment_P, cfg, attn_impl), x)
+        return x, None
 
     body = remat_fn(body, remat)
     x, _ = jax.lax.scan(body, x, (params["blocks"], is_full))

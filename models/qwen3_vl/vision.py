@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caspo_jax.models.common.layers import activation, attention, linear, rotate_half
+from caspo_jax.models.common.layers import activation, linear, rotate_half, segment_attention
 from caspo_jax.models.common.layers import remat as remat_fn
 from caspo_jax.models.qwen2_5_vl.vision import vision_rope
 
@@ -45,14 +45,15 @@ def _rope_f32(x_PxNxH, cos_PxH, sin_PxH):
     return out.astype(x_PxNxH.dtype)
 
 
-def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, mask_PxP, cfg: VisionConfig, attn_impl=None):
-    """One ViT block: x + proj(attn(norm1(x))), then x + fc2(act(fc1(norm2(x))))."""
+def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, segment_P: np.ndarray, cfg: VisionConfig, attn_impl=None):
+    """One ViT block: x + proj(attn(norm1(x))), then x + fc2(act(fc1(norm2(x)))); tokens
+    attend within their image (``segment_P``)."""
     P, E = x_PxE.shape
     h = layer_norm(x_PxE, layer["attn_norm"], layer["attn_norm_bias"])
     qkv = linear(h, layer["qkv_kernel"], layer["qkv_bias"]).reshape(P, 3, cfg.num_heads, cfg.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q, k = _rope_f32(q, cos_PxH, sin_PxH), _rope_f32(k, cos_PxH, sin_PxH)
-    out = attention(q[None], k[None], v[None], mask_PxP[None, None], attn_impl)[0]
+    out = segment_attention(q, k, v, segment_P, attn_impl)
     x_PxE = x_PxE + linear(out.reshape(P, E), layer["proj_kernel"], layer["proj_bias"])
     h = layer_norm(x_PxE, layer["mlp_norm"], layer["mlp_norm_bias"])
     h = activation(cfg.hidden_act)(linear(h, layer["fc1_kernel"], layer["fc1_bias"]))
@@ -89,7 +90,6 @@ def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadat
         raise ValueError(f"pixel_values has {P} patches, image_grid_thw describes {len(meta.positions_Px2)}")
     x = x + position_embeddings(params["pos_embed"], meta, dtype)
     cos, sin = vision_rope(meta.positions_Px2, cfg)
-    mask = jnp.asarray(meta.segment_P[:, None] == meta.segment_P[None, :])
     order = cfg.deepstack_order
     S = len(order)
     slot = np.full(cfg.depth, S, np.int32)
@@ -99,7 +99,7 @@ def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadat
     def body(carry, layer_and_slot):
         x, taps = carry
         layer, tap_slot = layer_and_slot
-        x = vision_block(x, layer, cos, sin, mask, cfg, attn_impl)
+        x = vision_block(x, layer, cos, sin, meta.segment_P, cfg, attn_impl)
         return (x, jax.lax.dynamic_update_index_in_dim(taps, x, tap_slot, 0)), None
 
     body = remat_fn(body, remat)

@@ -73,3 +73,24 @@ def test_remat_policies_give_the_same_gradients_and_unknown_ones_fail():
     assert layers.remat(_toy_layer, False) is _toy_layer
     with pytest.raises(ValueError, match="save_projections"):
         layers.remat(_toy_layer, "everything")
+
+
+@pytest.mark.parametrize("segment_P", [np.repeat([0, 1, 2], 4), np.repeat([3, 0, 1, 5], [2, 5, 1, 4])],
+                         ids=["equal_runs", "unequal_runs"])
+def test_segment_attention_equals_masked_attention_with_gradients(segment_P):
+    P, N, H = len(segment_P), 2, 8
+    q, k, v = (jax.random.normal(key, (P, N, H)) for key in jax.random.split(jax.random.PRNGKey(0), 3))
+    mask = jnp.asarray(segment_P[:, None] == segment_P[None, :])[None, None]
+
+    def masked(q, k, v):
+        return layers.attention(q[None], k[None], v[None], mask)[0]
+
+    def by_segment(q, k, v):
+        return layers.segment_attention(q, k, v, segment_P)
+
+    np.testing.assert_allclose(by_segment(q, k, v), masked(q, k, v), atol=1e-6, rtol=0)
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), (P, N, H))
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2))(q, k, v)
+             for f in (by_segment, masked)]
+    for ours, ref in zip(*grads):
+        np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
