@@ -2,8 +2,9 @@
 
 The sampler reaches this module as ``Qwen2_5_VL.kv_cache`` (Qwen3-VL has a twin with the
 same three functions, signatures and call order). Cache layout, the layer loops and the
-grouped decode attention live in ``caspo_jax.models.common.kv_cache``; this module adds
-Qwen2.5-VL's pieces (biased q/k/v, o without bias) and its embedding rule.
+grouped decode attention live in ``caspo_jax.models.common.kv_cache``; the layer pieces
+(biased q/k/v, o without bias, the MLP block) are ``text``'s own; this module adds the
+embedding rule.
 
 Let P denote prompts, S samples, L the (left-padded) prompt length, C = L + T the cache
 length, D width, K key/value heads, H head dim, Y layers, U visual rows.
@@ -15,23 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from caspo_jax.models.common import kv_cache as common
-from caspo_jax.models.common.layers import gated_mlp, linear, rms_norm
 
 from . import text as text_lib
 from .config import TextConfig
 
-
-def _attention_output(layer: dict, out_BxLxNH) -> jax.Array:
-    return linear(out_BxLxNH, layer["o_kernel"])
-
-
-def _mlp_block(x, layer, cfg: TextConfig):
-    h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-    return x + gated_mlp(h, layer["gate_kernel"], layer["up_kernel"], layer["down_kernel"], cfg.hidden_act)
-
-
 PIECES = common.DecoderPieces(mrope_cos_sin=text_lib.mrope_cos_sin, project_qkv=text_lib.project_qkv,
-                              attention_output=_attention_output, mlp_block=_mlp_block,
+                              attention_output=text_lib.attention_output, mlp_block=text_lib.mlp_block,
                               causal_mask=text_lib.causal_mask)
 
 

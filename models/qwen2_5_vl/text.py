@@ -49,6 +49,17 @@ def project_qkv(layer: dict, x_BxLxD, cos_BxLxH, sin_BxLxH, cfg: TextConfig):
     return apply_rope(q, cos_BxLxH, sin_BxLxH), apply_rope(k, cos_BxLxH, sin_BxLxH), v
 
 
+def attention_output(layer: dict, out_BxLxNH) -> jax.Array:
+    """The o projection (no bias in Qwen2)."""
+    return linear(out_BxLxNH, layer["o_kernel"])
+
+
+def mlp_block(x_BxLxD, layer: dict, cfg: TextConfig) -> jax.Array:
+    """x + mlp(norm(x))."""
+    h = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.rms_norm_eps)
+    return x_BxLxD + gated_mlp(h, layer["gate_kernel"], layer["up_kernel"], layer["down_kernel"], cfg.hidden_act)
+
+
 def decoder_layer(x_BxLxD, layer: dict, cos_BxLxH, sin_BxLxH, mask_Bx1xLxL, cfg: TextConfig, attn_impl=None,
                   attn_block: int = 128):
     """Pre-norm block: x + o(attn(norm(x))), then x + mlp(norm(x))."""
@@ -59,10 +70,8 @@ def decoder_layer(x_BxLxD, layer: dict, cos_BxLxH, sin_BxLxH, mask_Bx1xLxL, cfg:
         out = causal_attention(q, k, v, mask_Bx1xLxL, attn_impl, block=attn_block)
     else:
         out = attention(q, k, v, mask_Bx1xLxL, attn_impl)
-    out = out.reshape(B, L, -1)
-    x_BxLxD = x_BxLxD + linear(out, layer["o_kernel"])
-    h = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.rms_norm_eps)
-    return x_BxLxD + gated_mlp(h, layer["gate_kernel"], layer["up_kernel"], layer["down_kernel"], cfg.hidden_act)
+    x_BxLxD = x_BxLxD + attention_output(layer, out.reshape(B, L, -1))
+    return mlp_block(x_BxLxD, layer, cfg)
 
 
 def decode(params: dict, embeds_BxLxD, position_ids_3xBxL, attention_mask_BxL, cfg: TextConfig,
