@@ -44,16 +44,6 @@ class DecoderPieces:
     causal_mask: Callable
 
 
-def gather_visual_rows(input_ids_PxL, token_id: int, features_UxF, dtype):
-    """Where the placeholder ``token_id`` sits [P, L] and, at each position, the visual row it
-    takes in order [P, L, F] (clipped elsewhere: mask before use). Padding rows at the end of
-    ``features`` (a sampler's bucket) are never gathered."""
-    P, L = input_ids_PxL.shape
-    is_visual = input_ids_PxL == token_id
-    index = jnp.clip(jnp.cumsum(is_visual.reshape(-1)) - 1, 0, features_UxF.shape[0] - 1)
-    return is_visual, features_UxF.astype(dtype)[index].reshape(P, L, -1)
-
-
 def prefill(text_params: dict, x_PxLxD, position_ids_3xPxL, mask_PxL, cfg, pieces: DecoderPieces,
             attn_impl=None, after_layer: Callable | None = None):
     """All layers over the prompts. ``after_layer(x, i)`` (traced layer index) may add to the

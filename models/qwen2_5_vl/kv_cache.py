@@ -13,9 +13,9 @@ length, D width, K key/value heads, H head dim, Y layers, U visual rows.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from caspo_jax.models.common import kv_cache as common
+from caspo_jax.models.common.placeholders import place_features, placeholder_slots
 
 from . import text as text_lib
 from .config import TextConfig
@@ -33,8 +33,8 @@ def embed_tokens(text_params: dict, input_ids_PxL, image_embeds_UxD, image_token
     embeds = text_params["embed"][input_ids_PxL]
     if image_embeds_UxD is None:
         return embeds
-    is_image, rows = common.gather_visual_rows(input_ids_PxL, image_token_id, image_embeds_UxD, embeds.dtype)
-    return jnp.where(is_image[..., None], rows, embeds)
+    return place_features(embeds, placeholder_slots(input_ids_PxL, image_token_id, image_embeds_UxD.shape[0]),
+                          image_embeds_UxD)
 
 
 def prefill(text_params: dict, embeds_PxLxD, position_ids_3xPxL, mask_PxL, cfg: TextConfig, attn_impl=None):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caspo_jax.models.common.placeholders import place_features, placeholder_slots
 from caspo_jax.models.common.visual_inputs import prepare_visual_inputs
 
 from . import kv_cache as kv_cache_lib
@@ -114,33 +115,18 @@ def _encode_images_jit(model: Qwen2_5_VL, vision_params, pixel_values, grids):
     return vision_lib.encode_images(vision_params, pixel_values, meta, v, model.attn_implementation, model.remat)
 
 
-def _place_features(embeds_BxLxD, slot_BxL, features_UxD):
-    """Tokens with slot >= 0 take that row of the features: a per-token gather, so rows
-    sharded over devices need no communication beyond the (replicated) features."""
-    rows = features_UxD.astype(embeds_BxLxD.dtype)[jnp.maximum(slot_BxL, 0)]
-    return jnp.where((slot_BxL >= 0)[..., None], rows, embeds_BxLxD)
-
-
-def _scatter_features(embeds_BxLxD, input_ids_BxL, token_id: int, features_UxD):
-    """Replace the placeholder tokens' embeddings by the vision features, in order."""
-    B, L, D = embeds_BxLxD.shape
-    is_slot = (input_ids_BxL == token_id).reshape(-1)
-    index = jnp.clip(jnp.cumsum(is_slot) - 1, 0, features_UxD.shape[0] - 1)
-    scattered = features_UxD.astype(embeds_BxLxD.dtype)[index]
-    return jnp.where(is_slot[:, None], scattered, embeds_BxLxD.reshape(B * L, D)).reshape(B, L, D)
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def _hidden_states_jit(model: Qwen2_5_VL, text_params, input_ids_BxL, attention_mask_BxL, position_ids_3xBxL,
                        image_embeds_UxD, video_embeds_VxD, image_slot_BxL=None):
     cfg = model.config
     embeds = text_params["embed"][input_ids_BxL]
-    if image_embeds_UxD is not None and image_slot_BxL is not None:
-        embeds = _place_features(embeds, image_slot_BxL, image_embeds_UxD)
-    elif image_embeds_UxD is not None:
-        embeds = _scatter_features(embeds, input_ids_BxL, cfg.image_token_id, image_embeds_UxD)
+    if image_embeds_UxD is not None:
+        slot = image_slot_BxL if image_slot_BxL is not None else \
+            placeholder_slots(input_ids_BxL, cfg.image_token_id, image_embeds_UxD.shape[0])
+        embeds = place_features(embeds, slot, image_embeds_UxD)
     if video_embeds_VxD is not None:
-        embeds = _scatter_features(embeds, input_ids_BxL, cfg.video_token_id, video_embeds_VxD)
+        slot = placeholder_slots(input_ids_BxL, cfg.video_token_id, video_embeds_VxD.shape[0])
+        embeds = place_features(embeds, slot, video_embeds_VxD)
     if position_ids_3xBxL is None:
         B, L = input_ids_BxL.shape
         position_ids_3xBxL = jnp.broadcast_to(jnp.arange(L), (3, B, L))

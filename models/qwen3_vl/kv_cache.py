@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from caspo_jax.models.common import kv_cache as common
+from caspo_jax.models.common.placeholders import place_features, placeholder_slots
 
 from . import text as text_lib
 from .config import TextConfig
@@ -36,10 +37,9 @@ def embed_tokens(text_params: dict, input_ids_PxL, image_embeds_UxF, image_token
     if image_embeds_UxF is None:
         return embeds
     D = embeds.shape[-1]
-    is_image, rows = common.gather_visual_rows(input_ids_PxL, image_token_id, image_embeds_UxF, embeds.dtype)
-    is_image = is_image[..., None]
-    placed = jnp.where(is_image, rows, 0.0)
-    return jnp.concatenate([jnp.where(is_image, rows[..., :D], embeds), placed[..., D:]], axis=-1)
+    slot = placeholder_slots(input_ids_PxL, image_token_id, image_embeds_UxF.shape[0])
+    placed = place_features(jnp.zeros((*slot.shape, image_embeds_UxF.shape[-1]), embeds.dtype), slot, image_embeds_UxF)
+    return jnp.concatenate([place_features(embeds, slot, image_embeds_UxF[:, :D]), placed[..., D:]], axis=-1)
 
 
 def prefill(text_params: dict, embeds_PxLxF, position_ids_3xPxL, mask_PxL, cfg: TextConfig, attn_impl=None):

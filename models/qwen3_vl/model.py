@@ -22,6 +22,7 @@ import numpy as np
 
 from caspo_jax.models.qwen2_5_vl.rope_index import _as_grids
 
+from caspo_jax.models.common.placeholders import place_features, placeholder_slots
 from caspo_jax.models.common.visual_inputs import prepare_visual_inputs
 
 from . import kv_cache as kv_cache_lib
@@ -142,13 +143,6 @@ def _encode_images_jit(model: Qwen3VL, vision_params, pixel_values, grids):
     return jnp.concatenate([merged[None], deepstack], axis=0).transpose(1, 0, 2).reshape(merged.shape[0], -1)
 
 
-def _slot_index(input_ids_BxL, token_id: int, n_rows: int):
-    """Per token: its row among the ``token_id`` placeholders (row-major order), -1 elsewhere."""
-    is_slot = input_ids_BxL == token_id
-    index = jnp.clip(jnp.cumsum(is_slot.reshape(-1)).reshape(is_slot.shape) - 1, 0, max(n_rows - 1, 0))
-    return jnp.where(is_slot, index, -1)
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def _hidden_states_jit(model: Qwen3VL, text_params, input_ids_BxL, attention_mask_BxL, position_ids_3xBxL,
                        image_embeds_UxF, video_embeds_VxF, image_slot_BxL=None):
@@ -163,8 +157,8 @@ def _hidden_states_jit(model: Qwen3VL, text_params, input_ids_BxL, attention_mas
         if token_id == cfg.image_token_id and image_slot_BxL is not None:
             index = jnp.asarray(image_slot_BxL, jnp.int32)  # host-computed: no prefix sum over rows
         else:
-            index = _slot_index(input_ids_BxL, token_id, merged.shape[0])
-        embeds = jnp.where((index >= 0)[..., None], merged.astype(embeds.dtype)[jnp.maximum(index, 0)], embeds)
+            index = placeholder_slots(input_ids_BxL, token_id, merged.shape[0])
+        embeds = place_features(embeds, index, merged)
         visual_index = jnp.where(index >= 0, index + offset, visual_index)
         deepstack.append(stack)
         offset += merged.shape[0]

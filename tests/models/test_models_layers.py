@@ -94,3 +94,15 @@ def test_segment_attention_equals_masked_attention_with_gradients(segment_P):
              for f in (by_segment, masked)]
     for ours, ref in zip(*grads):
         np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_placeholder_slots_number_placeholders_row_major_and_features_land_there():
+    from caspo_jax.models.common.placeholders import place_features, placeholder_slots
+
+    ids = jnp.array([[5, 9, 9, 5], [9, 5, 5, 9]])
+    slots = placeholder_slots(ids, 9, n_rows=3)  # 4 placeholders, 3 rows: the last is clipped
+    np.testing.assert_array_equal(slots, [[-1, 0, 1, -1], [2, -1, -1, 2]])
+    embeds = jnp.zeros((2, 4, 2))
+    features = jnp.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    placed = place_features(embeds, slots, features)
+    np.testing.assert_array_equal(placed[..., 0], [[0, 1, 2, 0], [3, 0, 0, 3]])
