@@ -15,6 +15,7 @@ equals its full forward up to float summation order. Each family's ``kv_cache`` 
 (``caspo_jax.models.<family>.kv_cache``, exposed as ``Model.kv_cache``) wraps these with
 its embedding rule (e.g. Qwen3-VL's DeepStack) and is what the sampler calls.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -39,7 +39,8 @@ def embed_tokens(text_params: dict, input_ids_PxL, image_embeds_UxF, image_token
     D = embeds.shape[-1]
     slot = placeholder_slots(input_ids_PxL, image_token_id, image_embeds_UxF.shape[0])
     placed = place_features(jnp.zeros((*slot.shape, image_embeds_UxF.shape[-1]), embeds.dtype), slot, image_embeds_UxF)
-    return jnp.concatenate([place_features(embeds, slot, image_embeds_UxF[:, :D]), placed[..., D:]], axis=-1)
+    merged = jnp.where((slot >= 0)[..., None], placed[..., :D], embeds)  # one gather serves both parts
+    return jnp.concatenate([merged, placed[..., D:]], axis=-1)
 
 
 def prefill(text_params: dict, embeds_PxLxF, position_ids_3xPxL, mask_PxL, cfg: TextConfig, attn_impl=None):
