@@ -6,6 +6,7 @@ The other tests use arrays that fit one block; here `BLOCK_ELEMENTS` is shrunk s
 advantages).
 """
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -25,16 +26,33 @@ from caspo_jax.algo import (
     policy_loss,
 )
 from caspo_jax.algo import _blocks
+from caspo_jax.algo import advantages as advantages_module
+from caspo_jax.algo import losses as losses_module
 from caspo_jax.algo.losses import _count_codes, _decode_counts
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_algo_gradients import _batch, _reference_loss  # noqa: E402
+from test_algo_losses import _random  # noqa: E402
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 18 values: 2 rows of the 9-token loss batch, 1 group of the advantages'."""
     monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 18)
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+@contextlib.contextmanager
+def one_block():
+    """Blocks large enough for the whole test batch. The caches are cleared so that a
+    function traced under the small blocks is traced again (else jit would replay it)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_blocks, "BLOCK_ELEMENTS", 1 << 17)
+        jax.clear_caches()
+        yield
+    jax.clear_caches()
 
 
 def test_rows_per_block_is_the_largest_divisor_that_fits(monkeypatch):
@@ -68,15 +86,16 @@ def test_blocked_loss_and_gradients_equal_the_reference(small_blocks, agg, kl_ki
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
         assert np.all(np.asarray(got)[~mask] == 0.0)
     # Metrics: the same as one block holding everything.
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(_blocks, "BLOCK_ELEMENTS", 1 << 17)
-        _, one_block = caspo_loss(clean, old, ref, adv, mask, **kw)
-    for key, value in one_block.items():
+    with one_block():
+        _, whole = caspo_loss(clean, old, ref, adv, mask, **kw)
+    for key, value in whole.items():
         np.testing.assert_allclose(metrics[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def test_blocked_policy_loss_counts_clipped_tokens_exactly(small_blocks):
-    logp, old, _, adv, mask = _batch(3, 3.0)
+    """32-token rows, one per block: the counts take the packed bfloat16 path inside lax.map."""
+    logp, old, _, adv, mask = _random(T=32, seed=3, spread=0.4)
+    mask[0, :2], adv[0, :2], logp[0, :2] = True, -1.0, old[0, :2] + 1.5  # two dual-clipped tokens
     _, metrics = policy_loss(logp, old, adv, mask, dual_clip=3.0)
     ratio = np.exp(np.clip(logp - old, -20, 20))
     n = mask.sum()
@@ -152,10 +171,22 @@ def test_blocked_step_under_jit_matches_one_block(small_blocks):
         adv, _ = caspo_advantages(rewards, teacher, student, mask, lam=0.3)
         return jax.grad(lambda lp: caspo_loss(lp, student, student, adv, mask, beta=0.005)[0])(logp), adv
 
-    grad, adv = jax.jit(step)(rewards, teacher, student, logp, mask)
+    calls = []
+    counting = _blocks.rows_per_block
+
+    def spy(num_rows, row_elements):
+        calls.append(counting(num_rows, row_elements))
+        return calls[-1]
+
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(_blocks, "BLOCK_ELEMENTS", 1 << 17)
-        want_grad, want_adv = jax.jit(step)(rewards, teacher, student, logp, mask)
+        m.setattr(advantages_module, "rows_per_block", spy)
+        m.setattr(losses_module, "rows_per_block", spy)
+        grad, adv = jax.jit(step)(rewards, teacher, student, logp, mask)
+        blocked = list(calls)
+        with one_block():
+            want_grad, want_adv = jax.jit(step)(rewards, teacher, student, logp, mask)
+    # traced twice: 1 group / 3 rows per block, then everything in one block (5 groups, 15 rows)
+    assert sorted(set(blocked)) == [1, 3] and sorted(set(calls[len(blocked):])) == [5, 15]
     np.testing.assert_allclose(adv, want_adv, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-10)
     assert jnp.asarray(grad).dtype == jnp.float32
