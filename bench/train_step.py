@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     adv = rng.standard_normal((B, R)).astype(np.float32)
     batch = batch.with_signals(old_logp=np.asarray(logp), ref_logp=np.asarray(logp), advantages=adv)
     caspo = CaspoConfig(group_size=2, prompts_per_step=B)
-    train_cfg = TrainConfig(learning_rate=1e-6, remat=False if args.remat == "none" else args.remat)
+    train_cfg = TrainConfig(learning_rate=1e-6, remat=args.remat)
     step = make_train_step(model, train_cfg, caspo, donate=True)  # the state is updated in place, as a trainer does
     state = init_state(params, train_cfg)
     del params

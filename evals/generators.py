@@ -64,11 +64,10 @@ class EngineNotAvailable(NotImplementedError):
 LOCAL_ENGINES = ("jax", "vllm")
 
 
-def local_generator(engine: str, checkpoint: str | None = None, *, processor=None, batch_size: int = 16,
+def local_generator(engine: str, checkpoint: str | None = None, *, batch_size: int = 16,
                     seed: int = 0, **engine_kwargs) -> "LocalGenerator":
     """A ``LocalGenerator`` over the checkpoint in ``checkpoint`` (an HF directory).
 
-    processor: tokenizer + image processor (default: the checkpoint's, ``caspo_jax.hf_checkpoint``).
     engine_kwargs go to ``JaxSampler`` (e.g. ``mesh``) or ``VllmEngine.start``.
     """
     if engine not in LOCAL_ENGINES:
@@ -86,8 +85,7 @@ def local_generator(engine: str, checkpoint: str | None = None, *, processor=Non
                 "--engine openai --base-url URL.") from None
     from caspo_jax.hf_checkpoint import load_hf_checkpoint, stop_token_ids
 
-    model, params, own_processor = load_hf_checkpoint(checkpoint)
-    processor = processor if processor is not None else own_processor
+    model, params, processor = load_hf_checkpoint(checkpoint)
     eos_ids = stop_token_ids(processor.tokenizer)
     if engine == "jax":
         from caspo_jax.rollout import JaxSampler

@@ -343,6 +343,7 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
     # only full remat (layer inputs kept) is modelled; partial policies ("save_projections",
     # "save_dots") keep less than no remat, so they are estimated as no remat (an upper bound)
     remat = policy in (True, "full")
+    partial = policy in ("save_projections", "save_dots")
     mem = estimate_memory(table, dims, topo.mesh, rows=rows, seq_len=prompt_len + response_len,
                           response_len=response_len, compute_dtype=dtype, reference_dtype=dtype, remat=remat,
                           micro_batches=micro, optimizer_leaves=optimizer_copies(table),
@@ -361,7 +362,7 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
         f"step            {prompts} prompts x {group} samples, mini-batch {rows} rows "
         f"({-(-rows // (data * fsdp * micro))} per device per micro-batch, {micro} micro-batch(es)), "
         f"sequence {prompt_len}+{response_len}, compute {dtype}, remat {policy if isinstance(policy, str) else ('on' if remat else 'off')}"
-        + (" (estimated as no remat: an upper bound)" if isinstance(policy, str) and not remat else ""),
+        + (" (estimated as no remat: an upper bound)" if partial else ""),
         "memory per device:",
         f"  params (f32)  {_gib(mem.params)}",
         f"  grads (f32)   {_gib(mem.grads)}",

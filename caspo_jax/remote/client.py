@@ -31,11 +31,11 @@ def encode_weight_buckets(params, model, bucket_bytes: int = 256 * 2**20, dtype=
     from caspo_jax.bridge.transport import encode_safetensors
 
     if jax.process_count() > 1:
-        from caspo_jax.launch.distributed import gather_to_host
+        from caspo_jax.launch.distributed import gather_to_host, is_primary
 
         cast = (lambda x: x.astype(dtype)) if dtype is not None else (lambda x: x)
         params = jax.tree.map(lambda x: gather_to_host(cast(x)), params)
-        if jax.process_index() != 0:
+        if not is_primary():
             return []
     # Grouped by the vLLM module that receives them: vLLM processes a fused module (q/k/v,
     # gate/up) once per load, so a bucket must never split one (harmless for JAX workers).
@@ -145,10 +145,10 @@ class RemoteRolloutEngine:
     def sync_weights(self, params) -> None:
         """Push the full state dict to every worker. On a multi-host trainer every process
         calls this (the gather is a collective) and only process 0 sends."""
-        import jax
+        from caspo_jax.launch.distributed import is_primary
 
         buckets = encode_weight_buckets(params, self.model, self.bucket_bytes, self.push_dtype)
-        if jax.process_index() != 0:  # the gather above was the collective part
+        if not is_primary():  # the gather above was the collective part
             return
         self.last_push_bytes = sum(len(b) for b in buckets)
         self.version += 1

@@ -22,7 +22,6 @@ from caspo_jax.algo.config import CaspoConfig
 from caspo_jax.files import read_structured
 
 __all__ = [
-    "CheckpointConfig",
     "ConfigError",
     "DPOConfig",
     "DataConfig",
@@ -346,11 +345,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     for field in ("eval_every", "save_every"):
         if getattr(r, field) < 0:
             fail(f"run.{field}", "must be >= 0 (0 disables)")
-    from caspo_jax.models.common.layers import REMAT_POLICIES
+    from caspo_jax.models.common.layers import REMAT_CHOICES
 
-    remat_options = [False, True, "none", *REMAT_POLICIES]
-    if cfg.model.remat not in remat_options:
-        fail("model.remat", f"={cfg.model.remat!r} must be one of {remat_options} (false: keep every "
+    if cfg.model.remat not in REMAT_CHOICES:
+        fail("model.remat", f"={cfg.model.remat!r} must be one of {list(REMAT_CHOICES)} (false: keep every "
              "activation; true/'full': keep layer inputs; 'save_projections': keep matmul outputs)")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         fail("model.dtype", f"={cfg.model.dtype!r} must be 'float32' or 'bfloat16'")

@@ -64,6 +64,7 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.save_only_these_names(ATTENTION_OUTPUT)),
     "save_dots": jax.checkpoint_policies.dots_saveable,
 }
+REMAT_CHOICES = (False, True, "none", *REMAT_POLICIES)  # every value ``remat`` accepts
 
 
 def remat(fn, policy: bool | str | None):
@@ -82,8 +83,7 @@ def remat(fn, policy: bool | str | None):
     if policy is True:
         policy = "full"
     if policy not in REMAT_POLICIES:
-        raise ValueError(f"remat={policy!r} is not a known policy; use one of "
-                         f"{[False, True, *REMAT_POLICIES]}")
+        raise ValueError(f"remat={policy!r} is not a known policy; use one of {list(REMAT_CHOICES)}")
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
 

@@ -7,7 +7,6 @@ compilation on 2 cores; the runs themselves take seconds.
 
 import json
 import os
-import shutil
 import signal
 
 import numpy as np
