@@ -39,14 +39,23 @@ def map_row_blocks(fn, arrays, rows: int):
 
     `fn(*blocks)` returns a pytree of arrays whose leading axis is the block's rows; the
     results come back with that axis `num_rows` long. One block calls `fn` directly.
+    The blocks are dynamic slices of the arrays as they are (a loop over row offsets, not
+    a `lax.map` over a [blocks, rows, ...] reshape), so an input computed in the same jit
+    is the very buffer its other consumers read: XLA writes it once.
     """
     num_rows = arrays[0].shape[0]
     if rows >= num_rows:
         return fn(*arrays)
-    num_blocks = num_rows // rows
-    blocked = tuple(a.reshape(num_blocks, rows, *a.shape[1:]) for a in arrays)
-    out = jax.lax.map(lambda xs: fn(*xs), blocked)
-    return jax.tree.map(lambda y: y.reshape(num_rows, *y.shape[2:]), out)
+    block_shapes = tuple(jax.ShapeDtypeStruct((rows, *a.shape[1:]), a.dtype) for a in arrays)
+    outs = jax.eval_shape(fn, *block_shapes)
+    init = jax.tree.map(lambda o: jnp.zeros((num_rows, *o.shape[1:]), o.dtype), outs)
+
+    def body(i, acc):
+        start = i * rows
+        res = fn(*(jax.lax.dynamic_slice_in_dim(a, start, rows) for a in arrays))
+        return jax.tree.map(lambda buf, y: jax.lax.dynamic_update_slice_in_dim(buf, y, start, 0), acc, res)
+
+    return jax.lax.fori_loop(0, num_rows // rows, body, init)
 
 
 def row_sums(*arrays_RxT):

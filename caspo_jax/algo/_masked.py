@@ -7,10 +7,12 @@ logits, say -- can neither leak into the result nor into the gradient: the cotan
 `jnp.where` sends to the unselected branch is an exact 0, not `0 * inf`.
 """
 
-import functools
+import math
 
 import jax
 import jax.numpy as jnp
+
+from caspo_jax.algo._blocks import map_row_blocks, row_sums, rows_per_block
 
 F32 = jnp.float32
 
@@ -34,37 +36,6 @@ def clamp(x: jax.Array, low, high) -> jax.Array:
     in the backward loop, which only changes anything at a value exactly on a bound.
     """
     return jax.lax.clamp(jnp.asarray(low, F32), x, jnp.asarray(high, F32))
-
-
-def fused_sums(arrays, axis, keepdims=False):
-    """Sums of several same-shape float32 arrays along `axis`, in ONE pass over memory.
-
-    A variadic `lax.reduce`: XLA:CPU emits a single loop that computes every producer
-    (the `where`s, differences, products feeding `arrays`) in registers and updates all
-    the accumulators, so nothing of shape `arrays[0].shape` is written to memory.
-    Separate `jnp.sum`s would each materialise their producer and read it back.
-    That loop is scalar, so keep `exp` and friends out of the producers (an `exp` there
-    costs more than a vectorised pass that writes the values out); see BUILD_NOTES.md.
-    It accumulates in order, so keep `axis` short (a row of T tokens: error ~ sqrt(T)
-    float32 eps) and combine the [rows] results afterwards.
-    Differentiable (the derivative of a sum is the sum of the tangents).
-    """
-    arrays = tuple(jnp.asarray(a, F32) for a in arrays)
-    axes = tuple(sorted(a % arrays[0].ndim for a in ((axis,) if isinstance(axis, int) else axis)))
-    return _fused_sums(arrays, axes, keepdims)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _fused_sums(arrays, axes, keepdims):
-    zeros = tuple(jnp.zeros((), F32) for _ in arrays)
-    sums = jax.lax.reduce(arrays, zeros, lambda acc, x: tuple(a + b for a, b in zip(acc, x)), axes)
-    return tuple(jnp.expand_dims(s, axes) if keepdims else s for s in sums)
-
-
-@_fused_sums.defjvp
-def _fused_sums_jvp(axes, keepdims, primals, tangents):
-    (arrays,), (dots,) = primals, tangents
-    return _fused_sums(arrays, axes, keepdims), tuple(jnp.sum(t, axis=axes, keepdims=keepdims) for t in dots)
 
 
 def _population_shift(x0, v0):
@@ -124,23 +95,53 @@ def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bo
 
     `axis` names trailing axes ((1,) of [P, G]; (1, 2) or (0, 1, 2) of [P, G, T]); the
     last one is a row (a trajectory's tokens). The std is the sample std (ddof=1).
-    One pass over x: per row, the count, sum and sum of squares of x - K_row, where K_row
-    is the row's first value (or, when that is absent, the population's shift K from
-    `row_shifts`); the rows' statistics are then merged exactly (`merge_row_stats`) on
-    [rows]-sized arrays. Shifting by a value of the data keeps the one-pass variance as
-    accurate as a two-pass one and makes it exact for a constant population: every
-    x - K is then exactly 0, so the variance is exactly 0 (no residue, whatever the
-    values). A degenerate population -- fewer than two valid positions, or std below
-    `eps` -- yields exactly 0 everywhere, with finite (zero through the std) gradients.
-    Absent positions come out as exactly 0. `n` and `total` are the valid count and the
-    sum of x per population (keepdims), for callers that report means for free.
+    `zscore_of` with x itself as the one input; see there.
     """
-    axes = tuple(sorted(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)))
-    if axes != tuple(range(x.ndim - len(axes), x.ndim)):
-        raise ValueError(f"masked_zscore: axis={axis} must name trailing axes of a rank-{x.ndim} array")
-    x = jnp.asarray(x).astype(F32)
-    row_shift, shift = row_shifts(x, valid, axes)
-    d = jnp.where(valid, x - row_shift, 0.0)
-    n_row, s1_row, s2_row = fused_sums((valid.astype(F32), d, d * d), -1, keepdims=True)
+    return zscore_of(lambda x: x, (x,), valid, axis, eps=eps, scale=scale)
+
+
+def zscore_of(values, inputs, valid: jax.Array, axis, *, eps: float, scale: bool = True):
+    """`masked_zscore` of x = values(*inputs), computed without ever writing x out.
+
+    `values` is elementwise over the same-shape `inputs` (e.g. teacher - student log-probs
+    for the token rewards); it is evaluated inside each row block and again in the final
+    elementwise pass, so x costs no [..., T] array of its own.
+    One pass over the inputs (`_blocks`: row blocks in cache on the CPU): per row, the
+    count, sum and sum of squares of x - K_row, where K_row is the row's first value (or,
+    when that is absent, the population's shift K from `row_shifts`); the rows'
+    statistics are then merged exactly (`merge_row_stats`) on [rows]-sized arrays.
+    Shifting by a value of the data keeps the one-pass variance as accurate as a two-pass
+    one and makes it exact for a constant population: every x - K is then exactly 0, so
+    the variance is exactly 0 (no residue, whatever the values). A degenerate population
+    -- fewer than two valid positions, or std below `eps` -- yields exactly 0 everywhere,
+    with finite (zero through the std) gradients. Absent positions come out as exactly 0,
+    whatever the inputs hold there. Returns (z, n, total): `n` and `total` are the valid
+    count and the sum of x per population (keepdims), for callers that report means.
+    """
+    valid = as_valid(valid)
+    ndim = valid.ndim
+    axes = tuple(sorted(a % ndim for a in ((axis,) if isinstance(axis, int) else axis)))
+    if axes != tuple(range(ndim - len(axes), ndim)):
+        raise ValueError(f"masked_zscore: axis={axis} must name trailing axes of a rank-{ndim} array")
+    inputs = tuple(jnp.asarray(a) for a in inputs)
+
+    def x_of(*arrays):
+        return jnp.asarray(values(*arrays)).astype(F32)
+
+    row_shift, shift = row_shifts(x_of(*(a[..., :1] for a in inputs)), valid[..., :1], axes)
+
+    def block(*arrays):
+        *ins, v, k = arrays
+        d = jnp.where(v, x_of(*ins) - k, 0.0)
+        # 0/1 is exact in bfloat16 (half the bytes of float32); the sum accumulates in float32.
+        return (jnp.sum(v.astype(jnp.bfloat16), axis=-1, dtype=F32),) + row_sums(d, d * d)
+
+    lead, T = valid.shape[:-1], valid.shape[-1]
+    rows = math.prod(lead)
+    flat = tuple(a.reshape(rows, T) for a in (*inputs, valid)) + (row_shift.reshape(rows, 1),)
+    stats = map_row_blocks(block, flat, rows_per_block(rows, T))
+    n_row, s1_row, s2_row = (s.reshape(*lead, 1) for s in stats)
     offset, inv_std, n, total = merge_row_stats(n_row, s1_row, s2_row, row_shift, shift, axes[:-1], eps, scale)
+    # d masked first: the statistics' cotangents must not meet an absent position's NaN.
+    d = jnp.where(valid, x_of(*inputs) - row_shift, 0.0)
     return jnp.where(valid, (d + offset) * inv_std, 0.0), n, total

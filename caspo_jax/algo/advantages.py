@@ -10,8 +10,7 @@ dtype, and returns exactly 0 -- with exactly 0 gradient -- at positions whose ma
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.algo._blocks import map_row_blocks, row_sums, rows_per_block
-from caspo_jax.algo._masked import F32, as_valid, masked_zscore, merge_row_stats, present, row_shifts
+from caspo_jax.algo._masked import F32, as_valid, masked_zscore, present, zscore_of
 
 VARIANTS = ("hybrid", "outcome", "token")
 TOKEN_SCOPES = ("group", "batch")
@@ -67,12 +66,8 @@ def normalize_token_signal(
     r_PxGxT = jnp.asarray(r_PxGxT)
     if r_PxGxT.ndim != 3:
         raise ValueError(f"normalize_token_signal: r must be [P, G, T], got shape {r_PxGxT.shape}")
-    return _token_zscore(r_PxGxT, as_valid(mask_PxGxT), scope, eps)[0]
-
-
-def _token_zscore(r_PxGxT, valid_PxGxT, scope, eps):
     axis = (1, 2) if scope == "group" else (0, 1, 2)
-    return masked_zscore(r_PxGxT, valid_PxGxT, axis=axis, eps=eps)
+    return masked_zscore(r_PxGxT, as_valid(mask_PxGxT), axis=axis, eps=eps)[0]
 
 
 def token_rewards(
@@ -89,13 +84,21 @@ def token_rewards(
     `stop_gradient`: it is a reward, not a distillation loss. `clamp` (optional, > 0)
     bounds |r_t|. Absent positions are 0.
     """
+    _check_clamp(clamp)
+    valid_BxT = as_valid(mask_BxT)
+    r_BxT = _reward_values(present(teacher_logp_BxT, valid_BxT), present(student_logp_BxT, valid_BxT), clamp)
+    return jax.lax.stop_gradient(jnp.where(valid_BxT, r_BxT, 0.0))
+
+
+def _check_clamp(clamp) -> None:
     if clamp is not None and isinstance(clamp, (int, float)) and not clamp > 0:
         raise ValueError(f"token_rewards: clamp={clamp!r} must be > 0 or None")
-    valid_BxT = as_valid(mask_BxT)
-    r_BxT = present(teacher_logp_BxT, valid_BxT) - present(student_logp_BxT, valid_BxT)
-    if clamp is not None:
-        r_BxT = jnp.clip(r_BxT, -clamp, clamp)
-    return jax.lax.stop_gradient(jnp.where(valid_BxT, r_BxT, 0.0))
+
+
+def _reward_values(teacher_logp, student_logp, clamp):
+    """r_t before masking: teacher - student in float32, bounded by `clamp` when given."""
+    r = jnp.asarray(teacher_logp).astype(F32) - jnp.asarray(student_logp).astype(F32)
+    return r if clamp is None else jnp.clip(r, -clamp, clamp)
 
 
 def hybrid_advantages(
@@ -177,58 +180,22 @@ def caspo_advantages(
             raise ValueError(f"caspo_advantages: variant={variant!r} needs teacher and student log-probs")
         _check_choice("token_scope", token_scope, TOKEN_SCOPES)
         _check_eps(eps)
-        if token_scope == "group":
-            adv_PxGxT, n_P, total_P = _group_advantages_blocked(
-                R_hat_PxG, teacher_logp_BxT, student_logp_BxT, valid_BxT, lam=lam, variant=variant, eps=eps,
-                clamp=token_reward_clamp, nonneg_factor=nonneg_factor,
-            )
-            token_reward_mean = jnp.sum(total_P) / jnp.maximum(jnp.sum(n_P), 1.0)
-            return jax.lax.stop_gradient(adv_PxGxT.reshape(B, T)), {"token_reward_mean": token_reward_mean}
-        r_BxT = token_rewards(teacher_logp_BxT, student_logp_BxT, valid_BxT, clamp=token_reward_clamp)
-        r_hat_PxGxT, n, total = _token_zscore(r_BxT.reshape(P, G, T), valid_PxGxT, token_scope, eps)
+        _check_clamp(token_reward_clamp)
+        # r_t straight from the two log-probs (`zscore_of`): no [B, T] array of rewards.
+        r_hat_PxGxT, n, total = zscore_of(
+            lambda teacher, student: _reward_values(teacher, student, token_reward_clamp),
+            (jnp.asarray(teacher_logp_BxT).reshape(P, G, T), jnp.asarray(student_logp_BxT).reshape(P, G, T)),
+            valid_PxGxT, (1, 2) if token_scope == "group" else (0, 1, 2), eps=eps,
+        )
         # The barrier stops XLA from folding sum(per-group sums) back into a fresh full
-        # reduction over [P, G, T] (measured: two extra passes on CPU).
+        # reduction over [P, G, T] where the statistics are one block (off the CPU).
         n, total = jax.lax.optimization_barrier((n, total))
         token_reward_mean = jnp.sum(total) / jnp.maximum(jnp.sum(n), 1.0)
     adv_PxGxT = hybrid_advantages(
         R_hat_PxG, r_hat_PxGxT, valid_PxGxT, lam=lam, variant=variant, nonneg_factor=nonneg_factor
     )
-    adv_BxT = jax.lax.stop_gradient(adv_PxGxT.reshape(B, T))
+    # Written once: without the barrier XLA copies this elementwise pass into each consumer
+    # under the same jit (the loss's blocks and its gradient), recomputing A from the
+    # log-probs there and writing a second [B, T] copy for the blocked loop.
+    adv_BxT = jax.lax.optimization_barrier(jax.lax.stop_gradient(adv_PxGxT.reshape(B, T)))
     return adv_BxT, {"token_reward_mean": token_reward_mean}
-
-
-def _group_advantages_blocked(R_hat_PxG, teacher_logp_BxT, student_logp_BxT, valid_BxT, *, lam, variant, eps,
-                              clamp, nonneg_factor):
-    """caspo_advantages' group-scope path, a few prompts at a time; returns (A_PxGxT, n_P, total_P).
-
-    The same maths as `normalize_token_signal(scope="group")` + `hybrid_advantages` (the
-    z-score of `masked_zscore`: row shifts, per-row sums, exact merge), computed over
-    blocks of whole groups (`_blocks`): a group's statistics need only its own tokens, so
-    each block reads teacher, student and mask from memory once and writes A once; the
-    statistics' three sums are vectorised reductions over the cache-resident block.
-    n_P / total_P: each group's valid-token count and sum of r_t (for token_reward_mean).
-    """
-    P, G = R_hat_PxG.shape
-    B, T = valid_BxT.shape
-    teacher_PxGxT = jnp.asarray(teacher_logp_BxT).reshape(P, G, T)
-    student_PxGxT = jnp.asarray(student_logp_BxT).reshape(P, G, T)
-    valid_PxGxT = valid_BxT.reshape(P, G, T)
-    # Shifts come from each trajectory's first token: computed here, on [P, G], and fed to
-    # the blocks as inputs (inside a block XLA would recompute them for every token).
-    r0_PxGx1 = token_rewards(teacher_PxGxT[..., :1], student_PxGxT[..., :1], valid_PxGxT[..., :1], clamp=clamp)
-    row_shift_PxGx1, shift_Px1x1 = row_shifts(r0_PxGx1, valid_PxGxT[..., :1], (1, 2))
-
-    def block(teacher, student, valid, row_shift, shift, R_hat):
-        r = token_rewards(teacher, student, valid, clamp=clamp)
-        d = jnp.where(valid, r - row_shift, 0.0)
-        # 0/1 is exact in bfloat16 (half the bytes of float32); the sum accumulates in float32.
-        n_row = jnp.sum(valid.astype(jnp.bfloat16), axis=-1, dtype=F32)[..., None]
-        s1_row, s2_row = (s[..., None] for s in row_sums(d, d * d))
-        offset, inv_std, n, total = merge_row_stats(n_row, s1_row, s2_row, row_shift, shift, (1,), eps)
-        r_hat = jnp.where(valid, (d + offset) * inv_std, 0.0)
-        adv = hybrid_advantages(R_hat, r_hat, valid, lam=lam, variant=variant, nonneg_factor=nonneg_factor)
-        return adv, n[:, 0, 0], total[:, 0, 0]
-
-    groups = rows_per_block(P, G * T)
-    inputs = (teacher_PxGxT, student_PxGxT, valid_PxGxT, row_shift_PxGx1, shift_Px1x1, jnp.asarray(R_hat_PxG, F32))
-    return map_row_blocks(block, inputs, groups)

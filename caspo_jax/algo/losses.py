@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from caspo_jax.algo._blocks import map_row_blocks, row_sums, rows_per_block
-from caspo_jax.algo._masked import F32, as_valid, clamp, fused_sums, present
+from caspo_jax.algo._masked import F32, as_valid, clamp, present
 from caspo_jax.algo.kl import KL_KINDS, kl_penalty
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -56,7 +56,7 @@ def aggregate(loss_BxT: jax.Array, mask_BxT: jax.Array, *, agg: str = "token-mea
     """
     _check_agg(agg, norm_len)
     valid_BxT = as_valid(mask_BxT)
-    row_len_B, row_sum_B = fused_sums((valid_BxT.astype(F32), present(loss_BxT, valid_BxT)), axis=-1)
+    row_len_B, row_sum_B = row_sums(valid_BxT.astype(F32), present(loss_BxT, valid_BxT))
     length = valid_BxT.shape[-1] if norm_len is None else norm_len
     return _agg_from_row_sums(row_sum_B, row_len_B, agg, length)
 

@@ -2,8 +2,8 @@
 reference maths, and the packed clip counts are exact.
 
 The other tests use arrays that fit one block; here `BLOCK_ELEMENTS` is shrunk so that
-`lax.map` really runs over several blocks (of rows for the loss, of groups for the
-advantages).
+`lax.map` really runs over several blocks of rows (the loss's, and the token-reward
+statistics' of the advantages).
 """
 
 import contextlib
@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from caspo_jax.algo import (
-    AGG_MODES,
     caspo_advantages,
     caspo_loss,
     group_normalize,
@@ -26,7 +25,7 @@ from caspo_jax.algo import (
     policy_loss,
 )
 from caspo_jax.algo import _blocks
-from caspo_jax.algo import advantages as advantages_module
+from caspo_jax.algo import _masked as masked_module
 from caspo_jax.algo import losses as losses_module
 from caspo_jax.algo.losses import _count_codes, _decode_counts
 
@@ -37,7 +36,7 @@ from test_algo_losses import _random  # noqa: E402
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 18 values: 2 rows of the 9-token loss batch, 1 group of the advantages'."""
+    """Blocks of 18 values: 2 rows of the 9-token loss batch, 3 of the 6-token advantages'."""
     monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 18)
     jax.clear_caches()
     yield
@@ -153,9 +152,10 @@ def test_blocked_advantages_equal_the_public_pieces(small_blocks, variant, clamp
     r = np.where(mask, teacher - student, 0.0)
     if clamp is not None:
         r = np.clip(r, -clamp, clamp)
-    r_hat = normalize_token_signal(r.reshape(P, G, T), mask.reshape(P, G, T), scope="group")
-    want = hybrid_advantages(group_normalize(rewards), r_hat, mask.reshape(P, G, T), lam=0.3, variant=variant,
-                             nonneg_factor=nonneg).reshape(P * G, T)
+    with one_block():  # the public pieces, each in one block
+        r_hat = normalize_token_signal(r.reshape(P, G, T), mask.reshape(P, G, T), scope="group")
+        want = hybrid_advantages(group_normalize(rewards), r_hat, mask.reshape(P, G, T), lam=0.3, variant=variant,
+                                 nonneg_factor=nonneg).reshape(P * G, T)
     np.testing.assert_allclose(adv, want, rtol=1e-6, atol=1e-6)
     assert np.all(np.asarray(adv)[~mask] == 0.0)
     np.testing.assert_allclose(metrics["token_reward_mean"], r[mask].mean(), rtol=1e-6, atol=1e-7)
@@ -175,18 +175,21 @@ def test_blocked_step_under_jit_matches_one_block(small_blocks):
     counting = _blocks.rows_per_block
 
     def spy(num_rows, row_elements):
-        calls.append(counting(num_rows, row_elements))
-        return calls[-1]
+        calls.append((num_rows, row_elements, counting(num_rows, row_elements)))
+        return calls[-1][-1]
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(advantages_module, "rows_per_block", spy)
+        m.setattr(masked_module, "rows_per_block", spy)
         m.setattr(losses_module, "rows_per_block", spy)
         grad, adv = jax.jit(step)(rewards, teacher, student, logp, mask)
         blocked = list(calls)
         with one_block():
             want_grad, want_adv = jax.jit(step)(rewards, teacher, student, logp, mask)
-    # traced twice: 1 group / 3 rows per block, then everything in one block (5 groups, 15 rows)
-    assert sorted(set(blocked)) == [1, 3] and sorted(set(calls[len(blocked):])) == [5, 15]
+    # Traced twice: the 15 token rows (the advantages' statistics, the loss) 3 per block,
+    # then in one block; the [5, 3] rewards fit one block either way.
+    token_rows = lambda traced: sorted({rows for n, width, rows in traced if (n, width) == (15, 6)})  # noqa: E731
+    assert token_rows(blocked) == [3] and token_rows(calls[len(blocked):]) == [15]
+    assert sum((n, width) == (15, 6) for n, width, _ in blocked) == 2  # advantages and loss
     np.testing.assert_allclose(adv, want_adv, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-10)
     assert jnp.asarray(grad).dtype == jnp.float32
