@@ -9,7 +9,8 @@ loss, gradient and advantages (asserted) before anything is timed.
 The work is memory-bound, so we also time a jitted single pass over the same bytes (read
 every [B, T] input once, write one [B, T] output) in the same run: the "roof". Printed:
 median and minimum times, our fraction of the roof, and the speed-up over the baseline;
-the RESULT is the ratio of the minimums (see `main`).
+the RESULT is the ratio of the minimums (see `main`). The three take turns in runs of
+back-to-back calls, the first call of each run untimed (`alternating_runs`).
 
     python bench/loss.py        # ~1 minute on 2 cores
 
@@ -42,7 +43,8 @@ P, G, T = PAPER.prompts_per_step, PAPER.group_size, 1024
 B = P * G
 CFG = PAPER  # lam 0.3, hybrid, group scope, beta 0.005 k3, clip 0.2, token-mean
 GOAL = 8.0
-REPEATS = 15
+ROUNDS = 8  # runs per framework
+RUN = 4  # back-to-back calls per run; the first is discarded
 
 
 def make_inputs(seed=0):
@@ -134,17 +136,24 @@ def torch_step(rewards, teacher, old, logp, ref, mask):
 # ------------------------------------------------------------------ timing
 
 
-def interleaved_times(fns, repeats=REPEATS):
-    """(medians, minimums) in seconds of each fn, timed round-robin so that load from
-    other processes on this shared machine hits all of them alike."""
+def alternating_runs(fns, rounds=ROUNDS, run=RUN):
+    """(medians, minimums) in seconds of each fn over `rounds` runs of `run` back-to-back
+    calls, the functions taking turns run by run, so that load from other processes on
+    this shared machine hits all of them alike. The first call of each run is discarded:
+    it shares the 2 cores with the previous function's idle-spinning worker threads
+    (PyTorch's OpenMP workers spin-wait after each parallel region; measured: our step
+    timed right after PyTorch's ran 1.2-1.7x slower than after two roof passes, a roof
+    pass right after PyTorch 1.13-1.15x slower; BUILD_NOTES.md "Measured figures")."""
     for fn in fns:
         fn()  # warm-up / compile
     times = [[] for _ in fns]
-    for _ in range(repeats):
+    for _ in range(rounds):
         for fn, acc in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
+            for i in range(run):
+                t0 = time.perf_counter()
+                fn()
+                if i:
+                    acc.append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times], [min(t) for t in times]
 
 
@@ -169,12 +178,12 @@ def main():
           f"threads: torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
 
     def timed(label):
-        (t_jax, t_torch, t_roof), (m_jax, m_torch, m_roof) = interleaved_times([
+        (t_jax, t_torch, t_roof), (m_jax, m_torch, m_roof) = alternating_runs([
             lambda: jax.block_until_ready(jax_step(*jx)),
             lambda: torch_step(*th),
             lambda: jax.block_until_ready(roof_pass(*jx)),
         ])
-        print(f"[{label}]  median / min of {REPEATS} interleaved runs")
+        print(f"[{label}]  median / min of {ROUNDS} alternating runs x {RUN - 1} timed calls")
         print(f"  pytorch eager (verl-style) : {t_torch * 1e3:8.2f} / {m_torch * 1e3:8.2f} ms")
         print(f"  jax jit (caspo_jax.algo)   : {t_jax * 1e3:8.2f} / {m_jax * 1e3:8.2f} ms")
         print(f"  roof: one jitted pass      : {t_roof * 1e3:8.2f} / {m_roof * 1e3:8.2f} ms  over "

@@ -174,7 +174,7 @@ def _decode_counts(stats):
 def _loss_row_stats(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips):
     """Per-sequence sums ([B] each) of the loss terms and the metric counts, blocked by rows.
 
-    One `lax.map` over blocks of rows (`_blocks`): each block's inputs are read from memory
+    One loop over blocks of rows (`_blocks`): each block's inputs are read from memory
     once, and its per-token values (`_token_losses`) are summed by vectorised reductions
     while in cache. Returns (pg_B, kl_B or None, stats) with stats: valid, clipped_high,
     clipped_low, dual_clipped (with a dual clip), log_ratio.
@@ -190,12 +190,8 @@ def _loss_row_stats(static, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid
             stats["dual_clipped"] = jnp.sum(parts["dual_clipped"], axis=-1, dtype=F32)
         return pg_R, None if kl is None else jnp.sum(kl, axis=-1), stats
 
-    if ref_logp_BxT is None:
-        pg_B, kl_B, stats = map_row_blocks(lambda lp, o, a, v: block(lp, o, None, a, v),
-                                           (logp_BxT, old_logp_BxT, adv_BxT, valid_BxT), rows_per_block(B, T))
-    else:
-        pg_B, kl_B, stats = map_row_blocks(block, (logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT),
-                                           rows_per_block(B, T))
+    pg_B, kl_B, stats = map_row_blocks(block, (logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT),
+                                       rows_per_block(B, T))
     return pg_B, kl_B, _decode_counts(stats)
 
 
