@@ -12,7 +12,7 @@ median and minimum times, our fraction of the roof, and the speed-up over the ba
 the RESULT is the ratio of the minimums (see `main`). The three take turns in runs of
 back-to-back calls, the first call of each run untimed (`alternating_runs`).
 
-    python bench/loss.py        # ~1 minute on 2 cores
+    python bench/loss.py        # ~10 s on 2 cores
 
 Allocator: both frameworks allocate each call's temporaries afresh; glibc serves a
 block above its mmap threshold (dynamic, at most 32 MiB) with mmap and unmaps it on

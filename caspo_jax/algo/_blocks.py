@@ -45,8 +45,13 @@ def map_row_blocks(fn, arrays, rows: int):
     read: XLA writes it once.
     """
     num_rows = next(a for a in arrays if a is not None).shape[0]
+    if any(a is not None and a.shape[0] != num_rows for a in arrays):
+        raise ValueError(f"map_row_blocks: arrays of {[None if a is None else a.shape[0] for a in arrays]} rows; "
+                         "all need the same number")
     if rows >= num_rows:
         return fn(*arrays)
+    if num_rows % rows:
+        raise ValueError(f"map_row_blocks: {rows} rows per block do not divide {num_rows} rows (use rows_per_block)")
     block_shapes = tuple(None if a is None else jax.ShapeDtypeStruct((rows, *a.shape[1:]), a.dtype) for a in arrays)
     outs = jax.eval_shape(fn, *block_shapes)
     init = jax.tree.map(lambda o: jnp.zeros((num_rows, *o.shape[1:]), o.dtype), outs)

@@ -118,12 +118,17 @@ def zscore_of(values, inputs, valid: jax.Array, axis, *, eps: float, scale: bool
     whatever the inputs hold there. Returns (z, n, total): `n` and `total` are the valid
     count and the sum of x per population (keepdims), for callers that report means.
     """
-    valid = as_valid(valid)
+    valid, inputs = as_valid(valid), tuple(jnp.asarray(a) for a in inputs)
+    try:
+        shape = jnp.broadcast_shapes(valid.shape, *(a.shape for a in inputs))
+    except ValueError as err:
+        raise ValueError(f"zscore_of: mask {valid.shape} and inputs {[a.shape for a in inputs]} do not "
+                         "broadcast to one shape") from err
+    valid, inputs = jnp.broadcast_to(valid, shape), tuple(jnp.broadcast_to(a, shape) for a in inputs)
     ndim = valid.ndim
     axes = tuple(sorted(a % ndim for a in ((axis,) if isinstance(axis, int) else axis)))
     if axes != tuple(range(ndim - len(axes), ndim)):
-        raise ValueError(f"masked_zscore: axis={axis} must name trailing axes of a rank-{ndim} array")
-    inputs = tuple(jnp.asarray(a) for a in inputs)
+        raise ValueError(f"zscore_of: axis={axis} must name trailing axes of a rank-{ndim} array")
 
     def x_of(*arrays):
         return jnp.asarray(values(*arrays)).astype(F32)

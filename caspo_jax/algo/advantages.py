@@ -84,15 +84,15 @@ def token_rewards(
     `stop_gradient`: it is a reward, not a distillation loss. `clamp` (optional, > 0)
     bounds |r_t|. Absent positions are 0.
     """
-    _check_clamp(clamp)
+    _check_clamp("token_rewards: clamp", clamp)
     valid_BxT = as_valid(mask_BxT)
     r_BxT = _reward_values(present(teacher_logp_BxT, valid_BxT), present(student_logp_BxT, valid_BxT), clamp)
     return jax.lax.stop_gradient(jnp.where(valid_BxT, r_BxT, 0.0))
 
 
-def _check_clamp(clamp) -> None:
+def _check_clamp(field: str, clamp) -> None:
     if clamp is not None and isinstance(clamp, (int, float)) and not clamp > 0:
-        raise ValueError(f"token_rewards: clamp={clamp!r} must be > 0 or None")
+        raise ValueError(f"{field}={clamp!r} must be > 0 or None (None: no bound on |r_t|)")
 
 
 def _reward_values(teacher_logp, student_logp, clamp):
@@ -156,8 +156,9 @@ def caspo_advantages(
 ):
     """Algorithm 1, lines 5-8: outcome rewards and token log-probs to A_BxT.
 
-    Composes `group_normalize`, `token_rewards`, `normalize_token_signal` and
-    `hybrid_advantages`, reshaping [B, T] <-> [P, G, T] (rows grouped prompt-major).
+    The same numbers as composing `group_normalize`, `token_rewards`,
+    `normalize_token_signal` and `hybrid_advantages` (rows grouped prompt-major, [B, T] <->
+    [P, G, T]), computed without writing r_t or its z-score out (`zscore_of`).
     For variant="outcome" the log-probs are unused and may be None.
     Returns (adv_BxT, metrics) with metrics["token_reward_mean"]: the raw r_t averaged
     over valid tokens (how much the constitution moves the policy; 0 for "outcome"),
@@ -180,7 +181,7 @@ def caspo_advantages(
             raise ValueError(f"caspo_advantages: variant={variant!r} needs teacher and student log-probs")
         _check_choice("token_scope", token_scope, TOKEN_SCOPES)
         _check_eps(eps)
-        _check_clamp(token_reward_clamp)
+        _check_clamp("caspo_advantages: token_reward_clamp", token_reward_clamp)
         # r_t straight from the two log-probs (`zscore_of`): no [B, T] array of rewards.
         r_hat_PxGxT, n, total = zscore_of(
             lambda teacher, student: _reward_values(teacher, student, token_reward_clamp),
@@ -194,8 +195,5 @@ def caspo_advantages(
     adv_PxGxT = hybrid_advantages(
         R_hat_PxG, r_hat_PxGxT, valid_PxGxT, lam=lam, variant=variant, nonneg_factor=nonneg_factor
     )
-    # Written once: without the barrier XLA copies this elementwise pass into each consumer
-    # under the same jit (the loss's blocks and its gradient), recomputing A from the
-    # log-probs there and writing a second [B, T] copy for the blocked loop.
-    adv_BxT = jax.lax.optimization_barrier(jax.lax.stop_gradient(adv_PxGxT.reshape(B, T)))
+    adv_BxT = jax.lax.stop_gradient(adv_PxGxT.reshape(B, T))
     return adv_BxT, {"token_reward_mean": token_reward_mean}

@@ -2,7 +2,7 @@
 reference maths, and the packed clip counts are exact.
 
 The other tests use arrays that fit one block; here `BLOCK_ELEMENTS` is shrunk so that
-`lax.map` really runs over several blocks of rows (the loss's, and the token-reward
+the row-block loop (`map_row_blocks`) really runs over several blocks (the loss's, and the token-reward
 statistics' of the advantages).
 """
 
@@ -92,7 +92,7 @@ def test_blocked_loss_and_gradients_equal_the_reference(small_blocks, agg, kl_ki
 
 
 def test_blocked_policy_loss_counts_clipped_tokens_exactly(small_blocks):
-    """32-token rows, one per block: the counts take the packed bfloat16 path inside lax.map."""
+    """32-token rows, one per block: the counts take the packed bfloat16 path inside the loop."""
     logp, old, _, adv, mask = _random(T=32, seed=3, spread=0.4)
     mask[0, :2], adv[0, :2], logp[0, :2] = True, -1.0, old[0, :2] + 1.5  # two dual-clipped tokens
     _, metrics = policy_loss(logp, old, adv, mask, dual_clip=3.0)
@@ -161,6 +161,60 @@ def test_blocked_advantages_equal_the_public_pieces(small_blocks, variant, clamp
     np.testing.assert_allclose(metrics["token_reward_mean"], r[mask].mean(), rtol=1e-6, atol=1e-7)
     if variant == "token":
         assert np.all(np.asarray(adv)[6:9] == 0.0)  # the constant group
+
+
+def _numpy_zscore(r, mask, axes):
+    """The z-score written out: mean and sample std (ddof=1) over each population's valid values."""
+    out = np.zeros_like(r, dtype=np.float64)
+    keep = tuple(a for a in range(r.ndim) if a not in axes)
+    for idx in np.ndindex(*(r.shape[a] for a in keep)):
+        sel = [slice(None)] * r.ndim
+        for a, i in zip(keep, idx):
+            sel[a] = i
+        x, m = r[tuple(sel)], mask[tuple(sel)]
+        vals = x[m].astype(np.float64)
+        if vals.size >= 2 and vals.std(ddof=1) >= 1e-6:
+            out[tuple(sel)] = np.where(m, (x - vals.mean()) / (vals.std(ddof=1) + 1e-6), 0.0)
+    return out
+
+
+@pytest.mark.parametrize("scope", ["group", "batch"])
+def test_blocked_token_signal_equals_numpy(small_blocks, scope):
+    """Statistics over 3-row blocks merged across blocks (batch scope: across every group)."""
+    rewards, teacher, student, mask = _groups(seed=4)
+    P, G = rewards.shape
+    T = mask.shape[1]
+    r = np.where(mask, teacher - student, 0.0).astype(np.float32).reshape(P, G, T)
+    m = mask.reshape(P, G, T)
+    want = _numpy_zscore(r, m, (1, 2) if scope == "group" else (0, 1, 2))
+    np.testing.assert_allclose(normalize_token_signal(r, m, scope=scope), want, rtol=1e-5, atol=1e-6)
+    adv, metrics = caspo_advantages(rewards, teacher, student, mask, lam=0.3, variant="token", token_scope=scope)
+    np.testing.assert_allclose(adv, want.reshape(P * G, T), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["token_reward_mean"], r[m].mean(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("scope", ["group", "batch"])
+def test_blocked_token_signal_gradients_ignore_absent_garbage(small_blocks, scope):
+    rewards, teacher, student, mask = _groups(seed=5)
+    P, G = rewards.shape
+    T = mask.shape[1]
+    m = mask.reshape(P, G, T)
+    r = np.where(m, (teacher - student).reshape(P, G, T), np.nan).astype(np.float32)
+    weights = np.random.default_rng(5).normal(size=r.shape).astype(np.float32)
+
+    def objective(x):
+        return jnp.sum(normalize_token_signal(x, m, scope=scope) * weights)
+
+    grad = jax.grad(objective)(r)
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~m] == 0.0)
+    with one_block():
+        want = jax.grad(objective)(np.where(m, r, 0.0))
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
+
+
+def test_map_row_blocks_rejects_blocks_that_do_not_divide_the_rows():
+    with pytest.raises(ValueError, match="do not divide"):
+        _blocks.map_row_blocks(lambda x: jnp.sum(x, -1), (jnp.ones((5, 2)),), 2)
 
 
 def test_blocked_step_under_jit_matches_one_block(small_blocks):
