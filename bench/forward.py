@@ -50,15 +50,16 @@ def bench_config(vocab: int, layers: int) -> dict:
     return cfg
 
 
-def make_inputs(cfg: dict, batch: int, length: int, image_px: int, seed: int = 0):
+def make_inputs(cfg: dict, batch: int, length: int, image_px: int, seed: int = 0, patch: int = 14):
+    """Random token ids with one image of image_px^2 pixels (2x2-merged patches) at position 5."""
     rng = np.random.default_rng(seed)
-    grid = image_px // 14
+    grid = image_px // patch
     n_image = grid * grid // 4
     input_ids = rng.integers(0, cfg["text_config"]["vocab_size"] - 8, (batch, length))
     input_ids[:, 4] = cfg["vision_start_token_id"]
     input_ids[:, 5:5 + n_image] = cfg["image_token_id"]
     input_ids[:, 5 + n_image] = cfg["vision_end_token_id"]
-    pixel_values = rng.standard_normal((batch * grid * grid, 3 * 2 * 14 * 14)).astype(np.float32)
+    pixel_values = rng.standard_normal((batch * grid * grid, 3 * 2 * patch * patch)).astype(np.float32)
     image_grid_thw = np.tile([[1, grid, grid]], (batch, 1))
     return input_ids, np.ones_like(input_ids), pixel_values, image_grid_thw
 
@@ -79,59 +80,121 @@ def model_flops(cfg: dict, batch: int, length: int, lm_positions: int, patches: 
     return float(text + attn + head + vision)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str, argv, *, repeats: int, add_more=None):
+    """The benches' common command line (shape and repeats); `add_more(parser)` adds the rest."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--response", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--image-px", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--baseline-attn", default="sdpa", choices=["sdpa", "eager"])
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    if add_more is not None:
+        add_more(parser)
+    return parser.parse_args(argv)
 
+
+def hf_and_port(hf_class, hf_config, attn: str, *, train: bool = False):
+    """transformers' model with seeded random float32 weights, and our port loaded from its save."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from caspo_jax.models import load_pretrained
 
-    cfg = bench_config(args.vocab, args.layers)
-    hf_config = Qwen2_5_VLConfig(**cfg)
-    hf_config._attn_implementation = args.baseline_attn
+    hf_config._attn_implementation = attn
     torch.manual_seed(0)
-    hf = Qwen2_5_VLForConditionalGeneration(hf_config).eval().float()
+    hf = hf_class(hf_config).float()
+    hf = hf.train() if train else hf.eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         model, params = load_pretrained(tmp)
-    input_ids, mask, pixel_values, grid_thw = make_inputs(cfg, args.batch, args.length, args.image_px)
-    R = args.response
-    targets = input_ids[:, -R:]
+    return hf, model, params
 
-    # transformers: full forward, then response log-probs.
-    t_inputs = dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask),
-                    pixel_values=torch.tensor(pixel_values), image_grid_thw=torch.tensor(grid_thw),
-                    mm_token_type_ids=torch.tensor((input_ids == cfg["image_token_id"]).astype(np.int64)))
+
+def torch_inputs(cfg: dict, input_ids, mask, pixel_values, grid_thw) -> dict:
+    """`make_inputs`' arrays as the keyword tensors transformers' forward takes."""
+    import torch
+
+    return dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask),
+                pixel_values=torch.tensor(pixel_values), image_grid_thw=torch.tensor(grid_thw),
+                mm_token_type_ids=torch.tensor((input_ids == cfg["image_token_id"]).astype(np.int64)))
+
+
+def torch_response_logprobs(hf, t_inputs: dict, targets, *, keep_response_only: bool = False):
+    """transformers' log-probs of the last R tokens: full-sequence logits then log-softmax,
+    as a plain user computes them, or (`keep_response_only`) with `logits_to_keep`, as TRL does."""
+    import torch
+
     t_targets = torch.tensor(targets)
+    R = t_targets.shape[1]
 
-    def torch_logprobs():
+    def logprobs():
         hf.model.rope_deltas = None
         with torch.no_grad():
-            logits = hf(**t_inputs).logits[:, -R - 1:-1]
+            if keep_response_only:
+                logits = hf(**t_inputs, logits_to_keep=R + 1).logits[:, :-1]
+            else:
+                logits = hf(**t_inputs).logits[:, -R - 1:-1]
             return torch.log_softmax(logits, -1).gather(-1, t_targets[..., None])[..., 0]
 
-    # JAX: host-side positions once, then one jitted function; LM head on the response only.
+    return logprobs
+
+
+def jax_response_logprobs(model, params, input_ids, mask, pixel_values, grid_thw, targets):
+    """(fn, args): our log-probs of the last R tokens, host-side positions computed once, the
+    LM head on the response only; `fn.lower(model, *args)` compiles it for `model`."""
+    R = targets.shape[1]
     position_ids, _ = model.get_rope_index(input_ids, grid_thw, mask)
     grids = tuple(map(tuple, grid_thw.tolist()))
 
     @functools.partial(jax.jit, static_argnums=0)
-    def jax_logprobs(model, params, input_ids, mask, pixel_values, position_ids, targets):
+    def logprobs(model, params, input_ids, mask, pixel_values, position_ids, targets):
         h = model.hidden_states(params, input_ids, mask, pixel_values, grids, position_ids=position_ids)
         logits = model.lm_head(params, h[:, -R - 1:-1])
         return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
 
-    j_args = (params, jnp.asarray(input_ids), jnp.asarray(mask), jnp.asarray(pixel_values),
-              jnp.asarray(position_ids), jnp.asarray(targets))
+    args = (params, jnp.asarray(input_ids), jnp.asarray(mask), jnp.asarray(pixel_values),
+            jnp.asarray(position_ids), jnp.asarray(targets))
+    return logprobs, args
+
+
+def matmul_roof_run():
+    """(run, flop): a jitted 2048^3 float32 matmul to time beside the model (its best time is
+    the roof the model's FLOP rate is compared with), and the FLOPs it does."""
+    a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    return (lambda: matmul(a, a).block_until_ready()), 2 * 2048**3
+
+
+def interleaved_rounds(runs: dict, repeats: int):
+    """(outputs of a warm-up call, {name: [seconds]}) over `repeats` rounds that call every
+    run in turn, so that load from other processes on the shared machine hits all alike."""
+    outputs = {name: fn() for name, fn in runs.items()}
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return outputs, times
+
+
+def main(argv=None) -> int:
+    args = parse_args(__doc__.splitlines()[0], argv, repeats=4, add_more=lambda p: p.add_argument(
+        "--baseline-attn", default="sdpa", choices=["sdpa", "eager"]))
+
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = bench_config(args.vocab, args.layers)
+    hf, model, params = hf_and_port(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(**cfg), args.baseline_attn)
+    input_ids, mask, pixel_values, grid_thw = make_inputs(cfg, args.batch, args.length, args.image_px)
+    R = args.response
+    targets = input_ids[:, -R:]
+    t_inputs = torch_inputs(cfg, input_ids, mask, pixel_values, grid_thw)
+    torch_logprobs = torch_response_logprobs(hf, t_inputs, targets)
+    torch_logprobs_keep = torch_response_logprobs(hf, t_inputs, targets, keep_response_only=True)
+    jax_logprobs, j_args = jax_response_logprobs(model, params, input_ids, mask, pixel_values, grid_thw, targets)
     start = time.perf_counter()
     compiled = jax_logprobs.lower(model, *j_args).compile()
     compile_s = time.perf_counter() - start
@@ -140,37 +203,21 @@ def main(argv=None) -> int:
     flops = model_flops(cfg, args.batch, args.length, R, patches)
     torch_flops = model_flops(cfg, args.batch, args.length, args.length, patches)
 
-    def torch_logprobs_keep():
-        hf.model.rope_deltas = None
-        with torch.no_grad():
-            logits = hf(**t_inputs, logits_to_keep=R + 1).logits[:, :-1]
-            return torch.log_softmax(logits, -1).gather(-1, t_targets[..., None])[..., 0]
-
-    # Interleaved rounds (roof, jax, torch, torch-keep) so load from other processes hits all
-    # of them alike.
-    a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    runs = {
-        "roof": lambda: matmul(a, a).block_until_ready(),
+    roof_run, roof_flop = matmul_roof_run()
+    outputs, times = interleaved_rounds({
+        "roof": roof_run,
         "jax": lambda: compiled(*j_args).block_until_ready(),
         "jax_dense": lambda: dense(*j_args).block_until_ready(),
         "torch": torch_logprobs,
         "torch_keep": torch_logprobs_keep,
-    }
-    outputs = {name: fn() for name, fn in runs.items()}  # warm-up
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    }, args.repeats)
     # Minimum over rounds: the closest to each side's uncontended time on a shared machine
     # (PyTorch's OpenMP barriers stall badly when a neighbour takes a core, which would
     # inflate a median-based ratio); medians are printed too.
     t_jax, t_dense, t_torch, t_keep = (min(times[n]) for n in ("jax", "jax_dense", "torch", "torch_keep"))
     medians = {n: statistics.median(ts) for n, ts in times.items()}
     assert np.allclose(np.asarray(outputs["jax_dense"]), np.asarray(outputs["jax"]), atol=1e-4)
-    roof = 2 * 2048**3 / min(times["roof"])
+    roof = roof_flop / min(times["roof"])
     out_jax, out_torch = outputs["jax"], outputs["torch"]
     assert torch.allclose(outputs["torch_keep"], out_torch, atol=1e-4)
     max_diff = float(np.abs(np.asarray(out_jax) - out_torch.numpy()).max())
@@ -219,76 +266,24 @@ def qwen3_vl_bench_config(vocab: int, layers: int) -> dict:
 
 
 def main_qwen3_vl(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Qwen3-VL response log-probs: JAX vs transformers")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--response", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--image-px", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline-attn", default="sdpa", choices=["sdpa", "eager"])
-    args = parser.parse_args(argv)
+    args = parse_args("Qwen3-VL response log-probs: JAX vs transformers", argv, repeats=3,
+                      add_more=lambda p: p.add_argument("--baseline-attn", default="sdpa", choices=["sdpa", "eager"]))
 
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from caspo_jax.models import load_pretrained
-
     cfg = qwen3_vl_bench_config(args.vocab, args.layers)
-    hf_config = Qwen3VLConfig(**cfg)
-    hf_config._attn_implementation = args.baseline_attn
-    torch.manual_seed(0)
-    hf = Qwen3VLForConditionalGeneration(hf_config).eval().float()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        model, params = load_pretrained(tmp)
-    rng = np.random.default_rng(0)
-    grid = args.image_px // 16
-    n_image = grid * grid // 4
+    hf, model, params = hf_and_port(Qwen3VLForConditionalGeneration, Qwen3VLConfig(**cfg), args.baseline_attn)
+    input_ids, mask, pixel_values, grid_thw = make_inputs(cfg, args.batch, args.length, args.image_px, patch=16)
     B, L, R = args.batch, args.length, args.response
-    input_ids = rng.integers(0, args.vocab - 8, (B, L))
-    input_ids[:, 4] = cfg["vision_start_token_id"]
-    input_ids[:, 5:5 + n_image] = cfg["image_token_id"]
-    input_ids[:, 5 + n_image] = cfg["vision_end_token_id"]
-    mask = np.ones_like(input_ids)
-    pixel_values = rng.standard_normal((B * grid * grid, 3 * 2 * 16 * 16)).astype(np.float32)
-    grid_thw = np.tile([[1, grid, grid]], (B, 1))
     targets = input_ids[:, -R:]
-
-    t_inputs = dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask),
-                    pixel_values=torch.tensor(pixel_values), image_grid_thw=torch.tensor(grid_thw),
-                    mm_token_type_ids=torch.tensor((input_ids == cfg["image_token_id"]).astype(np.int64)))
-    t_targets = torch.tensor(targets)
-
-    def torch_logprobs():
-        hf.model.rope_deltas = None
-        with torch.no_grad():
-            logits = hf(**t_inputs).logits[:, -R - 1:-1]
-            return torch.log_softmax(logits, -1).gather(-1, t_targets[..., None])[..., 0]
-
-    position_ids, _ = model.get_rope_index(input_ids, grid_thw, mask)
-    grids = tuple(map(tuple, grid_thw.tolist()))
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def jax_logprobs(model, params, input_ids, mask, pixel_values, position_ids, targets):
-        h = model.hidden_states(params, input_ids, mask, pixel_values, grids, position_ids=position_ids)
-        logits = model.lm_head(params, h[:, -R - 1:-1])
-        return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-
-    j_args = (params, jnp.asarray(input_ids), jnp.asarray(mask), jnp.asarray(pixel_values),
-              jnp.asarray(position_ids), jnp.asarray(targets))
+    torch_logprobs = torch_response_logprobs(hf, torch_inputs(cfg, input_ids, mask, pixel_values, grid_thw), targets)
+    jax_logprobs, j_args = jax_response_logprobs(model, params, input_ids, mask, pixel_values, grid_thw, targets)
     start = time.perf_counter()
     compiled = jax_logprobs.lower(model, *j_args).compile()
     compile_s = time.perf_counter() - start
-    runs = {"jax": lambda: compiled(*j_args).block_until_ready(), "torch": torch_logprobs}
-    outputs = {name: fn() for name, fn in runs.items()}  # warm-up
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    outputs, times = interleaved_rounds({"jax": lambda: compiled(*j_args).block_until_ready(),
+                                         "torch": torch_logprobs}, args.repeats)
     t_jax, t_torch = min(times["jax"]), min(times["torch"])
     max_diff = float(np.abs(np.asarray(outputs["jax"]) - outputs["torch"].numpy()).max())
     speedup = t_torch / t_jax

@@ -20,19 +20,16 @@ Run: python bench/train_step.py   (ends with one RESULT line)
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 GOAL = 0.55
@@ -46,36 +43,21 @@ def _forward_bench():
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--response", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--image-px", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--remat", default="save_projections",
-                        choices=["none", "full", "save_projections", "save_dots"],
-                        help="TrainConfig.remat (default save_projections: store the weight matmuls' outputs, "
-                             "recompute attention and elementwise work)")
-    args = parser.parse_args(argv)
+    fwd = _forward_bench()
+    args = fwd.parse_args(__doc__.splitlines()[0], argv, repeats=2, add_more=lambda p: p.add_argument(
+        "--remat", default="save_projections", choices=["none", "full", "save_projections", "save_dots"],
+        help="TrainConfig.remat (default save_projections: store the weight matmuls' outputs, "
+             "recompute attention and elementwise work)"))
 
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from caspo_jax.algo import CaspoConfig
-    from caspo_jax.models import load_pretrained
     from caspo_jax.train import TrainConfig, build_train_batch, compute_logprobs, init_state, make_train_step
 
-    fwd = _forward_bench()
     cfg = fwd.bench_config(args.vocab, args.layers)
-    hf_config = Qwen2_5_VLConfig(**cfg)
-    hf_config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    hf = Qwen2_5_VLForConditionalGeneration(hf_config).float().train()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        model, params = load_pretrained(tmp)
+    hf, model, params = fwd.hf_and_port(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(**cfg), "sdpa",
+                                        train=True)
     input_ids, mask, pixel_values, grid_thw = fwd.make_inputs(cfg, args.batch, args.length, args.image_px)
     B, R = args.batch, args.response
     Lp = args.length - R
@@ -97,9 +79,7 @@ def main(argv=None) -> int:
     mem = compiled.memory_analysis()
 
     # transformers: same inputs, full logits, the same token-mean surrogate (ratio 1), backward.
-    t_inputs = dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask),
-                    pixel_values=torch.tensor(pixel_values), image_grid_thw=torch.tensor(grid_thw),
-                    mm_token_type_ids=torch.tensor((input_ids == cfg["image_token_id"]).astype(np.int64)))
+    t_inputs = fwd.torch_inputs(cfg, input_ids, mask, pixel_values, grid_thw)
     t_targets = torch.tensor(input_ids[:, Lp:])
     t_old, t_adv = torch.tensor(np.asarray(logp)), torch.tensor(adv)
 
@@ -112,8 +92,7 @@ def main(argv=None) -> int:
         loss.backward()
         return float(loss)
 
-    a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
+    roof_run, roof_flop = fwd.matmul_roof_run()
     holder = {"state": state}
 
     def jax_step():
@@ -121,16 +100,9 @@ def main(argv=None) -> int:
         holder["state"] = jax.block_until_ready(new_state)
         return float(metrics["loss"])
 
-    runs = {"roof": lambda: matmul(a, a).block_until_ready(), "jax": jax_step, "torch": torch_step}
-    outputs = {name: fn() for name, fn in runs.items()}  # warm-up
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():  # interleaved so neighbours' load hits all alike
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    outputs, times = fwd.interleaved_rounds({"roof": roof_run, "jax": jax_step, "torch": torch_step}, args.repeats)
     t_jax, t_torch = min(times["jax"]), min(times["torch"])
-    roof = 2 * 2048**3 / min(times["roof"])
+    roof = roof_flop / min(times["roof"])
     patches = len(pixel_values)
     flops = 3 * fwd.model_flops(cfg, B, args.length, R, patches)
     torch_flops = 3 * fwd.model_flops(cfg, B, args.length, args.length, patches)
