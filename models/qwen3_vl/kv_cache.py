@@ -7,16 +7,16 @@ Cache layout, layer loops and grouped decode attention are shared
 ``text.project_qkv`` / ``text.attention_output``) and DeepStack inside the prefill.
 
 Let P denote prompts, S samples, L the (left-padded) prompt length, T the response length,
-D width, K key/value heads, H head dim, Y layers, M DeepStack maps. ``embed_tokens``
-returns [P, L, (1 + M) * D]: the token embeddings (visual features scattered in) followed by
-each DeepStack map already placed at its visual positions (zeros elsewhere); ``prefill`` adds
-map m after layer m. Decoded tokens are text, so ``decode_step_shared`` has no DeepStack.
+D width, K key/value heads, H head dim, Y layers, U visual tokens, M DeepStack maps.
+``embed_tokens`` returns the embedded prompts as (embeds [P, L, D], deepstack [M, U, D] or
+None, visual_index [P, L] or None): the merged visual features scattered into the token
+embeddings, the DeepStack maps kept compact (one row per visual token, as the training
+forward keeps them, instead of [P, L, M * D] mostly zeros) and each position's row in them
+(-1 for text). ``prefill`` adds map m at the visual positions after layer m
+(``text.add_deepstack``). Decoded tokens are text, so ``decode_step_shared`` has no DeepStack.
 """
 
 from __future__ import annotations
-
-import jax
-import jax.numpy as jnp
 
 from caspo_jax.models.common import kv_cache as common
 from caspo_jax.models.common.placeholders import place_features, placeholder_slots
@@ -29,34 +29,33 @@ PIECES = common.DecoderPieces(mrope_cos_sin=text_lib.mrope_cos_sin, project_qkv=
                               causal_mask=text_lib.causal_mask)
 
 
-def embed_tokens(text_params: dict, input_ids_PxL, image_embeds_UxF, image_token_id: int) -> jax.Array:
-    """[P, L, (1 + M) * D]: embeddings with image-pad positions replaced by the merged features,
-    then the M DeepStack maps at the image positions (``image_embeds`` from
+def embed_tokens(text_params: dict, input_ids_PxL, image_embeds_UxF, image_token_id: int):
+    """(embeds [P, L, D], deepstack [M, U, D] or None, visual_index [P, L] or None) of the
+    prompts: image-pad positions hold the merged features of ``image_embeds`` (from
     ``Qwen3VL.encode_images``; extra padding rows at its end are never gathered)."""
     embeds = text_params["embed"][input_ids_PxL]
     if image_embeds_UxF is None:
-        return embeds
-    D = embeds.shape[-1]
-    slot = placeholder_slots(input_ids_PxL, image_token_id, image_embeds_UxF.shape[0])
-    placed = place_features(jnp.zeros((*slot.shape, image_embeds_UxF.shape[-1]), embeds.dtype), slot, image_embeds_UxF)
-    merged = jnp.where((slot >= 0)[..., None], placed[..., :D], embeds)  # one gather serves both parts
-    return jnp.concatenate([merged, placed[..., D:]], axis=-1)
+        return embeds, None, None
+    merged_UxD, deepstack_MxUxD = text_lib.split_visual_features(image_embeds_UxF, embeds.shape[-1])
+    slot = placeholder_slots(input_ids_PxL, image_token_id, merged_UxD.shape[0])
+    embeds = place_features(embeds, slot, merged_UxD)
+    if deepstack_MxUxD.shape[0] == 0:
+        return embeds, None, None
+    return embeds, deepstack_MxUxD, slot
 
 
-def prefill(text_params: dict, embeds_PxLxF, position_ids_3xPxL, mask_PxL, cfg: TextConfig, attn_impl=None):
-    """All layers over the prompts, DeepStack map m added after layer m. Returns final-normed
-    hidden states [P, L, D] and the keys/values [Y, P, L, K, H] (rope applied to keys)."""
-    D = cfg.hidden_size
-    P, L, F = embeds_PxLxF.shape
-    deepstack_MxPxLxD = jnp.moveaxis(embeds_PxLxF[..., D:].reshape(P, L, F // D - 1, D), 2, 0)
-    M = deepstack_MxPxLxD.shape[0]
+def prefill(text_params: dict, embedded, position_ids_3xPxL, mask_PxL, cfg: TextConfig, attn_impl=None):
+    """All layers over ``embed_tokens``' prompts, DeepStack map m added after layer m. Returns
+    final-normed hidden states [P, L, D] and the keys/values [Y, P, L, K, H] (rope applied to
+    keys)."""
+    embeds_PxLxD, deepstack_MxUxD, visual_index_PxL = embedded
+    after_layer = None
+    if deepstack_MxUxD is not None:
+        def after_layer(x, i):
+            return text_lib.add_deepstack(x, i, deepstack_MxUxD, visual_index_PxL)
 
-    def add_deepstack(x, i):
-        add = jax.lax.dynamic_index_in_dim(deepstack_MxPxLxD, jnp.minimum(i, M - 1), keepdims=False)
-        return jnp.where(i < M, x + add, x)
-
-    return common.prefill(text_params, embeds_PxLxF[..., :D], position_ids_3xPxL, mask_PxL, cfg, PIECES, attn_impl,
-                          after_layer=add_deepstack if M else None)
+    return common.prefill(text_params, embeds_PxLxD, position_ids_3xPxL, mask_PxL, cfg, PIECES, attn_impl,
+                          after_layer=after_layer)
 
 
 def decode_step_shared(text_params: dict, token_S, position_S, prompt_kv: list, prompt_mask_PxL, response_kv: list,

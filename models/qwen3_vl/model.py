@@ -31,13 +31,7 @@ from . import vision as vision_lib
 from .config import Qwen3VLConfig
 from .params import init_params, param_table
 from .rope_index import get_rope_index, vision_metadata
-
-
-def split_visual_features(features_UxF: jax.Array, hidden_size: int) -> tuple[jax.Array, jax.Array]:
-    """[U, (1 + S) * D] -> merged features [U, D] and DeepStack features [S, U, D]."""
-    U = features_UxF.shape[0]
-    stacked = features_UxF.reshape(U, -1, hidden_size)
-    return stacked[:, 0], jnp.moveaxis(stacked[:, 1:], 1, 0)
+from .text import split_visual_features
 
 
 @dataclasses.dataclass(frozen=True)

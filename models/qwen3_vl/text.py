@@ -85,6 +85,13 @@ def decoder_layer(x_BxLxD, layer: dict, cos_BxLxH, sin_BxLxH, mask_Bx1xLxL, cfg:
     return mlp_block(x_BxLxD, layer, cfg)
 
 
+def split_visual_features(features_UxF: jax.Array, hidden_size: int) -> tuple[jax.Array, jax.Array]:
+    """[U, (1 + S) * D] -> merged features [U, D] and DeepStack features [S, U, D]."""
+    U = features_UxF.shape[0]
+    stacked = features_UxF.reshape(U, -1, hidden_size)
+    return stacked[:, 0], jnp.moveaxis(stacked[:, 1:], 1, 0)
+
+
 def add_deepstack(x_BxLxD, layer_index, deepstack_SxUxD, visual_index_BxL) -> jax.Array:
     """After decoder layer ``layer_index`` (< S), add DeepStack map ``layer_index`` at the visual
     positions (transformers' ``_deepstack_process``); other layers pass ``x`` through unchanged.

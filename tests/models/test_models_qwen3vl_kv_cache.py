@@ -47,7 +47,10 @@ def test_prefill_and_decode_step_equal_the_full_forward(tmp_path):
     full2 = np.asarray(model.forward(params, ids2, mask2, batch.pixel_values, batch.image_grid_thw))
     np.testing.assert_allclose(np.asarray(model.lm_head(params, h_new)), full2[:, -1], atol=TOL)
 
-    # With the DeepStack columns zeroed the prefill is measurably different: they are used.
-    h_plain, _, _ = prefill(text, embeds.at[..., cfg.hidden_size:].set(0.0), jnp.asarray(position_ids),
+    # The DeepStack maps stay compact (one row per visual token), and with them zeroed the
+    # prefill is measurably different: they are used.
+    tokens, deepstack, visual_index = embeds
+    assert tokens.shape == (P, L, cfg.hidden_size) and deepstack.shape[1:] == (features.shape[0], cfg.hidden_size)
+    h_plain, _, _ = prefill(text, (tokens, jnp.zeros_like(deepstack), visual_index), jnp.asarray(position_ids),
                             jnp.asarray(mask), cfg)
     assert np.abs(np.asarray(model.lm_head(params, h_plain[:, -1])) - full[:, -1]).max() > 1e-3
