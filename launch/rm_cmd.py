@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
                                       progress=not args.no_progress)
     except (RecordError, ValueError, FileNotFoundError, FileExistsError) as exc:
         return _fail(str(exc))
+    if "stopped" in final:  # train_reward_model printed how to resume
+        return 0
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())
     print(f"caspo rm: done ({shown}); reward model in {Path(args.out) / 'export'}")
     return 0

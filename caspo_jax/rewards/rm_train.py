@@ -302,7 +302,9 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
 
     pairs_path / scores_path: preference-pair and ScoredResponse JSONL (either may be None,
     not both). model_dir: the backbone's HF directory (a reward-model directory keeps its head).
-    Returns the trained RewardModel and the final held-out metrics.
+    Returns the trained RewardModel and the final held-out metrics. SIGTERM / SIGINT end the
+    run after the current step with a checkpoint (resume with resume=True) and return the
+    model so far with {"stopped": signal name, "steps": steps done} instead.
     """
     from caspo_jax.data.formats import load_pairs
     from caspo_jax.sharding import make_mesh
@@ -310,6 +312,7 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
     from caspo_jax.train import init_state, shard_state
     from caspo_jax.trainer.checkpoint import RunCheckpointer
     from caspo_jax.trainer.metrics import MetricsWriter
+    from caspo_jax.trainer.runtime import StopSignals
 
     if pairs_path is None and scores_path is None:
         raise ValueError("caspo rm: give --pairs (preference pairs JSONL) and/or --scores (scored responses JSONL)")
@@ -381,19 +384,27 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
         return build_rm_batch(model, slots[position * K:(position + 1) * K], K, pad_id, prompt_len, response_len)
 
     final: dict = {}
-    for step in range(start, total):
-        state, metrics = step_fn(state, shard(batch_at(step)))
-        row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total:
-            final = _evaluate(model, state.params, eval_units, K, pad_id, prompt_len, response_len, shard)
-            row.update(final)
-        writer.write(step + 1, row)
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total:
-            checkpointer.save(step + 1, state, {"stage": "rm", "step": step + 1})
+    step = start
+    with StopSignals() as stop:
+        while step < total and stop.requested is None:
+            state, metrics = step_fn(state, shard(batch_at(step)))
+            step += 1
+            row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+                final = _evaluate(model, state.params, eval_units, K, pad_id, prompt_len, response_len, shard)
+                row.update(final)
+            writer.write(step, row)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total or stop.requested:
+                checkpointer.save(step, state, {"stage": "rm", "step": step})
     if start >= total:  # resumed a finished run: evaluate what was restored
         final = _evaluate(model, state.params, eval_units, K, pad_id, prompt_len, response_len, shard)
     checkpointer.close()
     writer.close()
+    if stop.requested:  # saved at `step`; no export, no eval.json until the run completes
+        print(f"caspo rm: stopped by {stop.requested} at step {step}; resume with --resume", flush=True)
+        return (RewardModel(model, jax.device_get(state.params), processor, pad_id,
+                            batch_size=reward_model.batch_size, name="reward_model"),
+                {"stopped": stop.requested, "steps": step})
     params = jax.device_get(state.params)
     trained = RewardModel(model, params, processor, pad_id, batch_size=reward_model.batch_size, name="reward_model")
     trained.save(out / "export")

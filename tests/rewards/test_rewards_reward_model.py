@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +145,49 @@ def test_tiny_rm_learns_marker_preference_and_round_trips(tiny, tmp_path):
     # A prompt whose image is missing fails alone (NaN, ok=False), the rest are scored.
     mixed = built.score([{"query": "q", "images": ["/nonexistent.png"]}, "what about the door?"], ["x", "a table now"])
     assert list(mixed.ok) == [False, True] and "nonexistent" in mixed.errors[0]
+
+
+def test_rm_stop_saves_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch, capsys):
+    """SIGTERM during step 2 of 4: the step finishes, is saved, the run exits 0 without an
+    export; --resume then reproduces the uninterrupted run's metrics."""
+    from caspo_jax.launch.cli import main
+    from caspo_jax.rewards import rm_train
+    from caspo_jax.trainer.runtime import export_policy
+
+    policy, _ = tiny
+    backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")
+    pairs, scores = _synthetic(tmp_path, n_pairs=16, n_scored=16)
+
+    def args(out):
+        return ["rm", "--pairs", str(pairs), "--scores", str(scores), "--model", str(backbone), "--out", str(out),
+                "--batch-size", "4", "--steps", "4", "--lr", "1e-3", "--eval-fraction", "0.25",
+                "--max-prompt-len", "256", "--max-response-len", "32", "--no-progress"]
+
+    def rows(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert main(args(tmp_path / "full")) == 0
+    original, calls = rm_train.build_rm_batch, {"n": 0}
+
+    def interrupting(*a, **kw):  # the batch of step 2 (no evaluation before the last step)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*a, **kw)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(rm_train, "build_rm_batch", interrupting)
+    assert main(args(part)) == 0
+    monkeypatch.setattr(rm_train, "build_rm_batch", original)
+    assert "stopped by SIGTERM at step 2; resume with --resume" in capsys.readouterr().out
+    assert len(rows(part)) == 2 and sorted(p.name for p in (part / "checkpoints").iterdir()) == ["2"]
+    assert not (part / "export").exists() and not (part / "eval.json").exists()
+    assert main(args(part) + ["--resume"]) == 0
+    want, got = rows(tmp_path / "full"), rows(part)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    assert json.loads((part / "eval.json").read_text()) == json.loads((tmp_path / "full" / "eval.json").read_text())
 
 
 def test_scores_loader_and_cli_errors_name_file_line_field(tmp_path, capsys):
