@@ -5,7 +5,9 @@ only (prompt, image and padding tokens carry no loss), optionally with the categ
 constitution in the prompt. DPO (the static-alignment baseline): Rafailov et al.'s loss
 -log sigmoid(beta * ((log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))))
 with sequence log-probs summed over response tokens and a frozen reference (the initial
-policy), whose log-probs are computed once per batch without gradients.
+policy), whose log-probs are computed once per example before training (`_reference_logprobs`:
+only the examples the run's steps use, in training-sized batches), so the reference
+parameters leave the devices before the first update and later epochs reuse them.
 
 Both share the CASPO run machinery: one typed config, orbax checkpoints with exact
 resume (the batch order is a function of (seed, step)), SIGTERM saves, JSONL +
@@ -87,6 +89,30 @@ def _exchange_step(model, step_cfg, kind: str, beta: float, state, batch, ref_lo
     return state, {**metrics, **update_metrics}
 
 
+def _reference_logprobs(model, ref_params, place, examples, used: np.ndarray, batch_size: int, pad_id: int,
+                        prompt_len: int, response_len: int, progress: bool) -> np.ndarray:
+    """[n_examples, 2, response_len] float32: the reference's log-probs of each used example's
+    chosen and rejected response (zeros for unused ones), from batches of `batch_size`
+    examples -- the training batch's shape, so the mesh divides the rows and the compiled
+    function is the training one's (the last batch is filled up by repeating an example)."""
+    from caspo_jax.train import compute_logprobs
+
+    out = np.zeros((len(examples), 2, response_len), np.float32)
+    starts = range(0, len(used), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="dpo reference log-probs", unit="batch", leave=False)
+    for start in starts:
+        idx = used[start:start + batch_size]
+        chunk = np.concatenate([idx, np.repeat(idx[:1], batch_size - len(idx))])
+        batch = exchange_batch(model, [examples[i] for i in chunk], pad_id, prompt_len, response_len)
+        logp = np.asarray(place.to_host(compute_logprobs(model, ref_params, place.batch(batch))[0]))
+        out[idx, 0] = logp[:len(idx)]  # rows are response-major: all chosen, then all rejected
+        out[idx, 1] = logp[batch_size:batch_size + len(idx)]
+    return out
+
+
 def _batch_rows(n_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Example indices of `step`: epoch-wise permutations of (seed, epoch), a function of step only."""
     per_epoch = max(n_examples // batch_size, 1)
@@ -104,7 +130,7 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     several processes every process encodes the (small) exchange set and feeds the rows
     its devices hold; process 0 alone writes metrics, the config and the export.
     """
-    from caspo_jax.train import compute_logprobs, init_state
+    from caspo_jax.train import init_state
 
     if kind not in ("sft", "dpo"):
         raise ValueError(f"kind={kind!r}: use 'sft' or 'dpo'")
@@ -127,7 +153,6 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     place = make_placement(cfg, model, step_cfg, rows=batch_size * (2 if kind == "dpo" else 1),
                            rows_field=f"{kind}.batch_size" + (" * 2 (chosen + rejected)" if kind == "dpo" else ""))
     state = place.state(init_state(policy.params, step_cfg))
-    ref_params = place.params(policy.params) if kind == "dpo" else None
     checkpointer = RunCheckpointer(run.checkpoints, cfg.run.keep_last)
     start = 0
     if not resume:
@@ -141,6 +166,12 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     writer = open_writer(run.path, resume_step=start if resume else None, total_steps=total,
                            progress=progress, initial_step=start, desc=kind)
     n_params = count_params(state.params)
+    reference = None
+    if kind == "dpo":
+        used = np.unique(np.concatenate([_batch_rows(len(examples), batch_size, cfg.data.seed, s)
+                                         for s in range(start, total)] or [np.zeros(0, np.int64)]))
+        reference = _reference_logprobs(model, place.params(policy.params), place, examples, used, batch_size,
+                                        policy.pad_id, prompt_len, response_len, progress and run.primary)
     step = start
     with StopSignals() as stop:
         while step < total and stop.requested is None:
@@ -148,20 +179,19 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
             rows = _batch_rows(len(examples), batch_size, cfg.data.seed, step)
             with timer("data"):
                 batch = exchange_batch(model, [examples[i] for i in rows], policy.pad_id, prompt_len, response_len)
+                if reference is not None:  # rows: every chosen response, then every rejected one
+                    batch = batch.with_signals(ref_logp=np.concatenate([reference[rows, 0], reference[rows, 1]]))
                 placed = place.batch(batch)
-            ref_logp = None
-            if kind == "dpo":
-                with timer("logprobs"):
-                    ref_logp = jax.block_until_ready(compute_logprobs(model, ref_params, placed)[0])
             with timer("update"):
-                state, metrics = _exchange_step(model, step_cfg, kind, float(cfg.dpo.beta), state, placed, ref_logp)
+                state, metrics = _exchange_step(model, step_cfg, kind, float(cfg.dpo.beta), state, placed,
+                                                placed.ref_logp)
                 metrics = jax.device_get(metrics)
             step += 1
             seq_tokens = float(np.asarray(batch.student.attention_mask).sum())
             seconds = sum(timer.seconds.values())
             writer.write(step, {**metrics, **timer.as_metrics(),
                                 "tokens_per_s": seq_tokens / max(seconds, 1e-9),
-                                "mfu": mfu(n_params, seq_tokens, seq_tokens if kind == "dpo" else 0.0, seconds)})
+                                "mfu": mfu(n_params, seq_tokens, 0.0, seconds)})  # the reference ran before
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stop.requested:
                 checkpointer.save(step, state, {"stage": kind, "step": step})
     checkpointer.wait()

@@ -224,6 +224,33 @@ def test_sft_then_dpo_runs_and_exports(base, exchange_runs):
     assert {"reward_accuracy", "reward_margin", "grad_norm"} <= set(rows[0])
 
 
+def test_dpo_reference_logprobs_are_each_examples_own(base):
+    """The reference computed once before training (5 used examples in batches of 2, so the
+    last batch is filled up) equals each example's log-probs computed alone, chosen and
+    rejected in their places; unused examples stay 0."""
+    tmp, cfg, policy = base
+    from caspo_jax.train import compute_logprobs
+    from caspo_jax.trainer.data import encode_exchanges, exchange_batch
+    from caspo_jax.trainer.exchange import _reference_logprobs
+    from caspo_jax.trainer.placement import Placement
+
+    examples = encode_exchanges(cfg.data.pairs, policy.processor, constitutions_path=cfg.data.constitutions,
+                                with_constitution=False, pairs=True, max_prompt_len=cfg.data.max_prompt_len,
+                                max_response_len=cfg.data.max_response_len)[:7]
+    prompt_len = -(-max(len(e.prompt_ids) for e in examples) // 16) * 16
+    response_len = -(-max(len(r) for e in examples for r in e.responses) // 8) * 8
+    place = Placement(None, policy.model, None)
+    used = np.array([0, 2, 3, 5, 6])
+    got = _reference_logprobs(policy.model, policy.params, place, examples, used, 2, policy.pad_id, prompt_len,
+                              response_len, progress=False)
+    assert got.shape == (7, 2, response_len) and not got[[1, 4]].any()
+    for i in used:
+        alone = exchange_batch(policy.model, [examples[i]], policy.pad_id, prompt_len, response_len)
+        want = np.asarray(compute_logprobs(policy.model, policy.params, alone)[0])  # rows: chosen, rejected
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+        assert np.any(got[i, 0] != got[i, 1])
+
+
 @pytest.mark.slow
 def test_sft_and_dpo_on_a_2x2x2_mesh_equal_one_device(base, exchange_runs):
     """The same stages on a (2, 2, 2) mesh of the 8 simulated devices (state, reference and
