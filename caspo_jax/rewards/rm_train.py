@@ -297,7 +297,7 @@ def _evaluate(model, params, units, K, pad_id, prompt_len, response_len, shard) 
 def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrainConfig = RMTrainConfig(), *,
                        resume: bool = False, progress: bool = True, reward_model: RewardModel | None = None
                        ) -> tuple[RewardModel, dict]:
-    """Trains to completion; writes out_dir/{rm_config.json, checkpoints/, metrics.jsonl, tb/,
+    """Trains to completion (or to a stop signal); writes out_dir/{rm_config.json, checkpoints/, metrics.jsonl, tb/,
     eval.json, export/} (export/ is the reward-model directory `RewardModel.load` reads).
 
     pairs_path / scores_path: preference-pair and ScoredResponse JSONL (either may be None,
@@ -385,8 +385,9 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
 
     final: dict = {}
     step = start
+    stopping = False  # a stop seen after a step: save it, then leave the loop
     with StopSignals() as stop:
-        while step < total and stop.requested is None:
+        while step < total and not stopping:
             state, metrics = step_fn(state, shard(batch_at(step)))
             step += 1
             row = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -394,17 +395,19 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
                 final = _evaluate(model, state.params, eval_units, K, pad_id, prompt_len, response_len, shard)
                 row.update(final)
             writer.write(step, row)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total or stop.requested:
+            stopping = stop.agreed()
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total or stopping:
                 checkpointer.save(step, state, {"stage": "rm", "step": step})
     if start >= total:  # resumed a finished run: evaluate what was restored
         final = _evaluate(model, state.params, eval_units, K, pad_id, prompt_len, response_len, shard)
     checkpointer.close()
     writer.close()
-    if stop.requested:  # saved at `step`; no export, no eval.json until the run completes
-        print(f"caspo rm: stopped by {stop.requested} at step {step}; resume with --resume", flush=True)
+    if stopping and step < total:  # saved at `step`; no export, no eval.json until the run completes
+        print(f"caspo rm: stopped by {stop.requested or 'another process'} at step {step}; "
+              "resume with --resume", flush=True)
         return (RewardModel(model, jax.device_get(state.params), processor, pad_id,
                             batch_size=reward_model.batch_size, name="reward_model"),
-                {"stopped": stop.requested, "steps": step})
+                {"stopped": stop.requested or "another process", "steps": step})
     params = jax.device_get(state.params)
     trained = RewardModel(model, params, processor, pad_id, batch_size=reward_model.batch_size, name="reward_model")
     trained.save(out / "export")

@@ -148,8 +148,9 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.data.max_response_len)
     step = start
+    stopping = False  # a stop seen after a step: save it, then leave the loop
     with StopSignals() as stop:
-        while step < total and stop.requested is None:
+        while step < total and not stopping:
             timer = PhaseTimer()
             with timer("data"):
                 batch = next(iterator)
@@ -232,7 +233,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                                              temperature=cfg.rollout.eval_temperature, sampler=sampler)
                     metrics.update({f"eval_{mode}/{k}": v for k, v in result.items() if k != "n"})
             writer.write(step, metrics)
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stop.requested:
+            stopping = stop.agreed()
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stopping:
                 data_state = iterator.get_state()
                 if n_proc > 1:
                     data_state = allgather_json(data_state)  # each process resumes its own shard
@@ -244,9 +246,10 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     if hasattr(sampler, "shutdown"):
         sampler.shutdown()
     final = dataclasses.replace(policy, params=state.params)
-    if stop.requested:
+    if stopping and step < total:
         if primary:
-            print(f"caspo train: stopped by {stop.requested} at step {step}; continue with --resume", flush=True)
+            print(f"caspo train: stopped by {stop.requested or 'another process'} at step {step}; "
+                  "continue with --resume", flush=True)
     elif export:
         export_final(place, model, state.params, policy.processor, run.export)
     return final

@@ -173,8 +173,9 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
         reference = _reference_logprobs(model, place.params(policy.params), place, examples, used, batch_size,
                                         policy.pad_id, prompt_len, response_len, progress and run.primary)
     step = start
+    stopping = False  # a stop seen after a step: save it, then leave the loop
     with StopSignals() as stop:
-        while step < total and stop.requested is None:
+        while step < total and not stopping:
             timer = PhaseTimer()
             rows = _batch_rows(len(examples), batch_size, cfg.data.seed, step)
             with timer("data"):
@@ -192,15 +193,17 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
             writer.write(step, {**metrics, **timer.as_metrics(),
                                 "tokens_per_s": seq_tokens / max(seconds, 1e-9),
                                 "mfu": mfu(n_params, seq_tokens, 0.0, seconds)})  # the reference ran before
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stop.requested:
+            stopping = stop.agreed()
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stopping:
                 checkpointer.save(step, state, {"stage": kind, "step": step})
     checkpointer.wait()
     checkpointer.close()
     writer.close()
     policy = dataclasses.replace(policy, params=state.params)
-    if stop.requested:
+    if stopping and step < total:
         if run.primary:
-            print(f"caspo {kind}: stopped by {stop.requested} at step {step}; resume with --resume", flush=True)
+            print(f"caspo {kind}: stopped by {stop.requested or 'another process'} at step {step}; "
+                  "resume with --resume", flush=True)
     elif export:
         export_final(place, model, state.params, policy.processor, run.export)
     return policy

@@ -2,8 +2,10 @@
 
     run = RunDir(out_dir, cfg, stage="caspo")   # writes config.yaml, prints it
     with StopSignals() as stop:                 # SIGTERM / SIGINT set stop.requested
-        ...
-        if stop.requested: save; break
+        while ...:
+            step ...
+            stopping = stop.agreed()            # every process: the same answer after each step
+            if stopping: save; (the loop ends)
 """
 
 from __future__ import annotations
@@ -35,6 +37,22 @@ class StopSignals:
         self.requested = signal.Signals(signum).name
         print(f"\n{self.requested} received: saving a checkpoint after this step, then exiting",
               file=sys.stderr, flush=True)
+
+    def agreed(self) -> bool:
+        """Whether any process has been asked to stop. With several processes this is a
+        collective (one bool each), called once after every step by all of them, so they
+        all save the same step and leave the loop together even when the signal reaches
+        them at different moments; the answer is fixed for that step (a signal arriving
+        later is seen after the next one)."""
+        local = self.requested is not None
+        import jax
+
+        if jax.process_count() == 1:
+            return local
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
 
     def __enter__(self) -> "StopSignals":
         for s in self.signals:

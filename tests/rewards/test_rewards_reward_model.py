@@ -167,6 +167,7 @@ def test_rm_stop_saves_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, mo
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert main(args(tmp_path / "full")) == 0
+    capsys.readouterr()
     original, calls = rm_train.build_rm_batch, {"n": 0}
 
     def interrupting(*a, **kw):  # the batch of step 2 (no evaluation before the last step)
@@ -179,7 +180,8 @@ def test_rm_stop_saves_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, mo
     monkeypatch.setattr(rm_train, "build_rm_batch", interrupting)
     assert main(args(part)) == 0
     monkeypatch.setattr(rm_train, "build_rm_batch", original)
-    assert "stopped by SIGTERM at step 2; resume with --resume" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "stopped by SIGTERM at step 2; resume with --resume" in printed and "caspo rm: done" not in printed
     assert len(rows(part)) == 2 and sorted(p.name for p in (part / "checkpoints").iterdir()) == ["2"]
     assert not (part / "export").exists() and not (part / "eval.json").exists()
     assert main(args(part) + ["--resume"]) == 0
@@ -188,6 +190,13 @@ def test_rm_stop_saves_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, mo
     for a, b in zip(got, want):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
     assert json.loads((part / "eval.json").read_text()) == json.loads((tmp_path / "full" / "eval.json").read_text())
+    # A stop during the last step is a completed run: exported, evaluated, "done".
+    calls["n"] = -2  # the 4th batch
+    monkeypatch.setattr(rm_train, "build_rm_batch", interrupting)
+    capsys.readouterr()
+    assert main(args(tmp_path / "last")) == 0
+    assert "caspo rm: done" in capsys.readouterr().out
+    assert (tmp_path / "last" / "export").is_dir() and (tmp_path / "last" / "eval.json").is_file()
 
 
 def test_scores_loader_and_cli_errors_name_file_line_field(tmp_path, capsys):

@@ -110,3 +110,17 @@ def test_with_data_files_pins_only_the_paths_a_run_has(tmp_path):
     cfg = with_data_files(TrainConfig(), files)
     assert cfg.data.train == str(tmp_path / "train.jsonl") and cfg.data.pairs == str(Path(tmp_path / "pairs.jsonl"))
     assert cfg.data.eval is None and cfg.data.sft is None and cfg.data.constitutions is None  # never "None"
+
+
+def test_stop_signals_are_agreed_after_a_step():
+    """One process: `agreed` is the local flag; SIGTERM sets it, and leaving restores the handler."""
+    import signal
+
+    from caspo_jax.trainer.runtime import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert stop.agreed() is False
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested == "SIGTERM" and stop.agreed() is True
+    assert signal.getsignal(signal.SIGTERM) is before
