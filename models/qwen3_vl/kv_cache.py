@@ -19,7 +19,6 @@ forward keeps them, instead of [P, L, M * D] mostly zeros) and each position's r
 from __future__ import annotations
 
 from caspo_jax.models.common import kv_cache as common
-from caspo_jax.models.common.placeholders import place_features, placeholder_slots
 
 from . import text as text_lib
 from .config import TextConfig
@@ -31,17 +30,10 @@ PIECES = common.DecoderPieces(mrope_cos_sin=text_lib.mrope_cos_sin, project_qkv=
 
 def embed_tokens(text_params: dict, input_ids_PxL, image_embeds_UxF, image_token_id: int):
     """(embeds [P, L, D], deepstack [M, U, D] or None, visual_index [P, L] or None) of the
-    prompts: image-pad positions hold the merged features of ``image_embeds`` (from
-    ``Qwen3VL.encode_images``; extra padding rows at its end are never gathered)."""
-    embeds = text_params["embed"][input_ids_PxL]
-    if image_embeds_UxF is None:
-        return embeds, None, None
-    merged_UxD, deepstack_MxUxD = text_lib.split_visual_features(image_embeds_UxF, embeds.shape[-1])
-    slot = placeholder_slots(input_ids_PxL, image_token_id, merged_UxD.shape[0])
-    embeds = place_features(embeds, slot, merged_UxD)
-    if deepstack_MxUxD.shape[0] == 0:
-        return embeds, None, None
-    return embeds, deepstack_MxUxD, slot
+    prompts (``text.embed_with_visuals``): image-pad positions hold the merged features of
+    ``image_embeds`` (from ``Qwen3VL.encode_images``; extra padding rows at its end are
+    never gathered)."""
+    return text_lib.embed_with_visuals(text_params, input_ids_PxL, ((image_token_id, image_embeds_UxF, None),))
 
 
 def prefill(text_params: dict, embedded, position_ids_3xPxL, mask_PxL, cfg: TextConfig, attn_impl=None):

@@ -22,7 +22,6 @@ import numpy as np
 
 from caspo_jax.models.qwen2_5_vl.rope_index import _as_grids
 
-from caspo_jax.models.common.placeholders import place_features, placeholder_slots
 from caspo_jax.models.common.visual_inputs import prepare_visual_inputs
 
 from . import kv_cache as kv_cache_lib
@@ -141,25 +140,11 @@ def _encode_images_jit(model: Qwen3VL, vision_params, pixel_values, grids):
 def _hidden_states_jit(model: Qwen3VL, text_params, input_ids_BxL, attention_mask_BxL, position_ids_3xBxL,
                        image_embeds_UxF, video_embeds_VxF, image_slot_BxL=None):
     cfg = model.config
-    D = cfg.text.hidden_size
-    embeds = text_params["embed"][input_ids_BxL]
-    deepstack, visual_index, offset = [], jnp.full(input_ids_BxL.shape, -1, jnp.int32), 0
-    for token_id, features in ((cfg.image_token_id, image_embeds_UxF), (cfg.video_token_id, video_embeds_VxF)):
-        if features is None:
-            continue
-        merged, stack = split_visual_features(features, D)
-        if token_id == cfg.image_token_id and image_slot_BxL is not None:
-            index = jnp.asarray(image_slot_BxL, jnp.int32)  # host-computed: no prefix sum over rows
-        else:
-            index = placeholder_slots(input_ids_BxL, token_id, merged.shape[0])
-        embeds = place_features(embeds, index, merged)
-        visual_index = jnp.where(index >= 0, index + offset, visual_index)
-        deepstack.append(stack)
-        offset += merged.shape[0]
-    deepstack = jnp.concatenate(deepstack, axis=1) if deepstack and cfg.num_deepstack else None
+    # image_slot: host-computed image slots (the train step's), so no prefix sum over sharded rows
+    visuals = ((cfg.image_token_id, image_embeds_UxF, image_slot_BxL), (cfg.video_token_id, video_embeds_VxF, None))
+    embeds, deepstack, visual_index = text_lib.embed_with_visuals(text_params, input_ids_BxL, visuals)
     if position_ids_3xBxL is None:
         B, L = input_ids_BxL.shape
         position_ids_3xBxL = jnp.broadcast_to(jnp.arange(L), (3, B, L))
     return text_lib.decode(text_params, embeds, jnp.asarray(position_ids_3xBxL), attention_mask_BxL, cfg.text,
-                           model.attn_implementation, model.remat, model.attn_block, deepstack,
-                           visual_index if deepstack is not None else None)
+                           model.attn_implementation, model.remat, model.attn_block, deepstack, visual_index)

@@ -15,6 +15,7 @@ import numpy as np
 
 from caspo_jax.models.common.layers import apply_rope, attention, causal_attention, gated_mlp, linear, rms_norm
 from caspo_jax.models.common.layers import remat as remat_fn
+from caspo_jax.models.common.placeholders import place_features, placeholder_slots
 
 from .config import TextConfig
 
@@ -90,6 +91,36 @@ def split_visual_features(features_UxF: jax.Array, hidden_size: int) -> tuple[ja
     U = features_UxF.shape[0]
     stacked = features_UxF.reshape(U, -1, hidden_size)
     return stacked[:, 0], jnp.moveaxis(stacked[:, 1:], 1, 0)
+
+
+def embed_with_visuals(text_params: dict, input_ids_BxL, visuals):
+    """(embeds [B, L, D], deepstack [S, U, D] or None, visual_index [B, L] or None): token
+    embeddings with each placeholder replaced by its merged visual feature, the S DeepStack
+    maps kept compact (one row per visual token, for ``decode`` / ``add_deepstack``) and each
+    position's row in them (-1 for text).
+
+    visuals: (token_id, features [U_i, (1 + S) * D] or None, slot [B, L] or None) per kind
+    of visual input (images, videos), in the order their rows are stacked; a None slot is
+    computed from the placeholders (``placeholder_slots``). The forward and the sampler's
+    prefill both embed through here.
+    """
+    embeds = text_params["embed"][input_ids_BxL]
+    D = embeds.shape[-1]
+    stacks, visual_index, offset = [], jnp.full(input_ids_BxL.shape, -1, jnp.int32), 0
+    for token_id, features, slot in visuals:
+        if features is None:
+            continue
+        merged_UxD, stack_SxUxD = split_visual_features(features, D)
+        if slot is None:
+            slot = placeholder_slots(input_ids_BxL, token_id, merged_UxD.shape[0])
+        slot = jnp.asarray(slot, jnp.int32)
+        embeds = place_features(embeds, slot, merged_UxD)
+        visual_index = jnp.where(slot >= 0, slot + offset, visual_index)
+        stacks.append(stack_SxUxD)
+        offset += merged_UxD.shape[0]
+    if not stacks or stacks[0].shape[0] == 0:
+        return embeds, None, None
+    return embeds, jnp.concatenate(stacks, axis=1), visual_index
 
 
 def add_deepstack(x_BxLxD, layer_index, deepstack_SxUxD, visual_index_BxL) -> jax.Array:
