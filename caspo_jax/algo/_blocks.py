@@ -21,8 +21,8 @@ BLOCK_ELEMENTS = 1 << 18
 def rows_per_block(num_rows: int, row_elements: int) -> int:
     """The most rows dividing `num_rows` whose values fit BLOCK_ELEMENTS (at least one).
 
-    A "row" is whatever the caller blocks by: a trajectory of T tokens, or a whole group
-    of G trajectories (row_elements = G * T). Off the CPU backend everything is one block:
+    A "row" is the leading index the caller blocks by (a trajectory of T tokens, for
+    every caller today) and `row_elements` its size. Off the CPU backend everything is one block:
     GPU/TPU compilers fuse the whole pass (multi-output fusion), and a loop over slices
     of a batch-sharded axis would serialise the devices' work.
     """

@@ -297,8 +297,8 @@ def _evaluate(model, params, units, K, pad_id, prompt_len, response_len, shard) 
 def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrainConfig = RMTrainConfig(), *,
                        resume: bool = False, progress: bool = True, reward_model: RewardModel | None = None
                        ) -> tuple[RewardModel, dict]:
-    """Trains to completion (or to a stop signal); writes out_dir/{rm_config.json, checkpoints/, metrics.jsonl, tb/,
-    eval.json, export/} (export/ is the reward-model directory `RewardModel.load` reads).
+    """Trains to completion (or to a stop signal); writes out_dir/{rm_config.json, checkpoints/,
+    metrics.jsonl, tb/, eval.json, export/} (export/ is the directory `RewardModel.load` reads).
 
     pairs_path / scores_path: preference-pair and ScoredResponse JSONL (either may be None,
     not both). model_dir: the backbone's HF directory (a reward-model directory keeps its head).
@@ -403,11 +403,10 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
     checkpointer.close()
     writer.close()
     if stopping and step < total:  # saved at `step`; no export, no eval.json until the run completes
-        print(f"caspo rm: stopped by {stop.requested or 'another process'} at step {step}; "
-              "resume with --resume", flush=True)
+        why = stop.requested or "another process"
+        print(f"caspo rm: stopped by {why} at step {step}; resume with --resume", flush=True)
         return (RewardModel(model, jax.device_get(state.params), processor, pad_id,
-                            batch_size=reward_model.batch_size, name="reward_model"),
-                {"stopped": stop.requested or "another process", "steps": step})
+                            batch_size=reward_model.batch_size, name="reward_model"), {"stopped": why, "steps": step})
     params = jax.device_get(state.params)
     trained = RewardModel(model, params, processor, pad_id, batch_size=reward_model.batch_size, name="reward_model")
     trained.save(out / "export")

@@ -14,6 +14,10 @@ import signal
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from caspo_jax.launch.distributed import is_primary
 from caspo_jax.trainer.config import TrainConfig, dump_config, load_config
 
@@ -45,13 +49,8 @@ class StopSignals:
         them at different moments; the answer is fixed for that step (a signal arriving
         later is seen after the next one)."""
         local = self.requested is not None
-        import jax
-
         if jax.process_count() == 1:
             return local
-        import numpy as np
-        from jax.experimental import multihost_utils
-
         return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
 
     def __enter__(self) -> "StopSignals":
