@@ -10,7 +10,9 @@ Examples::
     caspo curate rewrite --out runs/cur --judge name=gpt,...
     caspo curate export  --out runs/cur --image-root runs/cur/images      # benchmark.jsonl
     caspo curate respond --out runs/cur --image-root runs/cur/images --model ... --model ... --judge ...
-    caspo curate select  --out runs/cur --pair-gap 4 --pair-prob 0.85 --seed 0
+    caspo curate select  --out runs/cur --pair-gap 4 --pair-prob 0.85 --seed 0   # RM pool balanced by model+length
+    caspo curate dpo     --out runs/cur --dpo-mode disparity --seed 0          # dpo_disparity.jsonl
+    caspo curate dpo     --out runs/cur --dpo-mode length-balanced --max-pairs 17328
     caspo curate report  --out runs/cur
 
 Rerunning a stage resumes it: done units are skipped, failed ones redone. Every run
@@ -24,7 +26,9 @@ import json
 import sys
 from pathlib import Path
 
-STAGE_NAMES = ("synthesize", "filter", "dedup", "images", "rewrite", "export", "respond", "select", "report")
+from caspo_jax.errors import CaspoError
+
+STAGE_NAMES = ("synthesize", "filter", "dedup", "images", "rewrite", "export", "respond", "select", "dpo", "report")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +63,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--min-sft-total", type=int, default=5, help="lowest R+S+E (0-6) for an SFT target")
     c.add_argument("--pair-gap", type=int, default=4, help="BT pairs need an R+S+E gap above this")
     c.add_argument("--pair-prob", type=float, default=0.85, help="probability an eligible pair is kept for BT")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--rm-balance", choices=("model-length", "none"), default="model-length",
+                   help="build the RM pairs / MSE records from responses balanced by source model and length "
+                        "(paper appendix B.1; cell counts in rm_balance.json), or from every response")
+    c.add_argument("--rm-per-cell", default="median",
+                   help="responses kept per (model, length bucket) cell: a count, 'min' (exact balance) or "
+                        "'median' (cap cells at the median cell size)")
+    c.add_argument("--rm-length-edges",
+                   help="comma list of word counts splitting length buckets, e.g. 100,200,400 (default: quartiles)")
+    c.add_argument("--seed", type=int, default=0, help="seed of every draw in select and dpo")
+    o = p.add_argument_group("dpo (pairs for the DPO baselines, paper appendix A.2.3 / B.1)")
+    o.add_argument("--dpo-mode", choices=("disparity", "length-balanced"), default="disparity",
+                   help="disparity: the widest R+S+E gaps; length-balanced: per gap, chosen longer as often as shorter")
+    o.add_argument("--dpo-gap", type=int,
+                   help="pairs need an R+S+E gap above this (default: 3 for disparity, 1 for length-balanced)")
+    o.add_argument("--per-record", type=int,
+                   help="most pairs per record (default: 1 for disparity, no cap for length-balanced; 0 = no cap)")
+    o.add_argument("--max-pairs", type=int, help="most pairs in all (default: no cap)")
+    o.add_argument("--length-tolerance", type=float, default=0.1,
+                   help="relative word-count difference under which a pair counts as even in length")
     r = p.add_argument_group("robustness")
     r.add_argument("--concurrency", type=int, default=8)
     r.add_argument("--timeout", type=float, default=120.0)
@@ -104,6 +126,36 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"caspo curate {args.stage}: {exc}", file=sys.stderr)
         return 2
+    except CaspoError as exc:
+        print(f"caspo curate {args.stage}: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _per_cell(text: str) -> int | str:
+    if text in ("min", "median"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--rm-per-cell {text!r}: give a positive count, 'min' or 'median'") from None
+
+
+def _edges(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--rm-length-edges {text!r}: give increasing word counts, e.g. 100,200,400") from None
+
+
+def _dpo_options(args) -> dict:
+    options = {"seed": args.seed, "max_pairs": args.max_pairs, "length_tolerance": args.length_tolerance}
+    if args.dpo_gap is not None:
+        options["gap_threshold"] = args.dpo_gap
+    if args.per_record is not None:
+        options["per_record"] = args.per_record or None
+    return options
 
 
 def _run(args) -> int:
@@ -186,8 +238,17 @@ def _run(args) -> int:
         message = str(stats)
     elif stage == "select":
         sel = pipeline.run_select(out, min_total=args.min_sft_total, gap_threshold=args.pair_gap,
-                                  pair_probability=args.pair_prob, seed=args.seed)
+                                  pair_probability=args.pair_prob, seed=args.seed,
+                                  rm_balance=args.rm_balance != "none", rm_per_cell=_per_cell(args.rm_per_cell),
+                                  rm_length_edges=_edges(args.rm_length_edges))
         message = f"sft {len(sel.sft)}, pairs {len(sel.pairs)}, mse {len(sel.mse)}, no SFT target {len(sel.rejected)}"
+        if sel.rm_balance is not None:
+            message += f"; RM pool {sel.rm_balance.summary()}"
+    elif stage == "dpo":
+        path, pairs = pipeline.run_dpo(out, args.dpo_mode, **_dpo_options(args))
+        lengths = {k: sum(p.meta["length"] == k for p in pairs) for k in ("longer", "shorter", "even")}
+        message = (f"wrote {path}: {len(pairs)} pairs ({args.dpo_mode}); chosen longer {lengths['longer']}, "
+                   f"shorter {lengths['shorter']}, even {lengths['even']}")
     all_prices = _record_prices(out, prices)
     summary = write_summary(out, all_prices)
     if message:

@@ -63,7 +63,7 @@ def summarize(out_dir: str | Path, prices: Mapping[str, tuple[float, float]] | N
     for who, t in summary["spent"].items():
         pin, pout = prices.get(who, (0.0, 0.0))
         t["cost"] = t["prompt_tokens"] / 1000 * pin + t["completion_tokens"] / 1000 * pout
-    for name in ("sft", "pairs", "mse", "benchmark"):
+    for name in ("sft", "pairs", "mse", "dpo_disparity", "dpo_length_balanced", "benchmark"):
         path = out_dir / f"{name}.jsonl"
         if path.exists():
             summary.setdefault("outputs", {})[name] = sum(1 for ln in path.read_text().splitlines() if ln.strip())
@@ -86,7 +86,7 @@ def write_summary(out_dir: str | Path, prices: Mapping[str, tuple[float, float]]
         lines += [f"| {stage} | {kind} | {n} |" for kind, n in s["rejected_by_kind"].items()]
     lines += ["", "## Rejection reasons (first few per stage; all are in the stage files)", ""]
     for stage, s in summary["stages"].items():
-        lines += [f"- {stage}: {r}" for r in s["reason_examples"]]
+        lines += [f"- {stage}: {r.removeprefix(f'{stage}: ')}" for r in s["reason_examples"]]
     lines += ["", "## Tokens and cost", "", "| endpoint | prompt tokens | completion tokens | cost |", "|---|---|---|---|"]
     for who, t in sorted(summary["spent"].items()):
         lines.append(f"| {who} | {t['prompt_tokens']} | {t['completion_tokens']} | {t['cost']:.4f} |")

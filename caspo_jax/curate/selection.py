@@ -31,7 +31,8 @@ from typing import Any
 from caspo_jax.data.formats import PreferencePair, SFTExample
 from caspo_jax.data.records import image_paths_json
 
-__all__ = ["ScoredResponse", "Selection", "build_preferences", "select", "select_sft", "uniform_from"]
+__all__ = ["ScoredResponse", "Selection", "build_preferences", "group_by_record", "pair_id", "preference_pair",
+           "response_words", "select", "select_sft", "uniform_from"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Selection:
     pairs: list[PreferencePair]
     mse: list[ScoredResponse]
     rejected: list[dict[str, Any]]  # records without an SFT target: {"id", "reason", "category"}
+    rm_balance: Any = None  # `balance.BalanceReport` when pairs / mse came from a balanced pool
 
 
 def uniform_from(seed: int, key: str) -> float:
@@ -65,11 +67,13 @@ def uniform_from(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def _length(r: dict[str, Any]) -> int:
+def response_words(r: dict[str, Any]) -> int:
+    """A response's length in whitespace-separated words (the length every balance here uses)."""
     return len(r["response"].split())
 
 
-def _group(responses: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def group_by_record(responses: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """record_id -> its responses, in first-seen order."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in responses:
         groups.setdefault(r["record_id"], []).append(r)
@@ -81,13 +85,33 @@ def _meta(r: dict[str, Any]) -> dict[str, Any]:
             "scores": {k: r["scores"][k] for k in ("risk", "safety", "effectiveness", "total")}}
 
 
+def pair_id(chosen: dict[str, Any], rejected: dict[str, Any]) -> str:
+    """The id of the pair (chosen, rejected): "<chosen id>><rejected id>"."""
+    return f"{chosen['id']}>{rejected['id']}"
+
+
+def preference_pair(chosen: dict[str, Any], rejected: dict[str, Any], **extra: Any) -> PreferencePair:
+    """Two scored responses of one record as a `PreferencePair` (chosen = the higher total).
+
+    meta carries record_id, gap, both source models and both score sets (plus `extra`).
+    """
+    gap = chosen["scores"]["total"] - rejected["scores"]["total"]
+    return PreferencePair(
+        pair_id(chosen, rejected), tuple(Path(p) for p in chosen["images"]), chosen["query"], chosen["response"],
+        rejected["response"], chosen.get("category"),
+        {"record_id": chosen["record_id"], "gap": gap, "chosen_model": chosen["source_model"],
+         "rejected_model": rejected["source_model"], "chosen_scores": _meta(chosen)["scores"],
+         "rejected_scores": _meta(rejected)["scores"], **extra},
+    )
+
+
 def select_sft(responses: Sequence[dict[str, Any]], *, min_total: int = 5) -> tuple[list[SFTExample], list[dict[str, Any]]]:
     """One SFT target per record (see module doc); records without one come back as rejections."""
     if not 0 <= min_total <= 6:
         raise ValueError(f"min_total must be in 0..6, got {min_total}")
-    groups = _group(responses)
+    groups = group_by_record(responses)
     eligible = [r for r in responses if r["scores"]["total"] >= min_total]
-    median_len = statistics.median(_length(r) for r in eligible) if eligible else 0
+    median_len = statistics.median(response_words(r) for r in eligible) if eligible else 0
     picks_per_model: dict[str, int] = {}
     sft, rejected = [], []
     for record_id, group in groups.items():
@@ -98,7 +122,7 @@ def select_sft(responses: Sequence[dict[str, Any]], *, min_total: int = 5) -> tu
                              "reason": f"select: no response with R+S+E >= {min_total} (best {best})"})
             continue
         pick = min(cands, key=lambda r: (-r["scores"]["total"], picks_per_model.get(r["source_model"], 0),
-                                         abs(_length(r) - median_len), r["id"]))
+                                         abs(response_words(r) - median_len), r["id"]))
         picks_per_model[pick["source_model"]] = picks_per_model.get(pick["source_model"], 0) + 1
         sft.append(SFTExample(f"{record_id}/sft", tuple(Path(p) for p in pick["images"]), pick["query"],
                               pick["response"], pick.get("category"), {**_meta(pick), "response_id": pick["id"]}))
@@ -112,23 +136,16 @@ def build_preferences(
     if not 0.0 <= pair_probability <= 1.0:
         raise ValueError(f"pair_probability must be in [0, 1], got {pair_probability}")
     pairs, mse = [], []
-    for record_id, group in _group(responses).items():
+    for group in group_by_record(responses).values():
         ranked = sorted(group, key=lambda r: (-r["scores"]["total"], r["id"]))
         in_pair: set[str] = set()
         for k in range(len(ranked) // 2):
             hi, lo = ranked[k], ranked[-1 - k]
             gap = hi["scores"]["total"] - lo["scores"]["total"]
-            pair_id = f"{hi['id']}>{lo['id']}"
             eligible = gap > gap_threshold and hi["response"] != lo["response"]
-            if eligible and uniform_from(seed, pair_id) < pair_probability:
+            if eligible and uniform_from(seed, pair_id(hi, lo)) < pair_probability:
                 in_pair.update((hi["id"], lo["id"]))
-                pairs.append(PreferencePair(
-                    pair_id, tuple(Path(p) for p in hi["images"]), hi["query"], hi["response"], lo["response"],
-                    hi.get("category"),
-                    {"record_id": record_id, "gap": gap, "chosen_model": hi["source_model"],
-                     "rejected_model": lo["source_model"], "chosen_scores": _meta(hi)["scores"],
-                     "rejected_scores": _meta(lo)["scores"]},
-                ))
+                pairs.append(preference_pair(hi, lo))
         for r in group:
             if r["id"] not in in_pair:
                 mse.append(ScoredResponse(r["id"], tuple(Path(p) for p in r["images"]), r["query"], r["response"],
@@ -138,9 +155,11 @@ def build_preferences(
 
 def select(
     responses: Sequence[dict[str, Any]], *, min_total: int = 5, gap_threshold: int = 4,
-    pair_probability: float = 0.85, seed: int = 0,
+    pair_probability: float = 0.85, seed: int = 0, rm_responses: Sequence[dict[str, Any]] | None = None,
 ) -> Selection:
+    """SFT targets from every response; BT pairs and MSE records from `rm_responses` (the
+    reward-model pool, e.g. `balance.balance_responses`'s output), by default every response."""
     sft, rejected = select_sft(responses, min_total=min_total)
-    pairs, mse = build_preferences(responses, gap_threshold=gap_threshold, pair_probability=pair_probability,
-                                   seed=seed)
+    pairs, mse = build_preferences(responses if rm_responses is None else rm_responses, gap_threshold=gap_threshold,
+                                   pair_probability=pair_probability, seed=seed)
     return Selection(sft, pairs, mse, rejected)

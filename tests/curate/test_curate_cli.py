@@ -104,8 +104,22 @@ def test_every_stage_through_the_cli(tmp_path, capsys):
         assert main(["curate", "export", *common, "--image-root", str(img)]) == 0
         assert main(["curate", "respond", *common, "--image-root", str(img), "--model", spec("alpha"),
                      "--model", spec("beta"), "--judge", spec("judge"), "--samples", "2", "--max-new-tokens", "64"]) == 0
-        assert main(["curate", "select", *common, "--pair-prob", "1.0", "--seed", "3"]) == 0
+        assert main(["curate", "select", *common, "--pair-prob", "1.0", "--seed", "3", "--rm-balance", "none"]) == 0
         printed = capsys.readouterr().out
+        # the default RM pool, balanced by model and length: SAFE answers have 14 words, UNSAFE 7 ->
+        # quartile edges [12, 14]; cells alpha/long 20, beta/short 10, beta/long 10 -> 10 per cell, 30 kept;
+        # every record keeps its 2 UNSAFE and >= 2 beta SAFE answers, so still 10 pairs and 30 - 20 = 10 MSE
+        assert main(["curate", "select", *common, "--pair-prob", "1.0", "--seed", "3"]) == 0
+        balanced = capsys.readouterr().out
+        assert ("sft 5, pairs 10, mse 10, no SFT target 0; RM pool balanced by model and length "
+                "(word edges [12, 14], <= 10 per cell): kept 30 of 40 responses") in balanced
+        # DPO pairs: disparity keeps one gap-5 pair per record; every pair prefers the longer (SAFE)
+        # answer, so the length-balanced mode finds none and writes nothing
+        assert main(["curate", "dpo", *common, "--dpo-mode", "disparity", "--seed", "3"]) == 0
+        assert "dpo_disparity.jsonl: 5 pairs (disparity); chosen longer 5, shorter 0, even 0" in capsys.readouterr().out
+        assert main(["curate", "dpo", *common, "--dpo-mode", "length-balanced"]) == 2
+        assert "dpo_length_balanced.jsonl not written: no length-balanced pair" in capsys.readouterr().err
+        assert not (out / "dpo_length_balanced.jsonl").exists()
     rewrite_bodies = [r.body for r in stub.chat_requests if "You edit" in r.body["messages"][0]["content"]]
     assert rewrite_bodies and all("response_format" not in b for b in rewrite_bodies)  # --no-json-mode
     synth_bodies = [r.body for r in stub.chat_requests if "You design" in r.body["messages"][0]["content"]]
@@ -120,7 +134,7 @@ def test_every_stage_through_the_cli(tmp_path, capsys):
     import json
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["outputs"] == {"sft": 5, "pairs": 10, "mse": 20, "benchmark": 5}
+    assert summary["outputs"] == {"sft": 5, "pairs": 10, "mse": 10, "dpo_disparity": 5, "benchmark": 5}
     assert set(summary["spent"]) == {"alpha", "beta", "judge"}
     t = summary["spent"]["alpha"]
     assert t["cost"] == t["prompt_tokens"] / 1000 * 0.5 + t["completion_tokens"] / 1000 * 1.5

@@ -126,14 +126,31 @@ def test_records_flow_through_every_stage(world):
     beta_plain = [r for r in responses if r["source_model"] == "beta" and r["prompt_mode"] == "standard"]
     assert all(r["scores"]["total"] == 1 for r in beta_plain)
 
-    # --- select
-    sel = pipeline.run_select(out, seed=0)
+    # --- select, first from every response (no RM balancing)
+    sel = pipeline.run_select(out, seed=0, rm_balance=False)
     assert len(sel.sft) == 6 and all(e.response.startswith("SAFE") for e in sel.sft)
     per_model = [sum(e.meta["source_model"] == m for e in sel.sft) for m in ("alpha", "beta")]
     assert abs(per_model[0] - per_model[1]) <= 1  # balanced across source models
     assert all(p.meta["gap"] == 5 and p.rejected.startswith("UNSAFE") for p in sel.pairs)
     in_pairs = 2 * len(sel.pairs)
     assert in_pairs + len(sel.mse) == 24 and 0 < len(sel.pairs) <= 6
+    assert sel.rm_balance is None and not (out / "rm_balance.json").exists()
+    # --- select with the default RM pool balanced by model and length. Lengths (words): alpha's 12
+    # answers share one quartile bucket, beta's 6 UNSAFE ones the lowest, its 6 SAFE ones alpha's;
+    # cells {alpha/2: 12, beta/0: 6, beta/2: 6} -> median_low 6 per cell -> 18 responses.
+    sft_before = [e.id for e in sel.sft]
+    sel = pipeline.run_select(out, seed=0)
+    assert [e.id for e in sel.sft] == sft_before  # SFT targets come from every response either way
+    assert sel.rm_balance.per_cell == 6
+    assert sel.rm_balance.total == {("alpha", 2): 12, ("beta", 0): 6, ("beta", 2): 6}
+    assert sel.rm_balance.kept == {("alpha", 2): 6, ("beta", 0): 6, ("beta", 2): 6}
+    assert 2 * len(sel.pairs) + len(sel.mse) == 18
+    used = [m.meta["source_model"] for m in sel.mse] + [p.meta[k] for p in sel.pairs
+                                                        for k in ("chosen_model", "rejected_model")]
+    assert used.count("alpha") == 6 and used.count("beta") == 12
+    cells = json.loads((out / "rm_balance.json").read_text())["cells"]
+    assert [(c["model"], c["length_bucket"], c["kept"], c["total"]) for c in cells] == [
+        ("alpha", 2, 6, 12), ("beta", 0, 6, 6), ("beta", 2, 6, 6)]
     # the data pipeline's own loaders read them back (images checked under the image root)
     sft_back = load_sft_examples(out / "sft.jsonl", img, check_images=True)
     assert [e.response for e in sft_back] == [e.response for e in sel.sft]

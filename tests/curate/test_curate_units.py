@@ -205,3 +205,18 @@ def test_prompt_files_sit_in_a_package_folder_so_they_ship():
     yamls = list(root.rglob("*.yaml"))
     assert len(yamls) == 3
     assert all((y.parent / "__init__.py").exists() for y in yamls)
+
+
+def test_summary_names_each_stage_once_per_reason(tmp_path):
+    """summary.md printed "- images: images: no image ..." (the reason already starts with its stage)."""
+    from caspo_jax.curate.report import write_summary
+
+    rec = {"id": "s1", "category": "violent", "query": "q"}
+    kept, rejected = attach_images([rec], tmp_path)  # no s1.png under the root
+    write_stage(pipeline.stage_path(tmp_path, "images"), "images", "t", kept, rejected)
+    write_stage(pipeline.stage_path(tmp_path, "filter"), "filter", "t", [],
+                [{"id": "s2", "kind": "benignness", "reason": "benignness 1 < 4", "record": rec}])
+    write_summary(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    assert "- images: no image for scenario s1" in md and "images: images:" not in md
+    assert "- filter: benignness 1 < 4" in md  # a reason without the prefix gets it once
