@@ -12,7 +12,7 @@ Examples::
     caspo curate respond --out runs/cur --image-root runs/cur/images --model ... --model ... --judge ...
     caspo curate select  --out runs/cur --pair-gap 4 --pair-prob 0.85 --seed 0   # RM pool balanced by model+length
     caspo curate dpo     --out runs/cur --dpo-mode disparity --seed 0          # dpo_disparity.jsonl
-    caspo curate dpo     --out runs/cur --dpo-mode length-balanced --max-pairs 17328
+    caspo curate dpo     --out runs/cur --dpo-mode length-balanced --dpo-max-pairs 17328
     caspo curate report  --out runs/cur
 
 Rerunning a stage resumes it: done units are skipped, failed ones redone. Every run
@@ -77,10 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="disparity: the widest R+S+E gaps; length-balanced: per gap, chosen longer as often as shorter")
     o.add_argument("--dpo-gap", type=int,
                    help="pairs need an R+S+E gap above this (default: 3 for disparity, 1 for length-balanced)")
-    o.add_argument("--per-record", type=int,
+    o.add_argument("--dpo-per-record", type=int,
                    help="most pairs per record (default: 1 for disparity, no cap for length-balanced; 0 = no cap)")
-    o.add_argument("--max-pairs", type=int, help="most pairs in all (default: no cap)")
-    o.add_argument("--length-tolerance", type=float, default=0.1,
+    o.add_argument("--dpo-max-pairs", type=int, help="most pairs in all (default: no cap)")
+    o.add_argument("--dpo-length-tolerance", type=float, default=0.1,
                    help="relative word-count difference under which a pair counts as even in length")
     r = p.add_argument_group("robustness")
     r.add_argument("--concurrency", type=int, default=8)
@@ -150,11 +150,11 @@ def _edges(text: str | None) -> list[int] | None:
 
 
 def _dpo_options(args) -> dict:
-    options = {"seed": args.seed, "max_pairs": args.max_pairs, "length_tolerance": args.length_tolerance}
+    options = {"seed": args.seed, "max_pairs": args.dpo_max_pairs, "length_tolerance": args.dpo_length_tolerance}
     if args.dpo_gap is not None:
         options["gap_threshold"] = args.dpo_gap
-    if args.per_record is not None:
-        options["per_record"] = args.per_record or None
+    if args.dpo_per_record is not None:
+        options["per_record"] = args.dpo_per_record or None
     return options
 
 

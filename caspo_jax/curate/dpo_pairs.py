@@ -57,8 +57,11 @@ class _Candidate:
 
 
 def length_direction(chosen_words: int, rejected_words: int, tolerance: float) -> str:
-    """"longer" / "shorter" when the chosen answer has more / fewer words than the rejected one
-    by more than `tolerance` x the longer length; "even" otherwise."""
+    """How the chosen answer's length compares with the rejected one's.
+
+    "longer" / "shorter": more / fewer words by more than `tolerance` x the longer of the two
+    lengths; "even" otherwise.
+    """
     if abs(chosen_words - rejected_words) <= tolerance * max(chosen_words, rejected_words):
         return "even"
     return "longer" if chosen_words > rejected_words else "shorter"

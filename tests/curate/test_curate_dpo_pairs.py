@@ -125,3 +125,29 @@ def test_dpo_pairs_round_trip_through_the_pair_loader(tmp_path):
 def test_bad_options_name_the_option(call, match):
     with pytest.raises(ValueError, match=match):
         call(_disparity_world())
+
+
+def test_cli_dpo_options_reach_the_selection(tmp_path, capsys):
+    from caspo_jax.curate import pipeline
+    from caspo_jax.curate.stage import write_stage
+    from caspo_jax.launch.cli import main
+
+    out = tmp_path / "cur"
+    world = _disparity_world()
+    write_stage(pipeline.stage_path(out, "respond"), "respond", "t", world, [])
+    args = ["curate", "dpo", "--out", str(out), "--no-progress", "--seed", "5"]
+    assert main([*args, "--dpo-per-record", "0", "--dpo-max-pairs", "3"]) == 0
+    written = [p.id for p in load_pairs(out / "dpo_disparity.jsonl", out)]
+    assert written == [p.id for p in disparity_pairs(world, per_record=None, max_pairs=3, seed=5)]
+    assert "dpo_disparity.jsonl: 3 pairs (disparity)" in capsys.readouterr().out
+    # --dpo-gap 2 admits the gap-3 pairs d>b and e>f; one per record by default
+    assert main([*args, "--dpo-gap", "2"]) == 0
+    assert [p.id for p in load_pairs(out / "dpo_disparity.jsonl", out)] == ["r0/a>r0/c", "r1/e>r1/f", "r2/g>r2/i"]
+    assert main([*args, "--dpo-mode", "length-balanced", "--dpo-length-tolerance", "0.9"]) == 0
+    even = load_pairs(out / "dpo_length_balanced.jsonl", out)
+    assert {p.meta["length"] for p in even} == {"even"} and len(even) == 6  # r0's 4 gaps above 1, e>f, g>i
+    capsys.readouterr()
+    assert main(["curate", "select", "--out", str(out), "--rm-per-cell", "lots"]) == 2
+    assert "--rm-per-cell 'lots': give a positive count, 'min' or 'median'" in capsys.readouterr().err
+    assert main(["curate", "select", "--out", str(out), "--rm-length-edges", "10,x"]) == 2
+    assert "--rm-length-edges '10,x'" in capsys.readouterr().err
