@@ -10,7 +10,9 @@ Pure functions over `respond`'s scored response records (appendix B of the paper
   whose summed-score gap exceeds `gap_threshold` (paper: 4) is kept for the BT loss with
   probability `pair_probability` (paper: 0.85), drawn from a hash of (seed, pair ids) so
   the draw does not depend on order. Every response not in a kept pair becomes an MSE
-  record (its absolute R+S+E score, the regression target).
+  record (its absolute R+S+E score, the regression target). Pairs and MSE records are
+  built from `rm_responses` when given: `pipeline.run_select` passes the pool balanced by
+  source model and length (`balance.py`, the paper's appendix B.1).
 
 Formats: SFT lines are `caspo_jax.data.formats.SFTExample`, pairs `PreferencePair`
 (chosen = higher score; read back with `load_sft_examples` / `load_pairs`), MSE lines
