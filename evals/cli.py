@@ -21,8 +21,17 @@ import pathlib
 import sys
 from typing import Any
 
-from caspo_jax.evals.generators import PAPER_SAMPLING, EngineNotAvailable
+from caspo_jax.errors import CaspoError
+from caspo_jax.evals.generators import NOT_RETRIED, PAPER_SAMPLING, EngineNotAvailable
 from caspo_jax.evals.modes import MODES, PROMPTS_VERSION
+
+
+
+class EvalFailed(CaspoError):
+    """Every item of the run failed (exit 1): the report covers nothing; the message says why."""
+
+    exit_code = 1
+
 
 JUDGE_KEYS = ("name", "model", "base_url", "api_key_env", "price_in", "price_out")
 
@@ -96,7 +105,7 @@ def _client(args, base_url: str, model: str, api_key_env: str, temperature: floa
     return ChatClient(ClientConfig(
         base_url=base_url, model=model, api_key_env=api_key_env, max_concurrency=args.concurrency,
         timeout_s=args.timeout, max_retries=args.max_retries, backoff_base_s=args.backoff,
-        cache_dir=args.cache_dir, temperature=temperature,
+        cache_dir=args.cache_dir, temperature=temperature, progress=not args.no_progress,
     ))
 
 
@@ -110,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         if args.compare:
             return _run_compare(args)
         return _run_eval(args)
+    except CaspoError as e:  # UserError: exit 2; EvalFailed: exit 1
+        print(f"caspo eval: {e}", file=sys.stderr)
+        return e.exit_code
     except EngineNotAvailable as e:
         return _fail(str(e))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -119,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_eval(args) -> int:
     from caspo_jax.evals import judging, report, suites
     from caspo_jax.evals.generators import OpenAIGenerator, local_generator
-    from caspo_jax.evals.runner import Judge, run_items, spent_totals
+    from caspo_jax.evals.runner import Judge, RunStats, run_items, spent_totals
     from caspo_jax.evals.store import ResultsStore, load_records
 
     if args.engine != "openai" and not args.report_only and not args.checkpoint:
@@ -199,6 +211,7 @@ def _run_eval(args) -> int:
             generator = local_generator(args.engine, args.checkpoint)
         judges = [Judge(j["name"], _client(args, j["base_url"], j["model"], j["api_key_env"], 0.0), j["price_in"], j["price_out"])
                   for j in judge_specs]
+        totals = RunStats()
         try:
             with ResultsStore(results_path) as store:
                 for bench, fn in (("ood", judging.rse_judge_fn), ("siuo", judging.siuo_judge_fn), ("mss", judging.mss_judge_fn)):
@@ -207,13 +220,18 @@ def _run_eval(args) -> int:
                         st = run_items(bench_items, store, generator, sampling, judges, fn, chunk_size=args.chunk_size,
                                        run_info=run_info, progress=not args.no_progress)
                         print(f"{bench}: {st.items} items, {st.skipped_done} already done, {st.done} done now, "
-                              f"{st.failed} failed (rerun to retry)", file=sys.stderr)
+                              f"{st.failed} failed", file=sys.stderr)
+                        _print_failures(st)
+                        for f in ("items", "skipped_done", "done", "failed"):
+                            setattr(totals, f, getattr(totals, f) + getattr(st, f))
+                        totals.errors.update(st.errors)
         finally:
             if gen_client is not None:
                 gen_client.close()
             for j in judges:
                 j.client.close()
     else:
+        totals = None
         judges = [Judge(n, None) for n in names]
 
     # Report from the store only.
@@ -235,7 +253,21 @@ def _run_eval(args) -> int:
     if summaries:
         report.write_items_csv(out / "items.csv", suites.ood_item_scores(recs, names), names)
     print(f"report: {paths['markdown']}", file=sys.stderr)
+    if totals is not None and totals.failed and not (totals.done or totals.skipped_done):
+        (error, count), = totals.errors.most_common(1) or [("no error recorded", totals.failed)]
+        raise EvalFailed(f"all {totals.failed} items failed, so {paths['markdown']} covers none; most common "
+                         f"error ({count}x): {error}")
     return 0
+
+
+def _print_failures(stats) -> None:
+    """The three most common reasons items failed, and whether a rerun can help."""
+    for error, count in stats.errors.most_common(3):
+        print(f"  {count}x {error}", file=sys.stderr)
+    if stats.failed:
+        retryable = not stats.errors or any(NOT_RETRIED not in e for e in stats.errors)
+        print("  " + ("rerun the same command to retry the failed items" if retryable else
+                      "a rerun repeats these errors: fix what they name first"), file=sys.stderr)
 
 
 _MUST_MATCH = ("generator", "sampling", "rubric_version", "prompts_version")
