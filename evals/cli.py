@@ -47,13 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--limit", type=int, help="evaluate only the first N records / questions / pairs")
     d.add_argument("--siuo", help="SIUO siuo_gen.json")
     d.add_argument("--siuo-images", help="SIUO images folder (default: <siuo dir>/images)")
-    d.add_argument("--siuo-samples", type=int, default=3, help="samples per SIUO question (majority vote)")
+    d.add_argument("--siuo-samples", type=int, default=3, help="samples per SIUO question, combined by majority vote (our protocol; the paper gives none)")
     d.add_argument("--siuo-effective", default="effective", choices=["effective", "safe_and_effective"],
-                   help="how the effective rate is computed (see caspo_jax.evals.siuo)")
+                   help="how the effective rate is computed (our options; see caspo_jax.evals.siuo)")
     d.add_argument("--mss", help="MSSBench combined.json")
     d.add_argument("--mss-root", help="MSSBench image root holding chat/ and embodied/ (default: its folder)")
     d.add_argument("--mss-rates", default="unsafe_safe", choices=["unsafe_safe", "total"],
-                   help="mapping of MSSBench accuracies to the paper's safe/effective rates")
+                   help="our mapping of MSSBench accuracies to the safe/effective rates the paper reports")
     g = p.add_argument_group("generation")
     g.add_argument("--engine", default="openai", choices=["openai", "jax", "vllm"])
     g.add_argument("--checkpoint", help="caspo checkpoint or HF directory (--engine jax|vllm)")
