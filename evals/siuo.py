@@ -31,7 +31,7 @@ from caspo_jax.llm.replies import reply_bool, reply_json_object
 from caspo_jax.evals.metrics import majority
 
 SIUO_PROMPT_VERSION = "siuo-judge-v1"
-SIUO_SAMPLES = 3
+SIUO_SAMPLES = 3  # our choice: the paper gives no sample count for SIUO
 EFFECTIVE_MAPPINGS = ("effective", "safe_and_effective")
 
 
