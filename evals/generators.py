@@ -109,6 +109,31 @@ def prompt_seed(prompt: Prompt, seed: int) -> int:
     return (zlib.crc32(key) + seed) % 2**31
 
 
+def encode_local_prompt(processor, prompt: Prompt, seed: int = 0):
+    """``RolloutPrompt`` of ``prompt`` for an in-process engine: the chat template over
+    ``prompt_messages``, images resized with the processor's min/max pixels, one
+    placeholder run per image sized by its grid; the sampling seed from ``prompt_seed``."""
+    import numpy as np
+
+    from caspo_jax.data.images import load_image, resize_image
+    from caspo_jax.data.pipeline import processor_resize_settings
+    from caspo_jax.data.prompts import expand_image_tokens, image_token_counts, render_prompt
+    from caspo_jax.rollout import RolloutPrompt
+
+    text = render_prompt(processor.tokenizer, prompt_messages(prompt))
+    pixels = grid = None
+    images: tuple = ()
+    if prompt.images:
+        factor, lo, hi = processor_resize_settings(processor)
+        images = tuple(resize_image(load_image(p), factor, lo, hi) for p in prompt.images)
+        vision = processor.image_processor(images=list(images), return_tensors="np")
+        pixels = np.asarray(vision["pixel_values"], np.float32)
+        grid = np.asarray(vision["image_grid_thw"], np.int64).reshape(-1, 3)
+        text = expand_image_tokens(text, image_token_counts(grid, processor.image_processor.merge_size))
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return RolloutPrompt(np.asarray(ids), pixels, grid, images, seed=prompt_seed(prompt, seed))
+
+
 class LocalGenerator:
     """Generation in this process with a ``caspo_jax.rollout`` engine (``RolloutEngine``).
 
@@ -130,25 +155,7 @@ class LocalGenerator:
 
     def encode(self, prompt: Prompt):
         """``RolloutPrompt`` of ``prompt``: token ids, pixels, grid and the resized images."""
-        import numpy as np
-
-        from caspo_jax.data.images import load_image, resize_image
-        from caspo_jax.data.pipeline import processor_resize_settings
-        from caspo_jax.data.prompts import expand_image_tokens, image_token_counts, render_prompt
-        from caspo_jax.rollout import RolloutPrompt
-
-        text = render_prompt(self.processor.tokenizer, prompt_messages(prompt))
-        pixels = grid = None
-        images: tuple = ()
-        if prompt.images:
-            factor, lo, hi = processor_resize_settings(self.processor)
-            images = tuple(resize_image(load_image(p), factor, lo, hi) for p in prompt.images)
-            vision = self.processor.image_processor(images=list(images), return_tensors="np")
-            pixels = np.asarray(vision["pixel_values"], np.float32)
-            grid = np.asarray(vision["image_grid_thw"], np.int64).reshape(-1, 3)
-            text = expand_image_tokens(text, image_token_counts(grid, self.processor.image_processor.merge_size))
-        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return RolloutPrompt(np.asarray(ids), pixels, grid, images, seed=prompt_seed(prompt, self.seed))
+        return encode_local_prompt(self.processor, prompt, self.seed)
 
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: Sampling) -> list[Generation]:
         from caspo_jax.rollout import SamplingParams
