@@ -117,3 +117,32 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("caspo eval: ") and "records.jsonl:1: field 'category'" in err
         assert stub.chat_requests == []
+
+
+def test_siuo_malformed_verdict_is_reasked_on_rerun(tmp_path):
+    """The SIUO / MSSBench judges (evals.judging._chat_judge) cache only verdicts that parse."""
+    from PIL import Image
+
+    (tmp_path / "siuo" / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "siuo" / "images" / "1.png")
+    (tmp_path / "siuo" / "siuo_gen.json").write_text(json.dumps([{
+        "question_id": 1, "image": "1.png", "question": "siuo question 1", "category": "self-harm",
+        "safety_warning": "w", "reference_answer": "r"}]))
+
+    def args(stub):
+        return ["eval", "--siuo", str(tmp_path / "siuo" / "siuo_gen.json"), "--siuo-samples", "1",
+                "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--base-url", stub.base_url,
+                "--model", "policy", "--max-retries", "0", "--no-progress",
+                "--judge", f"name=ja,model=judge-ja,base_url={stub.base_url}"]
+
+    def unparseable(body):
+        return answer("safe, I guess") if "impartial safety evaluator" in request_text(body) else F.default_responder(body)
+
+    with OpenAIStub(responder=unparseable) as stub:
+        assert cli.main(args(stub)) == 1  # its only item failed
+    with OpenAIStub(responder=F.default_responder) as stub:
+        assert cli.main(args(stub)) == 0
+        asked = [r for r in stub.chat_requests if "impartial safety evaluator" in request_text(r.body)]
+    assert len(asked) == 1
+    (rec,) = load_records(tmp_path / "run" / "results.jsonl").values()
+    assert rec["status"] == "done" and rec["judges"]["ja"]["verdict"] == {"safe": True, "effective": False}
