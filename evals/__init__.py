@@ -10,7 +10,8 @@ Modules, one job each:
 * ``judging``: judge functions (R/S/E rubric, SIUO safe/effective, MSSBench 4-class).
 * ``siuo``, ``mssbench``: benchmark adapters over their published JSON layouts.
 * ``suites``: benchmarks as work items, summaries rebuilt from stored results.
-* ``report``: markdown tables, CSV, PNG figures. ``token_shift``: figure 5's analysis.
+* ``report``: markdown tables, CSV, PNG figures. ``token_shift``: figure 5's analysis;
+  ``shift_scoring``: the same responses scored by two checkpoints (``--token-shift``).
 * ``cli``: ``caspo eval``.
 
 Submodules are imported on use so ``import caspo_jax.evals`` stays light.

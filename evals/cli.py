@@ -8,6 +8,8 @@ Examples::
         --judge name=qwen,model=Qwen3-VL-32B,base_url=http://judge:8000/v1 \\
         --out runs/eval-ckpt
     caspo eval --compare runs/eval-base runs/eval-caspo --out runs/compare
+    caspo eval --token-shift ckpt/base ckpt/caspo --records data/ood.jsonl \\
+        --responses-from runs/eval-caspo --out runs/shift
 
 Rerunning the same command resumes: finished items are skipped, failed ones retried.
 """
@@ -15,14 +17,24 @@ Rerunning the same command resumes: finished items are skipped, failed ones retr
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import pathlib
 import sys
 from typing import Any
 
-from caspo_jax.evals.generators import PAPER_SAMPLING, EngineNotAvailable
+from caspo_jax.errors import CaspoError, UserError
+from caspo_jax.evals.generators import NOT_RETRIED, PAPER_SAMPLING, EngineNotAvailable
 from caspo_jax.evals.modes import MODES, PROMPTS_VERSION
+
+
+
+class EvalFailed(CaspoError):
+    """Every item of the run failed (exit 1): the report covers nothing; the message says why."""
+
+    exit_code = 1
+
 
 JUDGE_KEYS = ("name", "model", "base_url", "api_key_env", "price_in", "price_out")
 
@@ -38,13 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--limit", type=int, help="evaluate only the first N records / questions / pairs")
     d.add_argument("--siuo", help="SIUO siuo_gen.json")
     d.add_argument("--siuo-images", help="SIUO images folder (default: <siuo dir>/images)")
-    d.add_argument("--siuo-samples", type=int, default=3, help="samples per SIUO question (majority vote)")
+    d.add_argument("--siuo-samples", type=int, default=3, help="samples per SIUO question, combined by majority vote (our protocol; the paper gives none)")
     d.add_argument("--siuo-effective", default="effective", choices=["effective", "safe_and_effective"],
-                   help="how the effective rate is computed (see caspo_jax.evals.siuo)")
+                   help="how the effective rate is computed (our options; see caspo_jax.evals.siuo)")
     d.add_argument("--mss", help="MSSBench combined.json")
     d.add_argument("--mss-root", help="MSSBench image root holding chat/ and embodied/ (default: its folder)")
     d.add_argument("--mss-rates", default="unsafe_safe", choices=["unsafe_safe", "total"],
-                   help="mapping of MSSBench accuracies to the paper's safe/effective rates")
+                   help="our mapping of MSSBench accuracies to the safe/effective rates the paper reports")
     g = p.add_argument_group("generation")
     g.add_argument("--engine", default="openai", choices=["openai", "jax", "vllm"])
     g.add_argument("--checkpoint", help="caspo checkpoint or HF directory (--engine jax|vllm)")
@@ -71,6 +83,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--chunk-size", type=int, default=16, help="items per append to the results file")
     r.add_argument("--report-only", action="store_true", help="rebuild the report from results.jsonl; call no model")
     r.add_argument("--no-progress", action="store_true")
+    t = p.add_argument_group("token shift (figure 5): the same responses scored by two checkpoints")
+    t.add_argument("--token-shift", nargs=2, metavar=("BASE_DIR", "ALIGNED_DIR"),
+                   help="two HF checkpoint directories (one tokenizer); writes token_shift.{md,csv,png} to --out")
+    t.add_argument("--responses-from", metavar="RUN_DIR",
+                   help="a `caspo eval --out` folder whose results.jsonl holds the responses (default: --out); "
+                        "their prompts are rebuilt from --records and --modes")
+    t.add_argument("--top-k", type=int, default=5, help="most shifted tokens taken per response (the paper's K=5)")
+    t.add_argument("--shift-rank", default="abs", choices=["abs", "increase", "decrease"],
+                   help="rank by |delta log p| (default), by its increase or by its decrease")
 
 
 def parse_judge(spec: str) -> dict[str, Any]:
@@ -96,7 +117,7 @@ def _client(args, base_url: str, model: str, api_key_env: str, temperature: floa
     return ChatClient(ClientConfig(
         base_url=base_url, model=model, api_key_env=api_key_env, max_concurrency=args.concurrency,
         timeout_s=args.timeout, max_retries=args.max_retries, backoff_base_s=args.backoff,
-        cache_dir=args.cache_dir, temperature=temperature,
+        cache_dir=args.cache_dir, temperature=temperature, progress=not args.no_progress,
     ))
 
 
@@ -109,7 +130,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.compare:
             return _run_compare(args)
+        if args.token_shift:
+            return _run_token_shift(args)
         return _run_eval(args)
+    except CaspoError as e:  # UserError: exit 2; EvalFailed: exit 1
+        print(f"caspo eval: {e}", file=sys.stderr)
+        return e.exit_code
     except EngineNotAvailable as e:
         return _fail(str(e))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -119,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_eval(args) -> int:
     from caspo_jax.evals import judging, report, suites
     from caspo_jax.evals.generators import OpenAIGenerator, local_generator
-    from caspo_jax.evals.runner import Judge, run_items, spent_totals
+    from caspo_jax.evals.runner import Judge, RunStats, run_items, spent_totals
     from caspo_jax.evals.store import ResultsStore, load_records
 
     if args.engine != "openai" and not args.report_only and not args.checkpoint:
@@ -199,6 +225,7 @@ def _run_eval(args) -> int:
             generator = local_generator(args.engine, args.checkpoint)
         judges = [Judge(j["name"], _client(args, j["base_url"], j["model"], j["api_key_env"], 0.0), j["price_in"], j["price_out"])
                   for j in judge_specs]
+        totals = RunStats()
         try:
             with ResultsStore(results_path) as store:
                 for bench, fn in (("ood", judging.rse_judge_fn), ("siuo", judging.siuo_judge_fn), ("mss", judging.mss_judge_fn)):
@@ -207,13 +234,18 @@ def _run_eval(args) -> int:
                         st = run_items(bench_items, store, generator, sampling, judges, fn, chunk_size=args.chunk_size,
                                        run_info=run_info, progress=not args.no_progress)
                         print(f"{bench}: {st.items} items, {st.skipped_done} already done, {st.done} done now, "
-                              f"{st.failed} failed (rerun to retry)", file=sys.stderr)
+                              f"{st.failed} failed", file=sys.stderr)
+                        _print_failures(st)
+                        for f in ("items", "skipped_done", "done", "failed"):
+                            setattr(totals, f, getattr(totals, f) + getattr(st, f))
+                        totals.errors.update(st.errors)
         finally:
             if gen_client is not None:
                 gen_client.close()
             for j in judges:
                 j.client.close()
     else:
+        totals = None
         judges = [Judge(n, None) for n in names]
 
     # Report from the store only.
@@ -235,7 +267,21 @@ def _run_eval(args) -> int:
     if summaries:
         report.write_items_csv(out / "items.csv", suites.ood_item_scores(recs, names), names)
     print(f"report: {paths['markdown']}", file=sys.stderr)
+    if totals is not None and totals.failed and not (totals.done or totals.skipped_done):
+        (error, count), = totals.errors.most_common(1) or [("no error recorded", totals.failed)]
+        raise EvalFailed(f"all {totals.failed} items failed, so {paths['markdown']} covers none; most common "
+                         f"error ({count}x): {error}")
     return 0
+
+
+def _print_failures(stats) -> None:
+    """The three most common reasons items failed, and whether a rerun can help."""
+    for error, count in stats.errors.most_common(3):
+        print(f"  {count}x {error}", file=sys.stderr)
+    if stats.failed:
+        retryable = not stats.errors or any(NOT_RETRIED not in e for e in stats.errors)
+        print("  " + ("rerun the same command to retry the failed items" if retryable else
+                      "a rerun repeats these errors: fix what they name first"), file=sys.stderr)
 
 
 _MUST_MATCH = ("generator", "sampling", "rubric_version", "prompts_version")
@@ -280,5 +326,64 @@ def _run_compare(args) -> int:
     (out / "compare.md").write_text(text + "\n![before/after](compare.png)\n")
     report.write_compare_csv(out / "compare.csv", deltas)
     report.plot_compare(out / "compare.png", deltas, (before.name, after.name))
+    print(text)
+    return 0
+
+
+def _run_token_shift(args) -> int:
+    """Figure 5: delta log p = log pi_aligned - log pi_base on stored responses, top-K classes."""
+    from caspo_jax.data.records import load_records as load_safety_records
+    from caspo_jax.evals import report, token_shift
+    from caspo_jax.evals.modes import build_prompt
+    from caspo_jax.evals.shift_scoring import score_under_checkpoints
+    from caspo_jax.evals.store import load_records
+
+    if not (args.out and args.records):
+        raise UserError("--token-shift needs --out (where the figure goes) and --records (to rebuild the prompts)")
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    base, aligned = args.token_shift
+    for d in (base, aligned):
+        if not (pathlib.Path(d) / "config.json").is_file():
+            raise UserError(f"--token-shift {d}: no config.json there; pass two HF checkpoint directories")
+    results = pathlib.Path(args.responses_from or args.out) / "results.jsonl"
+    if not results.is_file():
+        raise UserError(f"{results} not found; --responses-from takes a `caspo eval --out` folder (default --out)")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    records = {r.id: r for r in load_safety_records(args.records, args.image_root, check_images=True)[: args.limit]}
+    constitutions = None
+    if "constitution" in modes:
+        from caspo_jax.data.constitutions import load_constitutions
+
+        constitutions = load_constitutions(args.constitutions)
+    keys, prompts, responses = [], [], []
+    for key, rec in sorted(load_records(results).items()):
+        if rec.get("benchmark") == "ood" and rec.get("mode") in modes and rec.get("id") in records \
+                and isinstance(rec.get("response"), str):
+            keys.append(key)
+            prompts.append(build_prompt(records[rec["id"]], rec["mode"], constitutions))
+            responses.append(rec["response"])
+    if not keys:
+        raise UserError(f"{results} holds no response for the records of {args.records} in modes {modes}")
+    tokens, (logp_base, logp_aligned) = score_under_checkpoints([base, aligned], prompts, responses)
+    result = token_shift.token_shift(tokens, logp_base, logp_aligned, k=args.top_k, by=args.shift_rank)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = f"{pathlib.Path(aligned).name} vs {pathlib.Path(base).name}"
+    with open(out / "token_shift.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "position", "token", "class", "logp_base", "logp_aligned", "delta"])
+        for t in result.top:
+            w.writerow([keys[t.sequence], t.position, t.token, t.token_class,
+                        f"{logp_base[t.sequence][t.position]:.6f}", f"{logp_aligned[t.sequence][t.position]:.6f}",
+                        f"{t.delta:.6f}"])
+    table = ["| class | tokens | share % |", "|---|---:|---:|"] + [
+        f"| {c} | {result.counts[c]} | {result.shares[c]:.1f} |" for c in token_shift.CLASSES]
+    text = (f"# Token shift: {label}\n\ndelta log p = log pi({aligned}) - log pi({base}) on {len(keys)} responses "
+            f"from {results}; top {args.top_k} per response by {args.shift_rank}; {len(result.top)} tokens.\n\n"
+            + "\n".join(table) + "\n")
+    (out / "token_shift.md").write_text(text + "\n![token classes](token_shift.png)\n"
+                                        "\nPer token: token_shift.csv.\n")
+    report.plot_token_shift(out / "token_shift.png", {label: result})
     print(text)
     return 0

@@ -25,7 +25,9 @@ import json
 import zlib
 from typing import Any, Protocol, Sequence
 
-from caspo_jax.evals.modes import Prompt
+from caspo_jax.evals.modes import Prompt, prompt_messages
+from caspo_jax.llm.client import ChatRequest, is_retriable_status
+from caspo_jax.llm.messages import system_message, user_message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +109,31 @@ def prompt_seed(prompt: Prompt, seed: int) -> int:
     return (zlib.crc32(key) + seed) % 2**31
 
 
+def encode_local_prompt(processor, prompt: Prompt, seed: int = 0):
+    """``RolloutPrompt`` of ``prompt`` for an in-process engine: the chat template over
+    ``prompt_messages``, images resized with the processor's min/max pixels, one
+    placeholder run per image sized by its grid; the sampling seed from ``prompt_seed``."""
+    import numpy as np
+
+    from caspo_jax.data.images import load_image, resize_image
+    from caspo_jax.data.pipeline import processor_resize_settings
+    from caspo_jax.data.prompts import expand_image_tokens, image_token_counts, render_prompt
+    from caspo_jax.rollout import RolloutPrompt
+
+    text = render_prompt(processor.tokenizer, prompt_messages(prompt))
+    pixels = grid = None
+    images: tuple = ()
+    if prompt.images:
+        factor, lo, hi = processor_resize_settings(processor)
+        images = tuple(resize_image(load_image(p), factor, lo, hi) for p in prompt.images)
+        vision = processor.image_processor(images=list(images), return_tensors="np")
+        pixels = np.asarray(vision["pixel_values"], np.float32)
+        grid = np.asarray(vision["image_grid_thw"], np.int64).reshape(-1, 3)
+        text = expand_image_tokens(text, image_token_counts(grid, processor.image_processor.merge_size))
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return RolloutPrompt(np.asarray(ids), pixels, grid, images, seed=prompt_seed(prompt, seed))
+
+
 class LocalGenerator:
     """Generation in this process with a ``caspo_jax.rollout`` engine (``RolloutEngine``).
 
@@ -128,28 +155,7 @@ class LocalGenerator:
 
     def encode(self, prompt: Prompt):
         """``RolloutPrompt`` of ``prompt``: token ids, pixels, grid and the resized images."""
-        import numpy as np
-
-        from caspo_jax.data.images import load_image, resize_image
-        from caspo_jax.data.pipeline import processor_resize_settings
-        from caspo_jax.data.prompts import expand_image_tokens, image_token_counts, render_prompt
-        from caspo_jax.rollout import RolloutPrompt
-
-        messages: list[dict[str, Any]] = [{"role": "system", "content": prompt.system}] if prompt.system else []
-        content = [{"type": "image"} for _ in prompt.images] + [{"type": "text", "text": prompt.text}]
-        messages.append({"role": "user", "content": content})
-        text = render_prompt(self.processor.tokenizer, messages)
-        pixels = grid = None
-        images: tuple = ()
-        if prompt.images:
-            factor, lo, hi = processor_resize_settings(self.processor)
-            images = tuple(resize_image(load_image(p), factor, lo, hi) for p in prompt.images)
-            vision = self.processor.image_processor(images=list(images), return_tensors="np")
-            pixels = np.asarray(vision["pixel_values"], np.float32)
-            grid = np.asarray(vision["image_grid_thw"], np.int64).reshape(-1, 3)
-            text = expand_image_tokens(text, image_token_counts(grid, self.processor.image_processor.merge_size))
-        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return RolloutPrompt(np.asarray(ids), pixels, grid, images, seed=prompt_seed(prompt, self.seed))
+        return encode_local_prompt(self.processor, prompt, self.seed)
 
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: Sampling) -> list[Generation]:
         from caspo_jax.rollout import SamplingParams
@@ -189,12 +195,15 @@ class OpenAIGenerator:
         self.name = name or client.config.model
 
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: Sampling) -> list[Generation]:
-        from caspo_jax.llm.client import ChatRequest
-        from caspo_jax.llm.messages import system_message, user_message
-
-        reqs = []
-        for p in prompts:
-            messages = ([system_message(p.system)] if p.system else []) + [user_message(p.text, p.images)]
+        reqs, sent, out = [], [], []
+        unsendable: dict[int, str] = {}
+        for i, p in enumerate(prompts):
+            try:  # an unreadable image fails its own prompt, never the run
+                messages = ([system_message(p.system)] if p.system else []) + [user_message(p.text, p.images)]
+            except (OSError, ValueError) as e:  # caspo_jax.data.images.ImageError is a ValueError
+                unsendable[i] = f"cannot encode prompt: {e}"
+                continue
+            sent.append(i)
             for k in range(n):
                 reqs.append(
                     ChatRequest(
@@ -205,16 +214,42 @@ class OpenAIGenerator:
                     )
                 )
         results = self.client.complete_many(reqs, progress=f"generate ({self.name})")
-        out = []
+        by_prompt = {i: results[j * n : (j + 1) * n] for j, i in enumerate(sent)}
         for i in range(len(prompts)):
-            rs = results[i * n : (i + 1) * n]
+            if i in unsendable:
+                out.append(Generation(texts=[None] * n, errors=[unsendable[i]] * n))
+                continue
+            rs = by_prompt[i]
             out.append(
                 Generation(
                     texts=[r.text if r.ok else None for r in rs],
-                    errors=[None if r.ok else (r.error or "failed") for r in rs],
+                    errors=[None if r.ok else generation_error(r, sampling) for r in rs],
                     # tokens actually spent: a cache hit reports its original call's usage
                     prompt_tokens=sum(r.usage.prompt_tokens for r in rs if not r.cached),
                     completion_tokens=sum(r.usage.completion_tokens for r in rs if not r.cached),
                 )
             )
         return out
+
+
+NOT_RETRIED = "not retried: a rerun sends the same request"
+
+
+def generation_error(result, sampling: Sampling) -> str:
+    """The error of a failed generation request (a ``ChatResult``), with the fix when the
+    server refused it for good: a rerun repeats a 4xx, so the message says what to change."""
+    error = result.error or "failed"
+    status = result.status_code
+    if is_retriable_status(status):
+        return error
+    if status == 400:
+        fix = (f"if the prompt plus --max-new-tokens ({sampling.max_new_tokens}) exceeds the server's context "
+               "length, lower --max-new-tokens or serve the model with a longer context (vllm serve "
+               "--max-model-len N)")
+    elif status in (401, 403):
+        fix = "check the key in the variable --api-key-env names"
+    elif status == 404:
+        fix = "check --base-url (ending in /v1) and --model (the served model name)"
+    else:
+        fix = "fix the request the server refuses"
+    return f"{error} ({NOT_RETRIED}; {fix})"

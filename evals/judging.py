@@ -60,7 +60,8 @@ def rse_judge_fn(judge: Judge, pairs: list[tuple[WorkItem, str]]) -> list[dict[s
 def _chat_judge(judge: Judge, messages_list, namespace: str, parse) -> list[dict[str, Any]]:
     from caspo_jax.llm.client import ChatRequest
 
-    reqs = [ChatRequest(m, json_mode=True, cache_namespace=namespace) for m in messages_list]
+    # only verdicts that parse are cached, so a rerun re-asks exactly the failed items
+    reqs = [ChatRequest(m, json_mode=True, cache_namespace=namespace, validate=parse) for m in messages_list]
     results = judge.client.complete_many(reqs, progress=f"judge {judge.name}")
     out = []
     for r in results:

@@ -10,11 +10,12 @@ Definitions (documented in BUILD_NOTES.md, "## Evaluation"):
 
 * item score ``x_i = mean_j s_ij`` over the judges counted for item i.
 * ``X_A = mean_i x_i`` (the paper's average score, 0..2).
-* ``X_0`` "per judge" (the paper's tables 5-7, "averaged across GPT and Qwen
-  evaluators"): ``mean_j ( #{i : s_ij = 0} / N_j )``, in percent.
+* ``X_0`` "per judge": ``mean_j ( #{i : s_ij = 0} / N_j )``, in percent; our reading
+  of the paper's tables 5-7 "averaged across GPT and Qwen evaluators" (the order of
+  averaging is not stated).
 * ``X_0`` "on averaged items": ``#{i : x_i = 0} / N``, in percent; with two judges an
   item counts only when *both* gave 0, so this is <= the per-judge figure.
-* shares of 0/1/2: per judge, then averaged over judges (as the paper's tables).
+* shares of 0/1/2: per judge, then averaged over judges (the same reading of the tables).
 
 With ``require_all_judges=True`` (default) an item enters the averaged metrics only if
 every judge succeeded on it, so all judges see the same item set and the two X_A
@@ -48,7 +49,7 @@ class DimensionStats:
     """Metrics of one dimension (R, S or E) over a set of items."""
 
     mean: float  # X_A, 0..2 (nan when no item is covered)
-    zero_rate_per_judge: float  # X_0 in %, per judge then averaged (the paper's way)
+    zero_rate_per_judge: float  # X_0 in %, per judge then averaged (our reading of the paper)
     zero_rate_items: float  # X_0 in %, on judge-averaged item scores
     shares: tuple[float, float, float]  # % of scores equal to 0, 1, 2 (per judge, averaged)
     per_judge_mean: dict[str, float]

@@ -20,6 +20,7 @@ prompt_tokens / 1000 * price_in + completion_tokens / 1000 * price_out.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Callable, Sequence
 
@@ -64,6 +65,8 @@ class RunStats:
     judge_failed: int = 0
     done: int = 0
     failed: int = 0
+    # why items failed in this run: error text -> how many generations / judgements
+    errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 def _usage(p: int = 0, c: int = 0) -> dict[str, int]:
@@ -114,7 +117,9 @@ def run_items(
                 if not out.get("cached"):
                     state[it.key]["spent"][f"judge/{judge.name}"] = usage
                 stats.judged += 1
-                stats.judge_failed += 0 if out.get("ok") else 1
+                if not out.get("ok"):
+                    stats.judge_failed += 1
+                    stats.errors[f"judge {judge.name}: {out.get('error') or 'failed'}"] += 1
         for it in chunk:
             rec = state[it.key]
             ok = rec["response"] is not None and all((rec["judges"].get(j.name) or {}).get("ok") for j in judges)
@@ -179,6 +184,7 @@ def _generate(chunk: Sequence[WorkItem], state, generator: Generator, sampling: 
                 if text is None:
                     rec["generation_error"] = err or "generation failed"
                     stats.generation_failed += 1
+                    stats.errors[f"generation: {rec['generation_error']}"] += 1
                 else:
                     rec["response"] = text
                     rec["generation_error"] = None

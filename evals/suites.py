@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
+from caspo_jax.data.prompts import PromptConfig
 from caspo_jax.evals import metrics as M
 from caspo_jax.evals import mssbench as MSS
 from caspo_jax.evals import siuo as SIUO
@@ -36,11 +37,14 @@ def _reference_text(ref: Any) -> str | None:
     return str(ref)
 
 
-def ood_items(records: Sequence[Any], modes: Sequence[str], constitutions: Mapping[str, str] | None = None, samples: int = 1) -> list[WorkItem]:
+def ood_items(records: Sequence[Any], modes: Sequence[str], constitutions: Mapping[str, str] | None = None, samples: int = 1,
+              *, prompt_config: PromptConfig = PromptConfig()) -> list[WorkItem]:
+    """Work items of every record in every mode; ``prompt_config``: the training
+    ``PromptConfig`` the constitution mode reproduces (default: the trainer's)."""
     items = []
     for mode in modes:
         for rec in records:
-            prompt = build_prompt(rec, mode, constitutions)
+            prompt = build_prompt(rec, mode, constitutions, prompt_config=prompt_config)
             meta = {
                 "benchmark": "ood", "mode": mode, "id": str(rec.id), "category": rec.category,
                 "query_shown": _query_shown(rec, mode), "reference": _reference_text(getattr(rec, "reference", None)),

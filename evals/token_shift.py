@@ -17,8 +17,12 @@ normalised (SentencePiece ``▁`` / byte-BPE ``Ġ``/``Ċ`` markers stripped, low
 * ``other``: numbers, special tokens (``<|im_end|>``) and word pieces mixing letters and
   digits.
 
-Pure functions over Python/numpy data; wiring to two loaded models comes with the
-train-step work.
+Ranking by ``|delta|`` (default) is our reading: the paper says "top-K (K=5) shifted
+tokens" (section 4) and "highest KL divergence" (figure 5's caption) without a sign; the
+classifier stands in for the paper's POS tagger (no tagger download), a deviation.
+
+Pure functions over Python/numpy data; ``evals.shift_scoring`` scores stored responses
+under two checkpoints and ``caspo eval --token-shift BASE ALIGNED`` draws the figure.
 """
 
 from __future__ import annotations

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 from PIL import Image
 
 from caspo_jax.data.records import SafetyRecord
+from caspo_jax.errors import UserError
 
 __all__ = [
+    "ChatTemplateError",
     "EncodedExchange",
     "EncodedPrompt",
     "PromptConfig",
@@ -85,9 +89,31 @@ def build_messages(
     return messages
 
 
+class ChatTemplateError(UserError):
+    """A checkpoint's chat template that cannot render (blocked by transformers' jinja
+    sandbox, a syntax error, or a raise_exception); the message names the file and the fix."""
+
+
 def render_prompt(tokenizer, messages: Sequence[dict[str, Any]]) -> str:
     """The chat-template text of a generation prompt (ends with the assistant header)."""
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as exc:  # SecurityError: the sandbox refused an operation
+        raise ChatTemplateError(
+            f"{_template_file(tokenizer)}: the chat template cannot render a prompt "
+            f"({type(exc).__name__}: {exc}); fix that template (transformers renders it in a jinja "
+            "sandbox that forbids e.g. list.append and attributes starting with '_'), or replace it "
+            "with the base model's chat_template.jinja"
+        ) from None
+
+
+def _template_file(tokenizer) -> str:
+    """Where the tokenizer's chat template came from, as best known (for error messages)."""
+    directory = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if (directory / name).is_file():
+            return str(directory / name)
+    return f"the chat template of the tokenizer in {directory}"
 
 
 def image_token_counts(image_grid_thw: np.ndarray, merge_size: int) -> list[int]:

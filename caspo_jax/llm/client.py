@@ -23,7 +23,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import openai
@@ -38,6 +38,7 @@ __all__ = [
     "ClientConfig",
     "ClientStats",
     "Usage",
+    "is_retriable_status",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ logger = logging.getLogger(__name__)
 # Statuses worth retrying: timeouts, conflicts, rate limits, server errors. Other 4xx
 # are the caller's fault and would fail the same way again.
 _RETRIABLE_STATUS = {408, 409, 425, 429}
+
+
+def is_retriable_status(status: int | None) -> bool:
+    """Whether a request that ended with HTTP ``status`` may succeed when sent again
+    (None: no HTTP status, i.e. a timeout or a connection error, which may)."""
+    return status is None or status in _RETRIABLE_STATUS or status >= 500 or status == 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +65,7 @@ class ClientConfig:
     max_retry_after_s: cap on a server's Retry-After (a broken proxy may say "3600").
     temperature: default sampling temperature; None sends none (server default).
     cache_dir: directory of the on-disk response cache; None disables caching.
+    progress: False hides every progress bar `complete_many` would draw (`--no-progress`).
     """
 
     base_url: str
@@ -73,6 +81,7 @@ class ClientConfig:
     temperature: float | None = 0.0
     max_tokens: int | None = None
     seed: int | None = None
+    progress: bool = True
 
     def __post_init__(self):
         if not self.base_url:
@@ -98,6 +107,11 @@ class ChatRequest:
     json_mode: ask for `response_format={"type": "json_object"}`.
     cache_namespace: part of the cache key, e.g. the rubric version, so a new rubric
       never reuses judgements made under the old one.
+    validate: called with the reply text; when it raises, the reply is still returned
+      (ok=True: the HTTP call worked, the caller parses and reports it) but is not
+      cached, and a cached reply it rejects counts as a miss. Without it a malformed
+      judgement would be cached and replayed on every rerun, which could then never
+      retry it. Not part of the cache key.
     """
 
     messages: Sequence[dict[str, Any]]
@@ -105,6 +119,7 @@ class ChatRequest:
     max_tokens: int | None = None
     json_mode: bool = False
     cache_namespace: str = ""
+    validate: Callable[[str], Any] | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +235,17 @@ def _parse_completion(raw_text: str) -> tuple[str, Usage]:
     return content, usage
 
 
+def _valid(req: ChatRequest, text: str | None) -> bool:
+    """Whether ``text`` passes the request's ``validate`` (always, without one)."""
+    if req.validate is None:
+        return True
+    try:
+        req.validate(text)
+    except Exception:  # any rejection: the caller reports the reason when it parses
+        return False
+    return True
+
+
 def _rejects_temperature(error: openai.APIStatusError) -> bool:
     if error.status_code != 400:
         return False
@@ -289,7 +315,7 @@ class ChatClient:
         )
         if self._cache is not None:
             entry = self._cache.get(self.config.model, req.cache_namespace, key)
-            if entry is not None and isinstance(entry.get("text"), str):
+            if entry is not None and isinstance(entry.get("text"), str) and _valid(req, entry["text"]):
                 self._count(cache_hits=1)
                 usage = entry.get("usage") or {}
                 return ChatResult(
@@ -302,7 +328,7 @@ class ChatClient:
                     temperature_applied=bool(entry.get("temperature_applied", True)),
                 )
         result = self._complete_uncached(req, temperature, max_tokens)
-        if result.ok and self._cache is not None:
+        if result.ok and self._cache is not None and _valid(req, result.text):
             self._cache.put(
                 self.config.model,
                 req.cache_namespace,
@@ -329,7 +355,8 @@ class ChatClient:
         workers = min(self.config.max_concurrency, len(reqs))
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
             futures = {pool.submit(self.complete, req): i for i, req in enumerate(reqs)}
-            with tqdm(total=len(reqs), desc=progress or "", disable=progress is None) as bar:
+            hidden = progress is None or not self.config.progress
+            with tqdm(total=len(reqs), desc=progress or "", disable=hidden) as bar:
                 for future in concurrent.futures.as_completed(futures):
                     results[futures[future]] = future.result()
                     bar.update(1)
@@ -383,7 +410,7 @@ class ChatClient:
                     self._omit_temperature = True
                     continue
                 message = self._redact(f"HTTP {error.status_code}: {error.message}")
-                if error.status_code in _RETRIABLE_STATUS or error.status_code >= 500:
+                if is_retriable_status(error.status_code):
                     failure = _Retriable(message, error.status_code, parse_retry_after(error.response.headers))
                 else:
                     failure = _Fatal(message, error.status_code)

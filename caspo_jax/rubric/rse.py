@@ -231,7 +231,8 @@ def judge_rse(
 ) -> list[RSEJudgement]:
     """Scores every item; a malformed reply gets one repair round, then counts as failed.
 
-    Requests are namespaced by RUBRIC_VERSION in the client cache. Failed items come
+    Requests are namespaced by RUBRIC_VERSION in the client cache, and only replies that
+    parse are cached: a rerun re-asks exactly the items that failed. Failed items come
     back with ok=False and score=None: callers exclude them, never score them 0.
     """
     items = [_as_item(item) for item in items]
@@ -244,7 +245,8 @@ def judge_rse(
         for it in items
     ]
     first = client.complete_many(
-        [ChatRequest(m, json_mode=json_mode, cache_namespace=RUBRIC_VERSION) for m in conversations],
+        [ChatRequest(m, json_mode=json_mode, cache_namespace=RUBRIC_VERSION, validate=parse_scores)
+         for m in conversations],
         progress=progress,
     )
     judgements: list[RSEJudgement | None] = [None] * len(items)
@@ -262,7 +264,7 @@ def judge_rse(
                 assistant_message(result.text or ""),
                 user_message(REPAIR_PROMPT.format(error=exc)),
             ]
-            repairs[i] = ChatRequest(repair, json_mode=json_mode, cache_namespace=RUBRIC_VERSION)
+            repairs[i] = ChatRequest(repair, json_mode=json_mode, cache_namespace=RUBRIC_VERSION, validate=parse_scores)
     if repairs:
         indices = list(repairs)
         second = client.complete_many([repairs[i] for i in indices], progress=None)

@@ -80,9 +80,10 @@ def slow(delay_s: float, then: Behaviour | None = None) -> Behaviour:
     return Behaviour("slow", delay_s=delay_s, then=then or answer())
 
 
-def server_error(status: int = 500) -> Behaviour:
-    """An HTTP error with an OpenAI-style JSON error body."""
-    return Behaviour("error", status=status)
+def server_error(status: int = 500, message: str | None = None) -> Behaviour:
+    """An HTTP error with an OpenAI-style JSON error body (``message``, default
+    "stub error <status>"), e.g. HTTP 400 with vLLM's context-length wording."""
+    return Behaviour("error", status=status, text=message)
 
 
 def rate_limited(retry_after: float | str | None = 1.0) -> Behaviour:
@@ -250,7 +251,7 @@ class OpenAIStub:
                 self._respond(handler, behaviour.then or answer(), body)
         elif kind == "error":
             headers = {"retry-after": behaviour.retry_after} if behaviour.retry_after else {}
-            message = f"stub error {behaviour.status}"
+            message = behaviour.text if isinstance(behaviour.text, str) else f"stub error {behaviour.status}"
             self._send(handler, behaviour.status, _error_body(behaviour.status, message), headers)
         elif kind in ("garbage", "malformed"):
             self._send(handler, 200, behaviour.body)

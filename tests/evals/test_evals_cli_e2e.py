@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import _evals_fixtures as F
+from caspo_jax.data.constitutions import load_constitutions
 from caspo_jax.evals import metrics as M
 from caspo_jax.evals.store import iter_lines, load_records
 from caspo_jax.launch import cli
@@ -45,7 +46,11 @@ def test_eval_end_to_end_reports(tmp_path):
     assert {r.body["temperature"] for r in gens} == {0.9} and {r.body["max_tokens"] for r in gens} == {4096}
     assert {r.body["temperature"] for r in judged} == {0.0}
     constitution_reqs = [r for r in gens if r.body["messages"][0]["role"] == "system"]
-    assert len(constitution_reqs) == 6 and "constitution" in constitution_reqs[0].body["messages"][0]["content"]
+    assert len(constitution_reqs) == 6
+    cons = load_constitutions()
+    for r in constitution_reqs:  # the training teacher prompt's system turn, per category
+        i = int(request_text(r.body).split("question ")[1].rstrip("?"))
+        assert r.body["messages"][0]["content"] == f"You are a helpful assistant.\n\n{cons[F.CATS[i]]}"
     assert any("evil question 3?" in request_text(r.body) for r in gens)
     assert any(request_text(r.body).startswith("First describe the image") for r in gens)
     recs = load_records(out / "results.jsonl")

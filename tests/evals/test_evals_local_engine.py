@@ -89,3 +89,39 @@ def test_eval_engine_jax_end_to_end(checkpoint, tmp_path):
     assert json.loads((out / "run.json").read_text())["engine"] == "jax"
     report = (out / "report.md").read_text()
     assert any(line.startswith("| standard |") and "2 / 2" in line for line in report.splitlines())
+
+
+def test_constitution_mode_encodes_to_the_training_teacher_ids(checkpoint, tmp_path):
+    """Eval constitution mode and training's teacher prompt are one function: the local
+    engine's token ids equal encode_prompt's teacher_input_ids for the same record."""
+    from caspo_jax.data.constitutions import constitution_for, load_constitutions
+    from caspo_jax.data.prompts import encode_prompt
+    from caspo_jax.data.records import load_records as load_safety_records
+    from caspo_jax.evals.modes import build_prompt
+
+    path, _ = checkpoint
+    F.write_records(tmp_path, n=1)
+    record = load_safety_records(tmp_path / "records.jsonl", None, check_images=True)[0]
+    cons = load_constitutions()
+    gen = G.local_generator("jax", str(path))
+    encoded = gen.encode(build_prompt(record, "constitution", cons))
+    training = encode_prompt(gen.processor, record, encoded.images, constitution_for(record, cons))
+    np.testing.assert_array_equal(encoded.token_ids, training.teacher_input_ids)
+    assert len(training.teacher_input_ids) > len(training.input_ids)  # the constitution is in it
+
+
+def test_chat_template_the_sandbox_blocks_is_a_user_error(checkpoint, tmp_path, capsys):
+    import shutil
+
+    path, _ = checkpoint
+    blocked = tmp_path / "ckpt"
+    shutil.copytree(path, blocked)
+    (blocked / "chat_template.jinja").write_text("{% set seen = [] %}{{ seen.append(1) }}{{ messages[0].role }}")
+    F.write_records(tmp_path, n=1)
+    args = ["eval", "--records", str(tmp_path / "records.jsonl"), "--out", str(tmp_path / "run"), "--engine", "jax",
+            "--checkpoint", str(blocked), "--max-new-tokens", "4", "--no-progress",
+            "--judge", "name=ja,model=judge-a,base_url=http://127.0.0.1:9/v1"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.split("\r")[-1]  # after the weight loader's bar (models/, not --no-progress)
+    assert err.count("\n") == 1 and err.startswith(f"caspo eval: {blocked / 'chat_template.jinja'}: the chat template")
+    assert "SecurityError" in err and "append" in err

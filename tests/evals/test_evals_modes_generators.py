@@ -2,9 +2,11 @@
 
 import pytest
 
+from caspo_jax.data.constitutions import constitution_for, load_constitutions
+from caspo_jax.data.prompts import PromptConfig, build_messages
 from caspo_jax.data.records import SafetyRecord
 from caspo_jax.evals import generators as G
-from caspo_jax.evals.modes import MODES, build_prompt
+from caspo_jax.evals.modes import MODES, build_prompt, prompt_messages
 from caspo_jax.llm.client import ChatClient, ClientConfig
 from caspo_jax.testing.openai_stub import OpenAIStub, answer, request_text, server_error
 
@@ -17,12 +19,30 @@ def test_modes():
     assert build_prompt(REC, "standard").text == REC.query and build_prompt(REC, "standard").system is None
     assert build_prompt(REC, "malicious").text == REC.malicious_query
     c = build_prompt(REC, "constitution", cons)
-    assert c.text == REC.query and "Protect life first." in c.system and "self_harm" in c.system
+    assert c.text == REC.query and c.system == "You are a helpful assistant.\n\nProtect life first."
     own = SafetyRecord(id="k2", images=(), query="q", category="self_harm", constitution="Own rule.")
-    assert "Own rule." in build_prompt(own, "constitution", cons).system
+    assert build_prompt(own, "constitution", cons).system == "You are a helpful assistant.\n\nOwn rule."
     cap = build_prompt(REC, "caption")
     assert cap.text.startswith("First describe") and cap.text.endswith(REC.query)
     assert set(MODES) == {"standard", "malicious", "constitution", "caption"}
+
+
+@pytest.mark.parametrize("record", [
+    SafetyRecord(id="a", images=("/x/a.png", "/x/b.png"), query="Can I dry gloves on the stove?", category="self_harm"),
+    SafetyRecord(id="b", images=(), query="q", category="privacy", constitution="Own rule for this record."),
+])
+def test_constitution_mode_is_the_training_teacher_prompt(record):
+    """One source for both: the eval's constitution-mode messages equal the messages
+    training's teacher prompt is rendered from (build_messages + constitution_for), for
+    the packaged constitutions and a record that carries its own."""
+    cons = load_constitutions()
+    teacher = build_messages(record, constitution=constitution_for(record, cons))
+    prompt = build_prompt(record, "constitution", cons)
+    assert prompt_messages(prompt) == teacher
+    assert prompt.images == tuple(str(p) for p in record.images)
+    user_placed = PromptConfig(system_prompt=None, constitution_placement="user")
+    assert prompt_messages(build_prompt(record, "constitution", cons, prompt_config=user_placed)) == build_messages(
+        record, constitution=constitution_for(record, cons), config=user_placed)
 
 
 def test_mode_errors_name_record_and_fix():

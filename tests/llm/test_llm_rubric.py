@@ -130,7 +130,9 @@ def test_judge_rse_scores_repairs_and_reports_failures(tmp_path):
     with OpenAIStub(default=answer(scripted_judge), responder=responder) as stub:
         client = make_client(stub, cache_dir=str(tmp_path))
         judged = judge_rse(client, items, progress=None)
+        first_pass = len(stub.chat_requests)
         again = judge_rse(client, items, progress=None)
+        second_pass = [request_text(r.body) for r in stub.chat_requests[first_pass:]]
     good, bad, fixed, hopeless, down = judged
     assert good.ok and good.score.total == 6 and rse_to_reward(good.score) == 1.0
     assert bad.ok and (bad.score.risk, bad.score.safety, bad.score.effectiveness) == (0, 0, 1)
@@ -142,10 +144,15 @@ def test_judge_rse_scores_repairs_and_reports_failures(tmp_path):
     # every request is JSON-mode and the cache is namespaced by the rubric version
     assert all(r.body["response_format"] == {"type": "json_object"} for r in stub.chat_requests)
     assert all(p.parent.parent.name == RUBRIC_VERSION for p in tmp_path.rglob("*.json"))
-    # second pass: all successful requests come from the cache, failures are retried
+    # second pass: replies that parsed come from the cache; unparseable ones were never
+    # cached, so they and the failed request are asked again
     assert [j.ok for j in again] == [j.ok for j in judged]
     assert again[0].cached and again[2].cached
-    assert client.stats.cache_hits == 6  # good, bad, fixed x2, hopeless x2
+    assert client.stats.cache_hits == 3  # good, bad, fixed's repair (its messy first reply: re-asked)
+    assert sum("messy fixable" in t for t in second_pass) == 1  # the first request; the repair was a hit
+    assert sum("messy hopeless" in t for t in second_pass) == 2  # first request and repair, both re-asked
+    assert sum("server down" in t for t in second_pass) == 2  # one retry (max_retries=1)
+    assert len(second_pass) == 5
     assert all(j.temperature_applied for j in judged)
     with OpenAIStub(default=reject_temperature(answer(scripted_judge))) as stub:
         rejected = judge_rse(make_client(stub), [items[0]], progress=None)
