@@ -30,7 +30,7 @@ class CaspoConfig:
     From appendix B.1: lam 0.3, beta 0.005, G 32, P 64, lr 2e-6. Not from the paper:
     eq. 6 is an unclipped ratio objective and names no KL estimator, so clip_low =
     clip_high = 0.2 and kl_kind k3 are verl's defaults (`clip_ratio`, `low_var_kl`), the
-    framework the paper ran; eps, agg (verl's token-mean) likewise.
+    framework the paper ran; agg token-mean is verl's default too, eps 1e-6 is ours.
 
     `teacher` says whose parameters score the constitution-conditioned log-probs of eq. 4
     (consumed by the trainer): "rollout_policy" = pi_old, the paper's dynamic reference
