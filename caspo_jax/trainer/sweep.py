@@ -112,6 +112,7 @@ class SweepBenchmarks:
         for flag, value in (("--eval-records", self.records), ("--eval-siuo", self.siuo), ("--eval-mss", self.mss)):
             if value is not None and not Path(value).is_file():
                 raise UserError(f"caspo sweep {flag} {value}: file not found")
+        self.judge_names()  # a bad judge spec fails now, not after the training
 
     def judge_names(self) -> list[str]:
         from caspo_jax.evals.cli import parse_judge
