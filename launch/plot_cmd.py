@@ -1,4 +1,4 @@
-"""`caspo plot RUN_DIR...`: PNG figures of entropy, KL, response length and reward (paper fig. 13)."""
+"""`caspo plot RUN_DIR...`: PNG figures of entropy, KL, response length, gradient norm (paper fig. 13) and reward."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`caspo sweep`: variants x lambdas x seeds on a preset -> table.md, table.csv, sweep.png."""
+"""`caspo sweep`: variants x lambdas x seeds on a preset -> table.md, table.csv, sweep.png;
+with --eval-* benchmark files, every cell's export through `caspo eval` -> table10.md/.csv."""
 
 from __future__ import annotations
 
@@ -10,11 +11,45 @@ from caspo_jax.launch.train_cmd import add_config_arguments, resolve
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "runs/sweep")
     parser.add_argument("--variants", nargs="+", default=["outcome", "token", "hybrid"],
-                        choices=["outcome", "token", "hybrid"])
+                        choices=["outcome", "token", "hybrid"],
+                        help="each cell is the variant's algo preset: paper-outr, paper-tokr, paper (at each lambda)")
     parser.add_argument("--lambdas", nargs="+", type=float, default=[0.3, 0.6, 1.0],
                         help="lambdas of the hybrid variant (outcome is lambda 0)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--no-sft", action="store_true", help="start every cell from model.path, without SFT")
+    b = parser.add_argument_group("table 10: `caspo eval` of the start policy and every cell's export")
+    b.add_argument("--eval-records", metavar="JSONL", help="OOD-MMSafe-style records (standard mode)")
+    b.add_argument("--eval-image-root", help="folder the records' image paths are relative to")
+    b.add_argument("--eval-siuo", metavar="JSON", help="SIUO siuo_gen.json")
+    b.add_argument("--eval-siuo-images", help="SIUO images folder (default: <siuo dir>/images)")
+    b.add_argument("--eval-siuo-samples", type=int, default=3, help="samples per SIUO question (majority vote)")
+    b.add_argument("--eval-mss", metavar="JSON", help="MSSBench combined.json")
+    b.add_argument("--eval-mss-root", help="MSSBench image root (default: its folder)")
+    b.add_argument("--eval-judge", action="append", default=[], metavar="SPEC",
+                   help="judge endpoint, as caspo eval --judge: name=N,model=M,base_url=URL[,api_key_env=E] "
+                        "(repeatable: rates are averaged over judges)")
+    b.add_argument("--eval-temperature", type=float, help="generation temperature (default: caspo eval's 0.9)")
+    b.add_argument("--eval-max-new-tokens", type=int, help="max new tokens (default: caspo eval's 4096)")
+    b.add_argument("--eval-limit", type=int, help="only the first N records / questions / pairs of each benchmark")
+    b.add_argument("--eval-cache-dir", help="judge response cache folder")
+
+
+def benchmarks_from_args(args: argparse.Namespace):
+    """A SweepBenchmarks when any --eval-records/--eval-siuo/--eval-mss is given, else None."""
+    if not (args.eval_records or args.eval_siuo or args.eval_mss):
+        if args.eval_judge:
+            from caspo_jax.errors import UserError
+
+            raise UserError("caspo sweep: --eval-judge without a benchmark; add --eval-records, --eval-siuo "
+                            "and/or --eval-mss")
+        return None
+    from caspo_jax.trainer.sweep import SweepBenchmarks
+
+    return SweepBenchmarks(
+        judges=tuple(args.eval_judge), records=args.eval_records, image_root=args.eval_image_root,
+        siuo=args.eval_siuo, siuo_images=args.eval_siuo_images, siuo_samples=args.eval_siuo_samples,
+        mss=args.eval_mss, mss_root=args.eval_mss_root, temperature=args.eval_temperature,
+        max_new_tokens=args.eval_max_new_tokens, limit=args.eval_limit, cache_dir=args.eval_cache_dir)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,8 +59,14 @@ def run(args: argparse.Namespace) -> int:
     if any(lam < 0 for lam in args.lambdas):
         print("caspo sweep: --lambdas must be >= 0")
         return 2
+    from caspo_jax.errors import UserError
     from caspo_jax.trainer.sweep import run_sweep
 
+    try:
+        benchmarks = benchmarks_from_args(args)
+    except UserError as exc:
+        print(f"caspo: {exc}")
+        return 2
     run_sweep(cfg, args.out, variants=args.variants, lambdas=args.lambdas, seeds=args.seeds,
-              sft_first=not args.no_sft)
+              sft_first=not args.no_sft, benchmarks=benchmarks)
     return 0

@@ -20,15 +20,23 @@ def _is_int(value) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class CaspoConfig:
-    """CASPO hyper-parameters; the defaults are the paper's (appendix B.1).
+    """CASPO hyper-parameters; the defaults are the paper's (appendix B.1) where it gives them.
 
     Advantages (eqs. 4-5): lam, variant, token_scope, eps, scale_rewards,
     token_reward_clamp, nonneg_factor. Loss (eq. 6): beta, kl_kind, clip_low, clip_high,
     dual_clip, agg, norm_len. Step shape and optimiser: group_size (G),
-    prompts_per_step (P), learning_rate. `teacher` says whose parameters score the
-    constitution-conditioned log-probs of eq. 4 (consumed by the trainer):
-    "rollout_policy" = pi_old, the paper's dynamic reference (CASPO); "frozen_sft" = the
-    SFT checkpoint (CASPO-w.-SMC); "original" = the pre-SFT model (CASPO-w.-OMC).
+    prompts_per_step (P), learning_rate.
+
+    From appendix B.1: lam 0.3, beta 0.005, G 32, P 64, lr 2e-6. Not from the paper:
+    eq. 6 is an unclipped ratio objective and names no KL estimator, so clip_low =
+    clip_high = 0.2 and kl_kind k3 are verl's defaults (`clip_ratio`, `low_var_kl`), the
+    framework the paper ran; agg token-mean is verl's default too, eps 1e-6 is ours.
+
+    `teacher` says whose parameters score the constitution-conditioned log-probs of eq. 4
+    (consumed by the trainer): "rollout_policy" = pi_old, the paper's dynamic reference
+    (CASPO, and both CASPO-w.-SMC / -OMC under the starting-checkpoint reading of Fig. 6,
+    which is the one the tables use); "frozen_sft" = the frozen SFT checkpoint and
+    "original" = the pre-SFT model: the *teacher* reading of SMC / OMC.
     """
 
     lam: float = 0.3
@@ -86,7 +94,7 @@ class CaspoConfig:
             bad("beta", "the KL coefficient must be >= 0 (paper: 0.005; 0 drops the KL)")
         for field in ("clip_low", "clip_high"):
             if not getattr(self, field) > 0:
-                bad(field, "the PPO clip range must be > 0 (paper: 0.2)")
+                bad(field, "the PPO clip range must be > 0 (default 0.2, verl's clip_ratio; eq. 6 has no clip)")
         if self.dual_clip is not None and not self.dual_clip > 1:
             bad("dual_clip", "must be > 1 (verl uses 3.0), or None to disable")
         if self.norm_len is not None and not (_is_int(self.norm_len) and self.norm_len > 0):
@@ -136,12 +144,38 @@ class CaspoConfig:
 
 PAPER = CaspoConfig()
 PRESETS = {
-    # Appendix B.1: lambda 0.3, beta 0.005 (k3, verl's low-variance KL), clip 0.2,
-    # G = 32, 64 prompts per step, lr 2e-6.
+    # Appendix B.1: lambda 0.3, beta 0.005, G = 32, 64 prompts per step, lr 2e-6 (k3 KL
+    # and clip 0.2 are verl's defaults, not the paper's: see CaspoConfig).
     "paper": PAPER,
     # The ablations of Table 3: outcome-only (OutR) and token-only (TokR) advantages.
-    "paper-outr": PAPER.replace(variant="outcome"),
+    # OutR is eq. 5 at lambda = 0 (table 10's lambda = 0 row), so its lam is 0 (unused).
+    "paper-outr": PAPER.replace(variant="outcome", lam=0.0),
+    # TokR: "normalization of log probability discrepancy across all tokens" (sec. 5.2).
     "paper-tokr": PAPER.replace(variant="token", token_scope="batch"),
-    # CASPO-w.-SMC (Fig. 6): token rewards from the frozen SFT model.
-    "paper-smc": PAPER.replace(teacher="frozen_sft"),
+    # The *teacher* reading of Fig. 6 (not the one the tables use): the token reward of
+    # eq. 4 from the frozen SFT model (SMC) or from the original pre-SFT model (OMC, needs
+    # model.teacher_path). The starting-checkpoint reading keeps the dynamic teacher
+    # ("paper") and changes the initial policy: see launch/presets.py.
+    "paper-teacher-frozen-sft": PAPER.replace(teacher="frozen_sft"),
+    "paper-teacher-original": PAPER.replace(teacher="original"),
 }
+
+# The named preset each `caspo sweep` variant runs, and the fields that make it that
+# preset (the run's sizes, rates and KL stay the run's own).
+VARIANT_PRESETS = {"hybrid": "paper", "outcome": "paper-outr", "token": "paper-tokr"}
+VARIANT_FIELDS = ("variant", "token_scope", "lam")
+
+
+def variant_config(base: CaspoConfig, variant: str, lam: float | None = None) -> CaspoConfig:
+    """`base` with the VARIANT_FIELDS of VARIANT_PRESETS[variant]; `lam` (hybrid) on top.
+
+    So a sweep's token-only cell is `paper-tokr` (batch scope) and its hybrid cells are
+    `paper` (group scope) at their lambda, whatever scope the base config had.
+    """
+    if variant not in VARIANT_PRESETS:
+        raise ValueError(f"variant {variant!r}: choose one of {sorted(VARIANT_PRESETS)}")
+    named = PRESETS[VARIANT_PRESETS[variant]]
+    changes = {field: getattr(named, field) for field in VARIANT_FIELDS}
+    if lam is not None:
+        changes["lam"] = float(lam)
+    return base.replace(**changes)

@@ -1,12 +1,18 @@
 """Building an outcome reward from a config mapping (what the trainer's YAML holds).
 
+    {"kind": "reward_model", "path": "runs/rm/export", "dtype": "bfloat16", "batch_size": 32}
     {"kind": "judge", "base_url": "http://host:8000/v1", "model": "Qwen3-VL-32B",
-     "api_key_env": "JUDGE_API_KEY", "cache_dir": "runs/judge-cache", "use_reference": true}
+     "api_key_env": "JUDGE_API_KEY", "cache_dir": "runs/judge-cache"}
     {"kind": "function", "target": "my_pkg.rewards:length_penalty"}
 
-Kinds are a registry: the Flax reward model registers "reward_model" with
-`register_reward_kind` when it lands, without touching this file. The API key itself is
-never part of the config, only the name of the variable that holds it.
+"reward_model" is the paper's RM_phi (Algorithm 1 line 5, eq. 7): the export of `caspo
+rm`, and the paper presets' reward. The judge scores without the dataset's hazard
+reference unless the config says `"use_reference": true`, an explicit opt-in (the
+reference is privileged information RM_phi never sees; see `JudgeReward`).
+
+Kinds are a registry: `caspo_jax.rewards` registers "reward_model" with
+`register_reward_kind` (lazily, so importing rewards does not start JAX). The API key
+itself is never part of the config, only the name of the variable that holds it.
 """
 
 from __future__ import annotations
@@ -50,10 +56,14 @@ def build_reward(spec: Mapping[str, Any]) -> OutcomeReward:
 
 def _build_judge(fields: dict[str, Any]) -> OutcomeReward:
     judge_options = {k: fields.pop(k) for k in ("use_reference", "json_mode", "progress", "name", "image_max_pixels") if k in fields}
+    if not isinstance(judge_options.get("use_reference", False), bool):
+        raise ValueError(f"judge reward field use_reference={judge_options['use_reference']!r} must be true or "
+                         "false (false, the default, keeps the hazard reference from the judge)")
     known = {f.name for f in dataclasses.fields(ClientConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"unknown judge reward fields {unknown}; allowed: {sorted(known)} and use_reference, json_mode")
+        raise ValueError(f"unknown judge reward fields {unknown}; allowed: {sorted(known)} and use_reference, "
+                         "json_mode, progress, name, image_max_pixels")
     return JudgeReward(ClientConfig(**fields), **judge_options)
 
 

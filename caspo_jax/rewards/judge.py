@@ -1,7 +1,8 @@
 """Outcome rewards from an OpenAI-compatible judge scoring the R/S/E rubric.
 
-The judge sees the query, the images (as base64 data URLs), the category, optionally the
-dataset's hazard reference, and the response; it returns R, S, E in {0, 1, 2}, reduced to
+The judge sees the query, the images (as base64 data URLs), the category and the response
+(and the dataset's hazard reference only when `use_reference=True`, an explicit opt-in:
+see `JudgeReward`); it returns R, S, E in {0, 1, 2}, reduced to
 a scalar by `reduce` (default `rse_to_reward` = (R+S+E)/6). Transport failures are
 retried by the client; unparseable replies get one repair round; whatever still fails is
 reported per item with NaN reward (the trainer masks its group), never scored 0.
@@ -26,8 +27,13 @@ class JudgeReward:
 
     client: a ChatClient, or a ClientConfig to build one (the API key is read from the
       environment variable the config names; it is never stored here).
-    use_reference: show the dataset's hazard reference to the judge (recommended when
-      the data has one: it anchors R on the intended hazard).
+    use_reference: show the dataset's hazard reference to the judge. Off by default: the
+      reference is privileged information that the paper's outcome reward RM_phi
+      (Algorithm 1 line 5, eq. 7) never sees, so a judge that reads it scores an easier
+      task than the paper's reward does. Turn it on explicitly (`use_reference: true` in
+      the reward config) when that is what you want, e.g. to anchor R on the intended
+      hazard while curating data; `caspo curate respond` judges with the reference by
+      design, training and the paper presets do not.
     image_max_pixels: downscale images above this many pixels before sending them.
     """
 
@@ -36,7 +42,7 @@ class JudgeReward:
         client: ChatClient | ClientConfig,
         *,
         reduce: Callable[[RSEScore], float] = rse_to_reward,
-        use_reference: bool = True,
+        use_reference: bool = False,
         json_mode: bool = True,
         progress: str | None = None,
         name: str = "judge",

@@ -35,18 +35,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caspo_jax.errors import UserError
 from caspo_jax.rewards.base import RewardBatch, prompt_fields
 
 __all__ = [
     "HEAD_FILE",
     "RMExample",
+    "RewardConfigError",
     "RewardModel",
+    "RewardModelNotFound",
     "build_reward_model",
     "encode_rm_example",
     "head_rewards",
     "init_head",
     "last_token_index",
     "load_head",
+    "missing_reward_model_message",
     "rm_rows",
     "save_head",
     "sequence_rewards",
@@ -297,15 +301,43 @@ class RewardModel:
         return cls(model, params, processor, 0 if pad_id is None else pad_id, **options)
 
 
+class RewardConfigError(UserError, ValueError):
+    """A reward_model spec that cannot be built (missing or unknown field)."""
+
+
+class RewardModelNotFound(UserError, FileNotFoundError):
+    """reward.path names no reward-model directory; the message says how to make or name one."""
+
+
+def missing_reward_model_message(path: str | Path) -> str:
+    """Why `path` is not a reward model, and the two fixes: train one, or point at yours."""
+    path = Path(path)
+    why = "does not exist" if not path.exists() else f"has no {HEAD_FILE}"
+    return (f"reward.path={str(path)!r} {why}: the outcome reward (Algorithm 1 line 5) is the reward model "
+            f"that `caspo rm --out DIR ...` trains and exports to DIR/export (the paper presets read "
+            f"runs/rm/export). Train it first, or name your export with --set reward.path=/path/to/rm/export "
+            f"(a directory holding the backbone's HF files and {HEAD_FILE})")
+
+
 def build_reward_model(fields: dict[str, Any]) -> RewardModel:
-    """`build_reward({"kind": "reward_model", "path": RM_DIR, "batch_size": 8, "name": ...})`."""
+    """`build_reward({"kind": "reward_model", "path": RM_DIR, "batch_size": 8, "name": ...})`.
+
+    RM_DIR is what `caspo rm --out DIR` exports (DIR/export); a missing one raises
+    `RewardModelNotFound` (a UserError) naming `caspo rm` and `--set reward.path=`.
+    """
     fields = dict(fields)
     path = fields.pop("path", None)
     if not isinstance(path, str):
-        raise ValueError(f"reward_model reward needs path=<reward-model directory>, got {path!r}")
+        raise RewardConfigError(f"reward_model reward needs path=<reward-model directory> "
+                                f"(the export of `caspo rm`), got {path!r}; set reward.path")
     allowed = {"batch_size", "name", "max_prompt_len", "max_response_len", "pad_multiple", "progress"}
     unknown = sorted(set(fields) - allowed - {"dtype"})
     if unknown:
-        raise ValueError(f"unknown reward_model fields {unknown}; allowed: path, dtype, {sorted(allowed)}")
-    dtype = jnp.bfloat16 if fields.pop("dtype", "float32") == "bfloat16" else jnp.float32
+        raise RewardConfigError(f"unknown reward_model fields {unknown}; allowed: path, dtype, {sorted(allowed)}")
+    dtype_name = fields.pop("dtype", "float32")
+    if dtype_name not in ("float32", "bfloat16"):
+        raise RewardConfigError(f"reward.dtype={dtype_name!r}: use 'float32' or 'bfloat16'")
+    if not (Path(path) / HEAD_FILE).is_file():
+        raise RewardModelNotFound(missing_reward_model_message(path))
+    dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
     return RewardModel.load(path, dtype=dtype, **fields)

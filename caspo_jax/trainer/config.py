@@ -133,7 +133,15 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    """The paper's SFT stage: lr 1e-5, 2 epochs, loss on response tokens only."""
+    """The paper's SFT stage: lr 1e-5, 2 epochs, loss on response tokens only.
+
+    with_constitution (default true): the SFT prompt carries the example's category
+    constitution (the teacher prompt of eq. 4), as appendix B.1's SFT "instill[s] initial
+    adherence to category-specific safety constitutions" and sec. 5.2's SFT model has
+    stronger "constitution-following capabilities". SFT records (`caspo curate select`)
+    hold the plain query and the category; the constitution is added here, at encoding.
+    An example's own "with_constitution" field overrides this for that example.
+    """
 
     learning_rate: float = 1e-5
     epochs: int = 2
@@ -382,7 +390,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         fail("model.teacher_path", f"is set but algo.teacher={cfg.algo.teacher!r} does not use it; set "
              "algo.teacher=original or drop model.teacher_path")
     if "kind" not in cfg.reward:
-        fail("reward.kind", "is missing: use 'demo', 'judge' or 'function'")
+        fail("reward.kind", "is missing: use 'reward_model' (the paper's RM, from `caspo rm`), 'judge', "
+             "'function' or 'demo'")
+    if cfg.reward["kind"] == "reward_model" and not isinstance(cfg.reward.get("path"), str):
+        fail("reward.path", "is missing: reward.kind='reward_model' loads the export of `caspo rm --out DIR` "
+             "(DIR/export); set it with --set reward.path=DIR/export")
 
 
 # Tiny model sizes for model.path = None (text hidden, layers, heads, kv heads, ViT depth/hidden).

@@ -1,9 +1,10 @@
 """`caspo plot RUN_DIR...`: PNG figures of the training indicators (the paper's figure 13).
 
-Reads each run's metrics.jsonl and draws entropy, KL, response length and outcome reward
-against the step, one line per run (label: the run's algo.variant and lambda when its
-config.yaml says so, else the directory name). Writes one PNG per indicator and one
-2x2 overview.
+Reads each run's metrics.jsonl and draws figure 13's four panels -- entropy, KL,
+response length, gradient norm (the train step's pre-clip global norm, key "grad_norm")
+-- and the outcome reward, against the step, one line per run (label: the run's
+algo.variant and lambda when its config.yaml says so, else the directory name). Writes
+one PNG per indicator a run logged and one overview of every panel.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import yaml
 
 from caspo_jax.trainer.metrics import read_metrics
 
-__all__ = ["INDICATORS", "plot_runs", "run_label"]
+__all__ = ["INDICATORS", "indicator_series", "plot_runs", "run_label"]
 
 # (title, metric keys tried in order)
 INDICATORS = {
     "entropy": ("Entropy", ("entropy", "rollout_entropy")),
     "kl": ("KL to reference", ("kl",)),
     "response_length": ("Response length (tokens)", ("response_length/mean",)),
+    "grad_norm": ("Gradient norm", ("grad_norm",)),
     "reward": ("Outcome reward", ("reward/mean", "loss")),
 }
 
@@ -48,6 +50,25 @@ def _series(rows: list[dict], keys) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
+def indicator_series(runs, smooth: int = 1) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """{indicator: [(run label, steps_N, values_N)]} of `runs` = [(label, metrics rows)]: the
+    curves `plot_runs` draws (a moving average over `smooth` steps), runs without the
+    indicator's key left out."""
+    out: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    for name, (_, keys) in INDICATORS.items():
+        out[name] = []
+        for label, rows in runs:
+            series = _series(rows, keys)
+            if series is None:
+                continue
+            steps, values = series
+            if smooth > 1 and len(values) >= smooth:
+                values = np.convolve(values, np.ones(smooth) / smooth, mode="valid")
+                steps = steps[smooth - 1:]
+            out[name].append((label, steps, values))
+    return out
+
+
 def plot_runs(run_dirs, out_dir: str | Path | None = None, labels=None, smooth: int = 1) -> list[Path]:
     """Draws the indicators of every run; returns the written PNG paths."""
     import matplotlib
@@ -64,37 +85,33 @@ def plot_runs(run_dirs, out_dir: str | Path | None = None, labels=None, smooth: 
         runs.append((labels[i] if labels else run_label(run), read_metrics(path)))
     out_dir = Path(out_dir) if out_dir is not None else run_dirs[0] / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
+    curves = indicator_series(runs, smooth)
 
-    def draw(ax, keys, title):
-        drawn = False
-        for label, rows in runs:
-            series = _series(rows, keys)
-            if series is None:
-                continue
-            steps, values = series
-            if smooth > 1 and len(values) >= smooth:
-                values = np.convolve(values, np.ones(smooth) / smooth, mode="valid")
-                steps = steps[smooth - 1:]
+    def draw(ax, name):
+        for label, steps, values in curves[name]:
             ax.plot(steps, values, label=label)
-            drawn = True
-        ax.set_title(title)
+        ax.set_title(INDICATORS[name][0])
         ax.set_xlabel("step")
-        if drawn and len(runs) > 1:
+        if curves[name] and len(runs) > 1:
             ax.legend(fontsize=7)
-        return drawn
+        return bool(curves[name])
 
     written = []
-    for name, (title, keys) in INDICATORS.items():
+    for name in INDICATORS:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        if draw(ax, keys, title):
+        if draw(ax, name):
             fig.tight_layout()
             path = out_dir / f"{name}.png"
             fig.savefig(path, dpi=100)
             written.append(path)
         plt.close(fig)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (name, (title, keys)) in zip(axes.ravel(), INDICATORS.items()):
-        draw(ax, keys, title)
+    columns = 3
+    rows_n = -(-len(INDICATORS) // columns)
+    fig, axes = plt.subplots(rows_n, columns, figsize=(5 * columns, 3.5 * rows_n))
+    for ax, name in zip(axes.ravel(), INDICATORS):
+        draw(ax, name)
+    for ax in axes.ravel()[len(INDICATORS):]:
+        ax.set_visible(False)
     fig.tight_layout()
     path = out_dir / "training_indicators.png"
     fig.savefig(path, dpi=100)

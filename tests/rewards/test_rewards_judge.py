@@ -13,7 +13,7 @@ from PIL import Image
 
 from caspo_jax.data import SafetyRecord
 from caspo_jax.llm import ClientConfig
-from caspo_jax.rewards import JudgeReward, OutcomeReward, RewardPrompt, group_ok
+from caspo_jax.rewards import JudgeReward, OutcomeReward, RewardPrompt, build_reward, group_ok
 from caspo_jax.testing.openai_stub import (
     OpenAIStub, answer, garbage, rate_limited, request_text, server_error,
 )
@@ -107,15 +107,24 @@ def test_cache_keyed_by_rubric_version_skips_requests(tmp_path):
     assert {p.parent.parent.name for p in tmp_path.rglob("*.json")} == {reward.rubric_version}
 
 
-def test_images_sent_as_data_urls_and_reference_optional(tmp_path):
+def test_images_sent_as_data_urls_and_reference_only_on_explicit_opt_in(tmp_path):
+    """The hazard reference is privileged (the paper's RM never sees it): the default judge
+    does not send it; `use_reference=True` (or the config's "use_reference": true) does."""
     image_path = tmp_path / "scene.png"
     Image.new("RGB", (16, 12), (200, 10, 10)).save(image_path)
     record = SafetyRecord("r1", (image_path,), "Can I put this here?", "violent",
                           reference="the heater touches the curtain")
     with OpenAIStub(default=answer(judge_by_response)) as stub:
-        JudgeReward(config(stub)).score([record], ["scores=2,2,2"])
-        JudgeReward(config(stub), use_reference=False, image_max_pixels=48).score([record], ["scores=2,2,2"])
-    with_ref, without_ref = (r.body for r in stub.chat_requests)
+        JudgeReward(config(stub), use_reference=True).score([record], ["scores=2,2,2"])
+        JudgeReward(config(stub), image_max_pixels=48).score([record], ["scores=2,2,2"])
+        build_reward({"kind": "judge", "base_url": stub.base_url, "model": "judge"}).score([record], ["scores=2,2,2"])
+        build_reward({"kind": "judge", "base_url": stub.base_url, "model": "judge",
+                      "use_reference": True}).score([record], ["scores=2,2,2"])
+    with_ref, without_ref, built_default, built_opt_in = (r.body for r in stub.chat_requests)
+    assert "heater touches the curtain" not in request_text(built_default)
+    assert "heater touches the curtain" in request_text(built_opt_in)
+    with pytest.raises(ValueError, match="use_reference='yes' must be true or false"):
+        build_reward({"kind": "judge", "base_url": "http://127.0.0.1:9/v1", "model": "judge", "use_reference": "yes"})
     sent = without_ref["messages"][1]["content"][0]["image_url"]["url"]
     assert Image.open(io.BytesIO(base64.b64decode(sent.split(",", 1)[1]))).size == (8, 6)
     parts = with_ref["messages"][1]["content"]

@@ -302,7 +302,7 @@ def test_sweep_cells_and_table(tmp_path):
     from caspo_jax.trainer.sweep import _write_figure, _write_table, sweep_cells
 
     assert sweep_cells(["outcome", "token", "hybrid"], [0.3, 0.6]) == [
-        ("outcome", 0.0), ("token", 1.0), ("hybrid", 0.3), ("hybrid", 0.6)]
+        ("outcome", 0.0), ("token", None), ("hybrid", 0.3), ("hybrid", 0.6)]
     rows = [{"variant": v, "lambda": lam, "seeds": 2, "risk_failure_rate": 0.5, "over_warning_rate": 0.1,
              "reward_mean": 1.2, "risk_failure_rate_per_seed": [0.4, 0.6], "over_warning_rate_per_seed": [0.1, 0.1],
              "reward_mean_per_seed": [1.1, 1.3]} for v, lam in sweep_cells(["outcome", "hybrid"], [0.3])]
