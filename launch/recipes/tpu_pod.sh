@@ -9,8 +9,9 @@
 # usage: TPU_NAME=my-v5p-64 ZONE=us-east5-a RUN=gs://bucket/runs/caspo-7b bash tpu_pod.sh
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${RUN:?set RUN (a gs:// path every host can write)}"
-PRESET=${PRESET:-qwen2_5_vl_7b}
-MODEL_DIR=${MODEL_DIR:-/mnt/models/Qwen2.5-VL-7B-Instruct}   # the same path on every host
+PRESET=${PRESET:-qwen2_5_vl_7b-start-sft}                    # CASPO from the SFT export (the headline run)
+MODEL_DIR=${MODEL_DIR:-/mnt/models/sft-Qwen2.5-VL-7B/export}   # the caspo sft export, same path on every host
+RM_DIR=${RM_DIR:-/mnt/models/rm-Qwen2.5-VL-7B/export}          # the caspo rm export (outcome reward, eq. 7)
 REPO=${REPO:-https://example.invalid/caspo-jax.git}           # your clone of this repository
 MESH=${MESH:-"--set run.mesh_data=1 --set run.mesh_fsdp=32 --set run.mesh_tensor=1"}
 
@@ -23,4 +24,4 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command
 #    every host writes its checkpoint shards (orbax) under $RUN.
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   . ~/caspo/bin/activate && cd ~/caspo-jax &&
-  caspo train --preset $PRESET --set model.path=$MODEL_DIR --out $RUN $MESH"
+  caspo train --preset $PRESET --set model.path=$MODEL_DIR --set reward.path=$RM_DIR --out $RUN $MESH"
