@@ -125,7 +125,9 @@ def test_length_filter_counts_and_buckets(records, processor, constitutions):
     assert dataset.stats == {"records": 10, "bad_images": 0, "too_long": 3, "kept": 7}
     assert all(max(l) <= limit for l in dataset.lengths)
     assert all(b.input_ids.shape[1] == limit for b in dataset)  # no buckets: pad to the limit
-    with pytest.raises(DataError, match="no prompts left"):
+    shortest = min(max(l) for l in lengths)  # the error names the knob and the value that keeps one prompt
+    with pytest.raises(DataError, match=rf"all 10 usable prompts are longer than max_prompt_len=8 .*has {shortest}\); "
+                                        rf"raise data.max_prompt_len \(--set data.max_prompt_len={shortest}\)"):
         PromptDataset(records, processor, constitutions, PipelineConfig(batch_size=1, max_prompt_len=8))
     with pytest.raises(ValueError, match="pad_buckets"):
         PipelineConfig(batch_size=1, max_prompt_len=64, pad_buckets=(128,))
