@@ -237,16 +237,21 @@ def load_jsonl(
     return records
 
 
+SHOWN_PROBLEMS = 3  # problems a too-many-bad error lists (the rest are counted)
+
+
 def too_many_bad(source, problems: list[str], total: int, max_bad_fraction: float, what: str) -> str | None:
     """The one-line error when more than `max_bad_fraction` of `total` records are bad (None
     when within it): the count, the first problem (file:line: field), and the two fixes --
     repair the records, or let a run skip them with data.max_bad_fraction. `what`: the
-    problem's name in the plural ("records are invalid")."""
+    problem's name in the plural ("records are invalid"). The first `SHOWN_PROBLEMS` problems
+    are listed, separated by " | "."""
     fraction = len(problems) / total
     if not problems or fraction <= max_bad_fraction:
         return None
     needed = math.ceil(fraction * 100) / 100  # the smallest whole percent that tolerates them
-    first = problems[0] if len(problems) == 1 else f"first: {problems[0]}"
+    shown = " | ".join(problems[:SHOWN_PROBLEMS])
+    more = f" | ... {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
     return (f"{source}: {len(problems)} of {total} {what} ({fraction:.1%} > max_bad_fraction "
-            f"{max_bad_fraction:.1%}); {first}; fix {'it' if len(problems) == 1 else 'them'}, or let a run skip "
-            f"such records with data.max_bad_fraction (--set data.max_bad_fraction={needed:g})")
+            f"{max_bad_fraction:.1%}): {shown}{more}; fix {'it' if len(problems) == 1 else 'them'}, or let a run "
+            f"skip such records with data.max_bad_fraction (--set data.max_bad_fraction={needed:g})")

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 from pathlib import Path
@@ -78,8 +77,6 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.stage = stage
-        # run.out_dir records where this run lives, whatever the caller's config said
-        cfg = cfg.replace(run=dataclasses.replace(cfg.run, out_dir=str(self.path)))
         self.cfg = cfg
         self.primary = primary
         text = dump_config(cfg)
