@@ -38,6 +38,7 @@ __all__ = [
     "load_records",
     "normalize_category",
     "image_paths_json",
+    "json_problem",
     "resolve_image_path",
     "too_many_bad",
 ]
@@ -100,6 +101,12 @@ def resolve_image_path(relative: str, root: Path) -> Path:
     if path != root and root not in path.parents:
         raise ValueError(f"path {relative!r} resolves to {path}, outside the root {root}")
     return path
+
+
+def json_problem(exc: json.JSONDecodeError) -> str:
+    """"not valid JSON (<what> at column N)" -- json's own text, whose message may already
+    end in "at" ("Unterminated string starting at"), without saying "at" twice."""
+    return f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
 
 
 def _optional_str(obj: dict, key: str, where: str) -> str | None:
@@ -215,7 +222,7 @@ def load_jsonl(
                 try:
                     obj = json.loads(line)
                 except ValueError as exc:
-                    raise RecordError(f"{where}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
+                    raise RecordError(f"{where}: {json_problem(exc)}") from None
                 record = parse(obj, where, root_path, check_images)
                 if record.id in seen:
                     raise RecordError(

@@ -114,3 +114,13 @@ def test_explicit_root_and_empty_file(root, tmp_path_factory):
         load_records(empty)
     with pytest.raises(RecordError, match="file not found"):
         load_records(elsewhere / "nope.jsonl")
+
+
+def test_json_errors_say_at_column_once(root):
+    path = root / "unterminated.jsonl"
+    path.write_text(json.dumps(good(0)) + '\n{"id": "x", "query": "no end')  # the last line has no newline
+    with pytest.raises(RecordError) as err:
+        load_records(path)
+    message = str(err.value)
+    assert "unterminated.jsonl:2: not valid JSON (Unterminated string starting at column 22)" in message
+    assert "at at" not in message and "\n" not in message
