@@ -267,3 +267,15 @@ def test_pickle_only_checkpoint_exits_2(data, hf_dir, tmp_path, capsys):
     assert code == 2
     assert_one_error_line(err, str(pickled), "pytorch_model.bin", "pickle checkpoints are never loaded",
                           "safe_serialization=True")
+
+
+@pytest.mark.parametrize("command", ["train", "sft", "dpo", "demo", "sweep"])
+def test_ignore_custom_code_flag_becomes_the_model_override(command):
+    """--ignore-custom-code is the explicit opt-in the refusal names; it travels in the run config."""
+    from caspo_jax.launch.cli import build_parser
+    from caspo_jax.launch.train_cmd import cli_overrides
+
+    argv = [command, "--set", "algo.lam=0.6"]
+    assert cli_overrides(build_parser(argv).parse_args(argv)) == ["algo.lam=0.6"]
+    argv = [command, "--set", "algo.lam=0.6", "--ignore-custom-code"]
+    assert cli_overrides(build_parser(argv).parse_args(argv)) == ["algo.lam=0.6", "model.ignore_custom_code=true"]
