@@ -279,3 +279,16 @@ def test_ignore_custom_code_flag_becomes_the_model_override(command):
     assert cli_overrides(build_parser(argv).parse_args(argv)) == ["algo.lam=0.6"]
     argv = [command, "--set", "algo.lam=0.6", "--ignore-custom-code"]
     assert cli_overrides(build_parser(argv).parse_args(argv)) == ["algo.lam=0.6", "model.ignore_custom_code=true"]
+
+
+def test_fresh_run_into_a_directory_with_checkpoints_exits_2(data, tmp_path, capsys):
+    from caspo_jax.trainer.checkpoint import RunCheckpointer
+
+    directory, paths = data
+    old = RunCheckpointer(tmp_path / "sft" / "checkpoints")
+    old.save(5, {"w": jnp.zeros(2)}, {"step": 5})
+    old.close()
+    code, _, err = sft(capsys, directory, paths["sft"], tmp_path)
+    assert code == 2
+    assert_one_error_line(err, str(tmp_path / "sft" / "checkpoints"), "already holds checkpoints [5]", "--resume",
+                          "new --out")

@@ -27,9 +27,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["RunCheckpointer", "describe_damage"]
+from caspo_jax.errors import UserError
+
+__all__ = ["CheckpointsExist", "RunCheckpointer", "describe_damage"]
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointsExist(UserError, FileExistsError):
+    """A fresh run pointed at a directory that already holds a run's checkpoints."""
 
 
 class RunCheckpointer:
@@ -45,7 +51,7 @@ class RunCheckpointer:
     def refuse_overwrite(self, stage: str) -> None:
         """Raises when a fresh (non-resume) run would mix with an old run's checkpoints."""
         if self.steps():
-            raise FileExistsError(
+            raise CheckpointsExist(
                 f"{self.directory} already holds checkpoints {self.steps()}: pass --resume to continue that run, "
                 f"or choose a new --out directory for a fresh caspo {stage} run")
 
