@@ -259,6 +259,9 @@ def too_many_bad(source, problems: list[str], total: int, max_bad_fraction: floa
     needed = math.ceil(fraction * 100) / 100  # the smallest whole percent that tolerates them
     shown = " | ".join(problems[:SHOWN_PROBLEMS])
     more = f" | ... {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    fix = f"fix {'it' if len(problems) == 1 else 'them'}"
+    if needed < 1:  # a run needs at least one good record: skipping them all is no fix
+        fix += (f", or let a run skip such records with data.max_bad_fraction "
+                f"(--set data.max_bad_fraction={needed:g})")
     return (f"{source}: {len(problems)} of {total} {what} ({fraction:.1%} > max_bad_fraction "
-            f"{max_bad_fraction:.1%}): {shown}{more}; fix {'it' if len(problems) == 1 else 'them'}, or let a run "
-            f"skip such records with data.max_bad_fraction (--set data.max_bad_fraction={needed:g})")
+            f"{max_bad_fraction:.1%}): {shown}{more}; {fix}")
