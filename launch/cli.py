@@ -10,6 +10,11 @@ JAX start-up). Each module provides::
 
     def add_arguments(parser: argparse.ArgumentParser) -> None: ...
     def run(args: argparse.Namespace) -> int: ...   # process exit status
+
+Errors a user can act on (`caspo_jax.errors.CaspoError`: bad config, data, images,
+checkpoint directories; a run that halted itself) end as ONE line on stderr,
+``caspo: <message>``, and the error's exit code (2: bad input, 3: the run halted after
+saving) -- never a traceback. Anything else is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 from typing import Sequence
 
 from caspo_jax import __version__
+from caspo_jax.errors import CaspoError
 
 # (name, module implementing add_arguments/run, one-line help). Add new commands here.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
@@ -61,6 +67,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: object) -> str:
+    """A message as one line: its lines joined with "; " (indentation dropped)."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def report_error(exc: CaspoError) -> int:
+    """Prints ``caspo: <message>`` as one line on stderr; returns the error's exit code."""
+    print(f"caspo: {one_line(exc)}", file=sys.stderr, flush=True)
+    return exc.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
@@ -68,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 0 if args.command is None and not argv else 2
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except CaspoError as exc:  # every sub-command: one line, the error's exit code
+        return report_error(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from caspo_jax.launch.train_cmd import add_config_arguments
+from caspo_jax.launch.train_cmd import add_config_arguments, cli_overrides, config_error, with_out_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,14 +13,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Config errors: one line on stderr, exit 2; errors during the run reach `caspo`'s
+    edge (`caspo_jax.launch.cli.main`), which reports any `CaspoError` as one line."""
     from caspo_jax.demo.run import demo_config, run_demo
     from caspo_jax.trainer.config import ConfigError, dump_config
 
     try:
-        cfg = demo_config(args.preset, args.config, args.overrides, quick=args.quick)
+        cfg = with_out_dir(demo_config(args.preset, args.config, cli_overrides(args), quick=args.quick), args)
     except (ConfigError, ValueError) as exc:
-        print(f"caspo demo: config error: {exc}")
-        return 2
+        return config_error(exc)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0

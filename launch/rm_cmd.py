@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from caspo_jax.errors import CaspoError
+from caspo_jax.launch.cli import one_line
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", help="preference pairs JSONL (id, images, query, chosen, rejected)")
@@ -32,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _fail(message: str) -> int:
-    print(f"caspo rm: error: {message}", file=sys.stderr)
-    return 2
+def _fail(message: object, code: int = 2) -> int:
+    """One line on stderr, exit `code` (2: bad input)."""
+    print(f"caspo rm: error: {one_line(message)}", file=sys.stderr)
+    return code
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
             assert len(mesh) == 3
         except (ValueError, AssertionError):
             return _fail(f"--mesh {args.mesh!r}: expected three integers DATA,FSDP,TENSOR, e.g. 1,8,1")
-    from caspo_jax.data.records import RecordError
     from caspo_jax.rewards.rm_train import RMTrainConfig, train_reward_model
 
     try:
@@ -63,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
                             max_response_len=args.max_response_len, compute_dtype=args.compute_dtype, mesh=mesh)
         _, final = train_reward_model(args.pairs, args.scores, args.model, args.out, cfg, resume=args.resume,
                                       progress=not args.no_progress)
-    except (RecordError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        return _fail(str(exc))
+    except CaspoError as exc:  # bad pairs / scores / images, an untrusted or damaged checkpoint
+        return _fail(exc, exc.exit_code)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        return _fail(exc)
     if "stopped" in final:  # train_reward_model printed how to resume
         return 0
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())

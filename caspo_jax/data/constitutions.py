@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-
-from caspo_jax.files import read_structured
 from caspo_jax.data.records import CATEGORIES, SafetyRecord, normalize_category
+from caspo_jax.errors import UserError
+from caspo_jax.files import read_structured
 
 __all__ = [
     "DEFAULT_CONSTITUTIONS_PATH",
@@ -25,7 +25,7 @@ __all__ = [
 DEFAULT_CONSTITUTIONS_PATH = Path(__file__).with_name("constitutions.yaml")
 
 
-class ConstitutionError(ValueError):
+class ConstitutionError(UserError, ValueError):
     """A constitution file or override that cannot be used; the message names it."""
 
 

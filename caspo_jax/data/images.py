@@ -12,10 +12,12 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from caspo_jax.errors import UserError
+
 __all__ = ["ImageError", "load_image", "smart_resize", "resize_image"]
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be used: missing, unreadable, corrupt or degenerate."""
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from caspo_jax.data.formats import PreferencePair, SFTExample
-from caspo_jax.data.records import CATEGORIES, RecordError, SafetyRecord, normalize_category, resolve_image_path
+from caspo_jax.data.records import (CATEGORIES, RecordError, SafetyRecord, json_problem, normalize_category,
+                                    resolve_image_path)
 
 __all__ = [
     "ImportReport",
@@ -135,7 +136,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"{path}:{line_no}", json.loads(line)
             except ValueError as exc:
-                yield f"{path}:{line_no}", RecordError(f"not valid JSON ({exc.msg})")
+                yield f"{path}:{line_no}", RecordError(json_problem(exc))
 
 
 def _image_paths(row: Mapping[str, Any], image_root: Path) -> tuple[Path, ...]:

@@ -40,7 +40,8 @@ from caspo_jax.data.prompts import (
     encode_prompt,
     render_prompt,
 )
-from caspo_jax.data.records import SafetyRecord
+from caspo_jax.data.records import SafetyRecord, too_many_bad
+from caspo_jax.errors import UserError
 
 __all__ = [
     "DataError",
@@ -57,7 +58,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The dataset cannot be used as configured (too many bad images, nothing left, ...)."""
 
 
@@ -166,6 +167,7 @@ class PromptDataset:
     """Validated, length-filtered prompts; iterate with `iterator()` (or `iter(dataset)`).
 
     stats: records / bad_images / too_long / kept counts from construction.
+    source: what the records came from (e.g. the JSONL path), named by every error.
     """
 
     def __init__(
@@ -174,9 +176,12 @@ class PromptDataset:
         processor,
         constitutions: Mapping[str, str],
         config: PipelineConfig,
+        *,
+        source: str = "prompt records",
     ):
         self.processor = processor
         self.config = config
+        self.source = source
         self.factor, self.min_pixels, self.max_pixels = processor_resize_settings(processor)
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id
@@ -200,7 +205,8 @@ class PromptDataset:
             # each "<|image_pad|>" (1 token) becomes h*w/(factor**2) tokens
             extra.append(sum((h // self.factor) * (w // self.factor) for h, w in grids) - len(grids))
             candidates.append((record, constitution))
-        self._check_bad_fraction(len(bad), len(records), bad)
+        self.bad_images = bad  # one message per record dropped here
+        self._check_bad_fraction(bad, len(records))
         lengths_s = [len(x) for x in tokenizer(student_texts, add_special_tokens=False)["input_ids"]] if student_texts else []
         lengths_t = [len(x) for x in tokenizer(teacher_texts, add_special_tokens=False)["input_ids"]] if teacher_texts else []
         kept: list[tuple[SafetyRecord, str]] = []
@@ -224,24 +230,32 @@ class PromptDataset:
             "prompt data: %d records, %d dropped for bad images, %d longer than max_prompt_len=%d, %d kept",
             len(records), len(bad), too_long, config.max_prompt_len, len(kept),
         )
+        if not kept and too_long:
+            shortest = min(max(ls + e, lt + e) for ls, lt, e in zip(lengths_s, lengths_t, extra))
+            raise DataError(
+                f"{source}: all {too_long} usable prompts are longer than max_prompt_len={config.max_prompt_len} "
+                f"tokens (the shortest, with its constitution and image tokens, has {shortest}); raise "
+                f"data.max_prompt_len (--set data.max_prompt_len={shortest}) or shorten the prompts"
+            )
         if not kept:
-            raise DataError(f"no prompts left after filtering: {self.stats}")
+            raise DataError(f"{source}: no prompts left after filtering: {self.stats}")
         if config.drop_remainder and len(kept) // config.process_count < config.batch_size:
             raise DataError(
-                f"{len(kept)} prompts over {config.process_count} process(es) do not fill one batch "
-                f"of {config.batch_size}; lower batch_size or set drop_remainder=False"
+                f"{source}: {len(kept)} usable prompts over {config.process_count} process(es) do not fill one "
+                f"batch of {config.batch_size} (algo.prompts_per_step in a run); lower it or add prompts"
             )
 
-    def _check_bad_fraction(self, n_bad: int, n_total: int, messages: Sequence[str] = ()) -> None:
-        if n_total and n_bad / n_total > self.config.max_bad_fraction:
-            shown = "\n  ".join(list(messages)[:10])
-            raise DataError(
-                f"{n_bad} of {n_total} records have bad images ({n_bad / n_total:.1%} > "
-                f"max_bad_fraction {self.config.max_bad_fraction:.1%}); fix or remove them, or "
-                f"raise PipelineConfig.max_bad_fraction:\n  {shown}"
-            )
-        for message in list(messages)[:20]:
-            logger.warning("skipping record with a bad image: %s", message)
+    def _check_bad_fraction(self, problems: Sequence[str], total: int) -> None:
+        """DataError (one line) when more than max_bad_fraction of the records have bad images;
+        else one warning with the count and the first problem."""
+        if not problems:
+            return
+        message = too_many_bad(self.source, list(problems), total, self.config.max_bad_fraction,
+                               "records have bad images")
+        if message:
+            raise DataError(message)
+        logger.warning("%s: skipping %d of %d records with bad images; first: %s", self.source, len(problems),
+                       total, problems[0])
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -258,15 +272,16 @@ class PromptDataset:
         epoch, position = divmod(global_index, n)
         index = int(epoch_permutation(n, self.config.seed, epoch, self.config.shuffle)[position])
         record, constitution = self.examples[index]
+        if record.id in counter["bad"]:  # failed in an earlier epoch: skipped, counted once
+            return None
         try:
             images = [
                 resize_image(load_image(path), self.factor, self.min_pixels, self.max_pixels)
                 for path in record.images
             ]
         except ImageError as exc:
-            counter["bad_images"] += 1
-            logger.warning("skipping record %r: %s", record.id, exc)
-            self._check_bad_fraction(counter["bad_images"] + self.stats["bad_images"], self.stats["records"])
+            counter["bad"][record.id] = f"record {record.id!r}: {exc}"
+            self._check_bad_fraction(self.bad_images + list(counter["bad"].values()), self.stats["records"])
             return None
         encoded = encode_prompt(self.processor, record, images, constitution, self.config.prompt)
         return {"record": record, "constitution": constitution, "encoded": encoded}
@@ -304,7 +319,7 @@ class PromptIterator:
     def __init__(self, dataset: PromptDataset):
         self.dataset = dataset
         config = dataset.config
-        self._counter = {"bad_images": 0}
+        self._counter = {"bad": {}}  # record id -> its decoding error
         n = len(dataset)
         # global position g = epoch * n + position; the record is epoch_permutation(...)[position]
         source = grain.MapDataset.range(n)
@@ -329,13 +344,15 @@ class PromptIterator:
 
     @property
     def bad_images_seen(self) -> int:
-        """Records skipped during iteration because an image failed to decode."""
-        return self._counter["bad_images"]
+        """Records skipped during iteration because an image failed to decode (each once,
+        however many epochs meet it)."""
+        return len(self._counter["bad"])
 
     def get_state(self) -> dict[str, Any]:
         """A JSON-serialisable position (store it with the training checkpoint)."""
-        return {"grain": self._iterator.get_state(), "bad_images": self._counter["bad_images"]}
+        return {"grain": self._iterator.get_state(), "bad_images": dict(self._counter["bad"])}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._iterator.set_state(state["grain"])
-        self._counter["bad_images"] = int(state.get("bad_images", 0))
+        bad = state.get("bad_images", {})  # an int in checkpoints older than the per-record map
+        self._counter["bad"] = dict(bad) if isinstance(bad, Mapping) else {}

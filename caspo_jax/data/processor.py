@@ -65,7 +65,7 @@ def load_processor(directory: str | Path, *, min_pixels: int | None = None, max_
     overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     image_processor = _image_processor(directory, model_type, config.get("vision_config") or {}, overrides)
 
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)  # never a directory's own code
     template = directory / "chat_template.jinja"
     if not tokenizer.chat_template and template.is_file():
         tokenizer.chat_template = template.read_text(encoding="utf-8")

@@ -22,10 +22,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from caspo_jax.errors import UserError
 
 __all__ = [
     "CATEGORIES",
@@ -35,7 +38,9 @@ __all__ = [
     "load_records",
     "normalize_category",
     "image_paths_json",
+    "json_problem",
     "resolve_image_path",
+    "too_many_bad",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,7 +53,7 @@ _KNOWN_FIELDS = (
 )
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record (or records) that cannot be used; the message names file, line and field."""
 
 
@@ -98,6 +103,12 @@ def resolve_image_path(relative: str, root: Path) -> Path:
     return path
 
 
+def json_problem(exc: json.JSONDecodeError) -> str:
+    """"not valid JSON (<what> at column N)" -- json's own text, whose message may already
+    end in "at" ("Unterminated string starting at"), without saying "at" twice."""
+    return f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
+
+
 def _optional_str(obj: dict, key: str, where: str) -> str | None:
     value = obj.get(key)
     if value is None:
@@ -121,7 +132,8 @@ def parse_images(obj: dict, where: str, root: Path, check_images: bool) -> tuple
         except ValueError as exc:
             raise RecordError(f"{where}: field 'images': {exc}; keep images under the root") from None
         if check_images and not path.is_file():
-            raise RecordError(f"{where}: field 'images': file {path} not found (root {root})")
+            raise RecordError(f"{where}: field 'images': file {path} not found; fix the path (relative to {root}) "
+                              "or add the image")
         images.append(path)
     return tuple(images)
 
@@ -210,7 +222,7 @@ def load_jsonl(
                 try:
                     obj = json.loads(line)
                 except ValueError as exc:
-                    raise RecordError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise RecordError(f"{where}: {json_problem(exc)}") from None
                 record = parse(obj, where, root_path, check_images)
                 if record.id in seen:
                     raise RecordError(
@@ -222,17 +234,34 @@ def load_jsonl(
             seen[record.id] = line_no
             records.append(record)
     if total == 0:
-        raise RecordError(f"{jsonl_path}: no records")
+        raise RecordError(f"{jsonl_path}: no records (the file is empty); write one JSON object per line")
     if errors:
-        fraction = len(errors) / total
-        for message in errors[:20]:
-            logger.warning("skipping record: %s", message)
-        if fraction > max_bad_fraction:
-            shown = "\n  ".join(errors[:10])
-            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-            raise RecordError(
-                f"{jsonl_path}: {len(errors)} of {total} records are invalid "
-                f"({fraction:.1%} > max_bad_fraction {max_bad_fraction:.1%}):\n  {shown}{more}"
-            )
-        logger.warning("%s: skipped %d of %d invalid records", jsonl_path, len(errors), total)
+        message = too_many_bad(jsonl_path, errors, total, max_bad_fraction, "records are invalid")
+        if message:
+            raise RecordError(message)
+        logger.warning("%s: skipped %d of %d invalid records (max_bad_fraction %.1f%%); first: %s",
+                       jsonl_path, len(errors), total, 100 * max_bad_fraction, errors[0])
     return records
+
+
+SHOWN_PROBLEMS = 3  # problems a too-many-bad error lists (the rest are counted)
+
+
+def too_many_bad(source, problems: list[str], total: int, max_bad_fraction: float, what: str) -> str | None:
+    """The one-line error when more than `max_bad_fraction` of `total` records are bad (None
+    when within it): the count, the first problem (file:line: field), and the two fixes --
+    repair the records, or let a run skip them with data.max_bad_fraction. `what`: the
+    problem's name in the plural ("records are invalid"). The first `SHOWN_PROBLEMS` problems
+    are listed, separated by " | "."""
+    fraction = len(problems) / total
+    if not problems or fraction <= max_bad_fraction:
+        return None
+    needed = math.ceil(fraction * 100) / 100  # the smallest whole percent that tolerates them
+    shown = " | ".join(problems[:SHOWN_PROBLEMS])
+    more = f" | ... {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    fix = f"fix {'it' if len(problems) == 1 else 'them'}"
+    if needed < 1:  # a run needs at least one good record: skipping them all is no fix
+        fix += (f", or let a run skip such records with data.max_bad_fraction "
+                f"(--set data.max_bad_fraction={needed:g})")
+    return (f"{source}: {len(problems)} of {total} {what} ({fraction:.1%} > max_bad_fraction "
+            f"{max_bad_fraction:.1%}): {shown}{more}; {fix}")

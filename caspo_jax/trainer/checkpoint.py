@@ -9,12 +9,17 @@ Saves are asynchronous where orbax supports it; `wait()` before exit.
 `restore_latest` walks the saved steps newest first and falls back to the previous
 one, with a warning, when the newest cannot be read (a corrupted disk, a truncated
 file): resume never silently starts from scratch while an older checkpoint is usable.
-The unreadable step is renamed aside (kept, no longer listed).
+The unreadable step is renamed aside (kept, no longer listed), and the warning names
+what is damaged in it (`describe_damage`): a metadata file that is no longer JSON, the
+file tensorstore failed to decode, or the array it could not read -- not orbax's
+exception text, which is a page of tensorstore spec.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,9 +27,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["RunCheckpointer"]
+from caspo_jax.errors import UserError
+
+__all__ = ["CheckpointsExist", "RunCheckpointer", "describe_damage"]
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointsExist(UserError, FileExistsError):
+    """A fresh run pointed at a directory that already holds a run's checkpoints."""
 
 
 class RunCheckpointer:
@@ -40,7 +51,7 @@ class RunCheckpointer:
     def refuse_overwrite(self, stage: str) -> None:
         """Raises when a fresh (non-resume) run would mix with an old run's checkpoints."""
         if self.steps():
-            raise FileExistsError(
+            raise CheckpointsExist(
                 f"{self.directory} already holds checkpoints {self.steps()}: pass --resume to continue that run, "
                 f"or choose a new --out directory for a fresh caspo {stage} run")
 
@@ -68,8 +79,8 @@ class RunCheckpointer:
             try:
                 state, extras = self.restore(step, abstract_state)
             except Exception as exc:  # noqa: BLE001 -- any unreadable checkpoint falls back
-                message = (f"checkpoint {self.directory / str(step)} cannot be restored "
-                           f"({type(exc).__name__}: {str(exc)[:200]}); falling back to the previous one")
+                message = (f"checkpoint {self.directory / str(step)} cannot be restored: "
+                           f"{describe_damage(self.directory / str(step), exc)}; falling back to the previous one")
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
                 logger.warning(message)
                 unreadable.append(step)
@@ -93,3 +104,48 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _unreadable_json(step_dir: Path) -> list[Path]:
+    """The step's metadata files (orbax writes them as JSON) that no longer parse."""
+    bad = []
+    for path in sorted(step_dir.rglob("*")):
+        if (not path.is_file() or path.suffix in (".ocdbt", ".txt") or "d" in path.relative_to(step_dir).parts[:-1]
+                or path.stat().st_size > 2**24):
+            continue  # array data (under d/), OCDBT manifests and commit markers are not JSON
+        try:
+            json.loads(path.read_bytes())
+        except ValueError:
+            bad.append(path)
+    return bad
+
+
+def describe_damage(step_dir: Path, exc: BaseException) -> str:
+    """What is damaged in a checkpoint step that failed to restore with `exc`, for a user:
+    the first metadata file that no longer parses, else the file tensorstore names as
+    undecodable, else the array it could not read, else the innermost error's first line."""
+    step_dir = Path(step_dir)
+    bad = _unreadable_json(step_dir)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        return f"damaged file {bad[0]}{more} (not valid JSON)"
+    chain = _exception_chain(exc)
+    text = " ".join(str(e) for e in chain)
+    files = [f for f in re.findall(r'local file "([^"]+)"', text) if Path(f).is_file()]
+    if files:
+        return f"damaged file {files[0]}"
+    arrays = re.findall(r'Error reading "([^"]+)"', text)
+    innermost = chain[-1]
+    reason = f"{type(innermost).__name__}: {(str(innermost).splitlines() or [''])[0][:160]}"
+    if arrays:
+        name = arrays[0].rsplit("/", 1)[0]
+        return f"array {name!r} in {step_dir / 'state'} is damaged ({reason})"
+    return reason

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from caspo_jax.algo.config import CaspoConfig
+from caspo_jax.errors import UserError
 from caspo_jax.files import read_structured
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message names the source, the field and the fix."""
 
 
@@ -65,7 +66,11 @@ class ModelConfig:
 class DataConfig:
     """train / eval: safety-record JSONL (caspo_jax.data.records). sft: SFT JSONL;
     pairs: preference-pair JSONL. None with the tiny model: the built-in demo task
-    (`demo_train` / `demo_eval` examples generated into the run directory)."""
+    (`demo_train` / `demo_eval` examples generated into the run directory).
+
+    max_bad_fraction: the share of a file's records a run may skip -- invalid JSONL lines,
+    images that cannot be read -- each skip counted and reported once; more stops the run
+    before training (exit 2). 0: any bad record stops it."""
 
     train: str | None = None
     eval: str | None = None
@@ -79,6 +84,7 @@ class DataConfig:
     demo_train: int = 480
     demo_eval: int = 96
     seed: int = 0
+    max_bad_fraction: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +344,9 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
                   "demo_eval"):
         if getattr(d, field) < 1:
             fail(f"data.{field}", f"={getattr(d, field)} must be >= 1")
+    if not 0.0 <= d.max_bad_fraction < 1.0:
+        fail("data.max_bad_fraction", f"={d.max_bad_fraction} must be in [0, 1): the share of records a run may "
+             "skip (0: none)")
     if d.image_min_pixels > d.image_max_pixels:
         fail("data.image_min_pixels", f"={d.image_min_pixels} exceeds data.image_max_pixels={d.image_max_pixels}")
     if cfg.rollout.engine not in ("jax", "vllm"):

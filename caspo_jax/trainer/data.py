@@ -10,19 +10,22 @@ prompt and response so one compiled step serves the whole stage.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from caspo_jax.data.constitutions import constitution_for, load_constitutions
 from caspo_jax.data.formats import load_pairs, load_sft_examples
-from caspo_jax.data.images import load_image, resize_image
-from caspo_jax.data.pipeline import PipelineConfig, PromptDataset, processor_resize_settings
+from caspo_jax.data.images import ImageError, load_image, resize_image
+from caspo_jax.data.pipeline import DataError, PipelineConfig, PromptDataset, processor_resize_settings
 from caspo_jax.data.prompts import PromptConfig, encode_prompt
-from caspo_jax.data.records import SafetyRecord, load_records
+from caspo_jax.data.records import SafetyRecord, load_records, too_many_bad
 from caspo_jax.trainer.config import ConfigError, TrainConfig
 
 __all__ = ["DataFiles", "EncodedExchange", "encode_exchanges", "exchange_batch", "prepare_data", "prompt_dataset"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,8 @@ def prepare_data(cfg: TrainConfig, run_dir: str | Path) -> DataFiles:
     for field in ("train", "eval", "sft", "pairs", "constitutions"):
         value = getattr(d, field)
         if value is not None and not Path(value).exists():
-            raise ConfigError(f"data.{field}={value!r}: file not found")
+            raise ConfigError(f"data.{field}={value!r}: file not found (relative paths start at {Path.cwd()}); "
+                              f"fix the path with --set data.{field}=PATH")
     as_path = lambda v: None if v is None else Path(v)  # noqa: E731
     return DataFiles(as_path(d.train), as_path(d.eval), as_path(d.sft), as_path(d.pairs),
                      as_path(d.constitutions), False)
@@ -71,16 +75,17 @@ def prompt_dataset(cfg: TrainConfig, files: DataFiles, processor, *, split: str 
     this process's process_index / process_count; batch_size is then per process."""
     path = files.train if split == "train" else files.eval
     if path is None:
-        raise ConfigError(f"data.{split} is not set: the {split} prompts (safety-record JSONL) are needed")
-    records = load_records(path)
+        raise ConfigError(f"data.{split} is not set: the {split} prompts (safety-record JSONL) are needed; "
+                          f"set it with --set data.{split}=PATH")
+    records = load_records(path, max_bad_fraction=cfg.data.max_bad_fraction)
     constitutions = load_constitutions(files.constitutions)
     buckets = tuple(b for b in (64, 128, 256, 512, 1024, 2048, 4096) if b < cfg.data.max_prompt_len)
     pipeline = PipelineConfig(batch_size=batch_size or cfg.algo.prompts_per_step,
                               max_prompt_len=cfg.data.max_prompt_len, pad_buckets=buckets, seed=cfg.data.seed,
                               shuffle=shuffle,
                               num_epochs=num_epochs, drop_remainder=split == "train", prompt=PromptConfig(),
-                              **(shard or {}))
-    return PromptDataset(records, processor, constitutions, pipeline), constitutions
+                              max_bad_fraction=cfg.data.max_bad_fraction, **(shard or {}))
+    return PromptDataset(records, processor, constitutions, pipeline, source=str(path)), constitutions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +99,8 @@ class EncodedExchange:
 
 
 def encode_exchanges(path: Path, processor, *, constitutions_path: Path | None, with_constitution: bool,
-                     pairs: bool, max_prompt_len: int, max_response_len: int) -> list[EncodedExchange]:
+                     pairs: bool, max_prompt_len: int, max_response_len: int,
+                     max_bad_fraction: float = 0.0) -> list[EncodedExchange]:
     """SFT examples (pairs=False) or preference pairs (pairs=True) as token ids.
 
     SFT prompts carry the constitution when `with_constitution`, unless an example says
@@ -103,33 +109,58 @@ def encode_exchanges(path: Path, processor, *, constitutions_path: Path | None, 
 
     Responses end with <|im_end|> (what the policy must learn to emit to stop);
     longer ones are cut at max_response_len. Prompts longer than max_prompt_len are
-    dropped with the count reported.
+    dropped with the count reported. Invalid lines and examples whose images cannot be
+    decoded are skipped, counted, up to `max_bad_fraction` of the file (data.max_bad_fraction);
+    beyond it a RecordError / ImageError names the file, the first problem and the fix.
     """
-    items = load_pairs(path) if pairs else load_sft_examples(path)
+    load = load_pairs if pairs else load_sft_examples
+    items = load(path, max_bad_fraction=max_bad_fraction)
     constitutions = load_constitutions(constitutions_path)
     factor, min_pixels, max_pixels = processor_resize_settings(processor)
     tokenizer = processor.tokenizer
-    out, too_long = [], 0
+    out, too_long, shortest, bad_images = [], 0, None, []
     for item in items:
         record = SafetyRecord(id=item.id, images=tuple(item.images), query=item.query,
                               category=item.category or "violent")
-        images = [resize_image(load_image(p), factor, min_pixels, max_pixels) for p in item.images]
+        try:
+            images = [resize_image(load_image(p), factor, min_pixels, max_pixels) for p in item.images]
+        except ImageError as exc:
+            bad_images.append(f"example {item.id!r}: {exc}")
+            continue
         constitution = constitution_for(record, constitutions) if item.category else ""
         encoded = encode_prompt(processor, record, images, constitution)
         use_constitution = bool(item.meta.get("with_constitution", with_constitution)) if not pairs else False
         prompt = encoded.teacher_input_ids if use_constitution and constitution else encoded.input_ids
         if len(prompt) > max_prompt_len:
             too_long += 1
+            shortest = len(prompt) if shortest is None else min(shortest, len(prompt))
             continue
         texts = (item.chosen, item.rejected) if pairs else (item.response,)
         responses = tuple(np.asarray(tokenizer(t + "<|im_end|>", add_special_tokens=False)["input_ids"][
             :max_response_len], np.int32) for t in texts)
         out.append(EncodedExchange(prompt, responses, encoded.pixel_values, encoded.image_grid_thw))
+    _check_bad_images(path, bad_images, len(items), max_bad_fraction)
+    if too_long and not out:
+        raise DataError(f"{path}: all {too_long} usable examples have prompts longer than data.max_prompt_len="
+                        f"{max_prompt_len} tokens (the shortest has {shortest}); raise it (--set "
+                        f"data.max_prompt_len={shortest}) or shorten the prompts")
     if too_long:
-        print(f"{path}: dropped {too_long} examples whose prompt exceeds data.max_prompt_len={max_prompt_len}")
+        logger.warning("%s: dropped %d of %d examples whose prompt exceeds data.max_prompt_len=%d",
+                       path, too_long, len(items), max_prompt_len)
     if not out:
-        raise ConfigError(f"{path}: no usable examples")
+        raise DataError(f"{path}: no usable examples")
     return out
+
+
+def _check_bad_images(path: Path, problems: list[str], total: int, max_bad_fraction: float) -> None:
+    """ImageError (one line) past max_bad_fraction, else one warning with the count."""
+    if not problems:
+        return
+    message = too_many_bad(path, problems, total, max_bad_fraction, "examples have images that cannot be read")
+    if message:
+        raise ImageError(message)
+    logger.warning("%s: skipping %d of %d examples whose images cannot be read; first: %s", path,
+                   len(problems), total, problems[0])
 
 
 def exchange_batch(model, examples: list[EncodedExchange], pad_id: int, prompt_len: int, response_len: int):

@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from caspo_jax.errors import UserError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -104,8 +106,52 @@ def map_table(table: Iterable[ParamSpec], fn: Callable[[ParamSpec], object]) -> 
     return out
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not match the model's table (names the file and keys)."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint directory that declares code of its own (``auto_map``, ``trust_remote_code``)."""
+
+
+# The files of an HF directory through which transformers would import the directory's own
+# Python code, and the keys that ask for it.
+CUSTOM_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+CUSTOM_CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines")
+
+
+def custom_code_declarations(path: str | Path) -> list[str]:
+    """"file: key" for every key of CUSTOM_CODE_KEYS the directory's JSON files set (a false
+    ``trust_remote_code`` does not count). Unreadable files are left to their loaders."""
+    found = []
+    for name in CUSTOM_CODE_FILES:
+        file = Path(path) / name
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            found += [f"{name}: {key}" for key in CUSTOM_CODE_KEYS if data.get(key)]
+    return found
+
+
+def refuse_custom_code(path: str | Path, *, allow_flag: str = "--ignore-custom-code") -> None:
+    """Raises UntrustedCheckpointError when the directory declares custom code.
+
+    We load only our own Qwen2.5-VL / Qwen3-VL implementation and never import a
+    checkpoint's Python files, so such a directory would load as a plain model that may
+    not be what its author built; the user must say so (``allow_flag``), and even then
+    its code is never run."""
+    found = custom_code_declarations(path)
+    if not found:
+        return
+    scripts = sorted(p.name for p in Path(path).glob("*.py"))
+    shipped = f" and ships {', '.join(scripts)}" if scripts else ""
+    raise UntrustedCheckpointError(
+        f"{path}: the checkpoint asks for its own code ({'; '.join(found)}){shipped}; caspo never runs a "
+        "checkpoint's code and would load it as a plain Qwen-VL model, which may not match what it was built "
+        f"as. Use a checkpoint without custom code, or pass {allow_flag} to load it as a plain model anyway "
+        "(its code is still never run)")
 
 
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
@@ -120,7 +166,8 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         with safe_open(single, framework="numpy") as f:
             return {name: single for name in f.keys()}
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-    hint = f" (found {pickles}; pickle checkpoints are never loaded: re-save with safe_serialization)" if pickles else ""
+    hint = (f" (found {pickles}; pickle checkpoints are never loaded, they can run code: re-save the model with "
+            "save_pretrained(..., safe_serialization=True))") if pickles else "; pass an HF checkpoint directory"
     raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
 
 
@@ -147,10 +194,10 @@ def load_params(
     unexpected = sorted(n for n in by_name.keys() - expected if not ignore(n))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}: checkpoint does not match the model config.\n"
-            f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
-            f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}\n"
-            "  Check that config.json describes these weights (layer counts, tie_word_embeddings).")
+            f"{path}: checkpoint does not match the model config; "
+            f"missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+            f"unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}; "
+            "check that config.json describes these weights (layer counts, tie_word_embeddings)")
     np_dtype = np.dtype(jnp.dtype(dtype))
     handles: dict[Path, object] = {}
 

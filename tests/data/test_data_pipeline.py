@@ -2,6 +2,7 @@
 deterministic shuffling, exact resume mid-epoch, length filtering, buckets, bad images."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -125,7 +126,9 @@ def test_length_filter_counts_and_buckets(records, processor, constitutions):
     assert dataset.stats == {"records": 10, "bad_images": 0, "too_long": 3, "kept": 7}
     assert all(max(l) <= limit for l in dataset.lengths)
     assert all(b.input_ids.shape[1] == limit for b in dataset)  # no buckets: pad to the limit
-    with pytest.raises(DataError, match="no prompts left"):
+    shortest = min(max(l) for l in lengths)  # the error names the knob and the value that keeps one prompt
+    with pytest.raises(DataError, match=rf"all 10 usable prompts are longer than max_prompt_len=8 .*has {shortest}\); "
+                                        rf"raise data.max_prompt_len \(--set data.max_prompt_len={shortest}\)"):
         PromptDataset(records, processor, constitutions, PipelineConfig(batch_size=1, max_prompt_len=8))
     with pytest.raises(ValueError, match="pad_buckets"):
         PipelineConfig(batch_size=1, max_prompt_len=64, pad_buckets=(128,))
@@ -198,3 +201,22 @@ def test_encode_exchange_equals_whole_conversation(records, processor, constitut
         target = exchange.input_ids[exchange.loss_mask == 1]
         assert processor.tokenizer.decode(target) == response + "<|im_end|>"
         assert exchange.loss_mask[: exchange.prompt_length].sum() == 0
+
+
+def test_an_image_failing_every_epoch_is_warned_and_counted_once(records, processor, constitutions, caplog):
+    broken = records[4].images[0]
+    broken.write_bytes(broken.read_bytes()[:200])  # header fine, pixels truncated
+    config = PipelineConfig(batch_size=3, max_prompt_len=512, shuffle=False, drop_remainder=False, num_epochs=3,
+                            max_bad_fraction=0.2)
+    iterator = PromptDataset(records, processor, constitutions, config, source="prompts.jsonl").iterator()
+    with caplog.at_level(logging.WARNING, logger="caspo_jax.data.pipeline"):
+        seen = sum(ids_of(iterator), [])
+    assert len(seen) == 3 * 9 and "r4" not in seen
+    assert iterator.bad_images_seen == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("prompts.jsonl: skipping 1 of 10 records with bad images; first: record 'r4'")
+    # the count survives a checkpoint of the iterator's position
+    restored = PromptDataset(records, processor, constitutions, config).iterator()
+    restored.set_state(json.loads(json.dumps(iterator.get_state())))
+    assert restored.bad_images_seen == 1

@@ -114,3 +114,26 @@ def test_explicit_root_and_empty_file(root, tmp_path_factory):
         load_records(empty)
     with pytest.raises(RecordError, match="file not found"):
         load_records(elsewhere / "nope.jsonl")
+
+
+def test_json_errors_say_at_column_once(root):
+    path = root / "unterminated.jsonl"
+    path.write_text(json.dumps(good(0)) + '\n{"id": "x", "query": "no end')  # the last line has no newline
+    with pytest.raises(RecordError) as err:
+        load_records(path)
+    message = str(err.value)
+    assert "unterminated.jsonl:2: not valid JSON (Unterminated string starting at column 22)" in message
+    assert "at at" not in message and "\n" not in message
+
+
+def test_too_many_bad_lists_three_problems_and_the_fraction_that_tolerates_them():
+    from caspo_jax.data.records import too_many_bad
+
+    problems = [f"f.jsonl:{i}: bad" for i in range(1, 6)]
+    assert too_many_bad("f.jsonl", problems, 100, 0.05, "records are invalid") is None  # 5% is within 5%
+    message = too_many_bad("f.jsonl", problems, 80, 0.05, "records are invalid")
+    assert message == ("f.jsonl: 5 of 80 records are invalid (6.2% > max_bad_fraction 5.0%): f.jsonl:1: bad | "
+                       "f.jsonl:2: bad | f.jsonl:3: bad | ... 2 more; fix them, or let a run skip such records with "
+                       "data.max_bad_fraction (--set data.max_bad_fraction=0.07)")
+    every = too_many_bad("f.jsonl", problems[:1], 1, 0.0, "records are invalid")
+    assert every.endswith("(100.0% > max_bad_fraction 0.0%): f.jsonl:1: bad; fix it")  # no knob can help

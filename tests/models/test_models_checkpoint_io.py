@@ -168,3 +168,53 @@ def test_dtype_and_random_init_follow_the_table(hf_dir, loaded):
     assert shapes == jax.tree.map(lambda x: x.shape, params)
     for spec in model.param_table():
         assert len(spec.axes) == len(spec.shape)
+
+
+# -- directories that ask for their own code ----------------------------------------------------
+
+def _with_custom_code(hf_dir, target, file="config.json", **keys):
+    """A copy of the tiny export whose `file` declares custom code, with the module it names."""
+    from caspo_jax.testing.tiny_tokenizer import build_tiny_processor, save_tiny_processor
+
+    shutil.copytree(hf_dir, target)
+    save_tiny_processor(build_tiny_processor(), target)
+    data = json.loads((target / file).read_text())
+    (target / file).write_text(json.dumps({**data, **keys}))
+    (target / "modeling_custom.py").write_text("raise SystemExit('a checkpoint ran its own code')\n")
+    return target
+
+
+def test_custom_code_declarations_name_file_and_key(hf_dir, tmp_path):
+    from caspo_jax.models.common.checkpoint import custom_code_declarations
+
+    assert custom_code_declarations(hf_dir) == []
+    path = _with_custom_code(hf_dir, tmp_path / "a", auto_map={"AutoModel": "modeling_custom.M"},
+                             trust_remote_code=False)  # an explicit "no" asks for nothing
+    assert custom_code_declarations(path) == ["config.json: auto_map"]
+    path = _with_custom_code(hf_dir, tmp_path / "b", "preprocessor_config.json", trust_remote_code=True)
+    assert custom_code_declarations(path) == ["preprocessor_config.json: trust_remote_code"]
+
+
+def test_load_hf_checkpoint_refuses_custom_code_unless_told_and_never_runs_it(hf_dir, tmp_path):
+    from caspo_jax.errors import UserError
+    from caspo_jax.hf_checkpoint import load_hf_checkpoint
+    from caspo_jax.models.common.checkpoint import UntrustedCheckpointError
+
+    path = _with_custom_code(hf_dir, tmp_path / "c", "tokenizer_config.json",
+                             auto_map={"AutoTokenizer": ["modeling_custom.T", None]})
+    with pytest.raises(UntrustedCheckpointError, match=r"tokenizer_config.json: auto_map.*modeling_custom.py.*"
+                                                       r"--ignore-custom-code") as err:
+        load_hf_checkpoint(path)
+    assert isinstance(err.value, UserError) and isinstance(err.value, CheckpointError) and err.value.exit_code == 2
+    model, params, processor = load_hf_checkpoint(path, ignore_custom_code=True)  # weights only; SystemExit if run
+    assert model.config == load_pretrained(hf_dir)[0].config
+    assert type(processor.tokenizer).__module__.startswith("transformers.")
+
+
+def test_checkpoint_errors_are_user_errors_on_one_line(hf_dir, tmp_path):
+    from caspo_jax.errors import UserError
+
+    path = _copy_with(hf_dir, tmp_path, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(UserError) as err:
+        load_pretrained(path)
+    assert "\n" not in str(err.value) and "model.norm.weight" in str(err.value)
