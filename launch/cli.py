@@ -30,7 +30,7 @@ from caspo_jax.errors import CaspoError
 # (name, module implementing add_arguments/run, one-line help). Add new commands here.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("eval", "caspo_jax.evals.cli", "Generate, judge (R/S/E, SIUO, MSSBench) and report a model; --compare two runs"),
-    ("curate", "caspo_jax.curate.cli", "Build latent-hazard data: synthesize, filter, dedup, images, rewrite, respond, select"),
+    ("curate", "caspo_jax.curate.cli", "Build latent-hazard data: synthesize, filter, dedup, images, rewrite, respond, select, dpo"),
     ("dryrun", "caspo_jax.launch.dryrun", "Size a run without devices: mesh, per-device memory, step FLOPs for a preset and topology"),
     ("train", "caspo_jax.launch.train_cmd", "CASPO policy optimisation (Algorithm 1): rollouts, rewards, advantages, updates"),
     ("sft", "caspo_jax.launch.sft_cmd", "Supervised fine-tuning on (image, query, response), optionally with constitutions"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,12 +17,13 @@ def run(args: argparse.Namespace) -> int:
     from caspo_jax.trainer.plot import plot_runs
 
     if args.labels and len(args.labels) != len(args.runs):
-        print(f"caspo plot: {len(args.labels)} labels for {len(args.runs)} runs")
+        print(f"caspo plot: {len(args.labels)} labels for {len(args.runs)} runs; give one --labels entry per run",
+              file=sys.stderr)
         return 2
     try:
         paths = plot_runs(args.runs, args.out, args.labels, args.smooth)
     except FileNotFoundError as exc:
-        print(f"caspo plot: {exc}")
+        print(f"caspo plot: {exc}", file=sys.stderr)
         return 2
     for path in paths:
         print(path)

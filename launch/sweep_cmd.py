@@ -56,17 +56,12 @@ def run(args: argparse.Namespace) -> int:
     cfg, status = resolve(args)
     if status is not None:
         return status
-    if any(lam < 0 for lam in args.lambdas):
-        print("caspo sweep: --lambdas must be >= 0")
-        return 2
     from caspo_jax.errors import UserError
     from caspo_jax.trainer.sweep import run_sweep
 
-    try:
-        benchmarks = benchmarks_from_args(args)
-    except UserError as exc:
-        print(f"caspo: {exc}")
-        return 2
+    if any(lam < 0 for lam in args.lambdas):
+        raise UserError(f"caspo sweep: --lambdas {args.lambdas} must all be >= 0 (0 = outcome only)")
+    benchmarks = benchmarks_from_args(args)  # a UserError here reaches the CLI edge: one line, exit 2
     run_sweep(cfg, args.out, variants=args.variants, lambdas=args.lambdas, seeds=args.seeds,
               sft_first=not args.no_sft, benchmarks=benchmarks)
     return 0

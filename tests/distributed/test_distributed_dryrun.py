@@ -118,4 +118,4 @@ def test_train_dry_run_sizes_the_typed_config(capsys):
     assert float(total_gib) > 0
     # a bad field fails before any sizing, naming the field
     assert main(["train", "--preset", "qwen2_5_vl_7b", "--dry-run", "--set", "optim.no_such_field=1"]) == 2
-    assert "no_such_field" in capsys.readouterr().out
+    assert "no_such_field" in capsys.readouterr().err

@@ -139,10 +139,10 @@ def test_table10_end_to_end_with_the_stub_judge(tmp_path):
 def test_benchmark_options_fail_clearly(tmp_path, capsys):
     assert main(["sweep", "--out", str(tmp_path / "s"), "--eval-records", str(tmp_path / "missing.jsonl"),
                  "--eval-judge", "name=j,model=m,base_url=http://127.0.0.1:9/v1"]) == 2
-    assert "--eval-records" in capsys.readouterr().out and not (tmp_path / "s").exists()
+    assert "--eval-records" in capsys.readouterr().err and not (tmp_path / "s").exists()
     (tmp_path / "r.jsonl").write_text("")
     assert main(["sweep", "--out", str(tmp_path / "s"), "--eval-records", str(tmp_path / "r.jsonl")]) == 2
-    assert "--eval-judge" in capsys.readouterr().out
+    assert "--eval-judge" in capsys.readouterr().err
     assert main(["sweep", "--out", str(tmp_path / "s"), "--eval-judge", "name=j,model=m,base_url=u"]) == 2
     assert "without a benchmark" in capsys.readouterr().out
     assert main(["sweep", "--out", str(tmp_path / "s"), "--eval-records", str(tmp_path / "r.jsonl"),

@@ -80,9 +80,9 @@ def test_plot_writes_pngs_per_indicator_and_run(tmp_path, capsys):
 
 def test_cli_config_errors_fail_before_any_compute(capsys):
     assert main(["train", "--set", "algo.group_size=1"]) == 2
-    assert "group_size" in capsys.readouterr().out
+    assert "group_size" in capsys.readouterr().err
     assert main(["sft", "--set", "algo.lamda=0.1"]) == 2
-    assert "lamda" in capsys.readouterr().out
+    assert "lamda" in capsys.readouterr().err
     assert main(["dpo", "--preset", "qwen2_5_vl_7b", "--set", "algo.lam=0.6", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "lam: 0.6" in out and "group_size: 32" in out
