@@ -73,8 +73,10 @@ def one_line(message: object) -> str:
 
 
 def report_error(exc: CaspoError) -> int:
-    """Prints ``caspo: <message>`` as one line on stderr; returns the error's exit code."""
-    print(f"caspo: {one_line(exc)}", file=sys.stderr, flush=True)
+    """Prints ``caspo: <message>`` as one line on stderr (a message that already names its
+    command, ``caspo sweep: ...``, is printed as it is); returns the error's exit code."""
+    text = one_line(exc)
+    print(text if text.startswith("caspo") else f"caspo: {text}", file=sys.stderr, flush=True)
     return exc.exit_code
 
 

@@ -144,7 +144,7 @@ def test_benchmark_options_fail_clearly(tmp_path, capsys):
     assert main(["sweep", "--out", str(tmp_path / "s"), "--eval-records", str(tmp_path / "r.jsonl")]) == 2
     assert "--eval-judge" in capsys.readouterr().err
     assert main(["sweep", "--out", str(tmp_path / "s"), "--eval-judge", "name=j,model=m,base_url=u"]) == 2
-    assert "without a benchmark" in capsys.readouterr().out
+    assert "without a benchmark" in capsys.readouterr().err
     assert main(["sweep", "--out", str(tmp_path / "s"), "--eval-records", str(tmp_path / "r.jsonl"),
                  "--eval-judge", "name=j,model=m"]) == 2
-    assert "--eval-judge" in (printed := capsys.readouterr().out) and "missing base_url" in printed
+    assert "--eval-judge" in (printed := capsys.readouterr().err) and "missing base_url" in printed
