@@ -12,6 +12,7 @@ Per rollout batch the trainer calls::
     adv, adv_metrics = rollout_advantages(caspo, rewards_PxG, teacher_logp, old_logp, batch.response_mask,
                                           group_ok_P)           # failed reward groups: out of every statistic
     batch = batch.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
+    # (and response_mask 0 on the failed groups' rows: no loss either)
     step = make_train_step(model, train_cfg, caspo, mesh=mesh)
     for rows in minibatches: state, metrics = step(state, take_rows(batch, rows))
 """
@@ -42,5 +43,6 @@ __all__ = [
     "batch_shardings",
     "build_train_batch", "compute_logprobs", "init_state", "layout_logprobs", "learning_rate_schedule",
     "loss_and_grads", "make_optimizer", "make_train_step", "response_logprobs_from_hidden", "rollout_advantages",
-    "shard_batch", "shard_state", "state_shardings", "step_logprobs", "take_rows", "teacher_params", "truncated_is_weights",
+    "shard_batch", "shard_state", "state_shardings", "step_logprobs", "take_rows", "teacher_params",
+    "truncated_is_weights",
 ]

@@ -109,8 +109,9 @@ def rollout_signals(model, step_cfg, caspo, batch, params, ref_params, rewards_P
 
 def _halt_message(cfg: TrainConfig, step: int, checkpoints: Path, last_error: str | None) -> str:
     r = cfg.run
-    share = "every" if r.halt_failed_share >= 1 else f"at least {r.halt_failed_share:.0%} of the"
-    return (f"caspo train: halted after step {step}: {share} reward group failed in each of the last "
+    share = ("every reward group" if r.halt_failed_share >= 1
+             else f"at least {r.halt_failed_share:.0%} of the reward groups")
+    return (f"caspo train: halted after step {step}: {share} failed in each of the last "
             f"{r.halt_failed_steps} steps (run.halt_failed_share={r.halt_failed_share}, "
             f"run.halt_failed_steps={r.halt_failed_steps}), so they trained nothing. Last reward error: "
             f"{last_error or 'none reported'}. Likely fixes: start (or point reward.base_url at) a judge that "

@@ -18,8 +18,8 @@ import numpy as np
 
 from caspo_jax.launch.distributed import is_primary
 
-__all__ = ["PROGRESS_METRICS", "MetricsWriter", "NullWriter", "PhaseTimer", "count_params", "mfu", "open_writer", "peak_flops",
-           "read_metrics"]
+__all__ = ["PROGRESS_METRICS", "MetricsWriter", "NullWriter", "PhaseTimer", "count_params", "mfu", "open_writer",
+           "peak_flops", "read_metrics"]
 
 # Dense peak FLOP/s per device (bfloat16 where the chip has it). CPU: this project's
 # measured float32 matmul ceiling on the 2-core dev box (shared/notes/offline-tiny-models.md).

@@ -28,7 +28,8 @@ from caspo_jax.models import load_pretrained  # noqa: E402
 from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams  # noqa: E402
 from caspo_jax.rollout.types import logit_temperature  # noqa: E402
 from caspo_jax.testing import tiny_models as tm  # noqa: E402
-from caspo_jax.train import build_train_batch, compute_logprobs, init_state, make_train_step, step_logprobs  # noqa: E402
+from caspo_jax.train import (build_train_batch, compute_logprobs, init_state, make_train_step,  # noqa: E402
+                             step_logprobs)
 from caspo_jax.train.logprobs import cast_floats  # noqa: E402
 from caspo_jax.trainer.caspo import rollout_signals  # noqa: E402
 from caspo_jax.trainer.config import load_config  # noqa: E402
@@ -99,8 +100,9 @@ def test_dpo_reference_has_the_policys_precision(checkpoint, dtype):
     ids, mask, _, _, pixels, grids = fx.prompts(seed=6)
     r_ids, r_mask, _ = fx.responses(seed=7)
     per_image = len(pixels) // fx.P
-    examples = [EncodedExchange(ids[p][mask[p] > 0], (r_ids[2 * p][r_mask[2 * p] > 0], r_ids[2 * p + 1][r_mask[2 * p + 1] > 0]),
-                                pixels[p * per_image:(p + 1) * per_image], grids[p:p + 1]) for p in range(fx.P)]
+    chosen_rejected = [tuple(r_ids[i][r_mask[i] > 0] for i in (2 * p, 2 * p + 1)) for p in range(fx.P)]
+    examples = [EncodedExchange(ids[p][mask[p] > 0], chosen_rejected[p], pixels[p * per_image:(p + 1) * per_image],
+                                grids[p:p + 1]) for p in range(fx.P)]
     prompt_len, response_len = 16 * -(-ids.shape[1] // 16), fx.T
     reference = _reference_logprobs(model, policy_params, _NoMesh(), examples, np.arange(fx.P), fx.P, 0, prompt_len,
                                     response_len, False, step_cfg=step_cfg)
