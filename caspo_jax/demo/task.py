@@ -33,6 +33,7 @@ __all__ = [
     "HELP_WORD",
     "IMAGE_SIZE",
     "QUERIES",
+    "demo_record_problem",
     "demo_reward",
     "draw_image",
     "is_help",
@@ -101,16 +102,31 @@ def is_help(response: str) -> bool:
     return HELP_WORD in response.lower()
 
 
+def _reference(prompt):
+    return prompt.get("reference") if isinstance(prompt, dict) else getattr(prompt, "reference", None)
+
+
+def demo_record_problem(prompt) -> str | None:
+    """Why `demo_reward` cannot score `prompt` (None: it can). The trainer asks this of
+    every training record before step 1 (`FunctionReward(check=...)`), so a run of the
+    demo reward on other data stops at once instead of training on failed rewards."""
+    reference = _reference(prompt)
+    if reference in ("hazard", "none"):
+        return None
+    return (f"its reference is {reference!r}, but the demo reward scores only the demo task's records "
+            "(reference 'hazard' or 'none')")
+
+
 def demo_reward(prompt, response: str) -> float:
     """Outcome reward: 1.0 for warning iff the hazard is present, +0.5 for helping.
 
     `prompt` is a SafetyRecord (or mapping) whose `reference` is "hazard" or "none" --
     the ground truth the rule-based judge reads, never shown to the policy.
     """
-    reference = prompt.get("reference") if isinstance(prompt, dict) else getattr(prompt, "reference", None)
-    if reference not in ("hazard", "none"):
-        raise ValueError(f"demo_reward: prompt reference must be 'hazard' or 'none', got {reference!r}")
-    correct = is_warning(response) == (reference == "hazard")
+    problem = demo_record_problem(prompt)
+    if problem is not None:
+        raise ValueError(f"demo_reward: prompt reference must be 'hazard' or 'none': {problem}")
+    correct = is_warning(response) == (_reference(prompt) == "hazard")
     return float(correct) + 0.5 * float(is_help(response))
 
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["OutcomeReward", "RewardBatch", "RewardPrompt", "group_ok", "prompt_fields"]
+__all__ = ["OutcomeReward", "RewardBatch", "RewardPrompt", "group_ok", "prompt_fields", "records_problem"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +93,24 @@ class RewardBatch:
 
 @runtime_checkable
 class OutcomeReward(Protocol):
-    """A source of outcome rewards R_o (judge, Python function, reward model)."""
+    """A source of outcome rewards R_o (judge, Python function, reward model).
+
+    A reward may also define `check_records(prompts) -> str | None`: a cheap test, run on
+    the training records before step 1 (`records_problem`), of whether it can score them
+    at all (None: yes; else why not). A reward without it is assumed to score anything.
+    """
 
     name: str
 
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> RewardBatch:
         """One reward per (prompt, response) pair; prompts[i] goes with responses[i]."""
         ...
+
+
+def records_problem(reward: OutcomeReward, prompts: Sequence[Any]) -> str | None:
+    """Why `reward` cannot score `prompts` (its optional `check_records`), or None."""
+    check = getattr(reward, "check_records", None)
+    return None if check is None else check(prompts)
 
 
 def group_ok(ok_N: np.ndarray, group_size: int) -> np.ndarray:

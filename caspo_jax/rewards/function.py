@@ -17,12 +17,30 @@ class FunctionReward:
 
     None, a non-finite value or an exception marks the item failed (excluded, never 0);
     the exception's message is reported in `errors`.
+
+    check: optional `check(prompt) -> str | None`, why `fn` cannot score a prompt at all
+    (None: it can), asked of a dataset's records before training (`check_records`).
     """
 
-    def __init__(self, fn: Callable[..., Any], name: str | None = None, *, batched: bool = False):
+    def __init__(self, fn: Callable[..., Any], name: str | None = None, *, batched: bool = False,
+                 check: Callable[[Any], str | None] | None = None):
         self.fn = fn
         self.batched = batched
+        self.check = check
         self.name = name or getattr(fn, "__name__", "function")
+
+    def check_records(self, prompts: Sequence[Any]) -> str | None:
+        """Why some of `prompts` cannot be scored (how many, and the first one's id and
+        reason), or None when all can (or no `check` was given)."""
+        if self.check is None:
+            return None
+        problems = [(p, why) for p in prompts if (why := self.check(p)) is not None]
+        if not problems:
+            return None
+        first, why = problems[0]
+        record_id = first.get("id") if isinstance(first, dict) else getattr(first, "id", None)
+        return (f"{len(problems)} of {len(prompts)} records cannot be scored by the {self.name!r} reward; "
+                f"the first (id {record_id!r}): {why}")
 
     def __repr__(self) -> str:
         return f"FunctionReward(name={self.name!r}, batched={self.batched})"

@@ -14,7 +14,7 @@ with DeepStack), so Qwen2.5-VL and Qwen3-VL share this loop unchanged.
 Multimodal placeholders (image/video pad, vision start/end) are never sampled by default:
 fed back when a response is scored they would be read as images. Their logits are set to
 -inf before greedy argmax and before temperature/top-k/top-p; the returned log-probs stay
-those of the unmodified distribution, like top-k/top-p.
+those of the tempered distribution without that suppression, like top-k/top-p.
 
 Sharding: with a mesh, parameters are placed by the model's table under the trainer's
 ``LogicalRules`` and the cache's sample axis follows the "batch" rule (heads the "kv"
@@ -143,7 +143,7 @@ class JaxSampler:
             model, SampleSpec.of(sampling), n, T, cache_sharding, self.params["text"], self._suppressed_V,
             jnp.asarray(ids),
             jnp.asarray(mask), jnp.asarray(position_ids, jnp.int32), jnp.asarray(rope_next, jnp.int32),
-            image_embeds, keys, jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.max_new_tokens),
+            image_embeds, keys, jnp.float32(sampling.logit_temperature), jnp.int32(sampling.max_new_tokens),
             jnp.asarray(terminators))
         tokens, logps, lengths, ended = map(np.asarray, jax.device_get((tokens, logps, lengths, ended)))
         width = max(int(lengths.max()), 1)
@@ -173,7 +173,8 @@ def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_param
 
     The prompt's keys/values stay one copy per prompt, shared by its n samples
     (``decode_step_shared``); each sample's own tokens go to a per-layer response cache
-    [S, K, T, H] written in place. Returns tokens [S, T], log-probs [S, T], response
+    [S, K, T, H] written in place. Returns tokens [S, T], log-probs [S, T] (of
+    softmax(logits / temperature), ``SamplingParams.logit_temperature``), response
     lengths [S] and whether each sample ended on a terminator [S]. ``suppressed_V`` (bool):
     token ids never sampled.
     """
@@ -199,7 +200,7 @@ def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_param
         token = sample_tokens(step_keys(keys_Sx2, t), suppress_tokens(logits, suppressed_V), temperature, spec)
         live = ~ended
         tokens = tokens.at[:, t].set(jnp.where(live, token, 0))
-        logps = logps.at[:, t].set(jnp.where(live, token_logprobs(logits, token), 0.0))
+        logps = logps.at[:, t].set(jnp.where(live, token_logprobs(logits, token, temperature), 0.0))
         lengths = jnp.where(live, t + 1, lengths)
         ended = ended | jnp.isin(token, terminators)
         return token, tokens, logps, lengths, ended

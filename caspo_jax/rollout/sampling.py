@@ -2,7 +2,7 @@
 
 Let S denote samples and V the vocabulary. Filtering works on the logits, so the sampled
 distribution is exactly ``softmax(filtered / temperature)``; the log-prob the engines
-return is that of the *unmodified* distribution (see ``SamplingParams``).
+return is that of the tempered but *unfiltered* distribution (see ``SamplingParams``).
 """
 
 from __future__ import annotations
@@ -135,9 +135,10 @@ def inverse_cdf_draw(uniform_S: jax.Array, logits_SxV: jax.Array, block: int = 1
     return b * block + j
 
 
-def token_logprobs(logits_SxV: jax.Array, tokens_S: jax.Array) -> jax.Array:
-    """``log_softmax(logits)[token]`` per row, float32 [S]."""
-    logp = jax.nn.log_softmax(logits_SxV.astype(jnp.float32), axis=-1)
+def token_logprobs(logits_SxV: jax.Array, tokens_S: jax.Array, temperature=1.0) -> jax.Array:
+    """``log_softmax(logits / temperature)[token]`` per row, float32 [S]: the tempered
+    distribution without top-k/top-p filters, as the trainer scores it."""
+    logp = jax.nn.log_softmax(logits_SxV.astype(jnp.float32) / temperature, axis=-1)
     return jnp.take_along_axis(logp, tokens_S[:, None], axis=-1)[:, 0]
 
 

@@ -27,8 +27,10 @@ class SamplingParams:
         response (mask 1) so the policy learns to stop.
     seed: base seed; prompt ``p`` uses ``RolloutPrompt.seed`` if set, else ``seed + p``.
 
-    Log-probs are always those of the unmodified distribution, ``log_softmax(logits)`` at
-    temperature 1 without top-k/top-p: what the trainer recomputes (vLLM's "raw_logprobs").
+    Log-probs are those of the tempered distribution without top-k/top-p,
+    ``log_softmax(logits / logit_temperature)``: what the trainer recomputes for the
+    ratio, the KL and the token rewards (verl divides by the rollout temperature too).
+    Greedy (temperature 0) has no tempered distribution: its log-probs are at temperature 1.
     """
 
     temperature: float = 1.0
@@ -52,6 +54,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def logit_temperature(self) -> float:
+        """What the logits are divided by for the draw and the returned log-probs."""
+        return logit_temperature(self.temperature)
+
+
+def logit_temperature(temperature: float) -> float:
+    """The divisor of the logits that a rollout at ``temperature`` implies: the temperature
+    itself, or 1.0 for greedy decoding (0), whose log-probs are the model's own
+    distribution's (a division by 0 has no meaning; the trainer uses the same rule)."""
+    return float(temperature) if temperature > 0 else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +114,7 @@ class Rollouts:
     """S = P * n sampled responses, right-padded to T.
 
     tokens: int32 [S, T] (0 after the end). logprobs: float32 [S, T] sampled-token
-    log-probs under the unmodified distribution (0 after the end). mask: bool [S, T], True
+    log-probs of softmax(logits / logit_temperature), unfiltered (0 after the end). mask: bool [S, T], True
     on response tokens (the terminating eos/stop token included). finish_reason: [S] of
     "eos" / "stop" / "length". prompt_index: int32 [S].
     """

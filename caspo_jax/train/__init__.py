@@ -5,12 +5,14 @@ Per rollout batch the trainer calls::
     batch = build_train_batch(model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
                               teacher_prompt_ids=..., teacher_prompt_mask=..., pixel_values=..., image_grid_thw=...)
     batch = shard_batch(batch, mesh)                                   # optional
-    old_logp, _ = compute_logprobs(model, state.params, batch)
-    ref_logp, _ = compute_logprobs(model, ref_params, batch)
-    teacher_logp, _ = compute_logprobs(model, teacher_params(caspo.teacher, rollout_policy=state.params,
-                                       frozen_sft=ref_params), batch, layout="teacher")
-    adv, adv_metrics = rollout_advantages(caspo, rewards_PxG, teacher_logp, old_logp, batch.response_mask)
+    old_logp, _ = step_logprobs(model, train_cfg, state.params, batch)   # the step's dtype and temperature
+    ref_logp, _ = step_logprobs(model, train_cfg, ref_params, batch)
+    teacher_logp, _ = step_logprobs(model, train_cfg, teacher_params(caspo.teacher, rollout_policy=state.params,
+                                    frozen_sft=ref_params), batch, layout="teacher")
+    adv, adv_metrics = rollout_advantages(caspo, rewards_PxG, teacher_logp, old_logp, batch.response_mask,
+                                          group_ok_P)           # failed reward groups: out of every statistic
     batch = batch.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
+    # (and response_mask 0 on the failed groups' rows: no loss either)
     step = make_train_step(model, train_cfg, caspo, mesh=mesh)
     for rows in minibatches: state, metrics = step(state, take_rows(batch, rows))
 """
@@ -21,6 +23,7 @@ from caspo_jax.train.logprobs import (
     compute_logprobs,
     layout_logprobs,
     response_logprobs_from_hidden,
+    step_logprobs,
     teacher_params,
 )
 from caspo_jax.train.optimizer import TrainConfig, learning_rate_schedule, make_optimizer
@@ -40,5 +43,6 @@ __all__ = [
     "batch_shardings",
     "build_train_batch", "compute_logprobs", "init_state", "layout_logprobs", "learning_rate_schedule",
     "loss_and_grads", "make_optimizer", "make_train_step", "response_logprobs_from_hidden", "rollout_advantages",
-    "shard_batch", "shard_state", "state_shardings", "take_rows", "teacher_params", "truncated_is_weights",
+    "shard_batch", "shard_state", "state_shardings", "step_logprobs", "take_rows", "teacher_params",
+    "truncated_is_weights",
 ]

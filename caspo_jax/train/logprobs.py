@@ -17,15 +17,19 @@ import jax
 import jax.numpy as jnp
 
 from caspo_jax.train.batch import SequenceLayout, TrainBatch
+from caspo_jax.train.optimizer import TrainConfig
 
 DEFAULT_CHUNK = 128
 
 
 def cast_floats(tree, dtype):
-    """Floating leaves cast to ``dtype`` (bfloat16 compute over float32 master weights)."""
-    if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    """Floating leaves cast to ``dtype`` (bfloat16 compute over float32 master weights; a
+    bfloat16 copy asked for float32 is widened). None, or leaves already in ``dtype``: as given."""
+    if dtype is None:
         return tree
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+                        else x, tree)
 
 
 def encode_batch_images(model, params, batch: TrainBatch):
@@ -37,11 +41,14 @@ def encode_batch_images(model, params, batch: TrainBatch):
     return model.encode_images(params, batch.pixel_values, batch.image_grid_thw)
 
 
-def response_logprobs_from_hidden(model, params, h_BxTxD, targets_BxT, chunk: int = DEFAULT_CHUNK):
-    """log pi(target) and the entropy of pi at each of T positions, float32 [B, T] each.
+def response_logprobs_from_hidden(model, params, h_BxTxD, targets_BxT, chunk: int = DEFAULT_CHUNK,
+                                  temperature: float = 1.0):
+    """log pi_T(target) and the entropy of pi_T at each of T positions, float32 [B, T] each,
+    where pi_T = softmax(logits / temperature): the distribution a sampler at that
+    temperature draws from (without its top-k / top-p filters, like verl).
 
-    ``h_BxTxD`` are the hidden states that predict ``targets_BxT``. The entropy is a
-    metric: its gradient is stopped.
+    ``h_BxTxD`` are the hidden states that predict ``targets_BxT``; ``temperature`` is a
+    static Python float (1.0 costs nothing). The entropy is a metric: its gradient is stopped.
     """
     B, T, D = h_BxTxD.shape
     C = max(1, min(chunk, T))
@@ -56,6 +63,8 @@ def response_logprobs_from_hidden(model, params, h_BxTxD, targets_BxT, chunk: in
     def one_chunk(args):
         h_BxCxD, t_BxC = args
         logits = model.lm_head(params, h_BxCxD).astype(jnp.float32)  # [B, C, V]
+        if temperature != 1.0:
+            logits = logits / temperature
         logz = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0]
         probs = jnp.exp(logits - logz[..., None])
@@ -73,8 +82,9 @@ def response_logprobs_from_hidden(model, params, h_BxTxD, targets_BxT, chunk: in
 
 
 def layout_logprobs(model, params, layout: SequenceLayout, response_ids_BxT, embeds_UxD=None,
-                    chunk: int = DEFAULT_CHUNK):
-    """(logp, entropy) [B, T] of the response tokens in one layout; traceable (call inside jit)."""
+                    chunk: int = DEFAULT_CHUNK, temperature: float = 1.0):
+    """(logp, entropy) [B, T] of the response tokens in one layout, at ``temperature``;
+    traceable (call inside jit)."""
     T = response_ids_BxT.shape[1]
     # image_slot (host-computed) says which row of the encoding each placeholder takes: a
     # per-token gather, no prefix sum across the (possibly sharded) rows.
@@ -83,18 +93,21 @@ def layout_logprobs(model, params, layout: SequenceLayout, response_ids_BxT, emb
                             image_embeds=embeds_UxD, image_slot=slot)
     start = layout.prompt_len - 1
     h_BxTxD = jax.lax.slice_in_dim(h, start, start + T, axis=1)
-    return response_logprobs_from_hidden(model, params, h_BxTxD, response_ids_BxT, chunk)
+    return response_logprobs_from_hidden(model, params, h_BxTxD, response_ids_BxT, chunk, temperature)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "layout", "chunk", "compute_dtype"))
+@functools.partial(jax.jit, static_argnames=("model", "layout", "chunk", "compute_dtype", "temperature"))
 def compute_logprobs(model, params, batch: TrainBatch, *, layout: str = "student", chunk: int = DEFAULT_CHUNK,
-                     compute_dtype=None):
+                     compute_dtype=None, temperature: float = 1.0):
     """(logp_BxT, entropy_BxT), float32, 0 where ``response_mask`` is 0. Jitted; shardings
     follow the inputs (place params and batch with ``caspo_jax.train.shard_*``).
 
     layout="student": the policy's view (old / reference / current log-probs);
     layout="teacher": the constitution-conditioned prompt (eq. 4's log pi(a_t | s_t, C)),
     scored by whatever ``params`` the caller passes (see ``teacher_params``).
+    compute_dtype: the floating parameters are cast to it first (None: as given);
+    temperature: the logits' divisor (``response_logprobs_from_hidden``). Log-probs that
+    meet in a ratio, a KL or a token reward must share both: use ``step_logprobs``.
     """
     if layout not in ("student", "teacher"):
         raise ValueError(f"compute_logprobs: layout={layout!r}; use 'student' or 'teacher'")
@@ -104,9 +117,18 @@ def compute_logprobs(model, params, batch: TrainBatch, *, layout: str = "student
                          "build_train_batch")
     params = cast_floats(params, compute_dtype)
     embeds = encode_batch_images(model, params, batch)
-    logp, entropy = layout_logprobs(model, params, seq, batch.response_ids, embeds, chunk)
+    logp, entropy = layout_logprobs(model, params, seq, batch.response_ids, embeds, chunk, temperature)
     valid = batch.response_mask > 0
     return jnp.where(valid, logp, 0.0), jnp.where(valid, entropy, 0.0)
+
+
+def step_logprobs(model, cfg: TrainConfig, params, batch: TrainBatch, *, layout: str = "student"):
+    """``compute_logprobs`` as the train step computes its current log-probs: ``cfg``'s
+    compute dtype, sampling temperature and LM-head chunk. The old, reference and teacher
+    log-probs all come from here, so at step 0 (reference = policy) the KL is exactly 0,
+    and a teacher prompt equal to the student's gives r_t exactly 0, in any dtype."""
+    return compute_logprobs(model, params, batch, layout=layout, chunk=cfg.logprob_chunk,
+                            compute_dtype=cfg.compute_dtype, temperature=float(cfg.temperature))
 
 
 TEACHER_SOURCES = ("rollout_policy", "frozen_sft", "original")

@@ -30,6 +30,12 @@ class TrainConfig:
         per-token policy-gradient term is weighted by min(exp(old_logp - rollout_logp),
         tis_cap) (Yao et al. 2025); None: off.
     logprob_chunk: response positions per LM-head chunk.
+    temperature: the logits are divided by it before the log-softmax (current log-probs,
+        entropy): the rollout's sampling temperature, so the ratio pi_theta / pi_old, the
+        KL and the token rewards are of the distribution the responses were drawn from.
+        Every log-prob entering the loss comes from ``compute_logprobs`` with this
+        config's ``compute_dtype`` and ``temperature`` (``step_logprobs``). 1.0: the raw
+        distribution (SFT, DPO, greedy rollouts).
     """
 
     learning_rate: float = 2e-6
@@ -45,6 +51,7 @@ class TrainConfig:
     remat: bool | str = False
     tis_cap: float | None = None
     logprob_chunk: int = 128
+    temperature: float = 1.0
 
     def __post_init__(self):
         def bad(field, why):
@@ -68,6 +75,10 @@ class TrainConfig:
             bad("remat", f"use one of {list(REMAT_CHOICES)}")
         if not (isinstance(self.logprob_chunk, int) and self.logprob_chunk >= 1):
             bad("logprob_chunk", "must be an int >= 1")
+        t = self.temperature
+        if isinstance(t, bool) or not (isinstance(t, (int, float)) and t > 0):
+            bad("temperature", "must be a number > 0 (the rollout's sampling temperature; 1.0 for greedy "
+                "rollouts, see caspo_jax.rollout.logit_temperature)")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -71,7 +71,8 @@ def truncated_is_weights(old_logp_BxT, rollout_logp_BxT, mask_BxT, cap: float):
 
 def _micro_loss(model, cfg: TrainConfig, caspo: CaspoConfig, params_c, embeds, mb: TrainBatch):
     """caspo_loss on one micro-batch; returns (loss, metrics) with token sums for metrics."""
-    logp, entropy = layout_logprobs(model, params_c, mb.student, mb.response_ids, embeds, cfg.logprob_chunk)
+    logp, entropy = layout_logprobs(model, params_c, mb.student, mb.response_ids, embeds, cfg.logprob_chunk,
+                                    float(cfg.temperature))
     mask = mb.response_mask
     valid = mask > 0
     adv = mb.advantages

@@ -1,10 +1,17 @@
 """`caspo train`: Algorithm 1 of the paper, end to end.
 
 Per step: P prompts -> G rollouts each (JAX sampler) -> outcome rewards (a failed
-reward masks its whole group) -> old, reference and teacher (constitution-conditioned)
-log-probs -> advantages (variant outcome / token / hybrid, lambda) -> `ppo_epochs`
-passes over shuffled mini-batches (`caspo_jax.train.make_train_step`) -> weights synced
-to the rollout engine -> metrics, periodic evaluation, checkpoints.
+reward takes its whole group out of the loss and of every statistic) -> old, reference
+and teacher (constitution-conditioned) log-probs, all at the train step's compute dtype
+(model.dtype) and the rollout temperature (`rollout_signals`) -> advantages (variant
+outcome / token / hybrid, lambda) -> `ppo_epochs` passes over shuffled mini-batches
+(`caspo_jax.train.make_train_step`) -> weights synced to the rollout engine -> metrics,
+periodic evaluation, checkpoints.
+
+Failing rewards stop the run instead of training on nothing: a reward that cannot score
+the training records at all (`check_records`, e.g. the demo reward on other data) is a
+UserError before the policy is built, and run.halt_failed_steps consecutive steps with at
+least run.halt_failed_share of the groups failed save a checkpoint and raise RunHalted.
 
 Determinism: rollout seeds, mini-batch order and the data order are functions of
 (run.seed, step), and the data iterator's position is checkpointed, so `--resume`
@@ -15,34 +22,102 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
+from caspo_jax.data.records import load_records
+from caspo_jax.errors import RunHalted, UserError
 from caspo_jax.rewards import group_ok
+from caspo_jax.rewards.base import records_problem
 from caspo_jax.rollout import JaxSampler, SamplingParams
+from caspo_jax.rollout.types import logit_temperature
 from caspo_jax.trainer.checkpoint import RunCheckpointer
 from caspo_jax.trainer.config import ConfigError, TrainConfig, config_to_dict
-from caspo_jax.trainer.data import prepare_data, prompt_dataset
+from caspo_jax.trainer.data import DataFiles, prepare_data, prompt_dataset
 from caspo_jax.trainer.evaluate import batch_prompts, decode_responses, evaluate_policy
 from caspo_jax.trainer.exchange import _step_config
 from caspo_jax.trainer.metrics import PhaseTimer, count_params, mfu, open_writer
 from caspo_jax.trainer.runtime import RunDir, StopSignals, export_final
 from caspo_jax.trainer.setup import Policy, build_policy, load_teacher_params
 
-__all__ = ["make_reward", "make_rollout_engine", "run_caspo"]
+__all__ = ["RolloutSignals", "check_reward_fits_data", "make_reward", "make_rollout_engine", "rollout_signals",
+           "run_caspo"]
 
 
 def make_reward(spec: dict):
     """The outcome reward of the config: {"kind": "demo"} or any `build_reward` spec."""
     if spec.get("kind") == "demo":
-        from caspo_jax.demo.task import demo_reward
+        from caspo_jax.demo.task import demo_record_problem, demo_reward
         from caspo_jax.rewards import FunctionReward
 
-        return FunctionReward(demo_reward, name="demo")
+        return FunctionReward(demo_reward, name="demo", check=demo_record_problem)
     from caspo_jax.rewards import build_reward
 
     return build_reward(spec)
+
+
+def check_reward_fits_data(cfg: TrainConfig, reward, files: DataFiles) -> None:
+    """UserError, before any model is built, when the reward says it cannot score the
+    records it will be asked to score (data.train, and data.eval when evaluated): every
+    step would fail, train nothing, and say so only in its metrics."""
+    splits = [("train", files.train)] + ([("eval", files.eval)] if cfg.run.eval_every and files.eval else [])
+    for split, path in splits:
+        problem = records_problem(reward, load_records(path, check_images=False))
+        if problem is not None:
+            default = " (the default)" if cfg.reward.get("kind") == "demo" else ""
+            raise UserError(
+                f"reward.kind={cfg.reward.get('kind')!r}{default} cannot score data.{split}={str(path)!r}: "
+                f"{problem}. Set reward.kind to a reward that scores these records (e.g. 'judge' or 'function'), "
+                "or fix the records")
+
+
+class RolloutSignals(NamedTuple):
+    """What one rollout batch gives the train step; [B, T] float32 arrays (ref / teacher
+    None when unused), metrics from `rollout_advantages`."""
+
+    old_logp: jax.Array
+    ref_logp: jax.Array | None
+    teacher_logp: jax.Array | None
+    advantages: jax.Array
+    entropy: jax.Array
+    metrics: dict
+
+
+def rollout_signals(model, step_cfg, caspo, batch, params, ref_params, rewards_PxG, group_ok_P,
+                    original=None) -> RolloutSignals:
+    """Old (`params`), reference (`ref_params`) and teacher log-probs of a placed batch,
+    and its advantages (failed groups, `group_ok_P` False, out of every population).
+
+    Every log-prob is `step_logprobs` with the train step's own config, so the one the
+    step computes for the ratio and the KL shares their compute dtype (model.dtype) and
+    temperature (the rollout's): at step 0 ref_logp equals old_logp bit for bit (KL 0),
+    and a teacher prompt equal to the student's gives r_t = 0 exactly, in bfloat16 too.
+    """
+    from caspo_jax.train import rollout_advantages, step_logprobs, teacher_params
+
+    old_logp, entropy = step_logprobs(model, step_cfg, params, batch)
+    ref_logp = step_logprobs(model, step_cfg, ref_params, batch)[0] if caspo.beta > 0 else None
+    teacher_logp = None
+    if caspo.variant != "outcome":
+        source = teacher_params(caspo.teacher, rollout_policy=params, frozen_sft=ref_params, original=original)
+        teacher_logp = step_logprobs(model, step_cfg, source, batch, layout="teacher")[0]
+    adv, metrics = rollout_advantages(caspo, rewards_PxG, teacher_logp, old_logp, batch.response_mask, group_ok_P)
+    return RolloutSignals(old_logp, ref_logp, teacher_logp, adv, entropy, metrics)
+
+
+def _halt_message(cfg: TrainConfig, step: int, checkpoints: Path, last_error: str | None) -> str:
+    r = cfg.run
+    share = ("every reward group" if r.halt_failed_share >= 1
+             else f"at least {r.halt_failed_share:.0%} of the reward groups")
+    return (f"caspo train: halted after step {step}: {share} failed in each of the last "
+            f"{r.halt_failed_steps} steps (run.halt_failed_share={r.halt_failed_share}, "
+            f"run.halt_failed_steps={r.halt_failed_steps}), so they trained nothing. Last reward error: "
+            f"{last_error or 'none reported'}. Likely fixes: start (or point reward.base_url at) a judge that "
+            "answers; make the reward function accept these records; use a reward.kind that fits data.train. "
+            f"Step {step} is saved in {checkpoints}: continue with --resume. To tolerate failing rewards raise "
+            "run.halt_failed_steps (0 never halts)")
 
 
 def _mean_dicts(rows: list[dict]) -> dict:
@@ -93,8 +168,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     writes metrics, the config and the export, every process writes its checkpoint shards.
     """
     from caspo_jax.launch.distributed import pipeline_shard
-    from caspo_jax.train import (build_train_batch, compute_logprobs, init_state, make_train_step,
-                                 rollout_advantages, take_rows, teacher_params)
+    from caspo_jax.train import build_train_batch, init_state, make_train_step, take_rows
+    from caspo_jax.train.logprobs import cast_floats
     from caspo_jax.trainer.placement import allgather_host, allgather_json, make_placement, merge_prompt_rows
 
     a, o = cfg.algo, cfg.optim
@@ -109,15 +184,17 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                           f"an equal share of a step's prompts); pick a multiple of {n_proc}")
     run = RunDir(out_dir, cfg, "train", echo=progress, primary=primary)
     files = prepare_data(cfg, run.data)
+    reward = make_reward(cfg.reward)
+    check_reward_fits_data(cfg, reward, files)
     policy = policy or build_policy(cfg.model, cfg.data)
     model, tokenizer = policy.model, policy.processor.tokenizer
     dataset, _ = prompt_dataset(cfg, files, policy.processor, split="train", num_epochs=None,
                                 batch_size=P // n_proc, shard=pipeline_shard())
     total = cfg.run.steps or cfg.run.epochs * max(len(dataset) // P, 1)
-    reward = make_reward(cfg.reward)
-    step_cfg = _step_config(cfg, a.learning_rate)
+    step_cfg = _step_config(cfg, a.learning_rate, temperature=logit_temperature(cfg.rollout.temperature))
     place = make_placement(cfg, model, step_cfg, rows=o.minibatch_size, rows_field="optim.minibatch_size")
-    ref_params = place.params(policy.params)  # the frozen reference (and the SFT teacher): the initial policy
+    # the frozen reference (and the SFT teacher): the initial policy, kept in the compute dtype
+    ref_params = place.params(cast_floats(policy.params, step_cfg.compute_dtype))
     original = None  # CASPO-w.-OMC's teacher: the pre-SFT model at model.teacher_path
     if a.teacher == "original" and a.variant != "outcome":
         original = place.params(load_teacher_params(cfg.model, model))
@@ -149,8 +226,10 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.data.max_response_len)
     step = start
     stopping = False  # a stop seen after a step: save it, then leave the loop
+    halting = False  # too many failed rewards: save, leave the loop, raise RunHalted
+    failing_steps, last_error = 0, None
     with StopSignals() as stop:
-        while step < total and not stopping:
+        while step < total and not stopping and not halting:
             timer = PhaseTimer()
             with timer("data"):
                 batch = next(iterator)
@@ -162,6 +241,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             with timer("reward"):
                 texts = decode_responses(tokenizer, tokens, mask)
                 scores = reward.score([batch.records[i] for i in rollouts.prompt_index], texts)
+                last_error = next((e for e in scores.errors if e is not None), last_error)
                 local = _host_step(batch, tokens, mask, rollouts.finish_reason == "length", scores.rewards,
                                    np.asarray(scores.ok, bool), np.asarray([len(i) for i in batch.images]))
                 merged = merge_prompt_rows(allgather_host(local), G, policy.pad_id)
@@ -178,17 +258,12 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                                        pixel_values=merged["pixels"] if images is not None else None,
                                        image_grid_thw=images, length_multiple=16)
                 placed = place.batch(tb)
-                old_logp, entropy = compute_logprobs(model, state.params, placed)
-                ref_logp = compute_logprobs(model, ref_params, placed)[0] if a.beta > 0 else None
-                teacher_logp = None
-                if a.variant != "outcome":
-                    source = teacher_params(a.teacher, rollout_policy=state.params, frozen_sft=ref_params,
-                                            original=original)
-                    teacher_logp = compute_logprobs(model, source, placed, layout="teacher")[0]
+                signals = rollout_signals(model, step_cfg, a, placed, state.params, ref_params, rewards_PxG, ok_P,
+                                          original)
                 mask_f = np.asarray(tb.response_mask) * np.repeat(ok_P, G)[:, None]
-                adv, adv_metrics = rollout_advantages(a, rewards_PxG, teacher_logp, old_logp, placed.response_mask)
                 old_logp, ref_logp, adv, entropy, adv_metrics = place.to_host(
-                    (old_logp, ref_logp, adv, entropy, adv_metrics))  # also times the phase, not the dispatch
+                    (signals.old_logp, signals.ref_logp, signals.advantages, signals.entropy,
+                     signals.metrics))  # also times the phase, not the dispatch
                 tb = tb.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
                 tb = dataclasses.replace(tb, response_mask=mask_f.astype(np.float32))  # failed groups: no loss
             with timer("update"):
@@ -209,11 +284,13 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             response_tokens = float(lengths.sum())
             seq_tokens = float(np.asarray(tb.student.attention_mask).sum())
             seconds = sum(timer.seconds.values())
-            scored = raw_rewards[ok]
+            scored = raw_rewards[np.repeat(ok_P, G)]  # the groups that train: a failed group is in no metric
+            failed_share = float(np.mean(~ok_P))
             metrics = {
-                "reward/mean": float(scored.mean()) if ok.any() else float("nan"),
-                "reward/std": float(scored.std()) if ok.any() else float("nan"),
+                "reward/mean": float(scored.mean()) if ok_P.any() else float("nan"),
+                "reward/std": float(scored.std()) if ok_P.any() else float("nan"),
                 "reward/failed_groups": float((~ok_P).sum()),
+                "reward/failed_group_frac": failed_share,
                 **{k: float(v) for k, v in adv_metrics.items()},
                 **step_metrics,
                 "rollout_entropy": float(np.asarray(entropy)[valid].mean()) if valid.any() else 0.0,
@@ -234,7 +311,9 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                     metrics.update({f"eval_{mode}/{k}": v for k, v in result.items() if k != "n"})
             writer.write(step, metrics)
             stopping = stop.agreed()
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stopping:
+            failing_steps = failing_steps + 1 if failed_share >= cfg.run.halt_failed_share else 0
+            halting = 0 < cfg.run.halt_failed_steps <= failing_steps  # every process: the same gathered ok
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stopping or halting:
                 data_state = iterator.get_state()
                 if n_proc > 1:
                     data_state = allgather_json(data_state)  # each process resumes its own shard
@@ -246,6 +325,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     if hasattr(sampler, "shutdown"):
         sampler.shutdown()
     final = dataclasses.replace(policy, params=state.params)
+    if halting:
+        raise RunHalted(_halt_message(cfg, step, run.checkpoints, last_error))
     if stopping and step < total:
         if primary:
             print(f"caspo train: stopped by {stop.requested or 'another process'} at step {step}; "

@@ -123,7 +123,13 @@ class RunConfig:
 
     mesh_data / mesh_fsdp / mesh_tensor: the (data, fsdp, tensor) device mesh of every
     stage (`caspo_jax.trainer.placement`); -1 (one field at most) = all remaining
-    devices. Rows of an update split over data * fsdp, which must divide them."""
+    devices. Rows of an update split over data * fsdp, which must divide them.
+
+    halt_failed_share / halt_failed_steps: `caspo train` saves and stops with RunHalted
+    (exit 3) after halt_failed_steps consecutive steps in which at least halt_failed_share
+    of the prompt groups had a failed reward (a judge that is down, a reward that cannot
+    score the records): such steps train nothing. Default: every group, 3 steps in a row;
+    halt_failed_steps=0 never stops."""
 
     out_dir: str = "runs/caspo"
     steps: int | None = None
@@ -135,6 +141,8 @@ class RunConfig:
     mesh_data: int = -1
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
+    halt_failed_share: float = 1.0
+    halt_failed_steps: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,9 +367,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         fail("run.epochs", f"={r.epochs} must be >= 1")
     if r.keep_last < 1:
         fail("run.keep_last", f"={r.keep_last} must be >= 1")
-    for field in ("eval_every", "save_every"):
+    for field in ("eval_every", "save_every", "halt_failed_steps"):
         if getattr(r, field) < 0:
             fail(f"run.{field}", "must be >= 0 (0 disables)")
+    if not 0 < r.halt_failed_share <= 1:
+        fail("run.halt_failed_share", f"={r.halt_failed_share} must be in (0, 1] (1: every group of a step failed)")
     from caspo_jax.models.common.layers import REMAT_CHOICES
 
     if cfg.model.remat not in REMAT_CHOICES:

@@ -59,22 +59,29 @@ def dpo_loss(logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array, 
                   "rejected_reward": beta * jnp.mean(rejected)}
 
 
-def _step_config(cfg: TrainConfig, learning_rate: float):
+def _step_config(cfg: TrainConfig, learning_rate: float, *, temperature: float = 1.0):
+    """The train step's config of a stage. Its compute dtype is model.dtype (float32 master
+    weights either way): the step's current log-probs and every frozen log-prob they meet
+    (the DPO reference; CASPO's old, reference and teacher log-probs) are computed at it.
+    temperature: the logits' divisor (CASPO: the rollout's; SFT and DPO: 1)."""
     from caspo_jax.train import TrainConfig as StepConfig
 
     o = cfg.optim
     return StepConfig(learning_rate=learning_rate, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
-                      b1=o.b1, b2=o.b2, max_grad_norm=o.grad_clip, remat=cfg.model.remat)
+                      b1=o.b1, b2=o.b2, max_grad_norm=o.grad_clip, remat=cfg.model.remat,
+                      compute_dtype=cfg.model.dtype, temperature=temperature)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _exchange_step(model, step_cfg, kind: str, beta: float, state, batch, ref_logp):
     from caspo_jax.train import apply_gradients
-    from caspo_jax.train.logprobs import encode_batch_images, layout_logprobs
+    from caspo_jax.train.logprobs import cast_floats, encode_batch_images, layout_logprobs
 
     def loss_fn(params):
+        params = cast_floats(params, step_cfg.compute_dtype)  # the reference's precision (`_reference_logprobs`)
         embeds = encode_batch_images(model, params, batch)
-        logp, entropy = layout_logprobs(model, params, batch.student, batch.response_ids, embeds)
+        logp, entropy = layout_logprobs(model, params, batch.student, batch.response_ids, embeds,
+                                        step_cfg.logprob_chunk, step_cfg.temperature)
         mask = batch.response_mask
         logp = jnp.where(mask > 0, logp, 0.0)
         if kind == "sft":
@@ -90,12 +97,17 @@ def _exchange_step(model, step_cfg, kind: str, beta: float, state, batch, ref_lo
 
 
 def _reference_logprobs(model, ref_params, place, examples, used: np.ndarray, batch_size: int, pad_id: int,
-                        prompt_len: int, response_len: int, progress: bool) -> np.ndarray:
+                        prompt_len: int, response_len: int, progress: bool, *, step_cfg=None) -> np.ndarray:
     """[n_examples, 2, response_len] float32: the reference's log-probs of each used example's
     chosen and rejected response (zeros for unused ones), from batches of `batch_size`
     examples -- the training batch's shape, so the mesh divides the rows and the compiled
-    function is the training one's (the last batch is filled up by repeating an example)."""
-    from caspo_jax.train import compute_logprobs
+    function is the training one's (the last batch is filled up by repeating an example).
+    At `step_cfg`'s compute dtype and temperature (`step_logprobs`; None: float32, 1), like
+    the policy's log-probs they are compared with: the first step's margins are exactly 0."""
+    from caspo_jax.train import TrainConfig as StepConfig
+    from caspo_jax.train import step_logprobs
+
+    step_cfg = step_cfg or StepConfig()
 
     out = np.zeros((len(examples), 2, response_len), np.float32)
     starts = range(0, len(used), batch_size)
@@ -107,7 +119,7 @@ def _reference_logprobs(model, ref_params, place, examples, used: np.ndarray, ba
         idx = used[start:start + batch_size]
         chunk = np.concatenate([idx, np.repeat(idx[:1], batch_size - len(idx))])
         batch = exchange_batch(model, [examples[i] for i in chunk], pad_id, prompt_len, response_len)
-        logp = np.asarray(place.to_host(compute_logprobs(model, ref_params, place.batch(batch))[0]))
+        logp = np.asarray(place.to_host(step_logprobs(model, step_cfg, ref_params, place.batch(batch))[0]))
         out[idx, 0] = logp[:len(idx)]  # rows are response-major: all chosen, then all rejected
         out[idx, 1] = logp[batch_size:batch_size + len(idx)]
     return out
@@ -171,7 +183,8 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
         used = np.unique(np.concatenate([_batch_rows(len(examples), batch_size, cfg.data.seed, s)
                                          for s in range(start, total)] or [np.zeros(0, np.int64)]))
         reference = _reference_logprobs(model, place.params(policy.params), place, examples, used, batch_size,
-                                        policy.pad_id, prompt_len, response_len, progress and run.primary)
+                                        policy.pad_id, prompt_len, response_len, progress and run.primary,
+                                        step_cfg=step_cfg)
     step = start
     stopping = False  # a stop seen after a step: save it, then leave the loop
     with StopSignals() as stop:

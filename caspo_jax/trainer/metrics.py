@@ -18,8 +18,8 @@ import numpy as np
 
 from caspo_jax.launch.distributed import is_primary
 
-__all__ = ["MetricsWriter", "NullWriter", "PhaseTimer", "count_params", "mfu", "open_writer", "peak_flops",
-           "read_metrics"]
+__all__ = ["PROGRESS_METRICS", "MetricsWriter", "NullWriter", "PhaseTimer", "count_params", "mfu", "open_writer",
+           "peak_flops", "read_metrics"]
 
 # Dense peak FLOP/s per device (bfloat16 where the chip has it). CPU: this project's
 # measured float32 matmul ceiling on the 2-core dev box (shared/notes/offline-tiny-models.md).
@@ -80,6 +80,13 @@ def _plain(value):
     return value if math.isfinite(value) else None
 
 
+# What the console bar shows of a step's metrics (absent or null ones are left out), and
+# under which label: "failed" is the share of prompt groups whose reward failed, so a run
+# whose judge is down shows it at once instead of a bar of zero losses.
+PROGRESS_METRICS = {"reward/mean": "reward", "reward/failed_group_frac": "failed", "loss": "loss", "kl": "kl",
+                    "entropy": "entropy"}
+
+
 class MetricsWriter:
     """Appends one JSON object per step to run_dir/metrics.jsonl and scalars to run_dir/tb.
 
@@ -119,8 +126,8 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, float):
                     self._tb.add_scalar(key, value, step)
         if self._bar is not None:
-            shown = {k: row[k] for k in ("reward/mean", "loss", "kl", "entropy") if isinstance(row.get(k), float)}
-            self._bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+            shown = {label: f"{row[k]:.3g}" for k, label in PROGRESS_METRICS.items() if isinstance(row.get(k), float)}
+            self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
         return row
 

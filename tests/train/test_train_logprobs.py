@@ -83,6 +83,24 @@ def test_teacher_params_follow_the_config():
         teacher_params("frozen_sft", rollout_policy="old")
 
 
+@pytest.mark.parametrize("chunk", [3, 16])  # a lax.map over 3 chunks (padded), and one chunk
+def test_logprobs_and_entropy_at_a_temperature_by_hand(chunk):
+    """log softmax(logits / T)[target] and the entropy of softmax(logits / T), from NumPy."""
+    model = Qwen2_5_VL(Qwen2_5_VLConfig.from_dict(tm.hf_config_dict("text", vocab_size=64, num_layers=1)))
+    rng = np.random.default_rng(0)
+    D, B, T, temperature = model.config.text.hidden_size, 2, 7, 0.7
+    head = rng.standard_normal((64, D)).astype(np.float32)
+    h = (0.2 * rng.standard_normal((B, T, D))).astype(np.float32)  # logits of order 1, as a model's
+    targets = rng.integers(0, 64, (B, T)).astype(np.int32)
+    logp, entropy = response_logprobs_from_hidden(model, {"text": {"lm_head": head, "embed": head}}, h, targets,
+                                                  chunk, temperature)
+    z = (h.astype(np.float64) @ head.T.astype(np.float64)) / temperature
+    log_probs = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+    want = np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(logp), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(entropy), -(np.exp(log_probs) * log_probs).sum(-1), rtol=0, atol=1e-5)
+
+
 def head_temp_bytes(vocab, chunk, B=2, T=256):
     """Compiled temp memory of grad(sum of response log-probs) w.r.t. the LM head and h."""
     raw = tm.hf_config_dict("text", vocab_size=vocab, num_layers=1)

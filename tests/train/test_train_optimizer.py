@@ -41,6 +41,9 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="TrainConfig.remat"):
         TrainConfig(remat="save_everything")
     assert TrainConfig(remat="save_projections").remat == "save_projections"
+    for bad in (0.0, -0.7, True):  # greedy rollouts score at 1.0 (caspo_jax.rollout.types.logit_temperature)
+        with pytest.raises(ValueError, match="TrainConfig.temperature"):
+            TrainConfig(temperature=bad)
 
 
 def test_truncated_is_weights_by_hand_and_as_verl_applies_them():
