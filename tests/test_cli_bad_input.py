@@ -10,6 +10,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from caspo_jax.demo.task import make_split, write_split
@@ -279,6 +280,29 @@ def test_ignore_custom_code_flag_becomes_the_model_override(command):
     assert cli_overrides(build_parser(argv).parse_args(argv)) == ["algo.lam=0.6"]
     argv = [command, "--set", "algo.lam=0.6", "--ignore-custom-code"]
     assert cli_overrides(build_parser(argv).parse_args(argv)) == ["algo.lam=0.6", "model.ignore_custom_code=true"]
+
+
+def test_ignore_custom_code_loads_the_weights_and_never_runs_the_code(hf_dir, tmp_path):
+    """With model.ignore_custom_code the policy and the OMC teacher load as plain Qwen-VL
+    weights; without it both are refused; the declared module is never imported."""
+    from caspo_jax.models.common.checkpoint import UntrustedCheckpointError
+    from caspo_jax.trainer.config import DataConfig, ModelConfig
+    from caspo_jax.trainer.setup import build_policy, load_teacher_params
+
+    untrusted = copy_checkpoint(hf_dir, tmp_path / "untrusted", "config.json",
+                                auto_map={"AutoModelForCausalLM": "modeling_evil.EvilModel"})
+    (untrusted / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
+    refused = ModelConfig(path=str(untrusted), teacher_path=str(untrusted))
+    with pytest.raises(UntrustedCheckpointError):
+        build_policy(refused, DataConfig())
+    allowed = ModelConfig(path=str(untrusted), teacher_path=str(untrusted), ignore_custom_code=True)
+    policy = build_policy(allowed, DataConfig())
+    teacher = load_teacher_params(allowed, policy.model)
+    plain = build_policy(ModelConfig(path=str(hf_dir)), DataConfig())
+    for got, want in ((policy.params, plain.params), (teacher, plain.params)):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    with pytest.raises(UntrustedCheckpointError):
+        load_teacher_params(refused, policy.model)
 
 
 def test_fresh_run_into_a_directory_with_checkpoints_exits_2(data, tmp_path, capsys):

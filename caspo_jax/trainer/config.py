@@ -52,7 +52,11 @@ class ModelConfig:
 
     teacher_path: the ORIGINAL (pre-SFT) model's HF directory, the teacher of
     algo.teacher='original' (the paper's CASPO-w.-OMC): it scores the
-    constitution-conditioned prompt; same architecture as the policy."""
+    constitution-conditioned prompt; same architecture as the policy.
+
+    ignore_custom_code: load a checkpoint directory that declares its own code (auto_map,
+    trust_remote_code) as a plain Qwen-VL model (`--ignore-custom-code`); its code is never
+    run either way. False refuses such a directory (exit 2)."""
 
     path: str | None = None
     teacher_path: str | None = None
@@ -60,6 +64,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool | str = False
     seed: int = 0
+    ignore_custom_code: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

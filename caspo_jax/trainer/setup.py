@@ -76,7 +76,8 @@ def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig) -> Policy:
 
     model, params, processor = load_hf_checkpoint(model_cfg.path, dtype=dtype, remat=model_cfg.remat,
                                                   min_pixels=data_cfg.image_min_pixels,
-                                                  max_pixels=data_cfg.image_max_pixels)
+                                                  max_pixels=data_cfg.image_max_pixels,
+                                                  ignore_custom_code=model_cfg.ignore_custom_code)
     return Policy(model, params, processor, stop_token_ids(processor.tokenizer), processor.tokenizer.pad_token_id)
 
 
@@ -84,12 +85,15 @@ def load_teacher_params(model_cfg: ModelConfig, model) -> dict:
     """The parameters at model.teacher_path (algo.teacher='original'), checked to fit `model`:
     the same parameter names and shapes, else a ConfigError naming the first difference."""
     from caspo_jax.models import load_pretrained
+    from caspo_jax.models.common.checkpoint import refuse_custom_code
     from caspo_jax.trainer.config import ConfigError
 
     path = Path(model_cfg.teacher_path)
     if not (path / "config.json").exists():
         raise ConfigError(f"model.teacher_path={str(path)!r}: no config.json there; point it at the original "
                           "(pre-SFT) model's HF directory")
+    if not model_cfg.ignore_custom_code:
+        refuse_custom_code(path)
     dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else jnp.float32
     teacher, params = load_pretrained(path, dtype=dtype)
     want = {tuple(s.path): tuple(s.shape) for s in model.param_table()}
