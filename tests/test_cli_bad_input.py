@@ -316,3 +316,14 @@ def test_fresh_run_into_a_directory_with_checkpoints_exits_2(data, tmp_path, cap
     assert code == 2
     assert_one_error_line(err, str(tmp_path / "sft" / "checkpoints"), "already holds checkpoints [5]", "--resume",
                           "new --out")
+
+
+@pytest.mark.parametrize("command, field", [("sft", "data.sft"), ("dpo", "data.pairs")])
+def test_exchange_stage_without_its_data_file_names_the_field(data, hf_dir, tmp_path, capsys, command, field):
+    """Prompts given but not the stage's own file: exit 2 naming the field and its --set."""
+    _, paths = data
+    code = main([command, "--out", str(tmp_path / command), "--set", f"model.path={hf_dir}",
+                 "--set", f"data.train={paths['records']}"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert_one_error_line(err, field, f"--set {field}=PATH")

@@ -26,7 +26,7 @@ import numpy as np
 
 from caspo_jax.launch.distributed import is_primary
 from caspo_jax.trainer.checkpoint import RunCheckpointer
-from caspo_jax.trainer.config import TrainConfig
+from caspo_jax.trainer.config import ConfigError, TrainConfig
 from caspo_jax.trainer.data import encode_exchanges, exchange_batch, prepare_data
 from caspo_jax.trainer.metrics import PhaseTimer, count_params, mfu, open_writer
 from caspo_jax.trainer.placement import make_placement
@@ -149,14 +149,17 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     stage = cfg.sft if kind == "sft" else cfg.dpo
     run = RunDir(out_dir, cfg, kind, echo=progress, primary=is_primary())
     files = prepare_data(cfg, run.data)
-    policy = policy or build_policy(cfg.model, cfg.data)
-    model = policy.model
     source = files.sft if kind == "sft" else files.pairs
     if source is None:
-        raise ValueError(f"caspo {kind}: set data.{'sft' if kind == 'sft' else 'pairs'} to a JSONL file")
+        field = "sft" if kind == "sft" else "pairs"
+        raise ConfigError(f"data.{field} is not set: caspo {kind} trains on a JSONL file of "
+                          f"{'SFT examples' if kind == 'sft' else 'preference pairs'}; --set data.{field}=PATH")
+    policy = policy or build_policy(cfg.model, cfg.data)
+    model = policy.model
     examples = encode_exchanges(source, policy.processor, constitutions_path=files.constitutions,
                                 with_constitution=kind == "sft" and cfg.sft.with_constitution, pairs=kind == "dpo",
-                                max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.data.max_response_len)
+                                max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.data.max_response_len,
+                                max_bad_fraction=cfg.data.max_bad_fraction)
     batch_size = min(stage.batch_size, len(examples))
     total = stage.steps or stage.epochs * max(len(examples) // batch_size, 1)
     prompt_len = -(-max(len(e.prompt_ids) for e in examples) // 16) * 16
