@@ -19,7 +19,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     dpo, demo and sweep. --out, when not given, is run.out_dir if the config sets it, else
     `default_out`; the config echoed and saved with the run shows the directory used."""
     parser.add_argument("--preset", default="tiny-cpu",
-                        help="starting config: tiny-cpu (default), qwen2_5_vl_7b, qwen3_vl_4b")
+                        help="starting config: tiny-cpu (default); B (the original model) or B-start-sft, "
+                             "B-start-original, B-teacher-frozen-sft, B-teacher-original for B in qwen2_5_vl_7b, "
+                             "qwen3_vl_4b (the Fig. 6 readings; see launch/presets.py)")
     parser.add_argument("--config", metavar="YAML", help="YAML file of overrides on the preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one field, e.g. --set algo.lam=0.6 (repeatable)")
