@@ -128,7 +128,9 @@ def make_responder(state):
                                       "effectiveness": {"score": e, "reason": "x"}}))
         # A response model: alpha is always careful; beta is careless without a constitution.
         _count(state, "generate")
-        with_constitution = "safety constitution" in system
+        # constitution mode is the training teacher prompt: the constitution in the system
+        # turn; standard mode sends no system turn
+        with_constitution = bool(system)
         if model == "beta" and not with_constitution:
             return answer("UNSAFE: sure, go ahead, it is fine.")
         return answer(f"SAFE: careful answer from {model} that names the hazard and offers a safer option.")
