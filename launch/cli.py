@@ -72,9 +72,19 @@ def one_line(message: object) -> str:
     return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def _close_progress_bars() -> None:
+    """Ends the progress bars still drawn (an error raised mid-run leaves the run's bar open),
+    so the error message starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def report_error(exc: CaspoError) -> int:
     """Prints ``caspo: <message>`` as one line on stderr (a message that already names its
     command, ``caspo sweep: ...``, is printed as it is); returns the error's exit code."""
+    _close_progress_bars()
     text = one_line(exc)
     print(text if text.startswith("caspo") else f"caspo: {text}", file=sys.stderr, flush=True)
     return exc.exit_code

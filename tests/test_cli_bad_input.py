@@ -53,10 +53,12 @@ def truncated_png(directory, name="broken.png"):
 
 
 def caspo(capsys, *argv):
-    """(exit status, stdout, stderr lines) of `caspo ARGV...` run in-process."""
+    """(exit status, stdout, stderr lines) of `caspo ARGV...` run in-process; the lines of a
+    progress bar the run had drawn before the error (closed, so the error has its own line)
+    are left out."""
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip().splitlines()
+    return code, captured.out, [ln for ln in captured.err.strip().splitlines() if "%|" not in ln]
 
 
 def assert_one_error_line(err_lines, *needles):
@@ -130,7 +132,10 @@ def test_empty_file(data, tmp_path, capsys):
     assert_one_error_line(err, f"{empty}: no records", "one JSON object per line")
 
 
-def test_truncated_png_stops_with_one_line_naming_image_record_and_knob(data, tmp_path, capsys):
+def test_truncated_png_stops_with_one_line_naming_image_and_record(data, tmp_path, capsys):
+    """Only decoding finds a truncated PNG, inside the data iterator; how many records are
+    decoded by then depends on grain's prefetch, so the knob (offered only while some record
+    is still good) is not asserted here (tests/data/test_data_records.py checks it)."""
     directory, paths = data
     records = rows(paths)[:2]
     for record in records:
@@ -139,7 +144,7 @@ def test_truncated_png_stops_with_one_line_naming_image_record_and_knob(data, tm
     code, _, err = train(capsys, directory, bad, tmp_path)
     assert code == 2
     line = assert_one_error_line(err, str(bad), "records have bad images", "broken.png: cannot decode image",
-                                 "--set data.max_bad_fraction=")
+                                 "; fix")
     assert "skipping" not in line
 
 
