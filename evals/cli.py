@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--engine", default="openai", choices=["openai", "jax", "vllm"])
     g.add_argument("--checkpoint", help="caspo checkpoint or HF directory (--engine jax|vllm)")
+    g.add_argument("--ignore-custom-code", action="store_true",
+                   help="load a checkpoint directory that declares its own code (auto_map, trust_remote_code) "
+                        "as a plain Qwen-VL model; its code is never run (without it such a directory is refused)")
     g.add_argument("--base-url", help="OpenAI-compatible endpoint of the evaluated model")
     g.add_argument("--model", help="served model name of the evaluated model")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the evaluated endpoint's key")
@@ -222,7 +225,7 @@ def _run_eval(args) -> int:
             gen_client = _client(args, args.base_url, args.model, args.api_key_env, sampling.temperature)
             generator = OpenAIGenerator(gen_client, gen_name)
         else:
-            generator = local_generator(args.engine, args.checkpoint)
+            generator = local_generator(args.engine, args.checkpoint, ignore_custom_code=args.ignore_custom_code)
         judges = [Judge(j["name"], _client(args, j["base_url"], j["model"], j["api_key_env"], 0.0), j["price_in"], j["price_out"])
                   for j in judge_specs]
         totals = RunStats()
@@ -365,7 +368,8 @@ def _run_token_shift(args) -> int:
             responses.append(rec["response"])
     if not keys:
         raise UserError(f"{results} holds no response for the records of {args.records} in modes {modes}")
-    tokens, (logp_base, logp_aligned) = score_under_checkpoints([base, aligned], prompts, responses)
+    tokens, (logp_base, logp_aligned) = score_under_checkpoints(
+        [base, aligned], prompts, responses, ignore_custom_code=args.ignore_custom_code)
     result = token_shift.token_shift(tokens, logp_base, logp_aligned, k=args.top_k, by=args.shift_rank)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

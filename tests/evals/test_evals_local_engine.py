@@ -125,3 +125,27 @@ def test_chat_template_the_sandbox_blocks_is_a_user_error(checkpoint, tmp_path, 
     err = capsys.readouterr().err.split("\r")[-1]  # after the weight loader's bar (models/, not --no-progress)
     assert err.count("\n") == 1 and err.startswith(f"caspo eval: {blocked / 'chat_template.jinja'}: the chat template")
     assert "SecurityError" in err and "append" in err
+
+
+def test_checkpoint_declaring_its_own_code_needs_the_flag_caspo_eval_has(checkpoint, tmp_path, capsys):
+    """The refusal names --ignore-custom-code, and caspo eval has it: with the flag the
+    weights load as a plain Qwen-VL model (the declared module would SystemExit if imported)."""
+    import shutil
+
+    path, _ = checkpoint
+    custom = tmp_path / "ckpt"
+    shutil.copytree(path, custom)
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_evil.Evil"}}))
+    (custom / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
+    F.write_records(tmp_path, n=1)
+    args = ["eval", "--records", str(tmp_path / "records.jsonl"), "--out", str(tmp_path / "run"), "--engine", "jax",
+            "--checkpoint", str(custom), "--max-new-tokens", "4", "--no-progress", "--max-retries", "1",
+            "--judge", "name=ja,model=judge-a,base_url=STUB"]
+    assert cli.main(args) == 2
+    assert "--ignore-custom-code" in capsys.readouterr().err
+    with OpenAIStub(responder=F.default_responder) as stub:
+        args[-1] = args[-1].replace("STUB", stub.base_url)
+        assert cli.main(args + ["--ignore-custom-code"]) == 0
+    recs = load_records(tmp_path / "run" / "results.jsonl")
+    assert [r["status"] for r in recs.values()] == ["done"]
