@@ -6,6 +6,11 @@ config is printed and saved beside the run. Every check runs in `validate` -- be
 model is built -- and every error names the field and the fix.
 
     cfg = load_config(preset="tiny-cpu", path="my.yaml", overrides=["algo.lam=0.6"])
+    step_cfg = step_config(cfg, "caspo")   # the jitted train step's StepConfig ("sft", "dpo")
+
+The step's knobs live in `optim` (AdamW, micro-batches, frozen vision, truncated IS,
+LM-head chunk) and `model` (dtype = compute dtype, remat, attention implementation);
+`step_config` is the one place they become the step's config, for runs and dry runs.
 """
 
 from __future__ import annotations
