@@ -437,6 +437,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         fail("rollout.engine", f"={cfg.rollout.engine!r} must be 'jax' or 'vllm'")
     if cfg.rollout.temperature < 0 or cfg.rollout.eval_temperature < 0:
         fail("rollout.temperature", "must be >= 0 (0 = greedy)")
+    if o.tis_cap is not None and cfg.rollout.engine == "vllm" and logit_temperature(cfg.rollout.temperature) != 1:
+        fail("optim.tis_cap", f"with rollout.engine='vllm' needs rollout.temperature 1 (or 0, greedy): vLLM returns "
+             f"raw log-probs (T = 1) while the step scores at rollout.temperature={cfg.rollout.temperature}, so "
+             "the weights would compare two distributions; use the jax engine or drop optim.tis_cap")
     if r.steps is not None and r.steps < 1:
         fail("run.steps", f"={r.steps} must be >= 1 (or null to run run.epochs epochs)")
     if r.epochs < 1:

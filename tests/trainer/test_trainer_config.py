@@ -67,6 +67,8 @@ def test_yaml_then_dotted_overrides(tmp_path):
     ({"optim": {"grad_clip": -1}}, ["optim.grad_clip", "=-1.0 must", "null"]),
     ({"optim": {"warmup_steps": -2}}, ["optim.warmup_steps", "=-2 must", ">= 0"]),
     ({"optim": {"freeze_vision": "yes"}}, ["optim.freeze_vision", "bool"]),
+    ({"optim": {"tis_cap": 2.0}, "rollout": {"engine": "vllm", "temperature": 0.7}},
+     ["optim.tis_cap", "rollout.temperature=0.7", "raw log-probs"]),
     ({"model": {"attn_implementation": "flash"}}, ["model.attn_implementation", "='flash' must", "cudnn"]),
 ])
 def test_bad_configs_fail_with_the_field(raw, words):
