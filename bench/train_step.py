@@ -10,7 +10,7 @@ optimizer step: the peer is charged less work than we are). Also times a jitted 
 float32 matmul in the same run and reports our model FLOP/s as a fraction of it (FLOPs
 counted analytically as 3x bench/forward.py's forward count: backward = 2x forward).
 Prints peak memory (XLA's memory analysis of the compiled step, the state donated as a
-trainer does: args + outputs + temp - aliased) against params + grads + AdamW state. The step runs with ``TrainConfig.remat="save_projections"``
+trainer does: args + outputs + temp - aliased) against params + grads + AdamW state. The step runs with ``StepConfig.remat="save_projections"``
 (``--remat none`` for no rematerialisation): on this CPU it costs no measurable time and
 keeps the activations' temporaries at ~0.8 GiB instead of ~3.1 GiB (attention
 probabilities and the MLP's elementwise residuals are recomputed, not stored).
@@ -46,14 +46,14 @@ def main(argv=None) -> int:
     fwd = _forward_bench()
     args = fwd.parse_args(__doc__.splitlines()[0], argv, repeats=2, add_more=lambda p: p.add_argument(
         "--remat", default="save_projections", choices=["none", "full", "save_projections", "save_dots"],
-        help="TrainConfig.remat (default save_projections: store the weight matmuls' outputs, "
+        help="StepConfig.remat (default save_projections: store the weight matmuls' outputs, "
              "recompute attention and elementwise work)"))
 
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from caspo_jax.algo import CaspoConfig
-    from caspo_jax.train import TrainConfig, build_train_batch, compute_logprobs, init_state, make_train_step
+    from caspo_jax.train import StepConfig, build_train_batch, compute_logprobs, init_state, make_train_step
 
     cfg = fwd.bench_config(args.vocab, args.layers)
     hf, model, params = fwd.hf_and_port(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(**cfg), "sdpa",
@@ -68,9 +68,9 @@ def main(argv=None) -> int:
     adv = rng.standard_normal((B, R)).astype(np.float32)
     batch = batch.with_signals(old_logp=np.asarray(logp), ref_logp=np.asarray(logp), advantages=adv)
     caspo = CaspoConfig(group_size=2, prompts_per_step=B)
-    train_cfg = TrainConfig(learning_rate=1e-6, remat=args.remat)
-    step = make_train_step(model, train_cfg, caspo, donate=True)  # the state is updated in place, as a trainer does
-    state = init_state(params, train_cfg)
+    step_cfg = StepConfig(learning_rate=1e-6, remat=args.remat)
+    step = make_train_step(model, step_cfg, caspo, donate=True)  # the state is updated in place, as a trainer does
+    state = init_state(params, step_cfg)
     del params
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     start = time.perf_counter()

@@ -161,16 +161,16 @@ def shard_elements(table, mesh_shape, rules=None) -> tuple[int, int]:
     return local, total
 
 
-def optimizer_copies(table, train_cfg=None) -> int:
+def optimizer_copies(table, step_cfg=None) -> int:
     """How many parameter-shaped float32 leaves the optimiser keeps per parameter
     (``jax.eval_shape`` of its init: AdamW gives 2)."""
     import jax
     import jax.numpy as jnp
 
-    from caspo_jax.train import TrainConfig, make_optimizer
+    from caspo_jax.train import StepConfig, make_optimizer
 
     leaf = {f"p{i}": jax.ShapeDtypeStruct(s.shape, jnp.float32) for i, s in enumerate(table)}
-    state = jax.eval_shape(make_optimizer(train_cfg or TrainConfig()).init, leaf)
+    state = jax.eval_shape(make_optimizer(step_cfg or StepConfig()).init, leaf)
     param_elems = sum(math.prod(s.shape) for s in table)
     opt_elems = sum(math.prod(x.shape) for x in jax.tree.leaves(state) if x.ndim > 0)
     return round(opt_elems / param_elems)
@@ -278,6 +278,7 @@ def step_flops(table, dims: Mapping[str, int], *, prompts: int, group: int, prom
 
 # -- configs ------------------------------------------------------------------------------
 def _as_dict(config) -> dict:
+    """The run config a dry run sizes, as a nested dict (a preset's name kept as "_preset")."""
     if isinstance(config, str):
         from caspo_jax.launch.presets import preset_dict
 
@@ -289,6 +290,17 @@ def _as_dict(config) -> dict:
     if isinstance(config, Mapping):
         return dict(config)
     raise TypeError(f"dry run: expected a preset name, a config dataclass or a dict, got {type(config).__name__}")
+
+
+def run_config(config_or_preset):
+    """The validated run config (`caspo_jax.trainer.config.TrainConfig`) of a preset name,
+    a nested dict of overrides on the defaults, or a run config itself."""
+    from caspo_jax.trainer.config import TrainConfig, config_from_dict
+
+    if isinstance(config_or_preset, TrainConfig):
+        return config_or_preset
+    raw = {k: v for k, v in _as_dict(config_or_preset).items() if k != "_preset"}
+    return config_from_dict(raw, f"preset {config_or_preset!r}" if isinstance(config_or_preset, str) else "dry run")
 
 
 def model_for(cfg: Mapping[str, Any]):
@@ -317,45 +329,56 @@ def model_for(cfg: Mapping[str, Any]):
     return qwen2_5_vl.Qwen2_5_VL(qwen2_5_vl.Qwen2_5_VLConfig.from_dict(raw))
 
 
-def _get(cfg, section, key, default):
-    return (cfg.get(section) or {}).get(key, default)
-
-
 def _gib(n: float) -> str:
     return f"{n / GIB:9.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:9.2f} MiB"
 
 
+def run_memory(cfg, model, topology: Topology) -> MemoryEstimate:
+    """Per-device bytes of `cfg`'s CASPO train step on `topology`, sized with the step config
+    the run itself builds (`step_config(cfg, "caspo")`: micro-batches, compute dtype,
+    remat, LM-head chunk) and the model's attention block. Only full remat (layer inputs
+    kept) is modelled; the partial policies ("save_projections", "save_dots") keep less
+    than no remat, so they are estimated as no remat (an upper bound)."""
+    from caspo_jax.trainer.config import step_config
+
+    step = step_config(cfg, "caspo")
+    table = model.param_table()
+    rows = min(cfg.optim.minibatch_size, cfg.rollouts_per_step)
+    return estimate_memory(table, text_dims(model.config), topology.mesh, rows=rows,
+                           seq_len=cfg.data.max_prompt_len + cfg.data.max_response_len,
+                           response_len=cfg.data.max_response_len, compute_dtype=step.compute_dtype,
+                           reference_dtype=step.compute_dtype, remat=step.remat in (True, "full"),
+                           micro_batches=step.micro_batches, optimizer_leaves=optimizer_copies(table, step),
+                           attn_block=getattr(model, "attn_block", 128), logprob_chunk=step.logprob_chunk)
+
+
 def dry_run_report(config_or_preset, topology: Topology | str) -> str:
-    """The text ``caspo train --dry-run`` / ``caspo dryrun`` prints."""
-    cfg = _as_dict(config_or_preset)
+    """The text ``caspo train --dry-run`` / ``caspo dryrun`` prints for a run config, a
+    preset name or a nested dict of overrides (validated like a run's)."""
+    from caspo_jax.trainer.config import step_config
+
+    raw = _as_dict(config_or_preset)
+    cfg = run_config(config_or_preset)
     topo = Topology.parse(topology) if isinstance(topology, str) else topology
-    model = model_for(cfg)
+    model = model_for({**dataclasses.asdict(cfg), "_preset": raw.get("_preset")})
     table = model.param_table()
     dims = text_dims(model.config)
-    prompts = _get(cfg, "algo", "prompts_per_step", 64)
-    group = _get(cfg, "algo", "group_size", 32)
-    prompt_len = _get(cfg, "data", "max_prompt_len", 2048)
-    response_len = _get(cfg, "data", "max_response_len", 1024)
-    rows = min(_get(cfg, "optim", "minibatch_size", 512), prompts * group)
-    micro = _get(cfg, "optim", "micro_batches", 1)
-    dtype = _get(cfg, "model", "dtype", "float32")
-    policy = _get(cfg, "model", "remat", False)
-    # only full remat (layer inputs kept) is modelled; partial policies ("save_projections",
-    # "save_dots") keep less than no remat, so they are estimated as no remat (an upper bound)
+    prompts, group = cfg.algo.prompts_per_step, cfg.algo.group_size
+    prompt_len, response_len = cfg.data.max_prompt_len, cfg.data.max_response_len
+    rows = min(cfg.optim.minibatch_size, prompts * group)
+    step = step_config(cfg, "caspo")
+    micro, dtype, policy = step.micro_batches, step.compute_dtype, step.remat
     remat = policy in (True, "full")
     partial = policy in ("save_projections", "save_dots")
-    mem = estimate_memory(table, dims, topo.mesh, rows=rows, seq_len=prompt_len + response_len,
-                          response_len=response_len, compute_dtype=dtype, reference_dtype=dtype, remat=remat,
-                          micro_batches=micro, optimizer_leaves=optimizer_copies(table),
-                          attn_block=getattr(model, "attn_block", 128))
+    mem = run_memory(cfg, model, topo)
     local, total = shard_elements(table, topo.mesh)
     flops = step_flops(table, dims, prompts=prompts, group=group, prompt_len=prompt_len, response_len=response_len,
-                       ppo_epochs=_get(cfg, "optim", "ppo_epochs", 1), remat=remat)
+                       ppo_epochs=cfg.optim.ppo_epochs, remat=remat)
     budget = topo.memory_gib * GIB
     fits = mem.total <= budget
     data, fsdp, tensor = topo.mesh
     lines = [
-        f"caspo dry run: {cfg.get('_preset') or _get(cfg, 'model', 'path', None) or 'tiny model'} on "
+        f"caspo dry run: {raw.get('_preset') or cfg.model.path or 'tiny model'} on "
         f"{topo.name or 'topology'} ({topo.devices} devices x {topo.memory_gib:g} GiB)",
         f"mesh            data={data} fsdp={fsdp} tensor={tensor}",
         f"model           {type(model).__name__}: {total / 1e9:.3f} B parameters, {local / 1e6:.1f} M per device",
@@ -372,7 +395,7 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
         f"  reference     {_gib(mem.reference)}",
         f"  activations   {_gib(mem.activations)}",
         f"  total         {_gib(mem.total)} of {topo.memory_gib:g} GiB: "
-        + ("fits" if fits else "DOES NOT FIT (add fsdp/tensor, turn model.remat on, or add micro-batches)"),
+        + ("fits" if fits else "DOES NOT FIT (add fsdp/tensor, turn model.remat on, or raise optim.micro_batches)"),
         "FLOPs per RL step (all devices):",
         *(f"  {k:<13} {v:.3e}" for k, v in flops.items()),
         f"  total         {sum(flops.values()):.3e}  ({sum(flops.values()) / topo.devices:.3e} per device)",

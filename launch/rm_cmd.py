@@ -57,13 +57,14 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, AssertionError):
             return _fail(f"--mesh {args.mesh!r}: expected three integers DATA,FSDP,TENSOR, e.g. 1,8,1")
     from caspo_jax.rewards.rm_train import RMTrainConfig, train_reward_model
+    from caspo_jax.train import StepConfig
 
     try:
+        step = StepConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps, compute_dtype=args.compute_dtype)
         cfg = RMTrainConfig(mse_weight=args.mse_weight, batch_size=args.batch_size, steps=args.steps,
-                            epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-                            eval_fraction=args.eval_fraction, eval_every=args.eval_every, save_every=args.save_every,
-                            seed=args.seed, max_prompt_len=args.max_prompt_len,
-                            max_response_len=args.max_response_len, compute_dtype=args.compute_dtype, mesh=mesh)
+                            epochs=args.epochs, step=step, eval_fraction=args.eval_fraction,
+                            eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                            max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len, mesh=mesh)
         _, final = train_reward_model(args.pairs, args.scores, args.model, args.out, cfg, resume=args.resume,
                                       progress=not args.no_progress)
     except CaspoError as exc:  # bad pairs / scores / images, an untrusted or damaged checkpoint

@@ -33,6 +33,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from caspo_jax.rewards.reward_model import HEAD_KEY, RMExample, RewardModel, init_head, rm_rows, sequence_rewards
+from caspo_jax.train.optimizer import StepConfig
 
 __all__ = ["RMBatch", "RMTrainConfig", "load_scored_responses", "make_rm_step", "rm_loss", "train_reward_model"]
 
@@ -217,16 +218,15 @@ def _eval_sums(model, params, batch: RMBatch):
 @dataclasses.dataclass(frozen=True)
 class RMTrainConfig:
     """`caspo rm`'s knobs. batch_size counts slots (a pair, or two MSE records): 2x rows.
-    steps: total updates (None: `epochs` passes over the training slots)."""
+    steps: total updates (None: `epochs` passes over the training slots).
+    step: the update itself -- learning rate (1e-5), warm-up, AdamW, clipping, compute
+    dtype -- the `StepConfig` every trainer's `apply_gradients` reads."""
 
     mse_weight: float = 1.0
     batch_size: int = 8
     steps: int | None = None
     epochs: int = 1
-    learning_rate: float = 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    step: StepConfig = StepConfig(learning_rate=1e-5)
     eval_fraction: float = 0.1
     eval_every: int = 0
     save_every: int = 0
@@ -234,7 +234,6 @@ class RMTrainConfig:
     seed: int = 0
     max_prompt_len: int = 2048
     max_response_len: int = 1024
-    compute_dtype: str = "float32"
     mesh: tuple[int, int, int] | None = None  # (data, fsdp, tensor); None: one device
 
     def __post_init__(self):
@@ -308,7 +307,6 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
     """
     from caspo_jax.data.formats import load_pairs
     from caspo_jax.sharding import make_mesh
-    from caspo_jax.train import TrainConfig as StepConfig
     from caspo_jax.train import init_state, shard_state
     from caspo_jax.trainer.checkpoint import RunCheckpointer
     from caspo_jax.trainer.metrics import MetricsWriter
@@ -356,8 +354,7 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
     per_epoch = -(-n_slots // K)
     total = cfg.steps or cfg.epochs * per_epoch
 
-    step_cfg = StepConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                          weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, compute_dtype=cfg.compute_dtype)
+    step_cfg = cfg.step
     mesh = make_mesh(*cfg.mesh) if cfg.mesh else None
     state = init_state(reward_model.params, step_cfg)
     shard = (lambda b: shard_rm_batch(b, mesh)) if mesh is not None else (lambda b: b)

@@ -1,4 +1,6 @@
-"""TrainConfig (the step's knobs besides the CASPO maths) and the optax optimiser it builds."""
+"""StepConfig (the jitted train step's settings besides the CASPO maths) and the optax
+optimiser it builds. A run builds it from its run config with
+``caspo_jax.trainer.config.step_config`` (the only place the two meet)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,12 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class StepConfig:
     """Optimiser and step shape. Hashable: it is a static argument of the jitted step.
+
+    Built from a run config by ``step_config(cfg, stage)``: the AdamW knobs, micro_batches,
+    freeze_vision, tis_cap and logprob_chunk from its ``optim`` section, compute_dtype and
+    remat from ``model``, learning_rate and temperature from the stage.
 
     learning_rate: peak AdamW rate (the paper: 2e-6), reached linearly over warmup_steps,
         then constant. weight_decay, b1, b2, adam_eps: AdamW. max_grad_norm: global-norm
@@ -55,7 +61,7 @@ class TrainConfig:
 
     def __post_init__(self):
         def bad(field, why):
-            raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r} is invalid: {why}")
+            raise ValueError(f"StepConfig.{field}={getattr(self, field)!r} is invalid: {why}")
 
         if not self.learning_rate > 0:
             bad("learning_rate", "must be > 0 (paper: 2e-6)")
@@ -80,11 +86,11 @@ class TrainConfig:
             bad("temperature", "must be a number > 0 (the rollout's sampling temperature; 1.0 for greedy "
                 "rollouts, see caspo_jax.rollout.logit_temperature)")
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> "StepConfig":
         return dataclasses.replace(self, **changes)
 
 
-def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+def learning_rate_schedule(cfg: StepConfig) -> optax.Schedule:
     """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then constant."""
     if cfg.warmup_steps == 0:
         return optax.constant_schedule(cfg.learning_rate)
@@ -97,7 +103,7 @@ def vision_labels(params) -> dict:
             for key, sub in params.items()}
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW on the schedule; vision leaves zeroed when frozen."""
     parts = []
     if cfg.max_grad_norm is not None:
@@ -108,3 +114,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     if cfg.freeze_vision:
         opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, vision_labels)
     return opt
+
+
+# Temporary: caspo_jax/train/logprobs.py and tests/distributed/_dist_scenario.py (not this
+# change's files) still import the old name; delete once they import StepConfig.
+TrainConfig = StepConfig

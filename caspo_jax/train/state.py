@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from caspo_jax.sharding import LogicalRules, param_shardings
 from caspo_jax.train.batch import TrainBatch
-from caspo_jax.train.optimizer import TrainConfig, make_optimizer
+from caspo_jax.train.optimizer import StepConfig, make_optimizer
 
 
 @jax.tree_util.register_dataclass
@@ -22,13 +22,13 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def init_state(params: dict, cfg: TrainConfig) -> TrainState:
+def init_state(params: dict, cfg: StepConfig) -> TrainState:
     """Step 0 with float32 master weights (cast if loaded in another dtype)."""
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params))
 
 
-def state_shardings(model, cfg: TrainConfig, mesh: Mesh, rules: LogicalRules = LogicalRules()) -> TrainState:
+def state_shardings(model, cfg: StepConfig, mesh: Mesh, rules: LogicalRules = LogicalRules()) -> TrainState:
     """NamedShardings of a TrainState: parameters and every parameter-shaped optimiser leaf
     (AdamW's mu and nu) follow the parameters' logical axes; scalars are replicated."""
     p_shard = param_shardings(model.param_table(), mesh, rules)

@@ -25,7 +25,7 @@ from caspo_jax.algo import CaspoConfig, caspo_loss
 from caspo_jax.sharding import LogicalRules
 from caspo_jax.train.batch import TrainBatch
 from caspo_jax.train.logprobs import cast_floats, layout_logprobs
-from caspo_jax.train.optimizer import TrainConfig, learning_rate_schedule, make_optimizer
+from caspo_jax.train.optimizer import StepConfig, learning_rate_schedule, make_optimizer
 from caspo_jax.train.state import TrainState, state_shardings
 
 F32 = jnp.float32
@@ -69,7 +69,7 @@ def truncated_is_weights(old_logp_BxT, rollout_logp_BxT, mask_BxT, cap: float):
     return jax.lax.stop_gradient(weight), jnp.where(valid, ratio, 0.0)
 
 
-def _micro_loss(model, cfg: TrainConfig, caspo: CaspoConfig, params_c, embeds, mb: TrainBatch):
+def _micro_loss(model, cfg: StepConfig, caspo: CaspoConfig, params_c, embeds, mb: TrainBatch):
     """caspo_loss on one micro-batch; returns (loss, metrics) with token sums for metrics."""
     logp, entropy = layout_logprobs(model, params_c, mb.student, mb.response_ids, embeds, cfg.logprob_chunk,
                                     float(cfg.temperature))
@@ -79,7 +79,7 @@ def _micro_loss(model, cfg: TrainConfig, caspo: CaspoConfig, params_c, embeds, m
     metrics = {}
     if cfg.tis_cap is not None:
         if mb.rollout_logp is None:
-            raise ValueError("TrainConfig.tis_cap is set but the batch has no rollout_logp; pass the rollout "
+            raise ValueError("StepConfig.tis_cap is set but the batch has no rollout_logp; pass the rollout "
                              "engine's log-probs with batch.with_signals(rollout_logp=...)")
         weight, ratio = truncated_is_weights(mb.old_logp, mb.rollout_logp, mask, cfg.tis_cap)
         adv = adv * weight
@@ -92,7 +92,7 @@ def _micro_loss(model, cfg: TrainConfig, caspo: CaspoConfig, params_c, embeds, m
     return loss, metrics
 
 
-def loss_and_grads(model, cfg: TrainConfig, caspo: CaspoConfig, params: dict, batch: TrainBatch):
+def loss_and_grads(model, cfg: StepConfig, caspo: CaspoConfig, params: dict, batch: TrainBatch):
     """(loss, grads, metrics) of one mini-batch; traceable. grads are float32 like ``params``."""
     for name in ("old_logp", "advantages"):
         if getattr(batch, name) is None:
@@ -102,7 +102,7 @@ def loss_and_grads(model, cfg: TrainConfig, caspo: CaspoConfig, params: dict, ba
     dtype = None if cfg.compute_dtype == "float32" else jnp.dtype(cfg.compute_dtype)
     M = cfg.micro_batches
     if batch.num_rows % M:
-        raise ValueError(f"train_step: {batch.num_rows} rows do not split into TrainConfig.micro_batches={M}")
+        raise ValueError(f"train_step: {batch.num_rows} rows do not split into StepConfig.micro_batches={M}")
 
     # Image features once per mini-batch, with a VJP back into the vision parameters.
     pullback = None
@@ -150,7 +150,7 @@ def loss_and_grads(model, cfg: TrainConfig, caspo: CaspoConfig, params: dict, ba
     return loss, g_params, metrics
 
 
-def apply_gradients(cfg: TrainConfig, state: TrainState, grads) -> tuple[TrainState, dict]:
+def apply_gradients(cfg: StepConfig, state: TrainState, grads) -> tuple[TrainState, dict]:
     """One AdamW update (``make_optimizer(cfg)``) of ``state``; traceable. Metrics:
     grad_norm, update_norm and the scheduled learning_rate of this step. Every trainer
     (CASPO, SFT, DPO, reward model) ends its step here."""
@@ -160,7 +160,7 @@ def apply_gradients(cfg: TrainConfig, state: TrainState, grads) -> tuple[TrainSt
     return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 
 
-def _train_step(model, cfg: TrainConfig, caspo: CaspoConfig, return_grads: bool, state: TrainState,
+def _train_step(model, cfg: StepConfig, caspo: CaspoConfig, return_grads: bool, state: TrainState,
                 batch: TrainBatch):
     loss, grads, metrics = loss_and_grads(model, cfg, caspo, state.params, batch)
     new_state, update_metrics = apply_gradients(cfg, state, grads)
@@ -178,7 +178,7 @@ def _train_step(model, cfg: TrainConfig, caspo: CaspoConfig, return_grads: bool,
     return new_state, metrics
 
 
-def make_train_step(model, cfg: TrainConfig, caspo: CaspoConfig, *, mesh: Mesh | None = None,
+def make_train_step(model, cfg: StepConfig, caspo: CaspoConfig, *, mesh: Mesh | None = None,
                     rules: LogicalRules = LogicalRules(), donate: bool = False, return_grads: bool = False,
                     compiler_options: dict | None = None):
     """``train_step(state, minibatch) -> (state, metrics)``, jitted.

@@ -32,12 +32,10 @@ from caspo_jax.errors import RunHalted, UserError
 from caspo_jax.rewards import group_ok
 from caspo_jax.rewards.base import records_problem
 from caspo_jax.rollout import JaxSampler, SamplingParams
-from caspo_jax.rollout.types import logit_temperature
 from caspo_jax.trainer.checkpoint import RunCheckpointer
-from caspo_jax.trainer.config import ConfigError, TrainConfig, config_to_dict
+from caspo_jax.trainer.config import ConfigError, TrainConfig, config_to_dict, step_config
 from caspo_jax.trainer.data import DataFiles, prepare_data, prompt_dataset
 from caspo_jax.trainer.evaluate import batch_prompts, decode_responses, evaluate_policy
-from caspo_jax.trainer.exchange import _step_config
 from caspo_jax.trainer.metrics import PhaseTimer, count_params, mfu, open_writer
 from caspo_jax.trainer.runtime import RunDir, StopSignals, export_final
 from caspo_jax.trainer.setup import Policy, build_policy, load_teacher_params
@@ -120,6 +118,14 @@ def _halt_message(cfg: TrainConfig, step: int, checkpoints: Path, last_error: st
             "run.halt_failed_steps (0 never halts)")
 
 
+def _to_width(x_SxT: np.ndarray, width: int) -> np.ndarray:
+    """float32 [S, width]: `x_SxT` cut or zero-padded on the right."""
+    out = np.zeros((x_SxT.shape[0], width), np.float32)
+    n = min(width, x_SxT.shape[1])
+    out[:, :n] = x_SxT[:, :n]
+    return out
+
+
 def _mean_dicts(rows: list[dict]) -> dict:
     return {k: float(np.mean([float(r[k]) for r in rows])) for k in rows[0]} if rows else {}
 
@@ -145,10 +151,14 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params):
     return engine
 
 
-def _host_step(batch, tokens, mask, truncated, rewards, ok, images_per_prompt) -> dict[str, np.ndarray]:
-    """This process's share of a step as plain arrays (what `merge_prompt_rows` gathers)."""
+def _host_step(batch, tokens, mask, truncated, rewards, ok, images_per_prompt,
+               rollout_logp=None) -> dict[str, np.ndarray]:
+    """This process's share of a step as plain arrays (what `merge_prompt_rows` gathers).
+    rollout_logp: the engine's [S, max_response_len] sampled-token log-probs (optim.tis_cap
+    only; padded to one width on every process, so rows gather like any per-row field)."""
     pixels = np.asarray(batch.pixel_values if batch.pixel_values is not None else np.zeros((0, 1)), np.float32)
-    return {"ids": batch.input_ids, "mask": batch.attention_mask, "teacher_ids": batch.teacher_input_ids,
+    extra = {} if rollout_logp is None else {"rollout_logp": rollout_logp}
+    return {**extra, "ids": batch.input_ids, "mask": batch.attention_mask, "teacher_ids": batch.teacher_input_ids,
             "teacher_mask": batch.teacher_attention_mask,
             "pixels": pixels if pixels.ndim == 2 else np.zeros((0, 1), np.float32),
             "grids": np.asarray(batch.image_grid_thw, np.int32).reshape(-1, 3), "images": images_per_prompt,
@@ -191,7 +201,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     dataset, _ = prompt_dataset(cfg, files, policy.processor, split="train", num_epochs=None,
                                 batch_size=P // n_proc, shard=pipeline_shard())
     total = cfg.run.steps or cfg.run.epochs * max(len(dataset) // P, 1)
-    step_cfg = _step_config(cfg, a.learning_rate, temperature=logit_temperature(cfg.rollout.temperature))
+    step_cfg = step_config(cfg, "caspo")  # the rollout temperature; model.dtype
     place = make_placement(cfg, model, step_cfg, rows=o.minibatch_size, rows_field="optim.minibatch_size")
     # the frozen reference (and the SFT teacher): the initial policy, kept in the compute dtype
     ref_params = place.params(cast_floats(policy.params, step_cfg.compute_dtype))
@@ -243,7 +253,9 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 scores = reward.score([batch.records[i] for i in rollouts.prompt_index], texts)
                 last_error = next((e for e in scores.errors if e is not None), last_error)
                 local = _host_step(batch, tokens, mask, rollouts.finish_reason == "length", scores.rewards,
-                                   np.asarray(scores.ok, bool), np.asarray([len(i) for i in batch.images]))
+                                   np.asarray(scores.ok, bool), np.asarray([len(i) for i in batch.images]),
+                                   None if o.tis_cap is None else
+                                   _to_width(np.where(mask, rollouts.logprobs, 0.0), cfg.data.max_response_len))
                 merged = merge_prompt_rows(allgather_host(local), G, policy.pad_id)
                 tokens, mask, ok = merged["tokens"], merged["response_mask"], merged["ok"]
                 raw_rewards = merged["rewards"]
@@ -265,6 +277,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                     (signals.old_logp, signals.ref_logp, signals.advantages, signals.entropy,
                      signals.metrics))  # also times the phase, not the dispatch
                 tb = tb.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
+                if o.tis_cap is not None:  # the step weighs each token by min(pi_old / pi_rollout, tis_cap)
+                    tb = tb.with_signals(rollout_logp=_to_width(merged["rollout_logp"], tb.response_len))
                 tb = dataclasses.replace(tb, response_mask=mask_f.astype(np.float32))  # failed groups: no loss
             with timer("update"):
                 step_metrics = []

@@ -6,6 +6,11 @@ config is printed and saved beside the run. Every check runs in `validate` -- be
 model is built -- and every error names the field and the fix.
 
     cfg = load_config(preset="tiny-cpu", path="my.yaml", overrides=["algo.lam=0.6"])
+    step_cfg = step_config(cfg, "caspo")   # the jitted train step's StepConfig ("sft", "dpo")
+
+The step's knobs live in `optim` (AdamW, micro-batches, frozen vision, truncated IS,
+LM-head chunk) and `model` (dtype = compute dtype, remat, attention implementation);
+`step_config` is the one place they become the step's config, for runs and dry runs.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import yaml
 from caspo_jax.algo.config import CaspoConfig
 from caspo_jax.errors import UserError
 from caspo_jax.files import read_structured
+from caspo_jax.rollout.types import logit_temperature
+from caspo_jax.train.optimizer import COMPUTE_DTYPES, StepConfig
 
 __all__ = [
     "ConfigError",
@@ -32,11 +39,13 @@ __all__ = [
     "RunConfig",
     "SFTConfig",
     "TrainConfig",
+    "STAGES",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
     "load_config",
+    "step_config",
 ]
 
 
@@ -56,13 +65,22 @@ class ModelConfig:
 
     ignore_custom_code: load a checkpoint directory that declares its own code (auto_map,
     trust_remote_code) as a plain Qwen-VL model (`--ignore-custom-code`); its code is never
-    run either way. False refuses such a directory (exit 2)."""
+    run either way. False refuses such a directory (exit 2).
+
+    dtype: the parameters' load dtype and the compute dtype of every forward -- rollout,
+    the old / reference / teacher log-probs and the train step (float32 master weights
+    either way): log-probs that meet in a ratio, a KL or a token reward must share it.
+    remat: the train step's backward rematerialisation (see `StepConfig.remat`).
+    attn_implementation: `jax.nn.dot_product_attention`'s implementation for every
+    forward of the model (null: JAX picks; "xla"; "cudnn" on NVIDIA GPUs); a model
+    property, not a step one, so the sampler, the log-prob passes and the step agree."""
 
     path: str | None = None
     teacher_path: str | None = None
     tiny: str = "demo"
     dtype: str = "float32"
     remat: bool | str = False
+    attn_implementation: str | None = None
     seed: int = 0
     ignore_custom_code: bool = False
 
@@ -106,19 +124,34 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up then constant lr (the lr itself is algo.learning_rate
-    for RL, sft.learning_rate / dpo.learning_rate for those stages).
+    """The update: AdamW, its batching and the train step's own knobs. With model.dtype,
+    model.remat and the stage's learning rate and temperature it is the whole of the
+    jitted step's `StepConfig` (`step_config`, the one place they meet).
 
     ppo_epochs: passes over the step's rollouts; minibatch_size: trajectories per
-    optimizer update (must divide prompts_per_step * group_size)."""
+    optimizer update (must divide prompts_per_step * group_size). micro_batches: the
+    CASPO step accumulates gradients over this many micro-batches of each mini-batch
+    (same loss and gradient, less activation memory; must divide minibatch_size).
+    AdamW with linear warm-up then constant lr (the lr itself is algo.learning_rate for
+    RL, sft.learning_rate / dpo.learning_rate for those stages): weight_decay, b1, b2,
+    adam_eps; grad_clip: global-norm clipping (null: off). freeze_vision: no update for
+    the vision tower. tis_cap: truncated importance sampling of the CASPO step, weight
+    min(pi_old / pi_rollout, tis_cap) per token against the rollout engine's own
+    log-probs (null: off; verl uses 2.0). logprob_chunk: response positions per LM-head
+    chunk in every log-prob pass (memory of one [rows, chunk, vocab] float32 block)."""
 
     ppo_epochs: int = 1
     minibatch_size: int = 512
+    micro_batches: int = 1
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
-    grad_clip: float = 1.0
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 1.0
     warmup_steps: int = 0
+    freeze_vision: bool = False
+    tis_cap: float | None = None
+    logprob_chunk: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +235,29 @@ class TrainConfig:
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+STAGES = ("caspo", "sft", "dpo")
+
+
+def step_config(cfg: TrainConfig, stage: str) -> StepConfig:
+    """The jitted train step's config for `stage` of run config `cfg` -- what `caspo train`
+    ("caspo"), `caspo sft` and `caspo dpo` train with, and what `caspo dryrun` sizes.
+
+    optim gives the AdamW knobs, micro_batches, freeze_vision, tis_cap and logprob_chunk;
+    model gives compute_dtype (model.dtype: the frozen reference, the teacher and the
+    rollout share it) and remat; the stage gives the learning rate (algo / sft / dpo
+    .learning_rate) and the logits' temperature: CASPO scores at the rollout's sampling
+    temperature (`logit_temperature`: 1 for greedy), SFT and DPO at 1."""
+    if stage not in STAGES:
+        raise ValueError(f"step_config: stage={stage!r}; use one of {STAGES}")
+    o = cfg.optim
+    rates = {"caspo": cfg.algo.learning_rate, "sft": cfg.sft.learning_rate, "dpo": cfg.dpo.learning_rate}
+    temperature = logit_temperature(cfg.rollout.temperature) if stage == "caspo" else 1.0
+    return StepConfig(learning_rate=rates[stage], warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
+                      b1=o.b1, b2=o.b2, adam_eps=o.adam_eps, max_grad_norm=o.grad_clip,
+                      micro_batches=o.micro_batches, compute_dtype=cfg.model.dtype,
+                      freeze_vision=o.freeze_vision, remat=cfg.model.remat, tis_cap=o.tis_cap,
+                      logprob_chunk=o.logprob_chunk, temperature=temperature)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -347,6 +403,21 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     if o.minibatch_size < 1:
         fail("optim.minibatch_size", f"={o.minibatch_size} must be >= 1")
     total = a.prompts_per_step * a.group_size
+    if o.micro_batches < 1 or o.minibatch_size % o.micro_batches:
+        fail("optim.micro_batches", f"={o.micro_batches} must be >= 1 and divide optim.minibatch_size="
+             f"{o.minibatch_size} (each micro-batch holds minibatch_size / micro_batches rows); 1: no accumulation")
+    if o.logprob_chunk < 1:
+        fail("optim.logprob_chunk", f"={o.logprob_chunk} must be >= 1 (response positions per LM-head chunk; "
+             "128 is the default)")
+    if not o.adam_eps > 0:
+        fail("optim.adam_eps", f"={o.adam_eps} must be > 0 (AdamW's denominator term; 1e-8 is usual)")
+    if o.grad_clip is not None and not o.grad_clip > 0:
+        fail("optim.grad_clip", f"={o.grad_clip} must be > 0, or null to disable clipping")
+    if o.warmup_steps < 0:
+        fail("optim.warmup_steps", f"={o.warmup_steps} must be >= 0")
+    if o.tis_cap is not None and not o.tis_cap > 0:
+        fail("optim.tis_cap", f"={o.tis_cap} must be > 0 (verl uses 2.0), or null to disable truncated "
+             "importance sampling")
     if total % o.minibatch_size:
         fail("optim.minibatch_size", f"={o.minibatch_size} must divide algo.prompts_per_step * algo.group_size = "
              f"{a.prompts_per_step} * {a.group_size} = {total}; pick a divisor such as {a.group_size}")
@@ -366,6 +437,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         fail("rollout.engine", f"={cfg.rollout.engine!r} must be 'jax' or 'vllm'")
     if cfg.rollout.temperature < 0 or cfg.rollout.eval_temperature < 0:
         fail("rollout.temperature", "must be >= 0 (0 = greedy)")
+    if o.tis_cap is not None and cfg.rollout.engine == "vllm" and logit_temperature(cfg.rollout.temperature) != 1:
+        fail("optim.tis_cap", f"with rollout.engine='vllm' needs rollout.temperature 1 (or 0, greedy): vLLM returns "
+             f"raw log-probs (T = 1) while the step scores at rollout.temperature={cfg.rollout.temperature}, so "
+             "the weights would compare two distributions; use the jax engine or drop optim.tis_cap")
     if r.steps is not None and r.steps < 1:
         fail("run.steps", f"={r.steps} must be >= 1 (or null to run run.epochs epochs)")
     if r.epochs < 1:
@@ -382,8 +457,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     if cfg.model.remat not in REMAT_CHOICES:
         fail("model.remat", f"={cfg.model.remat!r} must be one of {list(REMAT_CHOICES)} (false: keep every "
              "activation; true/'full': keep layer inputs; 'save_projections': keep matmul outputs)")
-    if cfg.model.dtype not in ("float32", "bfloat16"):
+    if cfg.model.dtype not in COMPUTE_DTYPES:
         fail("model.dtype", f"={cfg.model.dtype!r} must be 'float32' or 'bfloat16'")
+    if cfg.model.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        fail("model.attn_implementation", f"={cfg.model.attn_implementation!r} must be one of "
+             f"{list(ATTN_IMPLEMENTATIONS)} (null: JAX picks; 'cudnn' needs an NVIDIA GPU)")
     if cfg.model.path is None and cfg.model.tiny not in TINY_SIZES:
         fail("model.tiny", f"={cfg.model.tiny!r} must be one of {sorted(TINY_SIZES)} (or set model.path)")
     for name, section in (("sft", cfg.sft), ("dpo", cfg.dpo)):
@@ -419,7 +497,15 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     if cfg.reward["kind"] == "reward_model" and not isinstance(cfg.reward.get("path"), str):
         fail("reward.path", "is missing: reward.kind='reward_model' loads the export of `caspo rm --out DIR` "
              "(DIR/export); set it with --set reward.path=DIR/export")
+    for stage in STAGES:  # StepConfig's own checks, on exactly what each stage will train with
+        try:
+            step_config(cfg, stage)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {stage} step: {exc}") from None
 
+
+# jax.nn.dot_product_attention's `implementation` values (model.attn_implementation).
+ATTN_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 # Tiny model sizes for model.path = None (text hidden, layers, heads, kv heads, ViT depth/hidden).
 TINY_SIZES = {

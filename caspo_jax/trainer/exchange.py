@@ -26,7 +26,7 @@ import numpy as np
 
 from caspo_jax.launch.distributed import is_primary
 from caspo_jax.trainer.checkpoint import RunCheckpointer
-from caspo_jax.trainer.config import ConfigError, TrainConfig
+from caspo_jax.trainer.config import ConfigError, TrainConfig, step_config
 from caspo_jax.trainer.data import encode_exchanges, exchange_batch, prepare_data
 from caspo_jax.trainer.metrics import PhaseTimer, count_params, mfu, open_writer
 from caspo_jax.trainer.placement import make_placement
@@ -57,19 +57,6 @@ def dpo_loss(logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array, 
     return loss, {"loss": loss, "reward_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
                   "reward_margin": jnp.mean(margin), "chosen_reward": beta * jnp.mean(chosen),
                   "rejected_reward": beta * jnp.mean(rejected)}
-
-
-def _step_config(cfg: TrainConfig, learning_rate: float, *, temperature: float = 1.0):
-    """The train step's config of a stage. Its compute dtype is model.dtype (float32 master
-    weights either way): the step's current log-probs and every frozen log-prob they meet
-    (the DPO reference; CASPO's old, reference and teacher log-probs) are computed at it.
-    temperature: the logits' divisor (CASPO: the rollout's; SFT and DPO: 1)."""
-    from caspo_jax.train import TrainConfig as StepConfig
-
-    o = cfg.optim
-    return StepConfig(learning_rate=learning_rate, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
-                      b1=o.b1, b2=o.b2, max_grad_norm=o.grad_clip, remat=cfg.model.remat,
-                      compute_dtype=cfg.model.dtype, temperature=temperature)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -104,8 +91,7 @@ def _reference_logprobs(model, ref_params, place, examples, used: np.ndarray, ba
     function is the training one's (the last batch is filled up by repeating an example).
     At `step_cfg`'s compute dtype and temperature (`step_logprobs`; None: float32, 1), like
     the policy's log-probs they are compared with: the first step's margins are exactly 0."""
-    from caspo_jax.train import TrainConfig as StepConfig
-    from caspo_jax.train import step_logprobs
+    from caspo_jax.train import StepConfig, step_logprobs
 
     step_cfg = step_cfg or StepConfig()
 
@@ -164,7 +150,7 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     total = stage.steps or stage.epochs * max(len(examples) // batch_size, 1)
     prompt_len = -(-max(len(e.prompt_ids) for e in examples) // 16) * 16
     response_len = -(-max(len(r) for e in examples for r in e.responses) // 8) * 8
-    step_cfg = _step_config(cfg, stage.learning_rate)
+    step_cfg = step_config(cfg, kind)
     place = make_placement(cfg, model, step_cfg, rows=batch_size * (2 if kind == "dpo" else 1),
                            rows_field=f"{kind}.batch_size" + (" * 2 (chosen + rejected)" if kind == "dpo" else ""))
     state = place.state(init_state(policy.params, step_cfg))

@@ -1,4 +1,5 @@
-"""Building the policy, its processor and its eos ids from a ModelConfig.
+"""Building the policy, its processor and its eos ids from a ModelConfig (its dtype,
+remat and attention implementation set on the model every forward uses).
 
 model.path = None gives the built-in tiny Qwen2.5-VL (random weights) whose config
 matches the tiny offline tokenizer's ids (`tokenizer_info`), so the demo and the tests
@@ -69,7 +70,7 @@ def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig) -> Policy:
         processor = build_tiny_processor(tokenizer, min_pixels=data_cfg.image_min_pixels,
                                          max_pixels=data_cfg.image_max_pixels)
         config = Qwen2_5_VLConfig.from_dict(tiny_hf_config(model_cfg.tiny, info), source=f"tiny:{model_cfg.tiny}")
-        model = Qwen2_5_VL(config, remat=model_cfg.remat)
+        model = Qwen2_5_VL(config, remat=model_cfg.remat, attn_implementation=model_cfg.attn_implementation)
         params = model.init(jax.random.PRNGKey(model_cfg.seed), dtype)
         return Policy(model, params, processor, (info.im_end_id, info.eos_token_id), info.pad_token_id)
     from caspo_jax.hf_checkpoint import load_hf_checkpoint, stop_token_ids
@@ -78,6 +79,7 @@ def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig) -> Policy:
                                                   min_pixels=data_cfg.image_min_pixels,
                                                   max_pixels=data_cfg.image_max_pixels,
                                                   ignore_custom_code=model_cfg.ignore_custom_code)
+    model = dataclasses.replace(model, attn_implementation=model_cfg.attn_implementation)
     return Policy(model, params, processor, stop_token_ids(processor.tokenizer), processor.tokenizer.pad_token_id)
 
 

@@ -1,6 +1,7 @@
 """Dry-run sizing: topology parsing, shard arithmetic, FLOPs by hand, the memory estimate
 against XLA's compiled peak for a tiny model (within 20%), and the full-size report."""
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -119,3 +120,34 @@ def test_train_dry_run_sizes_the_typed_config(capsys):
     # a bad field fails before any sizing, naming the field
     assert main(["train", "--preset", "qwen2_5_vl_7b", "--dry-run", "--set", "optim.no_such_field=1"]) == 2
     assert "no_such_field" in capsys.readouterr().err
+
+
+def test_dry_run_sizes_the_step_config_the_run_uses(capsys):
+    """`--set optim.micro_batches=4` shrinks the activation estimate (a quarter of the rows per
+    micro-batch), and the report is `run_memory` of the run's own `step_config`."""
+    from caspo_jax.launch.cli import main
+    from caspo_jax.trainer.config import load_config, step_config
+
+    def report(*overrides):
+        sets = [arg for item in overrides for arg in ("--set", item)]
+        assert main(["dryrun", "--preset", "qwen3_vl_4b", "--topology", "16xa100-80gb", *sets]) == 0
+        return capsys.readouterr().out
+
+    one, four = report(), report("optim.micro_batches=4")
+    assert "1 micro-batch(es)" in one and "(32 per device" in one
+    assert "4 micro-batch(es)" in four and "(8 per device" in four
+    cfg = load_config(preset="qwen3_vl_4b", overrides=["optim.micro_batches=4"])
+    step = step_config(cfg, "caspo")
+    assert (step.micro_batches, step.compute_dtype, step.remat) == (4, "bfloat16", True)
+    model = dryrun.model_for({"_preset": "qwen3_vl_4b", **dataclasses.asdict(cfg)})
+    topo = dryrun.Topology.parse("16xa100-80gb")
+    table = model.param_table()
+    mem = dryrun.run_memory(cfg, model, topo)
+    assert mem == dryrun.estimate_memory(table, dryrun.text_dims(model.config), topo.mesh, rows=512, seq_len=3072,
+                                         response_len=1024, compute_dtype="bfloat16", reference_dtype="bfloat16",
+                                         remat=True, micro_batches=4, optimizer_leaves=2,
+                                         logprob_chunk=step.logprob_chunk)
+    assert f"activations   {dryrun._gib(mem.activations)}" in four
+    single = dryrun.run_memory(load_config(preset="qwen3_vl_4b"), model, topo)
+    assert f"activations   {dryrun._gib(single.activations)}" in one
+    assert mem.activations < single.activations and mem.params == single.params

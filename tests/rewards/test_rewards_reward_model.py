@@ -228,7 +228,7 @@ def test_sharded_rm_step_equals_single_device_step(tiny):
     from caspo_jax.rewards.rm_train import (_Unit, _slots, build_rm_batch, make_rm_step, rm_state_shardings,
                                             shard_rm_batch)
     from caspo_jax.sharding import make_mesh
-    from caspo_jax.train import TrainConfig, init_state, shard_state
+    from caspo_jax.train import StepConfig, init_state, shard_state
     policy, params = tiny
     model, proc = policy.model, policy.processor
     units = [_Unit(encode_rm_example(proc, "how to store a bottle?", [], ["keep it safe", "throw it now"]), None),
@@ -239,7 +239,7 @@ def test_sharded_rm_step_equals_single_device_step(tiny):
     np.testing.assert_array_equal(batch.bt_mask, [1, 1, 0, 0])  # slot 2: the two MSE records, slot 3: padding
     np.testing.assert_array_equal(batch.mse_mask, [0, 0, 1, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(batch.target, [0, 0, 0.5, 0, 0, 0, 1.0, 0])
-    cfg = TrainConfig(learning_rate=1e-3)
+    cfg = StepConfig(learning_rate=1e-3)
     single, m1 = make_rm_step(model, cfg, 1.0)(init_state(params, cfg), batch)
     mesh = make_mesh(1, 2, 2, devices=jax.devices()[:4])  # fsdp x tensor
     state = shard_state(init_state(params, cfg), rm_state_shardings(model, cfg, mesh))

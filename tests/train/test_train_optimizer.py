@@ -1,4 +1,4 @@
-"""TrainConfig validation, the warmup + constant schedule, frozen-vision updates, truncated IS."""
+"""StepConfig validation, the warmup + constant schedule, frozen-vision updates, truncated IS."""
 
 import jax
 import jax.numpy as jnp
@@ -7,21 +7,21 @@ import optax
 import pytest
 
 from caspo_jax.algo import caspo_loss
-from caspo_jax.train import TrainConfig, learning_rate_schedule, make_optimizer, truncated_is_weights
+from caspo_jax.train import StepConfig, learning_rate_schedule, make_optimizer, truncated_is_weights
 
 
 def test_schedule_warms_up_linearly_then_stays_constant():
-    schedule = learning_rate_schedule(TrainConfig(learning_rate=2e-6, warmup_steps=4))
+    schedule = learning_rate_schedule(StepConfig(learning_rate=2e-6, warmup_steps=4))
     got = [float(schedule(i)) for i in (0, 1, 2, 4, 100)]
     np.testing.assert_allclose(got, [0.0, 0.5e-6, 1e-6, 2e-6, 2e-6], rtol=1e-6)
-    assert float(learning_rate_schedule(TrainConfig(learning_rate=3e-6))(0)) == pytest.approx(3e-6)
+    assert float(learning_rate_schedule(StepConfig(learning_rate=3e-6))(0)) == pytest.approx(3e-6)
 
 
 def test_frozen_vision_gets_no_update_and_clipping_bounds_the_rest():
     params = {"text": {"w": jnp.ones((3,))}, "vision": {"v": jnp.ones((2,))}}
     grads = {"text": {"w": jnp.asarray([30.0, 40.0, 0.0])}, "vision": {"v": jnp.asarray([5.0, 5.0])}}
     for freeze in (False, True):
-        cfg = TrainConfig(learning_rate=0.1, freeze_vision=freeze, max_grad_norm=1.0, weight_decay=0.0)
+        cfg = StepConfig(learning_rate=0.1, freeze_vision=freeze, max_grad_norm=1.0, weight_decay=0.0)
         opt = make_optimizer(cfg)
         updates, _ = opt.update(grads, opt.init(params), params)
         assert np.any(np.asarray(updates["text"]["w"]) != 0)
@@ -32,18 +32,18 @@ def test_frozen_vision_gets_no_update_and_clipping_bounds_the_rest():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="TrainConfig.micro_batches"):
-        TrainConfig(micro_batches=0)
-    with pytest.raises(ValueError, match="TrainConfig.compute_dtype"):
-        TrainConfig(compute_dtype="float16")
-    with pytest.raises(ValueError, match="TrainConfig.tis_cap"):
-        TrainConfig(tis_cap=0.0)
-    with pytest.raises(ValueError, match="TrainConfig.remat"):
-        TrainConfig(remat="save_everything")
-    assert TrainConfig(remat="save_projections").remat == "save_projections"
+    with pytest.raises(ValueError, match="StepConfig.micro_batches"):
+        StepConfig(micro_batches=0)
+    with pytest.raises(ValueError, match="StepConfig.compute_dtype"):
+        StepConfig(compute_dtype="float16")
+    with pytest.raises(ValueError, match="StepConfig.tis_cap"):
+        StepConfig(tis_cap=0.0)
+    with pytest.raises(ValueError, match="StepConfig.remat"):
+        StepConfig(remat="save_everything")
+    assert StepConfig(remat="save_projections").remat == "save_projections"
     for bad in (0.0, -0.7, True):  # greedy rollouts score at 1.0 (caspo_jax.rollout.types.logit_temperature)
-        with pytest.raises(ValueError, match="TrainConfig.temperature"):
-            TrainConfig(temperature=bad)
+        with pytest.raises(ValueError, match="StepConfig.temperature"):
+            StepConfig(temperature=bad)
 
 
 def test_truncated_is_weights_by_hand_and_as_verl_applies_them():

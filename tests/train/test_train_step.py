@@ -27,7 +27,7 @@ from caspo_jax.models.qwen2_5_vl import canonical_hf_name  # noqa: E402
 from caspo_jax.sharding import make_mesh  # noqa: E402
 from caspo_jax.testing import tiny_models as tm  # noqa: E402
 from caspo_jax.train import (  # noqa: E402
-    TrainConfig,
+    StepConfig,
     build_train_batch,
     compute_logprobs,
     init_state,
@@ -46,7 +46,7 @@ CASPO = CaspoConfig(group_size=fx.G, prompts_per_step=fx.P, beta=0.04)
 # AdamW's first update is lr * g / (|g| + eps): with eps = 1e-8 a float32 rounding
 # difference of 1e-9 in a 1e-8 gradient moves a parameter by ~1e-5 * lr / 1e-3, so the
 # mesh comparison of updated parameters uses eps = 1e-6 (gradients are compared directly).
-CFG = TrainConfig(learning_rate=1e-3, max_grad_norm=1.0, adam_eps=1e-6)
+CFG = StepConfig(learning_rate=1e-3, max_grad_norm=1.0, adam_eps=1e-6)
 # LLVM -O0 for the test executables: compile ~2.3x faster (8.7 s vs 20.3 s measured for
 # the (2, 2, 2) step); every compared step uses it.
 FAST = {"xla_backend_optimization_level": 0}

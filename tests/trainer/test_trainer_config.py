@@ -59,6 +59,17 @@ def test_yaml_then_dotted_overrides(tmp_path):
     ({"model": {"remat": 3}}, ["model.remat", "str"]),
     ({"algo": {"prompts_per_step": 2, "group_size": 4}, "optim": {"minibatch_size": 4},
       "run": {"mesh_data": 2, "mesh_fsdp": 4}}, ["optim.minibatch_size", "run.mesh_data * run.mesh_fsdp", "8"]),
+    ({"optim": {"micro_batches": 3}}, ["optim.micro_batches", "=3 must", "divide optim.minibatch_size=512"]),
+    ({"optim": {"micro_batches": 0}}, ["optim.micro_batches", "=0 must", ">= 1"]),
+    ({"optim": {"tis_cap": 0}}, ["optim.tis_cap", "=0.0 must", "> 0", "null"]),
+    ({"optim": {"logprob_chunk": 0}}, ["optim.logprob_chunk", "=0 must", ">= 1"]),
+    ({"optim": {"adam_eps": 0}}, ["optim.adam_eps", "=0.0 must", "> 0"]),
+    ({"optim": {"grad_clip": -1}}, ["optim.grad_clip", "=-1.0 must", "null"]),
+    ({"optim": {"warmup_steps": -2}}, ["optim.warmup_steps", "=-2 must", ">= 0"]),
+    ({"optim": {"freeze_vision": "yes"}}, ["optim.freeze_vision", "bool"]),
+    ({"optim": {"tis_cap": 2.0}, "rollout": {"engine": "vllm", "temperature": 0.7}},
+     ["optim.tis_cap", "rollout.temperature=0.7", "raw log-probs"]),
+    ({"model": {"attn_implementation": "flash"}}, ["model.attn_implementation", "='flash' must", "cudnn"]),
 ])
 def test_bad_configs_fail_with_the_field(raw, words):
     with pytest.raises(ConfigError) as info:
@@ -143,3 +154,57 @@ def test_merge_prompt_rows_restores_the_one_process_order():
     assert merged["tokens"][:, 0].tolist() == [0, 1, 10, 11, 20, 21, 30, 31] and merged["tokens"].shape[1] == 5
     assert merged["rewards"].tolist() == [0, 1, 10, 11, 20, 21, 30, 31]
     assert merged["response_mask"][2:4, 3:].all() and not merged["response_mask"][4:6, 3:].any()
+
+
+def test_every_step_knob_is_set_from_the_run_config():
+    """`step_config` is the jitted step's whole config: each knob from one run-config field."""
+    from caspo_jax.trainer.config import step_config
+
+    cfg = load_config(preset="tiny-cpu", overrides=[
+        "optim.micro_batches=4", "optim.tis_cap=2.0", "optim.freeze_vision=true", "optim.logprob_chunk=32",
+        "optim.adam_eps=1e-6", "optim.grad_clip=null", "optim.weight_decay=0.1", "optim.b1=0.8", "optim.b2=0.99",
+        "optim.warmup_steps=5", "model.dtype=bfloat16", "model.remat=save_projections", "rollout.temperature=0.7",
+        "algo.learning_rate=2e-6", "sft.learning_rate=1e-5", "dpo.learning_rate=1e-6"])
+    caspo = step_config(cfg, "caspo")
+    assert (caspo.micro_batches, caspo.tis_cap, caspo.freeze_vision, caspo.logprob_chunk) == (4, 2.0, True, 32)
+    assert (caspo.adam_eps, caspo.max_grad_norm, caspo.weight_decay, caspo.b1, caspo.b2, caspo.warmup_steps) == (
+        1e-6, None, 0.1, 0.8, 0.99, 5)
+    assert (caspo.compute_dtype, caspo.remat) == ("bfloat16", "save_projections")
+    # the stage's own: CASPO scores at the rollout temperature, SFT and DPO at 1
+    assert (caspo.learning_rate, caspo.temperature) == (2e-6, 0.7)
+    assert step_config(cfg, "sft") == caspo.replace(learning_rate=1e-5, temperature=1.0)
+    assert step_config(cfg, "dpo") == caspo.replace(learning_rate=1e-6, temperature=1.0)
+    greedy = load_config(preset="tiny-cpu", overrides=["rollout.temperature=0"])
+    assert step_config(greedy, "caspo").temperature == 1.0  # log-probs of the model's own distribution
+    with pytest.raises(ValueError, match="stage='rm'"):
+        step_config(cfg, "rm")
+
+
+def test_attention_implementation_reaches_the_model():
+    from caspo_jax.trainer.config import ModelConfig
+    from caspo_jax.trainer.setup import build_policy
+
+    cfg = load_config(preset="tiny-cpu", overrides=["model.tiny=test", "model.attn_implementation=xla"])
+    assert build_policy(cfg.model, cfg.data).model.attn_implementation == "xla"
+    assert ModelConfig().attn_implementation is None  # JAX picks, as before the field existed
+
+
+def test_a_config_saved_before_the_step_knobs_still_loads(tmp_path):
+    """A run directory's config.yaml from before optim.micro_batches & co. (what `--resume`
+    and `caspo plot` read) loads, and trains with exactly the step config it had then."""
+    from pathlib import Path
+
+    from caspo_jax.train import StepConfig
+    from caspo_jax.trainer.config import step_config
+    from caspo_jax.trainer.runtime import load_run_config
+
+    old = Path(__file__).parent / "fixtures" / "config_before_step_knobs.yaml"
+    (tmp_path / "config.yaml").write_text(old.read_text())
+    cfg = load_run_config(tmp_path)
+    assert cfg == load_config(preset="tiny-cpu", overrides=[
+        "model.dtype=bfloat16", "model.remat=save_projections", "rollout.temperature=0.7", "optim.grad_clip=0.5",
+        "optim.warmup_steps=3"])
+    # the fields the old converter (_step_config) set; the rest were StepConfig defaults then too
+    assert step_config(cfg, "caspo") == StepConfig(
+        learning_rate=1e-4, warmup_steps=3, weight_decay=0.0, b1=0.9, b2=0.999, max_grad_norm=0.5,
+        remat="save_projections", compute_dtype="bfloat16", temperature=0.7)

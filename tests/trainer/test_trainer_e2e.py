@@ -122,6 +122,23 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(base):
     assert strip_timing(read(part / "metrics.jsonl")) == strip_timing(read(full / "metrics.jsonl"))
 
 
+def test_tis_cap_and_micro_batches_reach_the_caspo_step(base, tmp_path):
+    """optim.tis_cap weighs each token by min(pi_old / pi_rollout, cap) with the rollout
+    engine's own log-probs: the JAX sampler's, at the step's dtype and temperature, match
+    the trainer's old log-probs, so the weights are 1 and none is capped (log-probs on the
+    wrong tokens or positions would be far from 1). optim.micro_batches=2 runs beside it."""
+    from caspo_jax.trainer.caspo import run_caspo
+
+    tmp, cfg, policy = base
+    cfg = config_from_dict(apply_overrides(config_to_dict(cfg), ["run.steps=1", "optim.tis_cap=2.0",
+                                                                 "optim.micro_batches=2"]))
+    run_caspo(cfg, tmp_path / "tis", policy=policy, progress=False, export=False)
+    (row,) = read(tmp_path / "tis" / "metrics.jsonl")
+    assert row["tis_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert row["tis_capped_frac"] == 0.0
+    assert np.isfinite(row["loss"])
+
+
 def test_original_teacher_is_loaded_from_model_teacher_path(base, one_step_run, tmp_path):
     """algo.teacher='original' (CASPO-w.-OMC) scores with the parameters at model.teacher_path.
     At step 1 pi_old and an export of the initial policy are the same model, so that step

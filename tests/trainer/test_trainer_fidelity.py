@@ -32,8 +32,8 @@ from caspo_jax.train import (build_train_batch, compute_logprobs, init_state, ma
                              step_logprobs)
 from caspo_jax.train.logprobs import cast_floats  # noqa: E402
 from caspo_jax.trainer.caspo import rollout_signals  # noqa: E402
-from caspo_jax.trainer.config import load_config  # noqa: E402
-from caspo_jax.trainer.exchange import _exchange_step, _reference_logprobs, _step_config  # noqa: E402
+from caspo_jax.trainer.config import load_config, step_config  # noqa: E402
+from caspo_jax.trainer.exchange import _exchange_step, _reference_logprobs  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 FAST = {"xla_backend_optimization_level": 0}
@@ -46,10 +46,11 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def _step_cfg(dtype: str, temperature: float = 1.0):
-    """The train step's config as `caspo train` builds it from a run config."""
-    cfg = load_config(preset="tiny-cpu", overrides=[f"model.dtype={dtype}", f"rollout.temperature={temperature}"])
-    return _step_config(cfg, 1e-3, temperature=logit_temperature(cfg.rollout.temperature))
+def _step_cfg(dtype: str, temperature: float = 1.0, stage: str = "caspo"):
+    """The train step's config as `caspo train` (`caspo dpo`) builds it from a run config."""
+    cfg = load_config(preset="tiny-cpu", overrides=[f"model.dtype={dtype}", f"rollout.temperature={temperature}",
+                                                    "algo.learning_rate=1e-3", "dpo.learning_rate=1e-3"])
+    return step_config(cfg, stage)
 
 
 def _same_prompt_batch(model):
@@ -96,7 +97,8 @@ def test_dpo_reference_has_the_policys_precision(checkpoint, dtype):
     from caspo_jax.trainer.data import EncodedExchange, exchange_batch
 
     model, policy_params = load_pretrained(checkpoint, dtype=jnp.dtype(dtype))
-    step_cfg = _step_cfg(dtype)
+    step_cfg = _step_cfg(dtype, temperature=0.7, stage="dpo")  # DPO scores at 1 whatever the rollout's
+    assert step_cfg.temperature == 1.0
     ids, mask, _, _, pixels, grids = fx.prompts(seed=6)
     r_ids, r_mask, _ = fx.responses(seed=7)
     per_image = len(pixels) // fx.P

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caspo_jax.launch.cli import main
-from caspo_jax.train import TrainConfig, apply_gradients, init_state
+from caspo_jax.train import StepConfig, apply_gradients, init_state
 from caspo_jax.trainer.metrics import MetricsWriter, read_metrics
 from caspo_jax.trainer.plot import INDICATORS, indicator_series
 
@@ -15,7 +15,7 @@ def test_grad_norm_panel_reads_the_train_steps_grad_norm(tmp_path):
     # The train step's own metric: every trainer ends its step in apply_gradients.
     params = {"w": jnp.zeros((2,)), "b": jnp.zeros(())}
     grads = {"w": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)}
-    _, step_metrics = apply_gradients(TrainConfig(learning_rate=1e-3), init_state(params, TrainConfig()), grads)
+    _, step_metrics = apply_gradients(StepConfig(learning_rate=1e-3), init_state(params, StepConfig()), grads)
     (key,) = [k for k in INDICATORS["grad_norm"][1] if k in step_metrics]
     np.testing.assert_allclose(float(step_metrics[key]), 5.0, rtol=1e-6)  # sqrt(3^2 + 4^2)
 
