@@ -27,7 +27,6 @@ from caspo_jax.train.logprobs import (
     teacher_params,
 )
 from caspo_jax.train.optimizer import StepConfig, learning_rate_schedule, make_optimizer
-from caspo_jax.train.optimizer import TrainConfig  # noqa: F401  temporary old name, see optimizer.py
 from caspo_jax.train.signals import rollout_advantages
 from caspo_jax.train.state import (
     TrainState,

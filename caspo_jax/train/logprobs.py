@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from caspo_jax.train.batch import SequenceLayout, TrainBatch
-from caspo_jax.train.optimizer import TrainConfig
+from caspo_jax.train.optimizer import StepConfig
 
 DEFAULT_CHUNK = 128
 
@@ -122,7 +122,7 @@ def compute_logprobs(model, params, batch: TrainBatch, *, layout: str = "student
     return jnp.where(valid, logp, 0.0), jnp.where(valid, entropy, 0.0)
 
 
-def step_logprobs(model, cfg: TrainConfig, params, batch: TrainBatch, *, layout: str = "student"):
+def step_logprobs(model, cfg: StepConfig, params, batch: TrainBatch, *, layout: str = "student"):
     """``compute_logprobs`` as the train step computes its current log-probs: ``cfg``'s
     compute dtype, sampling temperature and LM-head chunk. The old, reference and teacher
     log-probs all come from here, so at step 0 (reference = policy) the KL is exactly 0,

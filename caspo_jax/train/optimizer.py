@@ -115,7 +115,3 @@ def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
         opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, vision_labels)
     return opt
 
-
-# Temporary: caspo_jax/train/logprobs.py and tests/distributed/_dist_scenario.py (not this
-# change's files) still import the old name; delete once they import StepConfig.
-TrainConfig = StepConfig

@@ -9,14 +9,14 @@ import numpy as np
 from caspo_jax.algo import CaspoConfig
 from caspo_jax.models import load_pretrained
 from caspo_jax.testing import tiny_models as tm
-from caspo_jax.train import TrainConfig, build_train_batch, init_state, make_train_step
+from caspo_jax.train import StepConfig, build_train_batch, init_state, make_train_step
 
 P, G, T = 2, 4, 8
 GRID = (1, 4, 4)
 CASPO = CaspoConfig(group_size=G, prompts_per_step=P, beta=0.04)
 # lr 2e-4: Adam divides by sqrt(v), so reduction-order differences in near-zero gradients
 # grow with the step size; at 1e-3 two steps measured 1.1e-5 on the patch embedding.
-CFG = TrainConfig(learning_rate=2e-4, max_grad_norm=1.0)
+CFG = StepConfig(learning_rate=2e-4, max_grad_norm=1.0)
 STEPS = 2
 
 
