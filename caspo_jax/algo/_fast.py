@@ -312,7 +312,7 @@ _loss_row_sums.defvjp(_loss_row_sums_fwd, _loss_row_sums_bwd)
 
 
 def loss_terms(token_terms, logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, valid_BxT, clips, *, dual, agg, norm_len):
-    """`losses._loss_terms` from one blocked pass: (pg_loss, kl, token means of the parts).
+    """`caspo_loss`'s two terms from one blocked pass: (pg_loss, kl, token means of the parts).
 
     `token_terms(logp, old, ref, adv, valid, clips)` -> (pg, kl or None, parts) is eq. 6
     per token; `dual` says whether parts["dual_clipped"] can be nonzero. Everything comes

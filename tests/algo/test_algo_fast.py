@@ -282,8 +282,9 @@ LOSS_CASES = [  # (agg, kl_kind, dual_clip, beta); beta 0 runs without ref_logp
 @pytest.mark.parametrize("agg,kl_kind,dual_clip,beta", LOSS_CASES)
 def test_fast_loss_equals_the_readable_loss(blocks, agg, kl_kind, dual_clip, beta):
     """Loss, gradients w.r.t. every input and every metric: fast vs fast=False, with NaN
-    in all four inputs at absent positions and an all-absent row."""
-    logp, old, ref, adv, mask = _batch(31 + len(agg) + 7 * bool(dual_clip) + int(100 * beta), dual_clip)
+    in all four inputs at absent positions and an all-absent row. T = 32, so the clip
+    counts take the packed path (`_count_codes`)."""
+    logp, old, ref, adv, mask = _batch(31 + len(agg) + 7 * bool(dual_clip) + int(100 * beta), dual_clip, T=32)
     logp, old, ref, adv = _with_absent_nan(logp, old, ref, adv, mask=mask)
     with_ref = beta > 0
     kw = {"beta": beta, "kl_kind": kl_kind, "agg": agg, "dual_clip": dual_clip}

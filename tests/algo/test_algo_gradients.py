@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_algo_losses import _random  # noqa: E402
 
 
-def _batch(seed, dual_clip):
+def _batch(seed, dual_clip, T=9):
     """test_algo_losses' random batch; with a dual clip, two negative-advantage tokens whose
     ratio e^1.5 exceeds it, so the dual branch of the backward is exercised."""
-    logp, old, ref, adv, mask = _random(seed=seed, spread=0.4)
+    logp, old, ref, adv, mask = _random(T=T, seed=seed, spread=0.4)
     if dual_clip is not None:
         mask[0, :2] = True
         adv[0, :2] = -1.0
