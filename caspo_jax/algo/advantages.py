@@ -6,7 +6,7 @@ b // G. Every function is pure and `jax.jit`-compatible (string/bool keywords ar
 close over them or mark them `static_argnames`), computes in float32 whatever the input
 dtype, and returns exactly 0 -- with exactly 0 gradient -- at positions whose mask is 0.
 
-`caspo_advantages` is Algorithm 1, lines 5-8, composed from the pieces above it. By
+`caspo_advantages` is Algorithm 1, lines 5-8, composed from the functions before it. By
 default (`fast=True`) it computes r_t and its z-score through `_fast.normalized_signal`
 (one row-blocked pass, r_t never written out), the same numbers to float32 rounding
 (tests/algo/test_algo_fast.py).
@@ -36,14 +36,15 @@ def _check_eps(eps) -> None:
 def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bool = True) -> jax.Array:
     """(x - mean) / (std + eps) over each population's valid values: the hat of eq. 5.
 
-    A population is everything along `axis` (a tuple of trailing axes) at one index of
-    the others. std is the sample std (ddof=1); `scale=False` only centres. A population
+    A population is everything along `axis` (a tuple of axes) at one index of the
+    others; `valid` is a 0/1 mask of x's shape. std is the sample std (ddof=1); `scale=False` only centres. A population
     with fewer than two valid values, or std < eps (all values equal, say), carries no
     relative signal and gives exactly 0. The deviations are taken from one of the
     population's own values (its largest) before averaging, so for a constant population
     every deviation, hence the variance, is exactly 0: no rounding residue. Absent
     positions are 0.
     """
+    valid = as_valid(valid)
     x = present(x, valid)
     n = jnp.sum(valid, axis=axis, keepdims=True, dtype=F32)
     anchor = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axis, keepdims=True)
