@@ -5,12 +5,19 @@ response length and B = P * G; row b of a [B, T] array is trajectory b % G of pr
 b // G. Every function is pure and `jax.jit`-compatible (string/bool keywords are static:
 close over them or mark them `static_argnames`), computes in float32 whatever the input
 dtype, and returns exactly 0 -- with exactly 0 gradient -- at positions whose mask is 0.
+
+`caspo_advantages` is Algorithm 1, lines 5-8, composed from the functions before it. By
+default (`fast=True`) it computes r_t and its z-score through `_fast.normalized_signal`
+(one row-blocked pass, r_t never written out), the same numbers to float32 rounding
+(tests/algo/test_algo_fast.py).
 """
 
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.algo._masked import F32, as_valid, masked_zscore, present, zscore_of
+from caspo_jax.algo import _fast
+from caspo_jax.algo._masked import F32, as_valid, present
+from caspo_jax.algo.aggregation import aggregate
 
 VARIANTS = ("hybrid", "outcome", "token")
 TOKEN_SCOPES = ("group", "batch")
@@ -24,6 +31,29 @@ def _check_choice(name: str, value: str, choices) -> None:
 def _check_eps(eps) -> None:
     if isinstance(eps, (int, float)) and not eps > 0:
         raise ValueError(f"eps={eps!r} must be > 0 (the default is 1e-6)")
+
+
+def masked_zscore(x: jax.Array, valid: jax.Array, axis, *, eps: float, scale: bool = True) -> jax.Array:
+    """(x - mean) / (std + eps) over each population's valid values: the hat of eq. 5.
+
+    A population is everything along `axis` (a tuple of axes) at one index of the
+    others; `valid` is a 0/1 mask of x's shape. std is the sample std (ddof=1); `scale=False` only centres. A population
+    with fewer than two valid values, or std < eps (all values equal, say), carries no
+    relative signal and gives exactly 0. The deviations are taken from one of the
+    population's own values (its largest) before averaging, so for a constant population
+    every deviation, hence the variance, is exactly 0: no rounding residue. Absent
+    positions are 0.
+    """
+    valid = as_valid(valid)
+    x = present(x, valid)
+    n = jnp.sum(valid, axis=axis, keepdims=True, dtype=F32)
+    anchor = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axis, keepdims=True)
+    d = jnp.where(valid, x - anchor, 0.0)
+    d = jnp.where(valid, d - jnp.sum(d, axis=axis, keepdims=True) / jnp.maximum(n, 1.0), 0.0)
+    var = jnp.sum(d * d, axis=axis, keepdims=True) / jnp.maximum(n - 1.0, 1.0)
+    degenerate = (n < 2.0) | (var < eps * eps)
+    std = jnp.sqrt(jnp.where(degenerate, 1.0, var))  # 1: a finite gradient where unused
+    return jnp.where(degenerate, 0.0, d / (std + eps) if scale else d)
 
 
 def group_normalize(rewards_PxG: jax.Array, *, eps: float = 1e-6, scale: bool = True) -> jax.Array:
@@ -46,8 +76,7 @@ def group_normalize(rewards_PxG: jax.Array, *, eps: float = 1e-6, scale: bool = 
             "sample at least G=2 trajectories per prompt (the paper uses 32)"
         )
     _check_eps(eps)
-    valid_PxG = jnp.ones(rewards_PxG.shape, jnp.bool_)
-    return masked_zscore(rewards_PxG, valid_PxG, axis=1, eps=eps, scale=scale)[0]
+    return masked_zscore(rewards_PxG, jnp.ones(rewards_PxG.shape, jnp.bool_), axis=(1,), eps=eps, scale=scale)
 
 
 def normalize_token_signal(
@@ -67,7 +96,7 @@ def normalize_token_signal(
     if r_PxGxT.ndim != 3:
         raise ValueError(f"normalize_token_signal: r must be [P, G, T], got shape {r_PxGxT.shape}")
     axis = (1, 2) if scope == "group" else (0, 1, 2)
-    return masked_zscore(r_PxGxT, as_valid(mask_PxGxT), axis=axis, eps=eps)[0]
+    return masked_zscore(r_PxGxT, as_valid(mask_PxGxT), axis=axis, eps=eps)
 
 
 def token_rewards(
@@ -153,16 +182,17 @@ def caspo_advantages(
     scale_rewards: bool = True,
     token_reward_clamp: float | None = None,
     nonneg_factor: bool = False,
+    fast: bool = True,
 ):
     """Algorithm 1, lines 5-8: outcome rewards and token log-probs to A_BxT.
 
-    The same numbers as composing `group_normalize`, `token_rewards`,
-    `normalize_token_signal` and `hybrid_advantages` (rows grouped prompt-major, [B, T] <->
-    [P, G, T]), computed without writing r_t or its z-score out (`zscore_of`).
+    `group_normalize` (R_hat), `token_rewards` (eq. 4), `normalize_token_signal` (r_hat)
+    and `hybrid_advantages` (eq. 5), rows grouped prompt-major ([B, T] <-> [P, G, T]).
     For variant="outcome" the log-probs are unused and may be None.
     Returns (adv_BxT, metrics) with metrics["token_reward_mean"]: the raw r_t averaged
-    over valid tokens (how much the constitution moves the policy; 0 for "outcome"),
-    taken from the normalisation's own sums, so it costs no extra pass over [B, T].
+    over valid tokens (how much the constitution moves the policy; 0 for "outcome").
+    fast: r_t, its z-score and its mean from `_fast.normalized_signal` (one pass, r_t
+    never written out; False: the plain composition below).
     """
     _check_choice("variant", variant, VARIANTS)
     rewards_PxG = jnp.asarray(rewards_PxG)
@@ -182,16 +212,16 @@ def caspo_advantages(
         _check_choice("token_scope", token_scope, TOKEN_SCOPES)
         _check_eps(eps)
         _check_clamp("caspo_advantages: token_reward_clamp", token_reward_clamp)
-        # r_t straight from the two log-probs (`zscore_of`): no [B, T] array of rewards.
-        r_hat_PxGxT, n, total = zscore_of(
-            lambda teacher, student: _reward_values(teacher, student, token_reward_clamp),
-            (jnp.asarray(teacher_logp_BxT).reshape(P, G, T), jnp.asarray(student_logp_BxT).reshape(P, G, T)),
-            valid_PxGxT, (1, 2) if token_scope == "group" else (0, 1, 2), eps=eps,
-        )
-        # The barrier stops XLA from folding sum(per-group sums) back into a fresh full
-        # reduction over [P, G, T] where the statistics are one block (off the CPU).
-        n, total = jax.lax.optimization_barrier((n, total))
-        token_reward_mean = jnp.sum(total) / jnp.maximum(jnp.sum(n), 1.0)
+        if fast:
+            r_hat_PxGxT, token_reward_mean = _fast.normalized_signal(
+                lambda teacher, student: _reward_values(teacher, student, token_reward_clamp),
+                (jnp.asarray(teacher_logp_BxT).reshape(P, G, T), jnp.asarray(student_logp_BxT).reshape(P, G, T)),
+                valid_PxGxT, (1, 2) if token_scope == "group" else (0, 1, 2), eps=eps,
+            )
+        else:
+            r_BxT = token_rewards(teacher_logp_BxT, student_logp_BxT, valid_BxT, clamp=token_reward_clamp)
+            r_hat_PxGxT = normalize_token_signal(r_BxT.reshape(P, G, T), valid_PxGxT, scope=token_scope, eps=eps)
+            token_reward_mean = aggregate(r_BxT, valid_BxT, agg="token-mean")
     adv_PxGxT = hybrid_advantages(
         R_hat_PxG, r_hat_PxGxT, valid_PxGxT, lam=lam, variant=variant, nonneg_factor=nonneg_factor
     )

@@ -8,8 +8,8 @@ and the fix at construction time, long before anything is traced.
 import dataclasses
 
 from caspo_jax.algo.advantages import TOKEN_SCOPES, VARIANTS
+from caspo_jax.algo.aggregation import AGG_MODES
 from caspo_jax.algo.kl import KL_KINDS
-from caspo_jax.algo.losses import AGG_MODES
 
 TEACHERS = ("rollout_policy", "frozen_sft", "original")
 

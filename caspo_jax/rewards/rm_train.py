@@ -32,10 +32,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from caspo_jax.algo import rm_loss
 from caspo_jax.rewards.reward_model import HEAD_KEY, RMExample, RewardModel, init_head, rm_rows, sequence_rewards
 from caspo_jax.train.optimizer import StepConfig
 
-__all__ = ["RMBatch", "RMTrainConfig", "load_scored_responses", "make_rm_step", "rm_loss", "train_reward_model"]
+__all__ = ["RMBatch", "RMTrainConfig", "load_scored_responses", "make_rm_step", "train_reward_model"]
 
 MAX_SCORE = 6.0
 
@@ -131,22 +132,6 @@ def build_rm_batch(model, slots, K: int, pad_id: int, prompt_len: int, response_
 
 
 # --------------------------------------------------------------------------- maths
-
-
-def rm_loss(r_B, bt_mask_K, mse_mask_B, target_B, mse_weight: float):
-    """Eq. 7 on B = 2K rewards; returns (loss, metrics). Pairs: (r[k], r[K+k]) = (chosen, rejected)."""
-    K = bt_mask_K.shape[0]
-    bt_mask = bt_mask_K.astype(jnp.float32)
-    mse_mask = mse_mask_B.astype(jnp.float32)
-    margin = r_B[:K] - r_B[K:]
-    n_bt = jnp.sum(bt_mask)
-    n_mse = jnp.sum(mse_mask)
-    bt = -jnp.sum(bt_mask * jax.nn.log_sigmoid(margin)) / jnp.maximum(n_bt, 1.0)
-    sq = jnp.sum(mse_mask * (r_B - target_B) ** 2) / jnp.maximum(n_mse, 1.0)
-    loss = bt + mse_weight * sq
-    accuracy = jnp.sum(bt_mask * (margin > 0)) / jnp.maximum(n_bt, 1.0)
-    return loss, {"loss": loss, "bt_loss": bt, "mse": sq, "accuracy": accuracy,
-                  "margin": jnp.sum(bt_mask * margin) / jnp.maximum(n_bt, 1.0), "pairs": n_bt, "mse_rows": n_mse}
 
 
 def _rm_step(model, step_cfg, mse_weight: float, state, batch: RMBatch):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caspo_jax.algo import dpo_loss, sft_loss
 from caspo_jax.launch.distributed import is_primary
 from caspo_jax.trainer.checkpoint import RunCheckpointer
 from caspo_jax.trainer.config import ConfigError, TrainConfig, step_config
@@ -33,30 +34,7 @@ from caspo_jax.trainer.placement import make_placement
 from caspo_jax.trainer.runtime import RunDir, StopSignals, export_final
 from caspo_jax.trainer.setup import Policy, build_policy
 
-__all__ = ["dpo_loss", "run_exchange_stage", "sft_loss"]
-
-
-def sft_loss(logp_BxT: jax.Array, mask_BxT: jax.Array):
-    """Mean NLL over response tokens: -sum(logp * mask) / sum(mask). Returns (loss, metrics)."""
-    mask = mask_BxT.astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(mask), 1.0)
-    nll = -jnp.sum(logp_BxT * mask) / n
-    return nll, {"loss": nll, "ppl": jnp.exp(nll)}
-
-
-def dpo_loss(logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array, beta: float):
-    """DPO over 2P rows: the first P chosen, the last P rejected (same prompts, same order)."""
-    mask = mask_BxT.astype(jnp.float32)
-    seq = jnp.sum(logp_BxT * mask, axis=1)
-    ref = jnp.sum(ref_logp_BxT * mask, axis=1)
-    P = seq.shape[0] // 2
-    chosen = seq[:P] - ref[:P]
-    rejected = seq[P:] - ref[P:]
-    margin = beta * (chosen - rejected)
-    loss = -jnp.mean(jax.nn.log_sigmoid(margin))
-    return loss, {"loss": loss, "reward_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
-                  "reward_margin": jnp.mean(margin), "chosen_reward": beta * jnp.mean(chosen),
-                  "rejected_reward": beta * jnp.mean(rejected)}
+__all__ = ["run_exchange_stage"]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))

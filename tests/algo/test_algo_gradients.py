@@ -1,8 +1,10 @@
-"""The loss's custom VJP and the one-pass z-score against plain autodiff and hand values.
+"""The loss's custom VJP and both z-scores against plain autodiff and hand values.
 
-`caspo_loss` differentiates through `_loss_row_sums`, whose backward is hand-wired (the
-per-token VJP, recomputed from the inputs); here it must equal jax.grad of the same
-maths written without it: `aggregate(clipped_surrogate) + beta * aggregate(kl_penalty)`.
+`caspo_loss` differentiates through `_fast._loss_row_sums`, whose backward is hand-wired
+(the per-token VJP, recomputed from the inputs); here it must equal jax.grad of the same
+maths written from the public pieces: `aggregate(clipped_surrogate) + beta * aggregate(kl_penalty)`.
+The z-score tests run on the readable `normalize_token_signal` and on `_fast.zscore_of`
+(the one-pass shifted statistics `caspo_advantages` uses by default).
 """
 
 import functools
@@ -24,15 +26,16 @@ from caspo_jax.algo import (
     kl_penalty,
     normalize_token_signal,
 )
+from caspo_jax.algo import _fast
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_algo_losses import _random  # noqa: E402
 
 
-def _batch(seed, dual_clip):
+def _batch(seed, dual_clip, T=9):
     """test_algo_losses' random batch; with a dual clip, two negative-advantage tokens whose
     ratio e^1.5 exceeds it, so the dual branch of the backward is exercised."""
-    logp, old, ref, adv, mask = _random(seed=seed, spread=0.4)
+    logp, old, ref, adv, mask = _random(T=T, seed=seed, spread=0.4)
     if dual_clip is not None:
         mask[0, :2] = True
         adv[0, :2] = -1.0
@@ -109,11 +112,21 @@ def test_loss_gradient_is_one_elementwise_pass_no_residuals():
     assert compiled.memory_analysis().temp_size_in_bytes <= 1.5 * one_array
 
 
-# ---------------------------------------------------------------- one-pass z-score
+# ---------------------------------------------------------------- z-scores
 
 
+def _fast_token_signal(r_PxGxT, mask_PxGxT, *, scope="group"):
+    """`normalize_token_signal` computed by the fast path's one-pass `zscore_of`."""
+    axes = (1, 2) if scope == "group" else (0, 1, 2)
+    return _fast.zscore_of(lambda x: x, (r_PxGxT,), mask_PxGxT, axes, eps=1e-6)[0]
+
+
+ZSCORES = pytest.mark.parametrize("normalize", [normalize_token_signal, _fast_token_signal], ids=["readable", "fast"])
+
+
+@ZSCORES
 @pytest.mark.parametrize("value", [7.77, 33000.1, -1e6 + 0.3])
-def test_constant_signal_is_exact_zero_when_first_tokens_are_absent(value):
+def test_constant_signal_is_exact_zero_when_first_tokens_are_absent(value, normalize):
     """The shift comes from the first trajectory whose first token is valid; rows whose
     own first token is absent are still centred exactly."""
     mask = np.ones((2, 4, 16), bool)
@@ -122,17 +135,18 @@ def test_constant_signal_is_exact_zero_when_first_tokens_are_absent(value):
     mask[1, 2, 0] = True  # ... so trajectory 2 gives the shift
     r = jnp.where(mask, jnp.float32(value), jnp.float32(-5.0))  # absent tokens hold other values
     for scope in ("group", "batch"):
-        assert np.all(np.asarray(normalize_token_signal(r, mask, scope=scope)) == 0.0)
+        assert np.all(np.asarray(normalize(r, mask, scope=scope)) == 0.0)
 
 
-def test_zscore_without_any_valid_first_token_is_still_right():
+@ZSCORES
+def test_zscore_without_any_valid_first_token_is_still_right(normalize):
     """Shift 0: a plain one-pass variance, whose relative error grows like
     float32 eps * (mean / std)^2 -- here mean 50, std 1: ~1e-4."""
     rng = np.random.default_rng(5)
     r = (rng.normal(size=(3, 4, 10)) + 50.0).astype(np.float32)
     mask = rng.random((3, 4, 10)) < 0.8
     mask[..., 0] = False  # no population has a valid first token: shift 0
-    out = normalize_token_signal(r, mask)
+    out = normalize(r, mask)
     for p in range(3):
         vals = r[p][mask[p]]
         want = (r[p] - vals.mean()) / (vals.std(ddof=1) + 1e-6)
@@ -140,11 +154,12 @@ def test_zscore_without_any_valid_first_token_is_still_right():
         assert np.all(np.asarray(out[p])[~mask[p]] == 0.0)
 
 
-def test_zscore_matches_numpy_with_random_masks():
+@ZSCORES
+def test_zscore_matches_numpy_with_random_masks(normalize):
     rng = np.random.default_rng(6)
     r = rng.normal(2.0, 0.5, size=(4, 8, 32)).astype(np.float32)
     mask = rng.random((4, 8, 32)) < 0.6
-    out = np.asarray(normalize_token_signal(r, mask, scope="batch"))
+    out = np.asarray(normalize(r, mask, scope="batch"))
     vals = r[mask]
     np.testing.assert_allclose(out[mask], (vals - vals.mean()) / (vals.std(ddof=1) + 1e-6), rtol=1e-5, atol=1e-5)
 

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from caspo_jax.algo import rm_loss
 from caspo_jax.rewards import build_reward
 from caspo_jax.rewards.reward_model import HEAD_KEY, RewardModel, encode_rm_example, init_head, rm_rows, sequence_rewards
-from caspo_jax.rewards.rm_train import RMTrainConfig, load_scored_responses, rm_loss
+from caspo_jax.rewards.rm_train import RMTrainConfig, load_scored_responses
 
 
 def test_rm_loss_equals_hand_computed_bt_plus_weighted_mse():

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from caspo_jax.launch.cli import main
 
-from caspo_jax.trainer.exchange import _batch_rows, dpo_loss, sft_loss
+from caspo_jax.algo import dpo_loss, sft_loss
+from caspo_jax.trainer.exchange import _batch_rows
 from caspo_jax.trainer.metrics import MetricsWriter, mfu, read_metrics
 
 

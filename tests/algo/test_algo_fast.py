@@ -1,9 +1,12 @@
-"""The row-blocked passes (`_blocks`): many small blocks give the same numbers as the
-reference maths, and the packed clip counts are exact.
+"""The fast path (`caspo_jax.algo._fast`) against the readable maths it stands in for.
 
+`caspo_loss` / `policy_loss` and `caspo_advantages` dispatch to `_fast` by default; with
+`fast=False` they run the plain formulas, the reference here: same loss, gradients,
+metrics and advantages on random masked batches with NaN at absent positions. Also: many
+small row blocks give the same numbers as one, and the packed clip counts are exact.
 The other tests use arrays that fit one block; here `BLOCK_ELEMENTS` is shrunk so that
-the row-block loop (`map_row_blocks`) really runs over several blocks (the loss's, and the token-reward
-statistics' of the advantages).
+the row-block loop (`map_row_blocks`) really runs over several blocks (the loss's, and
+the token-reward statistics' of the advantages).
 """
 
 import contextlib
@@ -24,20 +27,18 @@ from caspo_jax.algo import (
     normalize_token_signal,
     policy_loss,
 )
-from caspo_jax.algo import _blocks
-from caspo_jax.algo import _masked as masked_module
-from caspo_jax.algo import losses as losses_module
-from caspo_jax.algo.losses import _count_codes, _decode_counts
+from caspo_jax.algo import _fast
+from caspo_jax.algo._fast import _count_codes, _decode_counts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_algo_gradients import _batch, _reference_loss  # noqa: E402
+from test_algo_gradients import _batch, _fast_token_signal, _reference_loss  # noqa: E402
 from test_algo_losses import _random  # noqa: E402
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 18 values: 2 rows of the 9-token loss batch, 3 of the 6-token advantages'."""
-    monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 18)
+    monkeypatch.setattr(_fast, "BLOCK_ELEMENTS", 18)
     jax.clear_caches()
     yield
     jax.clear_caches()
@@ -48,21 +49,21 @@ def one_block():
     """Blocks large enough for the whole test batch. The caches are cleared so that a
     function traced under the small blocks is traced again (else jit would replay it)."""
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(_blocks, "BLOCK_ELEMENTS", 1 << 17)
+        m.setattr(_fast, "BLOCK_ELEMENTS", 1 << 17)
         jax.clear_caches()
         yield
     jax.clear_caches()
 
 
 def test_rows_per_block_is_the_largest_divisor_that_fits(monkeypatch):
-    monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 100)
-    assert _blocks.rows_per_block(12, 10) == 6  # 10 rows fit, 6 is the largest divisor
-    assert _blocks.rows_per_block(7, 10) == 7  # prime, all fit
-    assert _blocks.rows_per_block(13, 10) == 1  # prime, only single rows divide it
-    assert _blocks.rows_per_block(3, 40) == 1  # groups of 40 values: 2 fit, but 2 does not divide 3
-    assert _blocks.rows_per_block(6, 1000) == 1  # a row larger than a block still goes alone
-    monkeypatch.setattr(_blocks.jax, "default_backend", lambda: "gpu")
-    assert _blocks.rows_per_block(12, 10) == 12  # off the CPU: one block, XLA fuses the pass
+    monkeypatch.setattr(_fast, "BLOCK_ELEMENTS", 100)
+    assert _fast.rows_per_block(12, 10) == 6  # 10 rows fit, 6 is the largest divisor
+    assert _fast.rows_per_block(7, 10) == 7  # prime, all fit
+    assert _fast.rows_per_block(13, 10) == 1  # prime, only single rows divide it
+    assert _fast.rows_per_block(3, 40) == 1  # groups of 40 values: 2 fit, but 2 does not divide 3
+    assert _fast.rows_per_block(6, 1000) == 1  # a row larger than a block still goes alone
+    monkeypatch.setattr(_fast.jax, "default_backend", lambda: "gpu")
+    assert _fast.rows_per_block(12, 10) == 12  # off the CPU: one block, XLA fuses the pass
 
 
 @pytest.mark.parametrize("agg,kl_kind,dual_clip,beta", [
@@ -187,6 +188,7 @@ def test_blocked_token_signal_equals_numpy(small_blocks, scope):
     r = np.where(mask, teacher - student, 0.0).astype(np.float32).reshape(P, G, T)
     m = mask.reshape(P, G, T)
     want = _numpy_zscore(r, m, (1, 2) if scope == "group" else (0, 1, 2))
+    np.testing.assert_allclose(_fast_token_signal(r, m, scope=scope), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(normalize_token_signal(r, m, scope=scope), want, rtol=1e-5, atol=1e-6)
     adv, metrics = caspo_advantages(rewards, teacher, student, mask, lam=0.3, variant="token", token_scope=scope)
     np.testing.assert_allclose(adv, want.reshape(P * G, T), rtol=1e-5, atol=1e-6)
@@ -202,19 +204,23 @@ def test_blocked_token_signal_gradients_ignore_absent_garbage(small_blocks, scop
     r = np.where(m, (teacher - student).reshape(P, G, T), np.nan).astype(np.float32)
     weights = np.random.default_rng(5).normal(size=r.shape).astype(np.float32)
 
-    def objective(x):
-        return jnp.sum(normalize_token_signal(x, m, scope=scope) * weights)
+    def objective(z_of, x):
+        return jnp.sum(z_of(x, m, scope=scope) * weights)
 
-    grad = jax.grad(objective)(r)
+    grad = jax.grad(functools.partial(objective, _fast_token_signal))(r)
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~m] == 0.0)
     with one_block():
-        want = jax.grad(objective)(np.where(m, r, 0.0))
+        want = jax.grad(functools.partial(objective, _fast_token_signal))(np.where(m, r, 0.0))
     np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
+    # ... and the readable z-score's gradient, NaN and all.
+    readable = jax.grad(functools.partial(objective, normalize_token_signal))(r)
+    assert np.all(np.asarray(readable)[~m] == 0.0)
+    np.testing.assert_allclose(grad, readable, rtol=1e-4, atol=1e-6)
 
 
 def test_map_row_blocks_rejects_blocks_that_do_not_divide_the_rows():
     with pytest.raises(ValueError, match="do not divide"):
-        _blocks.map_row_blocks(lambda x: jnp.sum(x, -1), (jnp.ones((5, 2)),), 2)
+        _fast.map_row_blocks(lambda x: jnp.sum(x, -1), (jnp.ones((5, 2)),), 2)
 
 
 def test_blocked_step_under_jit_matches_one_block(small_blocks):
@@ -226,15 +232,14 @@ def test_blocked_step_under_jit_matches_one_block(small_blocks):
         return jax.grad(lambda lp: caspo_loss(lp, student, student, adv, mask, beta=0.005)[0])(logp), adv
 
     calls = []
-    counting = _blocks.rows_per_block
+    counting = _fast.rows_per_block
 
     def spy(num_rows, row_elements):
         calls.append((num_rows, row_elements, counting(num_rows, row_elements)))
         return calls[-1][-1]
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(masked_module, "rows_per_block", spy)
-        m.setattr(losses_module, "rows_per_block", spy)
+        m.setattr(_fast, "rows_per_block", spy)
         grad, adv = jax.jit(step)(rewards, teacher, student, logp, mask)
         blocked = list(calls)
         with one_block():
@@ -247,3 +252,105 @@ def test_blocked_step_under_jit_matches_one_block(small_blocks):
     np.testing.assert_allclose(adv, want_adv, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-10)
     assert jnp.asarray(grad).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- fast == readable
+
+
+@pytest.fixture
+def blocks(request, monkeypatch):
+    """"one": the default blocks (each test batch fits one); "small": 18-value blocks."""
+    if request.param == "small":
+        monkeypatch.setattr(_fast, "BLOCK_ELEMENTS", 18)
+    jax.clear_caches()
+    yield request.param
+    jax.clear_caches()
+
+
+def _with_absent_nan(*arrays_BxT, mask):
+    return tuple(np.where(mask, a, np.nan).astype(np.float32) for a in arrays_BxT)
+
+
+LOSS_CASES = [  # (agg, kl_kind, dual_clip, beta); beta 0 runs without ref_logp
+    ("token-mean", "k3", None, 0.005), ("seq-mean-token-mean", "k2", 3.0, 0.1),
+    ("seq-mean-token-sum", "abs", None, 0.1), ("seq-mean-token-sum-norm", "k1", 3.0, 0.1),
+    ("token-mean", "k3", 3.0, 0.0), ("seq-mean-token-mean", "k3", None, 0.0),
+]
+
+
+@pytest.mark.parametrize("blocks", ["one", "small"], indirect=True)
+@pytest.mark.parametrize("agg,kl_kind,dual_clip,beta", LOSS_CASES)
+def test_fast_loss_equals_the_readable_loss(blocks, agg, kl_kind, dual_clip, beta):
+    """Loss, gradients w.r.t. every input and every metric: fast vs fast=False, with NaN
+    in all four inputs at absent positions and an all-absent row. T = 32, so the clip
+    counts take the packed path (`_count_codes`)."""
+    logp, old, ref, adv, mask = _batch(31 + len(agg) + 7 * bool(dual_clip) + int(100 * beta), dual_clip, T=32)
+    logp, old, ref, adv = _with_absent_nan(logp, old, ref, adv, mask=mask)
+    with_ref = beta > 0
+    kw = {"beta": beta, "kl_kind": kl_kind, "agg": agg, "dual_clip": dual_clip}
+
+    def run(fast):
+        def loss(logp, old, ref, adv):
+            return caspo_loss(logp, old, ref if with_ref else None, adv, mask, fast=fast, **kw)
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(logp, old, ref, adv)
+
+    (loss, metrics), grads = run(True)
+    (want_loss, want_metrics), want_grads = run(False)
+    assert np.isfinite(loss)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6, atol=1e-7)
+    assert metrics.keys() == want_metrics.keys()
+    for key, value in want_metrics.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+    assert float(metrics["clipfrac"]) > 0 and (dual_clip is None or float(metrics["dual_clipfrac"]) > 0)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+        assert np.all(np.asarray(got)[~mask] == 0.0) and np.all(np.asarray(want)[~mask] == 0.0)
+    if not with_ref:
+        assert np.all(np.asarray(grads[2]) == 0.0) and metrics["kl"] == 0.0
+    fast_pg, fast_m = policy_loss(logp, old, adv, mask, agg=agg, dual_clip=dual_clip)
+    slow_pg, slow_m = policy_loss(logp, old, adv, mask, agg=agg, dual_clip=dual_clip, fast=False)
+    np.testing.assert_allclose(fast_pg, slow_pg, rtol=1e-6, atol=1e-7)
+    assert fast_m.keys() == slow_m.keys() == set(metrics) - {"loss", "kl"}
+
+
+ADVANTAGE_CASES = [  # (variant, token_scope, clamp, nonneg_factor, scale_rewards)
+    ("hybrid", "group", None, False, True), ("hybrid", "batch", 0.2, True, True),
+    ("token", "group", None, False, True), ("token", "batch", None, False, False),
+    ("outcome", "group", None, False, True),
+]
+
+
+@pytest.mark.parametrize("blocks", ["one", "small"], indirect=True)
+@pytest.mark.parametrize("variant,scope,clamp,nonneg,scale", ADVANTAGE_CASES)
+def test_fast_advantages_equal_the_readable_composition(blocks, variant, scope, clamp, nonneg, scale):
+    """caspo_advantages fast vs fast=False: A and token_reward_mean, NaN at absent
+    positions of both log-probs, a group with no valid token and a constant-signal group."""
+    rewards, teacher, student, mask = _groups(seed=11)
+    teacher, student = _with_absent_nan(teacher, student, mask=mask)
+    kw = {"lam": 0.3, "variant": variant, "token_scope": scope, "token_reward_clamp": clamp,
+          "nonneg_factor": nonneg, "scale_rewards": scale}
+    adv, metrics = caspo_advantages(rewards, teacher, student, mask, **kw)
+    want, want_metrics = caspo_advantages(rewards, teacher, student, mask, fast=False, **kw)
+    np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(adv)[~mask] == 0.0) and np.all(np.asarray(want)[~mask] == 0.0)
+    assert np.any(np.asarray(adv) != 0.0)
+    np.testing.assert_allclose(metrics["token_reward_mean"], want_metrics["token_reward_mean"], rtol=1e-6, atol=1e-7)
+    if variant == "token" and scope == "group":
+        assert np.all(np.asarray(adv)[6:9] == 0.0) and np.all(np.asarray(want)[6:9] == 0.0)  # the constant group
+
+
+@pytest.mark.parametrize("blocks", ["small"], indirect=True)
+def test_fast_and_readable_step_agree_under_jit(blocks):
+    """Advantages, then the loss's gradient w.r.t. logp, each path end to end in one jit."""
+    rewards, teacher, student, mask = _groups(seed=12)
+    logp = (student + 0.1).astype(np.float32)
+
+    def step(fast, rewards, teacher, student, logp, mask):
+        adv, _ = caspo_advantages(rewards, teacher, student, mask, lam=0.3, fast=fast)
+        return jax.grad(lambda lp: caspo_loss(lp, student, student, adv, mask, beta=0.005, fast=fast)[0])(logp), adv
+
+    grad, adv = jax.jit(functools.partial(step, True))(rewards, teacher, student, logp, mask)
+    want_grad, want_adv = jax.jit(functools.partial(step, False))(rewards, teacher, student, logp, mask)
+    np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-9)
