@@ -30,7 +30,7 @@ LOG_RATIO_BOUND = 20.0
 def _check_clip(clip_low, clip_high, dual_clip) -> None:
     for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
         if isinstance(value, (int, float)) and not value > 0:
-            raise ValueError(f"{name}={value!r} must be > 0 (the paper uses 0.2)")
+            raise ValueError(f"{name}={value!r} must be > 0 (0.2 is verl's default; eq. 6 itself has no clip)")
     if dual_clip is not None and isinstance(dual_clip, (int, float)) and not dual_clip > 1:
         raise ValueError(f"dual_clip={dual_clip!r} must be > 1 (verl's default is 3.0) or None")
 
