@@ -42,7 +42,8 @@ from caspo_jax.algo import PAPER, caspo_advantages, caspo_loss  # noqa: E402
 P, G, T = PAPER.prompts_per_step, PAPER.group_size, 1024
 B = P * G
 CFG = PAPER  # lam 0.3, hybrid, group scope, beta 0.005 k3, clip 0.2, token-mean
-GOAL = 8.0
+# A regression guard since issue #19 retired the 8x target on this CPU (7.6-7.9x measured).
+GOAL = 7.0
 ROUNDS = 8  # runs per framework
 RUN = 4  # back-to-back calls per run; the first is discarded
 
