@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR device mesh, e.g. 1,8,1 (default: one device)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--ignore-custom-code", action="store_true",
+                        help="load a --model directory that declares its own code (auto_map, trust_remote_code) as a "
+                             "plain Qwen-VL model; its code is never run (without it such a directory is refused)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                             eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                             max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len, mesh=mesh)
         _, final = train_reward_model(args.pairs, args.scores, args.model, args.out, cfg, resume=args.resume,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, ignore_custom_code=args.ignore_custom_code)
     except CaspoError as exc:  # bad pairs / scores / images, an untrusted or damaged checkpoint
         return _fail(exc, exc.exit_code)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

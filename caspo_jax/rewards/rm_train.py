@@ -279,8 +279,8 @@ def _evaluate(model, params, units, K, pad_id, prompt_len, response_len, shard) 
 
 
 def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrainConfig = RMTrainConfig(), *,
-                       resume: bool = False, progress: bool = True, reward_model: RewardModel | None = None
-                       ) -> tuple[RewardModel, dict]:
+                       resume: bool = False, progress: bool = True, reward_model: RewardModel | None = None,
+                       ignore_custom_code: bool = False) -> tuple[RewardModel, dict]:
     """Trains to completion (or to a stop signal); writes out_dir/{rm_config.json, checkpoints/,
     metrics.jsonl, tb/, eval.json, export/} (export/ is the directory `RewardModel.load` reads).
 
@@ -313,7 +313,7 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
             if not (model_dir / "config.json").is_file():
                 raise FileNotFoundError(f"--model {model_dir}: no config.json; pass a Qwen2.5-VL / Qwen3-VL HF "
                                         "directory (or a reward-model directory from an earlier caspo rm)")
-            model, params, processor = load_hf_checkpoint(model_dir)
+            model, params, processor = load_hf_checkpoint(model_dir, ignore_custom_code=ignore_custom_code)
             params = {**params, HEAD_KEY: init_head(params["text"]["embed"].shape[1], cfg.seed)}
             pad = processor.tokenizer.pad_token_id
             reward_model = RewardModel(model, params, processor, 0 if pad is None else pad)

@@ -294,3 +294,24 @@ def test_qwen3_vl_reward_model_scores_images_and_round_trips(tiny, tmp_path):
     # The saved parameters and processor, run by the already compiled model: same scores.
     reloaded = RewardModel(model, loaded.params, loaded.processor, loaded.pad_id, batch_size=4)
     np.testing.assert_array_equal(reloaded.score(prompts, responses).rewards, before.rewards)
+
+
+def test_rm_backbone_declaring_its_own_code_needs_the_flag_caspo_rm_has(tiny, tmp_path, capsys):
+    """The refusal names --ignore-custom-code, and caspo rm has it: with the flag the
+    backbone's weights load and train (its declared module would SystemExit if imported)."""
+    from caspo_jax.launch.cli import main
+    from caspo_jax.trainer.runtime import export_policy
+
+    policy, _ = tiny
+    backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")
+    config = json.loads((backbone / "config.json").read_text())
+    (backbone / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_evil.Evil"}}))
+    (backbone / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
+    pairs, scores = _synthetic(tmp_path, n_pairs=8, n_scored=8)
+    args = ["rm", "--pairs", str(pairs), "--scores", str(scores), "--model", str(backbone), "--out",
+            str(tmp_path / "run"), "--steps", "1", "--batch-size", "4", "--max-prompt-len", "256",
+            "--max-response-len", "32", "--no-progress"]
+    assert main(args) == 2
+    assert "--ignore-custom-code" in capsys.readouterr().err
+    assert main(args + ["--ignore-custom-code"]) == 0
+    assert (tmp_path / "run" / "export").is_dir()
