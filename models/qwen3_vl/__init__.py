@@ -1,7 +1,9 @@
 """Qwen3-VL as pure functions over a parameter pytree (imported as ``caspo_jax.models.qwen3_vl``)."""
 
 from .config import Qwen3VLConfig, TextConfig, VisionConfig
-from .model import Qwen3VL, split_visual_features
+from caspo_jax.models.common.decoder import split_visual_features
+
+from .model import Qwen3VL
 from .params import canonical_hf_name, init_params, param_table
 from .rope_index import VisionMetadata, get_rope_index, vision_metadata
 
