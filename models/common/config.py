@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # text fields every family writes back to ``text_config`` under the same names
 _TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -36,9 +36,44 @@ class TextSwitches:
     mrope_interleaved: bool = False
 
 
-class VisionGeometry:
-    """Derived sizes of a vision config (needs ``hidden_size``, ``num_heads``, ``in_channels``,
-    ``temporal_patch_size``, ``patch_size``)."""
+@dataclasses.dataclass(frozen=True)
+class QwenTextConfig(TextSwitches):
+    """The text decoder fields every family has. No defaults here: a family's ``DEFAULTS``
+    holds transformers' own (they differ per family), filled in by ``text_kwargs``; a
+    missing ``num_key_value_heads`` means one key/value head per query head."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    hidden_act: str
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+
+    DEFAULTS: ClassVar[dict] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVisionConfig:
+    """The vision tower fields every family has, and their derived sizes. Defaults: the
+    family's ``DEFAULTS`` (transformers' own), filled in by ``read_vision``."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    in_channels: int
+    patch_size: int
+    spatial_merge_size: int
+    temporal_patch_size: int
+    out_hidden_size: int
+    hidden_act: str
+    rope_theta: float
+
+    DEFAULTS: ClassVar[dict] = {}
 
     @property
     def head_dim(self) -> int:
@@ -118,19 +153,22 @@ def read_rope(rope: dict, theta_default: float, section_default: tuple[int, ...]
 
 
 def text_kwargs(text_cls, text_raw: dict) -> dict:
-    """The ``text_cls`` fields present in ``text_raw`` (rope fields aside, ``read_rope``'s), with
-    ``num_key_value_heads`` defaulting to the query heads as transformers does."""
-    kwargs = {f.name: text_raw[f.name] for f in dataclasses.fields(text_cls)
-              if f.name in text_raw and f.name not in ("rope_theta", "mrope_section")}
+    """The ``text_cls`` fields of ``text_raw`` over its ``DEFAULTS`` (rope fields aside, the
+    caller's from ``read_rope``), with ``num_key_value_heads`` defaulting to the query heads
+    as transformers does."""
+    kwargs = {**text_cls.DEFAULTS, **{f.name: text_raw[f.name] for f in dataclasses.fields(text_cls)
+                                      if f.name in text_raw}}
     if kwargs.get("num_key_value_heads") is None:
-        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", text_cls.num_attention_heads)
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+    for key in ("rope_theta", "mrope_section"):
+        kwargs.pop(key, None)
     return kwargs
 
 
 def read_vision(vision_cls, vision_raw: dict, source: str, tuple_fields: tuple[str, ...]):
-    """``vision_cls`` from a ``vision_config`` dict: its fields (``num_attention_heads`` read as
-    ``num_heads``), square patch sizes given as lists collapsed, ``tuple_fields`` as tuples and
-    the rotary theta from ``rope_parameters``."""
+    """``vision_cls`` from a ``vision_config`` dict: its fields over its ``DEFAULTS``
+    (``num_attention_heads`` read as ``num_heads``), square patch sizes given as lists
+    collapsed, ``tuple_fields`` as tuples and the rotary theta from ``rope_parameters``."""
     kwargs = {f.name: vision_raw[f.name] for f in dataclasses.fields(vision_cls)
               if f.name in vision_raw and f.name != "rope_theta"}
     if "num_heads" not in kwargs and "num_attention_heads" in vision_raw:
@@ -145,4 +183,4 @@ def read_vision(vision_cls, vision_raw: dict, source: str, tuple_fields: tuple[s
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
     rope = vision_raw.get("rope_parameters") or {}
-    return vision_cls(**kwargs, rope_theta=float(rope.get("rope_theta", 10000.0)))
+    return vision_cls(**{**vision_cls.DEFAULTS, **kwargs}, rope_theta=float(rope.get("rope_theta", 10000.0)))

@@ -5,9 +5,9 @@ The model object holds only the config and static switches, so it can be a stati
 Host-side work (M-RoPE position ids, vision metadata) happens in NumPy before the jitted
 core; pass ``position_ids`` from ``get_rope_index`` to call it inside your own jit.
 
-A family subclasses it with its config type and four hooks: ``build_param_table`` /
-``build_init_params`` (its parameter table), ``get_rope_index`` (its rope index),
-``vision_features`` (its vision tower, traced inside ``encode_images``' jit) and
+A family subclasses it with its config type and hooks: ``build_param_table`` (its parameter
+table), ``rope_index_fn`` / ``rope_index_options`` (its rope index and the arguments only it
+takes), ``vision_features`` (its vision tower, traced inside ``encode_images``' jit) and
 ``visual_input_options`` (its extra checks on given visual inputs). The text decoder,
 the KV cache and the embedding of visual features are common (``decoder``, ``kv_cache``).
 
@@ -24,9 +24,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from caspo_jax.models.common import decoder
 from caspo_jax.models.common import kv_cache as kv_cache_lib
+from caspo_jax.models.common.params import init_params
 from caspo_jax.models.common.rope_index import as_grids
 from caspo_jax.models.common.visual_inputs import prepare_visual_inputs
 
@@ -58,7 +60,11 @@ class QwenVLModel:
         raise NotImplementedError
 
     @staticmethod
-    def build_init_params(config, key, dtype):
+    def rope_index_fn(input_ids_BxL, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def rope_index_options(self, second_per_grid_ts, mm_token_type_ids) -> dict:
+        """The keyword arguments only this family's ``rope_index_fn`` takes."""
         raise NotImplementedError
 
     def vision_features(self, vision_params: dict, pixel_values, grids) -> jax.Array:
@@ -76,7 +82,23 @@ class QwenVLModel:
 
     def init(self, key: jax.Array, dtype=jnp.float32) -> dict:
         """Random parameters (tests, benchmarks), jitted so large configs initialise quickly."""
-        return jax.jit(type(self).build_init_params, static_argnums=(0, 2))(self.config, key, dtype)
+        return jax.jit(functools.partial(init_params, self.param_table(), dtype=dtype))(key)
+
+    # ----- host-side metadata -----------------------------------------------------
+    def get_rope_index(self, input_ids, image_grid_thw=None, attention_mask=None, video_grid_thw=None,
+                       second_per_grid_ts=None, mm_token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:
+        """M-RoPE position ids [3, B, L] and deltas [B, 1] (NumPy), as transformers computes them.
+
+        ``second_per_grid_ts`` scales video time in Qwen2.5-VL (Qwen3-VL ignores it: its video
+        time is timestamp text between frames); ``mm_token_type_ids`` (the processor's token
+        types) is read by Qwen3-VL (Qwen2.5-VL reads the types from ``input_ids``).
+        """
+        cfg = self.config
+        return self.rope_index_fn(
+            input_ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+            spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw, attention_mask_BxL=attention_mask,
+            **self.rope_index_options(second_per_grid_ts, mm_token_type_ids))
 
     # ----- pieces -----------------------------------------------------------------
     def encode_images(self, params: dict, pixel_values, image_grid_thw) -> jax.Array:

@@ -19,6 +19,32 @@ from caspo_jax.models.common.checkpoint import ParamSpec, map_table
 UNIT_LEAVES = ("attn_norm", "mlp_norm", "norm", "q_norm", "k_norm", "norm_scale")
 
 
+def stacked_rows(hf_prefix: str, path_prefix: tuple[str, ...], n: int):
+    """A row maker for a stack of ``n`` identical layers: ``row(hf, name, shape, axes)`` is the
+    ParamSpec of HF ``{hf_prefix}.{i}.{hf}`` at our path ``(*path_prefix, name)``, stacked
+    [n, *shape] on the ``layers`` axis."""
+    def row(hf: str, name: str, shape: tuple, axes: tuple) -> ParamSpec:
+        return ParamSpec(f"{hf_prefix}.{{i}}.{hf}", (*path_prefix, name), (n, *shape), ("layers", *axes), num_layers=n)
+
+    return row
+
+
+def linear_rows(row, hf_module: str, name: str, kernel_shape: tuple, axes: tuple, bias: bool = True) -> list:
+    """A linear layer's rows: HF ``{hf_module}.weight`` as our ``{name}_kernel`` [out, in] and,
+    when ``bias``, ``{hf_module}.bias`` as ``{name}_bias`` [out] (``row``: a ``stacked_rows`` maker)."""
+    rows = [row(f"{hf_module}.weight", f"{name}_kernel", kernel_shape, axes)]
+    if bias:
+        rows.append(row(f"{hf_module}.bias", f"{name}_bias", kernel_shape[:1], axes[:1]))
+    return rows
+
+
+def vit_attention_rows(block, E: int) -> list[ParamSpec]:
+    """The ViT attention's rows, the same in every family: the fused qkv projection and the
+    output projection, both biased (``block``: a ``stacked_rows`` maker over the blocks, E the ViT width)."""
+    return [*linear_rows(block, "attn.qkv", "qkv", (3 * E, E), ("vision_qkv", "vision_embed")),
+            *linear_rows(block, "attn.proj", "proj", (E, E), ("vision_embed", "vision_heads"))]
+
+
 def text_param_table(cfg, prefix: str) -> list[ParamSpec]:
     """The text decoder's rows for a family config ``cfg``, ``lm_head`` last (absent when
     embeddings are tied); HF names start with ``prefix`` (e.g. ``"model."``)."""
@@ -26,15 +52,10 @@ def text_param_table(cfg, prefix: str) -> list[ParamSpec]:
     D, F, V, Lt, H = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_hidden_layers, t.head_dim
     NH, KH = t.num_attention_heads * H, t.num_key_value_heads * H
 
-    def layer(hf, name, shape, axes):
-        return ParamSpec(f"{prefix}layers.{{i}}.{hf}", ("text", "layers", name), (Lt, *shape), ("layers", *axes),
-                         num_layers=Lt)
+    layer = stacked_rows(f"{prefix}layers", ("text", "layers"), Lt)
 
     def projection(name, kernel_shape, axes, bias: bool):
-        rows = [layer(f"self_attn.{name}_proj.weight", f"{name}_kernel", kernel_shape, axes)]
-        if bias:
-            rows.append(layer(f"self_attn.{name}_proj.bias", f"{name}_bias", kernel_shape[:1], axes[:1]))
-        return rows
+        return linear_rows(layer, f"self_attn.{name}_proj", name, kernel_shape, axes, bias)
 
     table = [
         ParamSpec(f"{prefix}embed_tokens.weight", ("text", "embed"), (V, D), ("vocab", "embed")),

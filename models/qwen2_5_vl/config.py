@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from caspo_jax.models.common.config import (QwenVLConfig, TextSwitches, VisionGeometry, read_rope, read_vision,
+from typing import ClassVar
+
+from caspo_jax.models.common.config import (QwenTextConfig, QwenVisionConfig, QwenVLConfig, read_rope, read_vision,
                                             text_kwargs)
 
 _TOP_LEVEL_KEYS = frozenset({
@@ -22,42 +24,28 @@ _TOP_LEVEL_KEYS = frozenset({
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig(VisionGeometry):
-    """Vision tower fields; defaults are transformers' (a missing field reads the same there)."""
+class VisionConfig(QwenVisionConfig):
+    """The windowed ViT: the common vision fields plus its windows and full-attention blocks."""
 
-    depth: int = 32
-    hidden_size: int = 3584
-    intermediate_size: int = 3420
-    num_heads: int = 16
-    in_channels: int = 3
-    patch_size: int = 14
-    spatial_merge_size: int = 2
-    temporal_patch_size: int = 2
-    tokens_per_second: int = 4
-    window_size: int = 112
-    out_hidden_size: int = 3584
-    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-    hidden_act: str = "silu"
-    rope_theta: float = 10000.0
+    tokens_per_second: int
+    window_size: int
+    fullatt_block_indexes: tuple[int, ...]
+
+    # transformers' defaults (a missing field reads the same there)
+    DEFAULTS: ClassVar[dict] = dict(
+        depth=32, hidden_size=3584, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=4, window_size=112, out_hidden_size=3584,
+        fullatt_block_indexes=(7, 15, 23, 31), hidden_act="silu")
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig(TextSwitches):
-    """Qwen2 decoder fields; defaults are transformers'. Decoder switches: q/k/v biases, no
-    o bias, no q/k norm, contiguous M-RoPE bands."""
+class TextConfig(QwenTextConfig):
+    """The Qwen2 decoder. Switches: q/k/v biases, no o bias, no q/k norm, contiguous M-RoPE bands."""
 
     qkv_bias = True
-
-    vocab_size: int = 152064
-    hidden_size: int = 8192
-    intermediate_size: int = 29568
-    num_hidden_layers: int = 80
-    num_attention_heads: int = 64
-    num_key_value_heads: int = 8
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 1000000.0
-    mrope_section: tuple[int, ...] = (16, 24, 24)
+    DEFAULTS: ClassVar[dict] = dict(  # transformers'
+        vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+        hidden_act="silu", rms_norm_eps=1e-5, rope_theta=1000000.0, mrope_section=(16, 24, 24))
 
     @property
     def head_dim(self) -> int:
@@ -66,8 +54,7 @@ class TextConfig(TextSwitches):
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2_5_VLConfig(QwenVLConfig):
-    text: TextConfig
-    vision: VisionConfig
+    """``text``: a ``TextConfig``, ``vision``: a ``VisionConfig`` (this module's)."""
 
     model_type = "qwen2_5_vl"
     architecture = "Qwen2_5_VLForConditionalGeneration"
@@ -82,8 +69,9 @@ class Qwen2_5_VLConfig(QwenVLConfig):
                 text_raw[f.name] = raw[f.name]
         rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or raw.get(
             "rope_parameters") or raw.get("rope_scaling") or {}
-        theta, section = read_rope(rope, text_raw.get("rope_theta", raw.get("rope_theta", 1000000.0)),
-                                   (16, 24, 24), source, "text")
+        defaults = TextConfig.DEFAULTS
+        theta, section = read_rope(rope, text_raw.get("rope_theta", raw.get("rope_theta", defaults["rope_theta"])),
+                                   defaults["mrope_section"], source, "text")
         if text_raw.get("use_sliding_window") or ("text_config" not in raw and raw.get("use_sliding_window")):
             raise NotImplementedError(f"{source}: text_config.use_sliding_window=true is not ported")
         text = TextConfig(**text_kwargs(TextConfig, text_raw), rope_theta=theta, mrope_section=section)

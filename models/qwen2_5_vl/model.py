@@ -10,34 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from caspo_jax.models.common.model import QwenVLModel
 
 from . import vision as vision_lib
-from .config import Qwen2_5_VLConfig
-from .params import init_params, param_table
+from .params import param_table
 from .rope_index import get_rope_index, vision_metadata
 
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2_5_VL(QwenVLModel):
-    """Qwen2.5-VL as pure functions of (params, inputs); fields and methods: ``QwenVLModel``."""
-
-    config: Qwen2_5_VLConfig
+    """Qwen2.5-VL (``config``: a ``Qwen2_5_VLConfig``); fields and methods: ``QwenVLModel``."""
 
     build_param_table = staticmethod(param_table)
-    build_init_params = staticmethod(init_params)
+    rope_index_fn = staticmethod(get_rope_index)
 
-    def get_rope_index(self, input_ids, image_grid_thw=None, attention_mask=None, video_grid_thw=None,
-                       second_per_grid_ts=None) -> tuple[np.ndarray, np.ndarray]:
-        """M-RoPE position ids [3, B, L] and deltas [B, 1] (NumPy), as transformers computes them."""
-        cfg = self.config
-        return get_rope_index(
-            input_ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-            spatial_merge_size=cfg.vision.spatial_merge_size, tokens_per_second=cfg.vision.tokens_per_second,
-            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-            second_per_grid_ts=second_per_grid_ts, attention_mask_BxL=attention_mask)
+    def rope_index_options(self, second_per_grid_ts, mm_token_type_ids) -> dict:
+        return {"tokens_per_second": self.config.vision.tokens_per_second, "second_per_grid_ts": second_per_grid_ts}
 
     def vision_features(self, vision_params: dict, pixel_values, grids):
         """The windowed ViT's merged features [U, D]."""

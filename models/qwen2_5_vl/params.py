@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import re
 
-import jax
-import jax.numpy as jnp
 
-from caspo_jax.models.common import params as common_params
 from caspo_jax.models.common.checkpoint import ParamSpec
-from caspo_jax.models.common.params import rename, text_param_table
+from caspo_jax.models.common.params import (linear_rows, rename, stacked_rows, text_param_table,
+                                            vit_attention_rows)
+
 
 from .config import Qwen2_5_VLConfig
 
@@ -32,27 +31,19 @@ def param_table(cfg: Qwen2_5_VLConfig) -> list[ParamSpec]:
     E, Fv, Lv, O = v.hidden_size, v.intermediate_size, v.depth, v.out_hidden_size
     U = E * v.spatial_merge_size**2
 
-    def block(hf, path, shape, axes):
-        return ParamSpec(f"visual.blocks.{{i}}.{hf}", ("vision", "blocks", *path), (Lv, *shape),
-                         ("layers", *axes), num_layers=Lv)
+    block = stacked_rows("visual.blocks", ("vision", "blocks"), Lv)
 
     table = text_param_table(cfg, "model.")
     table += [
         ParamSpec("visual.patch_embed.proj.weight", ("vision", "patch_embed"), (E, v.patch_dim),
                   ("vision_embed", "patch"), "flatten_in",
                   hf_shape=(E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)),
-        block("norm1.weight", ("attn_norm",), (E,), ("vision_embed",)),
-        block("attn.qkv.weight", ("qkv_kernel",), (3 * E, E), ("vision_qkv", "vision_embed")),
-        block("attn.qkv.bias", ("qkv_bias",), (3 * E,), ("vision_qkv",)),
-        block("attn.proj.weight", ("proj_kernel",), (E, E), ("vision_embed", "vision_heads")),
-        block("attn.proj.bias", ("proj_bias",), (E,), ("vision_embed",)),
-        block("norm2.weight", ("mlp_norm",), (E,), ("vision_embed",)),
-        block("mlp.gate_proj.weight", ("gate_kernel",), (Fv, E), ("vision_mlp", "vision_embed")),
-        block("mlp.gate_proj.bias", ("gate_bias",), (Fv,), ("vision_mlp",)),
-        block("mlp.up_proj.weight", ("up_kernel",), (Fv, E), ("vision_mlp", "vision_embed")),
-        block("mlp.up_proj.bias", ("up_bias",), (Fv,), ("vision_mlp",)),
-        block("mlp.down_proj.weight", ("down_kernel",), (E, Fv), ("vision_embed", "vision_mlp")),
-        block("mlp.down_proj.bias", ("down_bias",), (E,), ("vision_embed",)),
+        block("norm1.weight", "attn_norm", (E,), ("vision_embed",)),
+        *vit_attention_rows(block, E),
+        block("norm2.weight", "mlp_norm", (E,), ("vision_embed",)),
+        *linear_rows(block, "mlp.gate_proj", "gate", (Fv, E), ("vision_mlp", "vision_embed")),
+        *linear_rows(block, "mlp.up_proj", "up", (Fv, E), ("vision_mlp", "vision_embed")),
+        *linear_rows(block, "mlp.down_proj", "down", (E, Fv), ("vision_embed", "vision_mlp")),
         ParamSpec("visual.merger.ln_q.weight", ("vision", "merger", "norm"), (E,), ("vision_embed",)),
         ParamSpec("visual.merger.mlp.0.weight", ("vision", "merger", "fc1_kernel"), (U, U),
                   ("vision_mlp", None)),
@@ -75,7 +66,3 @@ def canonical_hf_name(name: str) -> str:
     to the saved layout the table uses (``model.*``, ``visual.*``)."""
     return rename(name, _ALIASES)
 
-
-def init_params(cfg: Qwen2_5_VLConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
-    """Random parameters with the table's shapes (norm weights 1, everything else N(0, scale))."""
-    return common_params.init_params(param_table(cfg), key, dtype, scale)

@@ -13,27 +13,24 @@ import dataclasses
 import json
 import math
 
-from caspo_jax.models.common.config import (QwenVLConfig, TextSwitches, VisionGeometry, read_rope, read_vision,
+from typing import ClassVar
+
+from caspo_jax.models.common.config import (QwenTextConfig, QwenVisionConfig, QwenVLConfig, read_rope, read_vision,
                                             text_kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig(VisionGeometry):
-    """Vision tower fields; defaults are transformers' ``Qwen3VLVisionConfig``."""
+class VisionConfig(QwenVisionConfig):
+    """The ViT: the common vision fields plus its learned position grid and DeepStack taps."""
 
-    depth: int = 27
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_heads: int = 16
-    in_channels: int = 3
-    patch_size: int = 16
-    spatial_merge_size: int = 2
-    temporal_patch_size: int = 2
-    out_hidden_size: int = 3584
-    num_position_embeddings: int = 2304
-    deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
-    hidden_act: str = "gelu_pytorch_tanh"
-    rope_theta: float = 10000.0
+    num_position_embeddings: int
+    deepstack_visual_indexes: tuple[int, ...]
+
+    # transformers' ``Qwen3VLVisionConfig`` defaults
+    DEFAULTS: ClassVar[dict] = dict(
+        depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3, patch_size=16,
+        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584, num_position_embeddings=2304,
+        deepstack_visual_indexes=(8, 16, 24), hidden_act="gelu_pytorch_tanh")
 
     @property
     def deepstack_order(self) -> tuple[tuple[int, int], ...]:
@@ -53,25 +50,18 @@ class VisionConfig(VisionGeometry):
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig(TextSwitches):
-    """Qwen3 decoder fields; defaults are transformers' ``Qwen3VLTextConfig``. Decoder switches:
-    per-head q/k RMSNorm, interleaved M-RoPE, q/k/v/o biases iff ``attention_bias``."""
+class TextConfig(QwenTextConfig):
+    """The Qwen3 decoder: the common text fields plus an explicit head dim and optional biases.
+    Switches: per-head q/k RMSNorm, interleaved M-RoPE, q/k/v/o biases iff ``attention_bias``."""
+
+    head_dim: int
+    attention_bias: bool
 
     qk_norm = True
     mrope_interleaved = True
-
-    vocab_size: int = 151936
-    hidden_size: int = 4096
-    intermediate_size: int = 22016
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    head_dim: int = 128
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    attention_bias: bool = False
-    rope_theta: float = 500000.0
-    mrope_section: tuple[int, ...] = (24, 20, 20)
+    DEFAULTS: ClassVar[dict] = dict(  # transformers' ``Qwen3VLTextConfig``; head_dim defaults to D / N
+        vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
+        hidden_act="silu", rms_norm_eps=1e-6, attention_bias=False, rope_theta=500000.0, mrope_section=(24, 20, 20))
 
     @property
     def qkv_bias(self) -> bool:
@@ -84,8 +74,7 @@ class TextConfig(TextSwitches):
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3VLConfig(QwenVLConfig):
-    text: TextConfig
-    vision: VisionConfig
+    """``text``: a ``TextConfig``, ``vision``: a ``VisionConfig`` (this module's)."""
 
     model_type = "qwen3_vl"
     architecture = "Qwen3VLForConditionalGeneration"
@@ -103,12 +92,12 @@ class Qwen3VLConfig(QwenVLConfig):
             raise ValueError(f"{source}: Qwen3-VL config.json needs a nested 'text_config' (transformers layout)")
         text_raw = dict(raw["text_config"] or {})
         rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
-        theta, section = read_rope(rope, text_raw.get("rope_theta", TextConfig.rope_theta), (24, 20, 20), source,
-                                   "text_config.rope_parameters")
+        defaults = TextConfig.DEFAULTS
+        theta, section = read_rope(rope, text_raw.get("rope_theta", defaults["rope_theta"]), defaults["mrope_section"],
+                                   source, "text_config.rope_parameters")
         kwargs = text_kwargs(TextConfig, text_raw)
         if kwargs.get("head_dim") is None:
-            kwargs["head_dim"] = (kwargs.get("hidden_size", TextConfig.hidden_size)
-                                  // kwargs.get("num_attention_heads", TextConfig.num_attention_heads))
+            kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
         text = TextConfig(**kwargs, rope_theta=theta, mrope_section=section)
         if sum(section) * 2 != text.head_dim or len(section) != 3:
             raise ValueError(f"{source}: text_config.rope_parameters.mrope_section {list(section)} must be three "

@@ -11,38 +11,23 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-import numpy as np
 
 from caspo_jax.models.common.model import QwenVLModel
 
 from . import vision as vision_lib
-from .config import Qwen3VLConfig
-from .params import init_params, param_table
+from .params import param_table
 from .rope_index import get_rope_index, vision_metadata
 
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3VL(QwenVLModel):
-    """Qwen3-VL as pure functions of (params, inputs); fields and methods: ``QwenVLModel``."""
-
-    config: Qwen3VLConfig
+    """Qwen3-VL (``config``: a ``Qwen3VLConfig``); fields and methods: ``QwenVLModel``."""
 
     build_param_table = staticmethod(param_table)
-    build_init_params = staticmethod(init_params)
+    rope_index_fn = staticmethod(get_rope_index)
 
-    def get_rope_index(self, input_ids, image_grid_thw=None, attention_mask=None, video_grid_thw=None,
-                       second_per_grid_ts=None, mm_token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:
-        """M-RoPE position ids [3, B, L] and deltas [B, 1] (NumPy), as transformers computes them.
-
-        ``second_per_grid_ts`` is accepted for signature compatibility and ignored: Qwen3-VL
-        encodes video time as timestamp text between frames, not in the position ids.
-        """
-        cfg = self.config
-        return get_rope_index(
-            input_ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-            spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw, attention_mask_BxL=attention_mask,
-            mm_token_type_ids_BxL=mm_token_type_ids)
+    def rope_index_options(self, second_per_grid_ts, mm_token_type_ids) -> dict:
+        return {"mm_token_type_ids_BxL": mm_token_type_ids}
 
     def vision_features(self, vision_params: dict, pixel_values, grids):
         """[U, (1 + M) * D]: per visual token, the merger output then the M DeepStack maps."""

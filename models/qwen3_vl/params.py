@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import re
 
-import jax
-import jax.numpy as jnp
 
-from caspo_jax.models.common import params as common_params
 from caspo_jax.models.common.checkpoint import ParamSpec
 from caspo_jax.models.common.params import UNIT_LEAVES as _UNIT_LEAVES  # noqa: F401 (tests read it here)
-from caspo_jax.models.common.params import rename, text_param_table
+from caspo_jax.models.common.params import (linear_rows, rename, stacked_rows, text_param_table,
+                                            vit_attention_rows)
+
 
 from .config import Qwen3VLConfig
 
@@ -37,9 +36,7 @@ def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
     U = E * v.spatial_merge_size**2
     Nd = cfg.num_deepstack
 
-    def block(hf, path, shape, axes):
-        return ParamSpec(f"{VISION_PREFIX}blocks.{{i}}.{hf}", ("vision", "blocks", *path), (Lv, *shape),
-                         ("layers", *axes), num_layers=Lv)
+    block = stacked_rows(f"{VISION_PREFIX}blocks", ("vision", "blocks"), Lv)
 
     def merger(hf_prefix, path, norm_width, stacked):
         """A patch merger: LayerNorm (over E, or over the m*m*E concatenation for DeepStack),
@@ -67,18 +64,13 @@ def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
         ParamSpec(f"{VISION_PREFIX}patch_embed.proj.bias", ("vision", "patch_bias"), (E,), ("vision_embed",)),
         ParamSpec(f"{VISION_PREFIX}pos_embed.weight", ("vision", "pos_embed"), (v.num_position_embeddings, E),
                   (None, "vision_embed")),
-        block("norm1.weight", ("attn_norm",), (E,), ("vision_embed",)),
-        block("norm1.bias", ("attn_norm_bias",), (E,), ("vision_embed",)),
-        block("attn.qkv.weight", ("qkv_kernel",), (3 * E, E), ("vision_qkv", "vision_embed")),
-        block("attn.qkv.bias", ("qkv_bias",), (3 * E,), ("vision_qkv",)),
-        block("attn.proj.weight", ("proj_kernel",), (E, E), ("vision_embed", "vision_heads")),
-        block("attn.proj.bias", ("proj_bias",), (E,), ("vision_embed",)),
-        block("norm2.weight", ("mlp_norm",), (E,), ("vision_embed",)),
-        block("norm2.bias", ("mlp_norm_bias",), (E,), ("vision_embed",)),
-        block("mlp.linear_fc1.weight", ("fc1_kernel",), (Fv, E), ("vision_mlp", "vision_embed")),
-        block("mlp.linear_fc1.bias", ("fc1_bias",), (Fv,), ("vision_mlp",)),
-        block("mlp.linear_fc2.weight", ("fc2_kernel",), (E, Fv), ("vision_embed", "vision_mlp")),
-        block("mlp.linear_fc2.bias", ("fc2_bias",), (E,), ("vision_embed",)),
+        block("norm1.weight", "attn_norm", (E,), ("vision_embed",)),
+        block("norm1.bias", "attn_norm_bias", (E,), ("vision_embed",)),
+        *vit_attention_rows(block, E),
+        block("norm2.weight", "mlp_norm", (E,), ("vision_embed",)),
+        block("norm2.bias", "mlp_norm_bias", (E,), ("vision_embed",)),
+        *linear_rows(block, "mlp.linear_fc1", "fc1", (Fv, E), ("vision_mlp", "vision_embed")),
+        *linear_rows(block, "mlp.linear_fc2", "fc2", (E, Fv), ("vision_embed", "vision_mlp")),
         *merger(f"{VISION_PREFIX}merger", "merger", E, stacked=False),
     ]
     if Nd:
@@ -97,7 +89,3 @@ def canonical_hf_name(name: str) -> str:
     (``model.language_model.*``, ``model.visual.*``) the table uses; other names are unchanged."""
     return rename(name, _ALIASES)
 
-
-def init_params(cfg: Qwen3VLConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
-    """Random parameters with the table's shapes (norm scales 1, everything else N(0, scale))."""
-    return common_params.init_params(param_table(cfg), key, dtype, scale)
