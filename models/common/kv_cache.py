@@ -9,64 +9,42 @@ turns them into per-layer [P, K, L, H] arrays read by all n samples; each sample
 tokens go to a per-layer response cache [S, K, T, H] that ``decode_step_shared`` writes
 in place (``dynamic_update_slice`` on the while-loop carry), so no step copies a cache.
 
-A model family plugs in through ``DecoderPieces`` (its rope, q/k/v projection, attention
-output and MLP block), so a cached decode runs exactly the family's own layer maths and
-equals its full forward up to float summation order. Each family's ``kv_cache`` module
-(``caspo_jax.models.<family>.kv_cache``, exposed as ``Model.kv_cache``) wraps these with
-its embedding rule (e.g. Qwen3-VL's DeepStack) and is what the sampler calls.
+Both families share every function here (``Model.kv_cache`` is this module): the layer
+maths is ``decoder.decoder_layer``, the one the training forward runs, switched by the
+family's text config, so a cached decode equals the full forward up to float summation
+order. ``prefill`` is ``decoder.decode`` keeping the keys/values; the decode step gives
+each layer a ``ResponseCache`` to write and attend.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.models.common.layers import attention, rms_norm
+from caspo_jax.models.common import decoder
+from caspo_jax.models.common.layers import rms_norm
 
 
-@dataclasses.dataclass(frozen=True)
-class DecoderPieces:
-    """The family-specific parts of one text decoder layer (all pure functions).
-
-    mrope_cos_sin(position_ids_3xBxL, cfg, dtype) -> (cos, sin) [B, L, H]
-    project_qkv(layer, h_BxLxD, cos, sin, cfg) -> q [B, L, N, H], k, v [B, L, K, H] (rope applied)
-    attention_output(layer, out_BxLxNH) -> [B, L, D] (the o projection)
-    mlp_block(x_BxLxD, layer, cfg) -> x + MLP(norm(x))
-    causal_mask(mask_BxL) -> [B, 1, L, L] boolean
-    """
-
-    mrope_cos_sin: Callable
-    project_qkv: Callable
-    attention_output: Callable
-    mlp_block: Callable
-    causal_mask: Callable
+def embed_tokens(text_params: dict, input_ids_PxL, image_features_UxF, image_token_id: int):
+    """The prompts embedded for ``prefill``: (embeds [P, L, D], deepstack [M, U, D] or None,
+    visual_index [P, L] or None), as ``decoder.embed_with_visuals`` returns them. Image-pad
+    positions take the merged rows of ``image_features`` (``encode_images``' output; extra
+    padding rows at its end are never gathered)."""
+    return decoder.embed_with_visuals(text_params, input_ids_PxL, ((image_token_id, image_features_UxF, None),))
 
 
-def prefill(text_params: dict, x_PxLxD, position_ids_3xPxL, mask_PxL, cfg, pieces: DecoderPieces,
-            attn_impl=None, after_layer: Callable | None = None):
-    """All layers over the prompts. ``after_layer(x, i)`` (traced layer index) may add to the
-    residual stream after layer i (DeepStack). Returns final-normed hidden states [P, L, D]
-    and the keys/values [Y, P, L, K, H]."""
-    cos, sin = pieces.mrope_cos_sin(position_ids_3xPxL, cfg, x_PxLxD.dtype)
-    mask = pieces.causal_mask(mask_PxL)
-    P, L, _ = x_PxLxD.shape
-
-    def body(x, layer_and_i):
-        layer, i = layer_and_i
-        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = pieces.project_qkv(layer, h, cos, sin, cfg)
-        out = attention(q, k, v, mask, attn_impl).reshape(P, L, -1)
-        x = pieces.mlp_block(x + pieces.attention_output(layer, out), layer, cfg)
-        if after_layer is not None:
-            x = after_layer(x, i)
-        return x, (k, v)
-
-    n_layers = cfg.num_hidden_layers
-    x, (k, v) = jax.lax.scan(body, x_PxLxD, (text_params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
-    return rms_norm(x, text_params["norm"], cfg.rms_norm_eps), k, v
+def prefill(text_params: dict, embedded, position_ids_3xPxL, mask_PxL, cfg, attn_impl=None):
+    """All layers over ``embed_tokens``' prompts (DeepStack map m added after layer m when the
+    features carry maps): the training forward's ``decoder.decode`` keeping each layer's keys
+    and values, one dense attention call per layer (no query blocks, no remat). Returns
+    final-normed hidden states [P, L, D] and the keys/values [Y, P, L, K, H] (rope applied
+    to keys, as the decode step expects)."""
+    embeds_PxLxD, deepstack_MxUxD, visual_index_PxL = embedded
+    return decoder.decode(text_params, embeds_PxLxD, position_ids_3xPxL, mask_PxL, cfg, attn_impl, remat=False,
+                          attn_block=0, deepstack_MxUxD=deepstack_MxUxD, visual_index_BxL=visual_index_PxL,
+                          keep_kv=True)
 
 
 # ----- the sampler's decode: the prompt cached once per prompt, per-layer arrays, no slicing -----
@@ -125,31 +103,57 @@ def shared_prompt_attention(q_SxNxH, prompt_k_PxKxLxH, prompt_v_PxKxLxH, prompt_
     return (from_prompt.reshape(S, K, g, H) + from_own).reshape(S, N, H)
 
 
+@dataclasses.dataclass(frozen=True)
+class ResponseCache:
+    """One layer's cache for the decode step: what ``decoder.decoder_layer`` attends.
+
+    prompt_k/v [P, K, L, H] (``prompt_cache``), prompt_mask [P, L] bool, response k/v
+    [S, K, T, H], ``slot`` (traced scalar) where the new token's keys/values go, ``filled``
+    [T]: which response slots hold a token.
+    """
+
+    prompt_k: jax.Array
+    prompt_v: jax.Array
+    prompt_mask: jax.Array
+    k: jax.Array
+    v: jax.Array
+    slot: jax.Array
+    filled: jax.Array
+
+    def attend(self, q_Sx1xNxH, k_Sx1xKxH, v_Sx1xKxH):
+        """Write the new token's k/v in place at ``slot`` and attend prompt + response.
+        Returns (out [S, N, H], the updated (k, v) [S, K, T, H])."""
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, zero, jnp.asarray(self.slot, jnp.int32), zero)
+        k_all = jax.lax.dynamic_update_slice(self.k, jnp.swapaxes(k_Sx1xKxH, 1, 2).astype(self.k.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(self.v, jnp.swapaxes(v_Sx1xKxH, 1, 2).astype(self.v.dtype), start)
+        out = shared_prompt_attention(q_Sx1xNxH[:, 0], self.prompt_k, self.prompt_v, self.prompt_mask, k_all, v_all,
+                                      self.filled)
+        return out, (k_all, v_all)
+
+
 def decode_step_shared(text_params: dict, token_S, position_S, prompt_kv: list, prompt_mask_PxL, response_kv: list,
-                       slot, cfg, pieces: DecoderPieces):
+                       slot, cfg):
     """One new (text) token per sample, written at response slot ``slot`` (a traced scalar).
 
     text_params["layers"]: a list of per-layer dicts (``layer_list``). prompt_kv: per layer
     (k, v) [P, K, L, H] from ``prompt_cache``; response_kv: per layer (k, v) [S, K, T, H].
     Each sample attends its prompt's non-padding slots and its response slots <= ``slot``.
-    Returns final-normed hidden states [S, D] and the updated ``response_kv``.
+    Decoded tokens are text, so no DeepStack. Returns final-normed hidden states [S, D] and
+    the updated ``response_kv``.
     """
     x = text_params["embed"][token_S][:, None, :]
     S = x.shape[0]
     T = response_kv[0][0].shape[2]
     pos = jnp.broadcast_to(position_S[None, :, None], (3, S, 1))
-    cos, sin = pieces.mrope_cos_sin(pos, cfg, x.dtype)
+    cos, sin = decoder.mrope_cos_sin(pos, cfg, x.dtype)
     filled = jnp.arange(T) <= slot
     prompt_mask = prompt_mask_PxL.astype(bool)
-    zero = jnp.zeros((), jnp.int32)
-    updated = []
-    for layer, (prompt_k, prompt_v), (k_all, v_all) in zip(text_params["layers"], prompt_kv, response_kv):
-        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = pieces.project_qkv(layer, h, cos, sin, cfg)
-        start = (zero, zero, jnp.asarray(slot, jnp.int32), zero)
-        k_all = jax.lax.dynamic_update_slice(k_all, jnp.swapaxes(k, 1, 2).astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, jnp.swapaxes(v, 1, 2).astype(v_all.dtype), start)
-        out = shared_prompt_attention(q[:, 0], prompt_k, prompt_v, prompt_mask, k_all, v_all, filled)
-        x = pieces.mlp_block(x + pieces.attention_output(layer, out.reshape(S, 1, -1)), layer, cfg)
-        updated.append((k_all, v_all))
+    caches = [ResponseCache(prompt_k, prompt_v, prompt_mask, k_all, v_all, slot, filled)
+              for (prompt_k, prompt_v), (k_all, v_all) in zip(prompt_kv, response_kv)]
+
+    def layer_fn(x, layer, i, cache):
+        return decoder.decoder_layer(x, layer, cos, sin, cfg, cache=cache)
+
+    x, updated = decoder.run_layers(text_params["layers"], x, layer_fn, caches=caches)
     return rms_norm(x[:, 0], text_params["norm"], cfg.rms_norm_eps), updated

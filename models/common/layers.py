@@ -104,6 +104,25 @@ def apply_rope(x_BxLxNxH: jax.Array, cos_BxLxH: jax.Array, sin_BxLxH: jax.Array)
     return x_BxLxNxH * cos + rotate_half(x_BxLxNxH) * sin
 
 
+def vision_rope(positions_Px2: np.ndarray, cfg) -> tuple[jax.Array, jax.Array]:
+    """Axial 2-D rotary cos/sin [P, head_dim] of a ViT (every family's) in float32: rows use the
+    first head_dim/4 frequencies, columns the next, repeated over both halves (transformers'
+    layout). ``cfg``: a vision config (``head_dim``, ``rope_theta``)."""
+    spatial = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
+    freqs = jnp.asarray(positions_Px2, jnp.float32)[..., None] * inv_freq  # [P, 2, head_dim/4]
+    half = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
+    full = jnp.concatenate([half, half], axis=-1)
+    return jnp.cos(full), jnp.sin(full)
+
+
+def apply_vision_rope(x_PxNxH, cos_PxH, sin_PxH):
+    """Vision rotary in float32, cast back (as transformers' apply_rotary_pos_emb_vision)."""
+    x32 = x_PxNxH.astype(jnp.float32)
+    out = x32 * cos_PxH[:, None, :] + rotate_half(x32) * sin_PxH[:, None, :]
+    return out.astype(x_PxNxH.dtype)
+
+
 def attention(
     q_BxTxNxH: jax.Array,
     k_BxSxKxH: jax.Array,

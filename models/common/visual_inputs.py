@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caspo_jax.models.qwen2_5_vl.rope_index import _as_grids
+from caspo_jax.models.common.rope_index import as_grids
 
 
 def is_traced(x) -> bool:
@@ -34,7 +34,7 @@ def prepare_visual_inputs(model, params: dict, input_ids, attention_mask, positi
         what makes it up, for the error message.
     """
     cfg = model.config
-    image_grids, video_grids = _as_grids(image_grid_thw), _as_grids(video_grid_thw)
+    image_grids, video_grids = as_grids(image_grid_thw), as_grids(video_grid_thw)
     if attention_mask is None:
         attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
     if position_ids is None and (image_grids or video_grids):

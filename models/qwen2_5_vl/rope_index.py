@@ -10,25 +10,11 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 
-TEXT, IMAGE, VIDEO = 0, 1, 2
-
-
-def _as_grids(grid_thw) -> tuple[tuple[int, int, int], ...]:
-    """``image_grid_thw`` ([n, 3] array, list or tuple) as a hashable tuple of int triples."""
-    if grid_thw is None:
-        return ()
-    try:
-        arr = np.asarray(grid_thw)
-    except Exception as err:  # a jax tracer
-        raise TypeError(
-            "image_grid_thw must be concrete (NumPy / tuple), not traced: the vision metadata is "
-            "computed on the host. Mark it static in jax.jit (pass a tuple of (t, h, w)).") from err
-    arr = arr.reshape(-1, 3)
-    return tuple((int(t), int(h), int(w)) for t, h, w in arr)
+from caspo_jax.models.common.rope_index import (IMAGE, VIDEO, as_grids, position_ids_from_runs,
+                                                token_types)
 
 
 def _vision_positions(start: int, grid: tuple[int, int, int], spatial_merge: int, time_interval) -> np.ndarray:
@@ -64,47 +50,23 @@ def get_rope_index(
     skipped. Images/videos are consumed in order across the batch. Note that, as in
     transformers, adjacent placeholder runs with no token between them count as one.
     """
-    ids = np.asarray(input_ids_BxL)
-    batch, length = ids.shape
-    types = np.where(ids == image_token_id, IMAGE, np.where(ids == video_token_id, VIDEO, TEXT))
-    mask = None if attention_mask_BxL is None else np.asarray(attention_mask_BxL).astype(bool)
-    grids = {IMAGE: iter(_as_grids(image_grid_thw)), VIDEO: iter(_as_grids(video_grid_thw))}
+    grids = {IMAGE: iter(as_grids(image_grid_thw)), VIDEO: iter(as_grids(video_grid_thw))}
     if second_per_grid_ts is None:
-        seconds = iter([1] * length)
+        seconds = iter([1] * np.shape(input_ids_BxL)[1])
     else:  # transformers multiplies float32 tensors: keep float32 so truncation agrees
         sec = np.asarray(second_per_grid_ts)
         seconds = iter(sec.astype(np.float32) if sec.dtype.kind == "f" else sec)
-    position_ids = np.zeros((3, batch, length), dtype=np.int64)
-    deltas = []
-    for b in range(batch):
-        sample_types = types[b] if mask is None else types[b][mask[b]]
-        pieces, current = [], 0
-        for modality, group in itertools.groupby(enumerate(sample_types.tolist()), lambda x: x[1]):
-            group = list(group)
-            span = group[-1][0] + 1 - group[0][0]
-            if modality == TEXT:
-                pieces.append(np.broadcast_to(np.arange(span) + current, (3, span)))
-                current += span
-                continue
-            try:
-                grid = next(grids[modality])
-            except StopIteration:
-                kind = "image_grid_thw" if modality == IMAGE else "video_grid_thw"
-                raise ValueError(f"sample {b} has more {kind.split('_')[0]} placeholder runs than {kind} rows") from None
-            interval = 1
-            if modality == VIDEO:
-                second = next(seconds)
-                interval = (np.float32(tokens_per_second) * second if isinstance(second, np.floating)
-                            else tokens_per_second * int(second))
-            pieces.append(_vision_positions(current, grid, spatial_merge_size, interval))
-            current += max(grid[1], grid[2]) // spatial_merge_size
-        positions = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
-        if mask is None:
-            position_ids[:, b] = positions
-        else:
-            position_ids[:, b, mask[b]] = positions
-        deltas.append((positions.max() + 1 if positions.size else 0) - len(sample_types))
-    return position_ids, np.asarray(deltas, dtype=np.int64)[:, None]
+
+    def run_positions(modality, grid, start):
+        interval = 1
+        if modality == VIDEO:
+            second = next(seconds)
+            interval = (np.float32(tokens_per_second) * second if isinstance(second, np.floating)
+                        else tokens_per_second * int(second))
+        return _vision_positions(start, grid, spatial_merge_size, interval)
+
+    types = token_types(input_ids_BxL, image_token_id, video_token_id)
+    return position_ids_from_runs(types, attention_mask_BxL, grids, spatial_merge_size, run_positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +94,7 @@ def _segments_from_cu(cu_seqlens: np.ndarray) -> np.ndarray:
 
 def vision_metadata(grids, spatial_merge_size: int, window_size: int, patch_size: int) -> VisionMetadata:
     """transformers' get_vision_position_ids / _attention_seqlens / _window_index, in NumPy."""
-    grids = _as_grids(grids)
+    grids = as_grids(grids)
     m = spatial_merge_size
     unit = m * m
     positions, window_index, image_lengths, window_lengths = [], [], [], []

@@ -12,31 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caspo_jax.models.common.layers import gated_mlp, linear, rms_norm, rotate_half, segment_attention
+from caspo_jax.models.common.layers import (apply_vision_rope, gated_mlp, linear, rms_norm,
+                                            segment_attention, vision_rope)
 from caspo_jax.models.common.layers import remat as remat_fn
 
 from .config import VisionConfig
 from .rope_index import VisionMetadata
 
 VISION_NORM_EPS = 1e-6
-
-
-def vision_rope(positions_Px2: np.ndarray, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
-    """Axial 2-D rotary cos/sin [P, head_dim] in float32: rows use the first head_dim/4
-    frequencies, columns the next, repeated over both halves (transformers' layout)."""
-    spatial = cfg.head_dim // 2
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
-    freqs = jnp.asarray(positions_Px2, jnp.float32)[..., None] * inv_freq  # [P, 2, head_dim/4]
-    half = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
-    full = jnp.concatenate([half, half], axis=-1)
-    return jnp.cos(full), jnp.sin(full)
-
-
-def _rope_f32(x_PxNxH, cos_PxH, sin_PxH):
-    """Vision rotary in float32, cast back (as transformers' apply_rotary_pos_emb_vision)."""
-    x32 = x_PxNxH.astype(jnp.float32)
-    out = x32 * cos_PxH[:, None, :] + rotate_half(x32) * sin_PxH[:, None, :]
-    return out.astype(x_PxNxH.dtype)
 
 
 def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, segment_P: np.ndarray, cfg: VisionConfig, attn_impl=None):
@@ -46,7 +29,7 @@ def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, segment_P: np.ndarray, cf
     h = rms_norm(x_PxE, layer["attn_norm"], VISION_NORM_EPS)
     qkv = linear(h, layer["qkv_kernel"], layer["qkv_bias"]).reshape(P, 3, cfg.num_heads, cfg.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    q, k = _rope_f32(q, cos_PxH, sin_PxH), _rope_f32(k, cos_PxH, sin_PxH)
+    q, k = apply_vision_rope(q, cos_PxH, sin_PxH), apply_vision_rope(k, cos_PxH, sin_PxH)
     out = segment_attention(q, k, v, segment_P, attn_impl)
     x_PxE = x_PxE + linear(out.reshape(P, E), layer["proj_kernel"], layer["proj_bias"])
     h = rms_norm(x_PxE, layer["mlp_norm"], VISION_NORM_EPS)

@@ -12,35 +12,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
+
+from typing import ClassVar
+
+from caspo_jax.models.common.config import (QwenTextConfig, QwenVisionConfig, QwenVLConfig, read_rope, read_vision,
+                                            text_kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    """Vision tower fields; defaults are transformers' ``Qwen3VLVisionConfig``."""
+class VisionConfig(QwenVisionConfig):
+    """The ViT: the common vision fields plus its learned position grid and DeepStack taps."""
 
-    depth: int = 27
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_heads: int = 16
-    in_channels: int = 3
-    patch_size: int = 16
-    spatial_merge_size: int = 2
-    temporal_patch_size: int = 2
-    out_hidden_size: int = 3584
-    num_position_embeddings: int = 2304
-    deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
-    hidden_act: str = "gelu_pytorch_tanh"
-    rope_theta: float = 10000.0
+    num_position_embeddings: int
+    deepstack_visual_indexes: tuple[int, ...]
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one flattened patch in ``pixel_values``: C * T * P * P."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+    # transformers' ``Qwen3VLVisionConfig`` defaults
+    DEFAULTS: ClassVar[dict] = dict(
+        depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3, patch_size=16,
+        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584, num_position_embeddings=2304,
+        deepstack_visual_indexes=(8, 16, 24), hidden_act="gelu_pytorch_tanh")
 
     @property
     def deepstack_order(self) -> tuple[tuple[int, int], ...]:
@@ -60,37 +50,34 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
-    """Qwen3 decoder fields; defaults are transformers' ``Qwen3VLTextConfig``."""
+class TextConfig(QwenTextConfig):
+    """The Qwen3 decoder: the common text fields plus an explicit head dim and optional biases.
+    Switches: per-head q/k RMSNorm, interleaved M-RoPE, q/k/v/o biases iff ``attention_bias``."""
 
-    vocab_size: int = 151936
-    hidden_size: int = 4096
-    intermediate_size: int = 22016
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    head_dim: int = 128
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    attention_bias: bool = False
-    rope_theta: float = 500000.0
-    mrope_section: tuple[int, ...] = (24, 20, 20)
+    head_dim: int
+    attention_bias: bool
+
+    qk_norm = True
+    mrope_interleaved = True
+    DEFAULTS: ClassVar[dict] = dict(  # transformers' ``Qwen3VLTextConfig``; head_dim defaults to D / N
+        vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
+        hidden_act="silu", rms_norm_eps=1e-6, attention_bias=False, rope_theta=500000.0, mrope_section=(24, 20, 20))
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3VLConfig:
-    text: TextConfig
-    vision: VisionConfig
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    tie_word_embeddings: bool = False
-    # The config.json as read, so save_pretrained writes back every field transformers
-    # knows about (bos/eos ids, max_position_embeddings...). Excluded from hash/eq.
-    raw_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+class Qwen3VLConfig(QwenVLConfig):
+    """``text``: a ``TextConfig``, ``vision``: a ``VisionConfig`` (this module's)."""
 
     model_type = "qwen3_vl"
+    architecture = "Qwen3VLForConditionalGeneration"
 
     @property
     def num_deepstack(self) -> int:
@@ -100,47 +87,23 @@ class Qwen3VLConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "Qwen3VLConfig":
-        if raw.get("model_type") not in (None, "qwen3_vl"):
-            raise ValueError(f"{source}: model_type={raw.get('model_type')!r}, expected 'qwen3_vl'")
+        cls.check_model_type(raw, source)
         if "text_config" not in raw:
             raise ValueError(f"{source}: Qwen3-VL config.json needs a nested 'text_config' (transformers layout)")
         text_raw = dict(raw["text_config"] or {})
         rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "mrope"):
-            raise NotImplementedError(
-                f"{source}: text_config.rope_parameters.rope_type={rope_type!r}; only default interleaved "
-                "M-RoPE is ported (remove the rope scaling or extend models/qwen3_vl/text.py)")
-        theta = rope.get("rope_theta", text_raw.get("rope_theta", TextConfig.rope_theta))
-        section = tuple(rope.get("mrope_section", (24, 20, 20)))
-        skip = ("rope_theta", "mrope_section")
-        text_kwargs = {f.name: text_raw[f.name] for f in dataclasses.fields(TextConfig)
-                       if f.name in text_raw and f.name not in skip}
-        if text_kwargs.get("num_key_value_heads") is None:
-            text_kwargs["num_key_value_heads"] = text_kwargs.get("num_attention_heads", TextConfig.num_attention_heads)
-        if text_kwargs.get("head_dim") is None:
-            text_kwargs["head_dim"] = (text_kwargs.get("hidden_size", TextConfig.hidden_size)
-                                       // text_kwargs.get("num_attention_heads", TextConfig.num_attention_heads))
-        text = TextConfig(**text_kwargs, rope_theta=float(theta), mrope_section=section)
+        defaults = TextConfig.DEFAULTS
+        theta, section = read_rope(rope, text_raw.get("rope_theta", defaults["rope_theta"]), defaults["mrope_section"],
+                                   source, "text_config.rope_parameters")
+        kwargs = text_kwargs(TextConfig, text_raw)
+        if kwargs.get("head_dim") is None:
+            kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+        text = TextConfig(**kwargs, rope_theta=theta, mrope_section=section)
         if sum(section) * 2 != text.head_dim or len(section) != 3:
             raise ValueError(f"{source}: text_config.rope_parameters.mrope_section {list(section)} must be three "
                              f"numbers summing to head_dim/2 = {text.head_dim // 2}")
 
-        vision_raw = dict(raw.get("vision_config") or {})
-        vision_kwargs = {f.name: vision_raw[f.name] for f in dataclasses.fields(VisionConfig)
-                         if f.name in vision_raw and f.name != "rope_theta"}
-        if "num_heads" not in vision_kwargs and "num_attention_heads" in vision_raw:
-            vision_kwargs["num_heads"] = vision_raw["num_attention_heads"]
-        for key in ("patch_size", "temporal_patch_size"):
-            if isinstance(vision_kwargs.get(key), (list, tuple)):
-                values = set(vision_kwargs[key])
-                if len(values) != 1:
-                    raise NotImplementedError(f"{source}: vision_config.{key}={vision_kwargs[key]} (non-square)")
-                vision_kwargs[key] = values.pop()
-        if "deepstack_visual_indexes" in vision_kwargs:
-            vision_kwargs["deepstack_visual_indexes"] = tuple(vision_kwargs["deepstack_visual_indexes"])
-        vrope = vision_raw.get("rope_parameters") or {}
-        vision = VisionConfig(**vision_kwargs, rope_theta=float(vrope.get("rope_theta", 10000.0)))
+        vision = read_vision(VisionConfig, dict(raw.get("vision_config") or {}), source, ("deepstack_visual_indexes",))
         if vision.num_grid_per_side**2 != vision.num_position_embeddings:
             raise ValueError(f"{source}: vision_config.num_position_embeddings={vision.num_position_embeddings} "
                              "must be a perfect square (a square grid of learned position embeddings)")
@@ -151,47 +114,16 @@ class Qwen3VLConfig:
         if bad:
             raise ValueError(f"{source}: vision_config.deepstack_visual_indexes {bad} outside 0..depth-1 "
                              f"(depth {vision.depth})")
-
-        tie = bool(raw.get("tie_word_embeddings", False) or text_raw.get("tie_word_embeddings", False))
-        top = {k: raw[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                   "vision_end_token_id") if k in raw}
-        return cls(text=text, vision=vision, tie_word_embeddings=tie, raw_json=json.dumps(raw, sort_keys=True),
-                   **top)
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "Qwen3VLConfig":
-        path = Path(path)
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        return cls.assemble(raw, text_raw, text, vision)
 
     def to_dict(self) -> dict:
         """The transformers-5 nested config.json (raw fields kept, ours written over them)."""
         raw = json.loads(self.raw_json)
-        out = dict(raw)
         text_raw = dict(raw.get("text_config") or {})
-        for key in ("rope_scaling", "rope_theta", "torch_dtype"):
-            text_raw.pop(key, None)
         t = self.text
-        rope = dict((raw.get("text_config") or {}).get("rope_parameters") or {})
+        rope = dict(text_raw.get("rope_parameters") or {})
         rope.update(rope_type="default", rope_theta=t.rope_theta, mrope_section=list(t.mrope_section))
         rope.setdefault("mrope_interleaved", True)
-        text_raw.update(
-            model_type="qwen3_vl_text", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-            num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-            head_dim=t.head_dim, hidden_act=t.hidden_act, rms_norm_eps=t.rms_norm_eps,
-            attention_bias=t.attention_bias, rope_parameters=rope,
-        )
-        v = self.vision
-        vision_raw = dict(raw.get("vision_config") or {})
-        vision_raw.update({f.name: getattr(v, f.name) for f in dataclasses.fields(VisionConfig)
-                           if f.name != "rope_theta"})
-        vision_raw["deepstack_visual_indexes"] = list(v.deepstack_visual_indexes)
-        vision_raw["rope_parameters"] = {"rope_type": "axial", "rope_theta": v.rope_theta}
-        vision_raw["model_type"] = "qwen3_vl_vision"
-        out.update(
-            model_type="qwen3_vl", architectures=["Qwen3VLForConditionalGeneration"],
-            text_config=text_raw, vision_config=vision_raw, image_token_id=self.image_token_id,
-            video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
-            vision_end_token_id=self.vision_end_token_id, tie_word_embeddings=self.tie_word_embeddings,
-        )
-        return out
+        text_raw.update(head_dim=t.head_dim, attention_bias=t.attention_bias, rope_parameters=rope)
+        return self.finish_dict(dict(raw), text_raw, dict(raw.get("vision_config") or {}),
+                                ("deepstack_visual_indexes",))

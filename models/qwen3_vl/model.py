@@ -1,150 +1,43 @@
-"""``Qwen3VL``: a frozen, hashable model description whose methods are pure functions.
+"""``Qwen3VL``: the common Qwen-VL model (``caspo_jax.models.common.model.QwenVLModel``)
+with Qwen3-VL's parameter table, rope index and ViT with DeepStack mergers.
 
-Same public API as ``caspo_jax.models.qwen2_5_vl.Qwen2_5_VL``. The model object holds only
-the config and static switches, so it can be a static ``jax.jit`` argument; parameters are a
-separate plain pytree (see ``params.py``). Host-side work (M-RoPE position ids, vision
-metadata) happens in NumPy before the jitted core.
-
-Visual features travel as ONE array [U, (1 + S) * D]: the merger output followed by the S
-DeepStack mergers' outputs on the last axis (``split_visual_features`` takes it apart). Code
-written for Qwen2.5-VL that gathers, pads or differentiates ``image_embeds`` by rows (the
-train step, the sampler) therefore carries the DeepStack features along unchanged.
+Qwen3-VL specifics the hooks carry: the visual features are [U, (1 + M) * D], the merger
+output followed by the M DeepStack maps (the decoder adds map m after layer m), and their
+width is checked on given embeddings; video time is timestamp text, not a position.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from caspo_jax.models.qwen2_5_vl.rope_index import _as_grids
+from caspo_jax.models.common.model import QwenVLModel
 
-from caspo_jax.models.common.visual_inputs import prepare_visual_inputs
-
-from . import kv_cache as kv_cache_lib
-from . import text as text_lib
 from . import vision as vision_lib
-from .config import Qwen3VLConfig
-from .params import init_params, param_table
+from .params import param_table
 from .rope_index import get_rope_index, vision_metadata
-from .text import split_visual_features
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3VL:
-    """Qwen3-VL as pure functions of (params, inputs).
+class Qwen3VL(QwenVLModel):
+    """Qwen3-VL (``config``: a ``Qwen3VLConfig``); fields and methods: ``QwenVLModel``."""
 
-    attn_implementation: passed to ``jax.nn.dot_product_attention`` (None: JAX picks,
-        "xla", or "cudnn" for flash attention on GPU).
-    remat: rematerialise each layer in the backward pass (``jax.checkpoint`` in the scans): False,
-        True (= "full") or a policy name of ``common.layers.remat`` ("save_projections").
-    attn_block: text queries are attended in blocks of this many tokens, each seeing only the
-        keys up to its end (skips the invisible half of the causal scores); 0 = one dense call.
-    """
+    build_param_table = staticmethod(param_table)
+    rope_index_fn = staticmethod(get_rope_index)
 
-    config: Qwen3VLConfig
-    attn_implementation: str | None = None
-    remat: bool | str = False
-    attn_block: int = 128
+    def rope_index_options(self, second_per_grid_ts, mm_token_type_ids) -> dict:
+        return {"mm_token_type_ids_BxL": mm_token_type_ids}
 
-    # embed_tokens / prefill / decode_step_shared over a static KV cache: what the sampler calls
-    # (each family owns its module; a class attribute, not a field)
-    kv_cache = kv_cache_lib
+    def vision_features(self, vision_params: dict, pixel_values, grids):
+        """[U, (1 + M) * D]: per visual token, the merger output then the M DeepStack maps."""
+        v = self.config.vision
+        meta = vision_metadata(grids, v.spatial_merge_size, v.num_grid_per_side)
+        merged, deepstack = vision_lib.encode_images(vision_params, pixel_values, meta, v, self.attn_implementation,
+                                                     self.remat)
+        return jnp.concatenate([merged[None], deepstack], axis=0).transpose(1, 0, 2).reshape(merged.shape[0], -1)
 
-    # ----- parameters -------------------------------------------------------------
-    def param_table(self):
-        """The checkpoint table: HF name, our path, layout transform, shape, logical axes."""
-        return param_table(self.config)
-
-    def init(self, key: jax.Array, dtype=jnp.float32) -> dict:
-        """Random parameters (tests, benchmarks), jitted so large configs initialise quickly."""
-        return jax.jit(init_params, static_argnums=(0, 2))(self.config, key, dtype)
-
-    # ----- host-side metadata -----------------------------------------------------
-    def get_rope_index(self, input_ids, image_grid_thw=None, attention_mask=None, video_grid_thw=None,
-                       second_per_grid_ts=None, mm_token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:
-        """M-RoPE position ids [3, B, L] and deltas [B, 1] (NumPy), as transformers computes them.
-
-        ``second_per_grid_ts`` is accepted for signature compatibility and ignored: Qwen3-VL
-        encodes video time as timestamp text between frames, not in the position ids.
-        """
+    def visual_input_options(self, second_per_grid_ts) -> dict:
         cfg = self.config
-        return get_rope_index(
-            input_ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-            spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw, attention_mask_BxL=attention_mask,
-            mm_token_type_ids_BxL=mm_token_type_ids)
-
-    # ----- pieces -----------------------------------------------------------------
-    def encode_images(self, params: dict, pixel_values, image_grid_thw) -> jax.Array:
-        """Visual features [sum(t*h*w)/m^2, (1 + S) * D] for all images (or videos), in order:
-        the merger output then the S DeepStack maps (see ``split_visual_features``)."""
-        return _encode_images_jit(self, params["vision"], pixel_values, _as_grids(image_grid_thw))
-
-    def split_visual_features(self, features) -> tuple[jax.Array, jax.Array]:
-        """``encode_images`` output -> (merged [U, D], DeepStack [S, U, D])."""
-        return split_visual_features(features, self.config.text.hidden_size)
-
-    def hidden_states(self, params: dict, input_ids, attention_mask=None, pixel_values=None,
-                      image_grid_thw=None, position_ids=None, image_embeds=None, pixel_values_videos=None,
-                      video_grid_thw=None, second_per_grid_ts=None, video_embeds=None, image_slot=None) -> jax.Array:
-        """Final-normed hidden states [B, L, D].
-
-        ``image_embeds`` / ``video_embeds`` (from ``encode_images``) may replace the pixels.
-        ``image_slot`` [B, L] (host-computed: each image token's row of the features, -1
-        elsewhere) lets rows share one encoding in any order; without it the image tokens
-        take the features in row-major order (a prefix sum over the whole batch).
-        Without ``position_ids`` they are computed on the host: M-RoPE from ``get_rope_index``
-        when images or videos are given, else 0..L-1 for every row (transformers' behaviour;
-        pass ``position_ids`` from ``get_rope_index`` to skip padding in text-only batches).
-        """
-        cfg = self.config
-        attention_mask, position_ids, features = prepare_visual_inputs(
-            self, params, input_ids, attention_mask, position_ids, pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw, image_embeds=image_embeds, pixel_values_videos=pixel_values_videos,
-            video_grid_thw=video_grid_thw, video_embeds=video_embeds,
-            embed_width=(1 + cfg.num_deepstack) * cfg.text.hidden_size,
-            embed_width_terms=f"(1 + {cfg.num_deepstack} DeepStack maps) * {cfg.text.hidden_size}",
-            image_slot=image_slot)
-        return _hidden_states_jit(self, params["text"], input_ids, attention_mask, position_ids, *features,
-                                  image_slot)
-
-    def lm_head(self, params: dict, h_xD: jax.Array) -> jax.Array:
-        """Logits [..., vocab] in float32 for hidden states [..., D] (chunk over L as you like)."""
-        return text_lib.lm_head(params["text"], h_xD, self.config.tie_word_embeddings)
-
-    def forward(self, params: dict, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                position_ids=None, image_embeds=None, **video) -> jax.Array:
-        """Logits [B, L, vocab], float32. Inputs as the HF processor returns them
-        (``video`` takes the ``hidden_states`` video arguments)."""
-        h = self.hidden_states(params, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
-                               image_embeds, **video)
-        return self.lm_head(params, h)
-
-    __call__ = forward
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode_images_jit(model: Qwen3VL, vision_params, pixel_values, grids):
-    v = model.config.vision
-    meta = vision_metadata(grids, v.spatial_merge_size, v.num_grid_per_side)
-    merged, deepstack = vision_lib.encode_images(vision_params, pixel_values, meta, v, model.attn_implementation,
-                                                 model.remat)
-    return jnp.concatenate([merged[None], deepstack], axis=0).transpose(1, 0, 2).reshape(merged.shape[0], -1)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _hidden_states_jit(model: Qwen3VL, text_params, input_ids_BxL, attention_mask_BxL, position_ids_3xBxL,
-                       image_embeds_UxF, video_embeds_VxF, image_slot_BxL=None):
-    cfg = model.config
-    # image_slot: host-computed image slots (the train step's), so no prefix sum over sharded rows
-    visuals = ((cfg.image_token_id, image_embeds_UxF, image_slot_BxL), (cfg.video_token_id, video_embeds_VxF, None))
-    embeds, deepstack, visual_index = text_lib.embed_with_visuals(text_params, input_ids_BxL, visuals)
-    if position_ids_3xBxL is None:
-        B, L = input_ids_BxL.shape
-        position_ids_3xBxL = jnp.broadcast_to(jnp.arange(L), (3, B, L))
-    return text_lib.decode(text_params, embeds, jnp.asarray(position_ids_3xBxL), attention_mask_BxL, cfg.text,
-                           model.attn_implementation, model.remat, model.attn_block, deepstack, visual_index)
+        return {"embed_width": (1 + cfg.num_deepstack) * cfg.text.hidden_size,
+                "embed_width_terms": f"(1 + {cfg.num_deepstack} DeepStack maps) * {cfg.text.hidden_size}"}

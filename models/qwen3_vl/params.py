@@ -17,34 +17,26 @@ from __future__ import annotations
 
 import re
 
-import jax
-import jax.numpy as jnp
 
-from caspo_jax.models.common.checkpoint import ParamSpec, map_table
+from caspo_jax.models.common.checkpoint import ParamSpec
+from caspo_jax.models.common.params import UNIT_LEAVES as _UNIT_LEAVES  # noqa: F401 (tests read it here)
+from caspo_jax.models.common.params import (linear_rows, rename, stacked_rows, text_param_table,
+                                            vit_attention_rows)
+
 
 from .config import Qwen3VLConfig
 
 TEXT_PREFIX = "model.language_model."
 VISION_PREFIX = "model.visual."
-# Leaves initialised to one by ``init_params`` (norm scales); every other leaf is random.
-_UNIT_LEAVES = ("attn_norm", "mlp_norm", "norm", "q_norm", "k_norm", "norm_scale")
 
 
 def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
-    t, v = cfg.text, cfg.vision
-    D, F, V, Lt, H = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_hidden_layers, t.head_dim
-    NH, KH = t.num_attention_heads * H, t.num_key_value_heads * H
+    v = cfg.vision
     E, Fv, Lv, O = v.hidden_size, v.intermediate_size, v.depth, v.out_hidden_size
     U = E * v.spatial_merge_size**2
     Nd = cfg.num_deepstack
 
-    def layer(hf, path, shape, axes):
-        return ParamSpec(f"{TEXT_PREFIX}layers.{{i}}.{hf}", ("text", "layers", *path), (Lt, *shape),
-                         ("layers", *axes), num_layers=Lt)
-
-    def block(hf, path, shape, axes):
-        return ParamSpec(f"{VISION_PREFIX}blocks.{{i}}.{hf}", ("vision", "blocks", *path), (Lv, *shape),
-                         ("layers", *axes), num_layers=Lv)
+    block = stacked_rows(f"{VISION_PREFIX}blocks", ("vision", "blocks"), Lv)
 
     def merger(hf_prefix, path, norm_width, stacked):
         """A patch merger: LayerNorm (over E, or over the m*m*E concatenation for DeepStack),
@@ -64,30 +56,7 @@ def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
         return [ParamSpec(name(hf), ("vision", path, ours), (*lead, *shape), (*lead_axes, *axes), num_layers=n)
                 for hf, ours, shape, axes in rows]
 
-    table = [
-        ParamSpec(f"{TEXT_PREFIX}embed_tokens.weight", ("text", "embed"), (V, D), ("vocab", "embed")),
-        layer("input_layernorm.weight", ("attn_norm",), (D,), ("embed",)),
-        layer("self_attn.q_proj.weight", ("q_kernel",), (NH, D), ("heads", "embed")),
-        layer("self_attn.k_proj.weight", ("k_kernel",), (KH, D), ("kv", "embed")),
-        layer("self_attn.v_proj.weight", ("v_kernel",), (KH, D), ("kv", "embed")),
-        layer("self_attn.o_proj.weight", ("o_kernel",), (D, NH), ("embed", "heads")),
-        layer("self_attn.q_norm.weight", ("q_norm",), (H,), (None,)),
-        layer("self_attn.k_norm.weight", ("k_norm",), (H,), (None,)),
-        layer("post_attention_layernorm.weight", ("mlp_norm",), (D,), ("embed",)),
-        layer("mlp.gate_proj.weight", ("gate_kernel",), (F, D), ("mlp", "embed")),
-        layer("mlp.up_proj.weight", ("up_kernel",), (F, D), ("mlp", "embed")),
-        layer("mlp.down_proj.weight", ("down_kernel",), (D, F), ("embed", "mlp")),
-        ParamSpec(f"{TEXT_PREFIX}norm.weight", ("text", "norm"), (D,), ("embed",)),
-    ]
-    if t.attention_bias:
-        table += [
-            layer("self_attn.q_proj.bias", ("q_bias",), (NH,), ("heads",)),
-            layer("self_attn.k_proj.bias", ("k_bias",), (KH,), ("kv",)),
-            layer("self_attn.v_proj.bias", ("v_bias",), (KH,), ("kv",)),
-            layer("self_attn.o_proj.bias", ("o_bias",), (D,), ("embed",)),
-        ]
-    if not cfg.tie_word_embeddings:
-        table.append(ParamSpec("lm_head.weight", ("text", "lm_head"), (V, D), ("vocab", "embed")))
+    table = text_param_table(cfg, TEXT_PREFIX)
     table += [
         ParamSpec(f"{VISION_PREFIX}patch_embed.proj.weight", ("vision", "patch_embed"), (E, v.patch_dim),
                   ("vision_embed", "patch"), "flatten_in",
@@ -95,18 +64,13 @@ def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
         ParamSpec(f"{VISION_PREFIX}patch_embed.proj.bias", ("vision", "patch_bias"), (E,), ("vision_embed",)),
         ParamSpec(f"{VISION_PREFIX}pos_embed.weight", ("vision", "pos_embed"), (v.num_position_embeddings, E),
                   (None, "vision_embed")),
-        block("norm1.weight", ("attn_norm",), (E,), ("vision_embed",)),
-        block("norm1.bias", ("attn_norm_bias",), (E,), ("vision_embed",)),
-        block("attn.qkv.weight", ("qkv_kernel",), (3 * E, E), ("vision_qkv", "vision_embed")),
-        block("attn.qkv.bias", ("qkv_bias",), (3 * E,), ("vision_qkv",)),
-        block("attn.proj.weight", ("proj_kernel",), (E, E), ("vision_embed", "vision_heads")),
-        block("attn.proj.bias", ("proj_bias",), (E,), ("vision_embed",)),
-        block("norm2.weight", ("mlp_norm",), (E,), ("vision_embed",)),
-        block("norm2.bias", ("mlp_norm_bias",), (E,), ("vision_embed",)),
-        block("mlp.linear_fc1.weight", ("fc1_kernel",), (Fv, E), ("vision_mlp", "vision_embed")),
-        block("mlp.linear_fc1.bias", ("fc1_bias",), (Fv,), ("vision_mlp",)),
-        block("mlp.linear_fc2.weight", ("fc2_kernel",), (E, Fv), ("vision_embed", "vision_mlp")),
-        block("mlp.linear_fc2.bias", ("fc2_bias",), (E,), ("vision_embed",)),
+        block("norm1.weight", "attn_norm", (E,), ("vision_embed",)),
+        block("norm1.bias", "attn_norm_bias", (E,), ("vision_embed",)),
+        *vit_attention_rows(block, E),
+        block("norm2.weight", "mlp_norm", (E,), ("vision_embed",)),
+        block("norm2.bias", "mlp_norm_bias", (E,), ("vision_embed",)),
+        *linear_rows(block, "mlp.linear_fc1", "fc1", (Fv, E), ("vision_mlp", "vision_embed")),
+        *linear_rows(block, "mlp.linear_fc2", "fc2", (E, Fv), ("vision_embed", "vision_mlp")),
         *merger(f"{VISION_PREFIX}merger", "merger", E, stacked=False),
     ]
     if Nd:
@@ -123,22 +87,5 @@ _ALIASES = (
 def canonical_hf_name(name: str) -> str:
     """Map the older flat layout (``model.layers.*``, ``visual.*``) to the transformers-5 layout
     (``model.language_model.*``, ``model.visual.*``) the table uses; other names are unchanged."""
-    for pattern, replacement in _ALIASES:
-        name, n = pattern.subn(replacement, name)
-        if n:
-            return name
-    return name
+    return rename(name, _ALIASES)
 
-
-def init_params(cfg: Qwen3VLConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
-    """Random parameters with the table's shapes (norm scales 1, everything else N(0, scale))."""
-    table = param_table(cfg)
-    keys = iter(jax.random.split(key, len(table)))
-
-    def one(spec: ParamSpec):
-        k = next(keys)
-        if spec.path[-1] in _UNIT_LEAVES:
-            return jnp.ones(spec.shape, dtype)
-        return (scale * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
-
-    return map_table(table, one)

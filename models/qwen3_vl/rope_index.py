@@ -12,24 +12,15 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 
-from caspo_jax.models.qwen2_5_vl.rope_index import _as_grids
-
-TEXT, IMAGE, VIDEO = 0, 1, 2
-
-
-def token_types(input_ids_BxL, image_token_id: int, video_token_id: int) -> np.ndarray:
-    """0 text, 1 image, 2 video per token: the ``mm_token_type_ids`` the HF processor returns."""
-    ids = np.asarray(input_ids_BxL)
-    return np.where(ids == image_token_id, IMAGE, np.where(ids == video_token_id, VIDEO, TEXT))
-
+from caspo_jax.models.common.rope_index import (IMAGE, VIDEO, as_grids, position_ids_from_runs,
+                                                token_types)
 
 def split_video_grids(video_grid_thw) -> tuple[tuple[int, int, int], ...]:
     """Each video (t, h, w) as t frames (1, h, w), in order (transformers' timestamp layout)."""
-    return tuple((1, h, w) for t, h, w in _as_grids(video_grid_thw) for _ in range(t))
+    return tuple((1, h, w) for t, h, w in as_grids(video_grid_thw) for _ in range(t))
 
 
 def get_rope_index(
@@ -51,41 +42,18 @@ def get_rope_index(
     gets position 0 and is skipped. Grids are consumed in order across the batch; as in
     transformers, adjacent placeholder runs with no token between them count as one.
     """
-    ids = np.asarray(input_ids_BxL)
-    batch, length = ids.shape
-    types = (token_types(ids, image_token_id, video_token_id) if mm_token_type_ids_BxL is None
+    types = (token_types(input_ids_BxL, image_token_id, video_token_id) if mm_token_type_ids_BxL is None
              else np.asarray(mm_token_type_ids_BxL))
-    mask = None if attention_mask_BxL is None else np.asarray(attention_mask_BxL).astype(bool)
-    grids = {IMAGE: iter(_as_grids(image_grid_thw)), VIDEO: iter(split_video_grids(video_grid_thw))}
+    grids = {IMAGE: iter(as_grids(image_grid_thw)), VIDEO: iter(split_video_grids(video_grid_thw))}
     m = spatial_merge_size
-    position_ids = np.zeros((3, batch, length), dtype=np.int64)
-    deltas = []
-    for b in range(batch):
-        sample_types = types[b] if mask is None else types[b][mask[b]]
-        pieces, current = [], 0
-        for modality, group in itertools.groupby(sample_types.tolist()):
-            span = len(list(group))
-            if modality == TEXT:
-                pieces.append(np.broadcast_to(np.arange(span) + current, (3, span)))
-                current += span
-                continue
-            try:
-                t, h, w = next(grids[modality])
-            except StopIteration:
-                kind = "image_grid_thw" if modality == IMAGE else "video_grid_thw"
-                raise ValueError(f"sample {b} has more {kind.split('_')[0]} placeholder runs than {kind} "
-                                 "rows (frames of a video must be separated by timestamp text)") from None
-            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h // m) + current, np.arange(w // m) + current,
-                                     indexing="ij")
-            pieces.append(np.stack([tt + current, hh, ww]).reshape(3, -1))
-            current += max(h, w) // m
-        positions = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
-        if mask is None:
-            position_ids[:, b] = positions
-        else:
-            position_ids[:, b, mask[b]] = positions
-        deltas.append((positions.max() + 1 if positions.size else 0) - len(sample_types))
-    return position_ids, np.asarray(deltas, dtype=np.int64)[:, None]
+
+    def run_positions(modality, grid, start):
+        t, h, w = grid
+        tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h // m) + start, np.arange(w // m) + start, indexing="ij")
+        return np.stack([tt + start, hh, ww]).reshape(3, -1)
+
+    return position_ids_from_runs(types, attention_mask_BxL, grids, m, run_positions,
+                                  " (frames of a video must be separated by timestamp text)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +87,7 @@ def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.
 def vision_metadata(grids, spatial_merge_size: int, num_grid_per_side: int) -> VisionMetadata:
     """transformers' get_vision_position_ids / get_vision_cu_seqlens /
     get_vision_interpolation_indices_and_weights, in NumPy."""
-    grids = _as_grids(grids)
+    grids = as_grids(grids)
     m, side = spatial_merge_size, num_grid_per_side
     positions, segments, indices, weights = [], [], [], []
     segment = 0

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caspo_jax.models.common.layers import activation, linear, rotate_half, segment_attention
+from caspo_jax.models.common.layers import (activation, apply_vision_rope, linear, segment_attention,
+                                            vision_rope)
 from caspo_jax.models.common.layers import remat as remat_fn
-from caspo_jax.models.qwen2_5_vl.vision import vision_rope
 
 from .config import VisionConfig
 from .rope_index import VisionMetadata
@@ -38,13 +38,6 @@ def position_embeddings(pos_embed_GGxE: jax.Array, meta: VisionMetadata, dtype) 
     return jnp.sum(taps * jnp.asarray(meta.interp_weight_Px4)[..., None], axis=1).astype(dtype)
 
 
-def _rope_f32(x_PxNxH, cos_PxH, sin_PxH):
-    """Vision rotary in float32, cast back (as transformers' apply_rotary_pos_emb_vision)."""
-    x32 = x_PxNxH.astype(jnp.float32)
-    out = x32 * cos_PxH[:, None, :] + rotate_half(x32) * sin_PxH[:, None, :]
-    return out.astype(x_PxNxH.dtype)
-
-
 def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, segment_P: np.ndarray, cfg: VisionConfig, attn_impl=None):
     """One ViT block: x + proj(attn(norm1(x))), then x + fc2(act(fc1(norm2(x)))); tokens
     attend within their image (``segment_P``)."""
@@ -52,7 +45,7 @@ def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, segment_P: np.ndarray, cf
     h = layer_norm(x_PxE, layer["attn_norm"], layer["attn_norm_bias"])
     qkv = linear(h, layer["qkv_kernel"], layer["qkv_bias"]).reshape(P, 3, cfg.num_heads, cfg.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    q, k = _rope_f32(q, cos_PxH, sin_PxH), _rope_f32(k, cos_PxH, sin_PxH)
+    q, k = apply_vision_rope(q, cos_PxH, sin_PxH), apply_vision_rope(k, cos_PxH, sin_PxH)
     out = segment_attention(q, k, v, segment_P, attn_impl)
     x_PxE = x_PxE + linear(out.reshape(P, E), layer["proj_kernel"], layer["proj_bias"])
     h = layer_norm(x_PxE, layer["mlp_norm"], layer["mlp_norm_bias"])

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from caspo_jax.models import load_pretrained, save_pretrained
 from caspo_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig, canonical_hf_name, vision_metadata
-from caspo_jax.models.qwen3_vl import text as text_lib
+from caspo_jax.models.common import decoder
 from caspo_jax.sharding import make_mesh, named_sharding
 from caspo_jax.testing import tiny_qwen3_vl as tq
 
@@ -61,17 +61,17 @@ def test_interleaved_mrope_layout_and_tables_equal_transformers():
 
     cfg = Qwen3VLConfig.from_dict(tq.hf_config_dict("vision"))
     # head_dim 16, section [4, 2, 2]: t h w t h w t t (hand-derived from transformers' slices).
-    np.testing.assert_array_equal(text_lib.mrope_rows(cfg.text), [0, 1, 2, 0, 1, 2, 0, 0])
+    np.testing.assert_array_equal(decoder.mrope_rows(cfg.text), [0, 1, 2, 0, 1, 2, 0, 0])
     big = Qwen3VLConfig.from_dict({"text_config": {"head_dim": 128, "rope_parameters": {"mrope_section": [24, 20, 20]}},
                                    "vision_config": {"out_hidden_size": 4096}})
-    rows = text_lib.mrope_rows(big.text)
+    rows = decoder.mrope_rows(big.text)
     assert rows.tolist()[:6] == [0, 1, 2, 0, 1, 2] and rows.tolist()[57:] == [0, 1, 2, 0, 0, 0, 0]
     assert np.bincount(rows).tolist() == [24, 20, 20]
 
     hf_rope = Qwen3VLTextRotaryEmbedding(Qwen3VLTextConfig(**tq.hf_config_dict("vision")["text_config"]))
     positions = np.random.default_rng(0).integers(0, 3000, (3, 2, 9))
     cos_ref, sin_ref = hf_rope(torch.zeros(1, dtype=torch.float32), torch.tensor(positions))
-    cos, sin = text_lib.mrope_cos_sin(positions, cfg.text, jnp.float32)
+    cos, sin = decoder.mrope_cos_sin(positions, cfg.text, jnp.float32)
     np.testing.assert_allclose(np.asarray(cos), cos_ref.numpy(), atol=1e-6)
     np.testing.assert_allclose(np.asarray(sin), sin_ref.numpy(), atol=1e-6)
 

@@ -1,4 +1,4 @@
-"""Qwen3-VL KV cache (``caspo_jax.models.qwen3_vl.kv_cache``): prefill and one cached decode
+"""Qwen3-VL through the shared KV cache (``caspo_jax.models.common.kv_cache``, ``Qwen3VL.kv_cache``): prefill and one cached decode
 step equal the full forward (DeepStack in the prefill, left-padded prompts with images)."""
 
 import numpy as np
@@ -8,7 +8,6 @@ import jax.numpy as jnp
 
 from caspo_jax.models import load_pretrained
 from caspo_jax.models.common import kv_cache as common_kv
-from caspo_jax.models.qwen3_vl import kv_cache
 from caspo_jax.testing import tiny_qwen3_vl as tq
 
 TOL = 1e-4  # float32; measured ~1e-6
@@ -25,6 +24,8 @@ def test_prefill_and_decode_step_equal_the_full_forward(tmp_path):
     features = model.encode_images(params, batch.pixel_values, batch.image_grid_thw)
     features = jnp.pad(features, ((0, 3), (0, 0)))  # a sampler's bucket padding
     text = params["text"]
+    kv_cache = model.kv_cache
+    assert kv_cache is common_kv
 
     embeds = kv_cache.embed_tokens(text, jnp.asarray(ids), features, model.config.image_token_id)
     prefill = jax.jit(kv_cache.prefill, static_argnums=4)
