@@ -7,9 +7,9 @@ handful of loops. The vision tower runs once over all images of the batch; each 
 KV cache is computed once and repeated for its n samples. Generation stops early when
 every sample has hit an end token.
 
-Model-agnostic: the one dispatch point is ``model.kv_cache`` (each model family's
-``embed_tokens`` / ``prefill`` / ``decode_step_shared``, e.g. ``caspo_jax.models.qwen3_vl.kv_cache``
-with DeepStack), so Qwen2.5-VL and Qwen3-VL share this loop unchanged.
+Model-agnostic: the one dispatch point is ``model.kv_cache`` (``caspo_jax.models.common.kv_cache``,
+the same module for every family: ``embed_tokens`` / ``prefill`` / ``decode_step_shared``),
+so Qwen2.5-VL and Qwen3-VL share this loop unchanged.
 
 Multimodal placeholders (image/video pad, vision start/end) are never sampled by default:
 fed back when a response is scored they would be read as images. Their logits are set to

@@ -47,7 +47,7 @@ def _hf_greedy(hf, prompt: RolloutPrompt, max_new: int) -> np.ndarray:
 
 def test_qwen3_vl_greedy_equals_transformers_generate_text_and_image(tiny):
     hf, model, params = tiny
-    assert model.kv_cache.__name__.endswith("qwen3_vl.kv_cache")
+    assert model.kv_cache.__name__.endswith("common.kv_cache")
     prompts = _prompts()
     rollouts = JaxSampler(model, params).generate(prompts, n=1, sampling=SamplingParams(temperature=0.0,
                                                                                         max_new_tokens=10))
