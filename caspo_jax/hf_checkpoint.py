@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 def load_hf_checkpoint(path: str | Path, *, dtype=jnp.float32, remat: bool | str = False,
                        min_pixels: int | None = None, max_pixels: int | None = None,
-                       ignore_custom_code: bool = False):
+                       ignore_custom_code: bool = False, progress: bool = True):
     """(model, params, processor) from an HF directory (config.json, safetensors, tokenizer,
     preprocessor_config.json); min/max_pixels override the image processor's (they set the
     number of image tokens, so the trainer and the rollout engines must agree on them).
@@ -23,7 +23,7 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.float32, remat: bool | str
     A directory that declares its own code (``auto_map``, ``trust_remote_code``) is refused
     with an UntrustedCheckpointError (a UserError: exit 2) unless ``ignore_custom_code``
     (``--ignore-custom-code``); either way its code is never run, only its weights read.
-    Pickle weights are always refused (CheckpointError)."""
+    Pickle weights are always refused (CheckpointError). ``progress``: the loader's bar."""
     from caspo_jax.data.processor import load_processor
     from caspo_jax.models import load_pretrained
     from caspo_jax.models.common.checkpoint import refuse_custom_code
@@ -32,7 +32,7 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.float32, remat: bool | str
     if not ignore_custom_code:
         refuse_custom_code(path)
 
-    model, params = load_pretrained(path, dtype=dtype, remat=remat)
+    model, params = load_pretrained(path, dtype=dtype, remat=remat, progress=progress)
     processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels,
                                default_chat_template=QWEN2_VL_CHAT_TEMPLATE)
     return model, params, processor

@@ -225,7 +225,8 @@ def _run_eval(args) -> int:
             gen_client = _client(args, args.base_url, args.model, args.api_key_env, sampling.temperature)
             generator = OpenAIGenerator(gen_client, gen_name)
         else:
-            generator = local_generator(args.engine, args.checkpoint, ignore_custom_code=args.ignore_custom_code)
+            generator = local_generator(args.engine, args.checkpoint, ignore_custom_code=args.ignore_custom_code,
+                                        progress=not args.no_progress)
         judges = [Judge(j["name"], _client(args, j["base_url"], j["model"], j["api_key_env"], 0.0), j["price_in"], j["price_out"])
                   for j in judge_specs]
         totals = RunStats()
@@ -369,7 +370,8 @@ def _run_token_shift(args) -> int:
     if not keys:
         raise UserError(f"{results} holds no response for the records of {args.records} in modes {modes}")
     tokens, (logp_base, logp_aligned) = score_under_checkpoints(
-        [base, aligned], prompts, responses, ignore_custom_code=args.ignore_custom_code)
+        [base, aligned], prompts, responses, ignore_custom_code=args.ignore_custom_code,
+        progress=not args.no_progress)
     result = token_shift.token_shift(tokens, logp_base, logp_aligned, k=args.top_k, by=args.shift_rank)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,8 @@ LOCAL_ENGINES = ("jax", "vllm")
 
 
 def local_generator(engine: str, checkpoint: str | None = None, *, batch_size: int = 16,
-                    seed: int = 0, ignore_custom_code: bool = False, **engine_kwargs) -> "LocalGenerator":
+                    seed: int = 0, ignore_custom_code: bool = False, progress: bool = True,
+                    **engine_kwargs) -> "LocalGenerator":
     """A ``LocalGenerator`` over the checkpoint in ``checkpoint`` (an HF directory).
 
     engine_kwargs go to ``JaxSampler`` (e.g. ``mesh``) or ``VllmEngine.start``.
@@ -87,7 +88,7 @@ def local_generator(engine: str, checkpoint: str | None = None, *, batch_size: i
                 "--engine openai --base-url URL.") from None
     from caspo_jax.hf_checkpoint import load_hf_checkpoint, stop_token_ids
 
-    model, params, processor = load_hf_checkpoint(checkpoint, ignore_custom_code=ignore_custom_code)
+    model, params, processor = load_hf_checkpoint(checkpoint, ignore_custom_code=ignore_custom_code, progress=progress)
     eos_ids = stop_token_ids(processor.tokenizer)
     if engine == "jax":
         from caspo_jax.rollout import JaxSampler

@@ -85,7 +85,7 @@ def score_encoded(model, params, encoded: Sequence[EncodedResponse], *, batch_si
 
 
 def score_under_checkpoints(checkpoints: Sequence[str], prompts: Sequence[Prompt], responses: Sequence[str],
-                            *, batch_size: int = 8, ignore_custom_code: bool = False,
+                            *, batch_size: int = 8, ignore_custom_code: bool = False, progress: bool = True,
                             ) -> tuple[list[list[str]], list[list[np.ndarray]]]:
     """(response tokens, [log-probs per checkpoint]) of the same responses under each
     checkpoint, loaded one at a time. The checkpoints must share one tokenizer (the
@@ -94,7 +94,8 @@ def score_under_checkpoints(checkpoints: Sequence[str], prompts: Sequence[Prompt
 
     encoded, vocab, scores = None, None, []
     for path in checkpoints:
-        model, params, processor = load_hf_checkpoint(path, ignore_custom_code=ignore_custom_code)
+        model, params, processor = load_hf_checkpoint(path, ignore_custom_code=ignore_custom_code,
+                                                      progress=progress)
         if encoded is None:
             encoded = encode_responses(processor, prompts, responses)
             vocab = processor.tokenizer.get_vocab()

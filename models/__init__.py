@@ -25,7 +25,8 @@ def _registry():
     }
 
 
-def load_pretrained(path, dtype=jnp.float32, mesh=None, rules=None, attn_implementation=None, remat=False):
+def load_pretrained(path, dtype=jnp.float32, mesh=None, rules=None, attn_implementation=None, remat=False,
+                    progress=True):
     """(model, params) from an HF directory: ``config.json`` + safetensors (single or sharded).
 
     With ``mesh`` (see ``caspo_jax.sharding.make_mesh``), every tensor is placed straight onto
@@ -50,7 +51,7 @@ def load_pretrained(path, dtype=jnp.float32, mesh=None, rules=None, attn_impleme
 
         shardings = param_shardings(table, mesh, rules or LogicalRules())
     tied = model.config.tie_word_embeddings
-    params = load_params(path, table, dtype=dtype, rename=rename, shardings=shardings,
+    params = load_params(path, table, dtype=dtype, rename=rename, shardings=shardings, progress=progress,
                          ignore=lambda name: tied and name == "lm_head.weight")
     return model, params
 

@@ -179,8 +179,10 @@ def load_params(
     rename: Callable[[str], str] = lambda name: name,
     ignore: Callable[[str], bool] = lambda name: False,
     shardings: dict | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Read a checkpoint into the table's pytree, each leaf cast to ``dtype`` and placed.
+    """Read a checkpoint into the table's pytree, each leaf cast to ``dtype`` and placed
+    (``progress``: a transient bar over the tensors; False for --no-progress callers).
 
     ``rename`` maps a checkpoint key to the table's spelling (e.g. alternative layouts);
     ``ignore`` marks keys that may be present and unused (e.g. a tied lm_head).
@@ -214,7 +216,7 @@ def load_params(
         return spec.to_ours(array).astype(np_dtype)
 
     params: dict = {}
-    for spec in tqdm(table, desc=f"loading {Path(path).name}", leave=False):
+    for spec in tqdm(table, desc=f"loading {Path(path).name}", leave=False, disable=not progress):
         if spec.num_layers is None:
             host = read(spec.hf_name, spec)
         else:
