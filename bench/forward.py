@@ -35,7 +35,7 @@ GOAL = 1.2
 
 
 def bench_config(vocab: int, layers: int) -> dict:
-    from caspo_jax.testing import tiny_models as tm
+    from caspo_jax.tiny import models as tm
 
     cfg = tm.hf_config_dict("vision", vocab_size=vocab, num_layers=layers)
     cfg["text_config"].update(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
 
 
 def qwen3_vl_bench_config(vocab: int, layers: int) -> dict:
-    from caspo_jax.testing import tiny_qwen3_vl as tq
+    from caspo_jax.tiny import qwen3_vl as tq
 
     cfg = tq.hf_config_dict("vision", vocab_size=vocab, num_layers=layers)
     cfg["text_config"].update(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,

@@ -41,8 +41,8 @@ GOAL_SAMPLER, GOAL_CONVERSION, GOAL_SYNC = 1.0, 0.5, 1.25
 
 def bench_config(vocab: int = 32000, layers: int = 8) -> dict:
     """The bench shape, with the tiny tokenizer's special-token ids (vLLM loads its processor)."""
-    from caspo_jax.testing import tiny_models as tm
-    from caspo_jax.testing.tiny_tokenizer import build_tiny_tokenizer, tokenizer_info
+    from caspo_jax.tiny import models as tm
+    from caspo_jax.tiny.tokenizer import build_tiny_tokenizer, tokenizer_info
 
     cfg = tm.hf_config_dict("vision", vocab_size=vocab, num_layers=layers)
     cfg["text_config"].update(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     model = Qwen2_5_VL(Qwen2_5_VLConfig.from_dict(cfg))
     save_pretrained(model, model.init(jax.random.PRNGKey(0)), tmp)
-    from caspo_jax.testing.tiny_tokenizer import build_tiny_processor, save_tiny_processor
+    from caspo_jax.tiny.tokenizer import build_tiny_processor, save_tiny_processor
 
     save_tiny_processor(build_tiny_processor(), tmp)  # vLLM's Qwen2.5-VL processor needs one
     model, params = load_pretrained(tmp)

@@ -2,7 +2,7 @@
 
 Shape (bench/forward.py's): text hidden 512, 8 layers, vocab 32k, batch 4 x 1024 tokens,
 one 224x224 image per sample, the last 256 tokens are the response. Ours:
-``caspo_jax.train.make_train_step`` (forward with gradient through the text decoder AND the
+``caspo_jax.step.make_train_step`` (forward with gradient through the text decoder AND the
 vision tower, chunked LM head on the response, CASPO loss, AdamW), float32. Peer:
 ``Qwen2_5_VLForConditionalGeneration`` float32, ``attn_implementation="sdpa"``, full-sequence
 logits, log-softmax, the same token-mean policy-gradient loss, ``loss.backward()`` (no
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from caspo_jax.algo import CaspoConfig
-    from caspo_jax.train import StepConfig, build_train_batch, compute_logprobs, init_state, make_train_step
+    from caspo_jax.step import StepConfig, build_train_batch, compute_logprobs, init_state, make_train_step
 
     cfg = fwd.bench_config(args.vocab, args.layers)
     hf, model, params = fwd.hf_and_port(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(**cfg), "sdpa",

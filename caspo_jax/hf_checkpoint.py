@@ -27,7 +27,7 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.float32, remat: bool | str
     from caspo_jax.data.processor import load_processor
     from caspo_jax.models import load_pretrained
     from caspo_jax.models.common.checkpoint import refuse_custom_code
-    from caspo_jax.testing.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE
+    from caspo_jax.tiny.tokenizer import QWEN2_VL_CHAT_TEMPLATE
 
     if not ignore_custom_code:
         refuse_custom_code(path)

@@ -4,7 +4,7 @@
 run stored (``--responses-from RUN_DIR``, default ``--out``), rebuilds each one's prompt
 from ``--records`` (same mode, same wording as generation: ``evals.modes``), and scores
 every response under both checkpoints with the trainer's own log-prob function
-(``caspo_jax.train.compute_logprobs``, student layout, float32). Per response token t,
+(``caspo_jax.step.compute_logprobs``, student layout, float32). Per response token t,
 ``delta_t = log pi_aligned(a_t | s_t) - log pi_base(a_t | s_t)`` (the paper's Delta log P,
 section 4); ``evals.token_shift`` then takes the top-K per response and pools the token
 classes into the figure.
@@ -56,7 +56,7 @@ def score_encoded(model, params, encoded: Sequence[EncodedResponse], *, batch_si
     Batches of ``batch_size`` pairs, prompts left-padded and responses right-padded to a
     multiple of ``length_multiple`` (fewer compilations); empty responses give [0].
     """
-    from caspo_jax.train import build_train_batch, compute_logprobs
+    from caspo_jax.step import build_train_batch, compute_logprobs
 
     out: list[np.ndarray] = []
     for lo in range(0, len(encoded), batch_size):

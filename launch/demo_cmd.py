@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     """Config errors: one line on stderr, exit 2; errors during the run reach `caspo`'s
     edge (`caspo_jax.launch.cli.main`), which reports any `CaspoError` as one line."""
     from caspo_jax.demo.run import demo_config, run_demo
-    from caspo_jax.trainer.config import ConfigError, dump_config
+    from caspo_jax.loop.config import ConfigError, dump_config
 
     try:
         cfg = with_out_dir(demo_config(args.preset, args.config, cli_overrides(args), quick=args.quick), args)

@@ -167,7 +167,7 @@ def optimizer_copies(table, step_cfg=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from caspo_jax.train import StepConfig, make_optimizer
+    from caspo_jax.step import StepConfig, make_optimizer
 
     leaf = {f"p{i}": jax.ShapeDtypeStruct(s.shape, jnp.float32) for i, s in enumerate(table)}
     state = jax.eval_shape(make_optimizer(step_cfg or StepConfig()).init, leaf)
@@ -280,7 +280,7 @@ def step_flops(table, dims: Mapping[str, int], *, prompts: int, group: int, prom
 def _as_dict(config) -> dict:
     """The run config a dry run sizes, as a nested dict (a preset's name kept as "_preset")."""
     if isinstance(config, str):
-        from caspo_jax.launch.presets import preset_dict
+        from caspo_jax.loop.presets import preset_dict
 
         out = preset_dict(config)
         out.setdefault("_preset", config)
@@ -293,9 +293,9 @@ def _as_dict(config) -> dict:
 
 
 def run_config(config_or_preset):
-    """The validated run config (`caspo_jax.trainer.config.TrainConfig`) of a preset name,
+    """The validated run config (`caspo_jax.loop.config.TrainConfig`) of a preset name,
     a nested dict of overrides on the defaults, or a run config itself."""
-    from caspo_jax.trainer.config import TrainConfig, config_from_dict
+    from caspo_jax.loop.config import TrainConfig, config_from_dict
 
     if isinstance(config_or_preset, TrainConfig):
         return config_or_preset
@@ -321,7 +321,7 @@ def model_for(cfg: Mapping[str, Any]):
                                     f"({sorted(ARCHITECTURES)}); point model.path at a local HF directory")
         raw = ARCHITECTURES[key]
     else:
-        from caspo_jax.testing import tiny_models as tm
+        from caspo_jax.tiny import models as tm
 
         raw = tm.hf_config_dict("vision")
     if raw.get("model_type") == "qwen3_vl":
@@ -339,7 +339,7 @@ def run_memory(cfg, model, topology: Topology) -> MemoryEstimate:
     remat, LM-head chunk) and the model's attention block. Only full remat (layer inputs
     kept) is modelled; the partial policies ("save_projections", "save_dots") keep less
     than no remat, so they are estimated as no remat (an upper bound)."""
-    from caspo_jax.trainer.config import step_config
+    from caspo_jax.loop.config import step_config
 
     step = step_config(cfg, "caspo")
     table = model.param_table()
@@ -355,7 +355,7 @@ def run_memory(cfg, model, topology: Topology) -> MemoryEstimate:
 def dry_run_report(config_or_preset, topology: Topology | str) -> str:
     """The text ``caspo train --dry-run`` / ``caspo dryrun`` prints for a run config, a
     preset name or a nested dict of overrides (validated like a run's)."""
-    from caspo_jax.trainer.config import step_config
+    from caspo_jax.loop.config import step_config
 
     raw = _as_dict(config_or_preset)
     cfg = run_config(config_or_preset)
@@ -408,7 +408,7 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
 def add_arguments(parser) -> None:
     from caspo_jax.launch.train_cmd import add_topology_arguments
 
-    parser.add_argument("--preset", default="tiny-cpu", help="a launch.presets name (default tiny-cpu)")
+    parser.add_argument("--preset", default="tiny-cpu", help="a preset name (caspo_jax.loop.presets) (default tiny-cpu)")
     parser.add_argument("--config", metavar="YAML", help="YAML file of overrides on the preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, e.g. --set optim.minibatch_size=256 (repeatable)")

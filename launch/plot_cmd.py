@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from caspo_jax.trainer.plot import plot_runs
+    from caspo_jax.loop.plot import plot_runs
 
     if args.labels and len(args.labels) != len(args.runs):
         print(f"caspo plot: {len(args.labels)} labels for {len(args.runs)} runs; give one --labels entry per run",

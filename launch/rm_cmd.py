@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, AssertionError):
             return _fail(f"--mesh {args.mesh!r}: expected three integers DATA,FSDP,TENSOR, e.g. 1,8,1")
     from caspo_jax.rewards.rm_train import RMTrainConfig, train_reward_model
-    from caspo_jax.train import StepConfig
+    from caspo_jax.step import StepConfig
 
     try:
         step = StepConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps, compute_dtype=args.compute_dtype)

@@ -43,7 +43,7 @@ def benchmarks_from_args(args: argparse.Namespace):
             raise UserError("caspo sweep: --eval-judge without a benchmark; add --eval-records, --eval-siuo "
                             "and/or --eval-mss")
         return None
-    from caspo_jax.trainer.sweep import SweepBenchmarks
+    from caspo_jax.loop.sweep import SweepBenchmarks
 
     return SweepBenchmarks(
         judges=tuple(args.eval_judge), records=args.eval_records, image_root=args.eval_image_root,
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if status is not None:
         return status
     from caspo_jax.errors import UserError
-    from caspo_jax.trainer.sweep import run_sweep
+    from caspo_jax.loop.sweep import run_sweep
 
     if any(lam < 0 for lam in args.lambdas):
         raise UserError(f"caspo sweep: --lambdas {args.lambdas} must all be >= 0 (0 = outcome only)")

@@ -21,7 +21,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--preset", default="tiny-cpu",
                         help="starting config: tiny-cpu (default); B (the original model) or B-start-sft, "
                              "B-start-original, B-teacher-frozen-sft, B-teacher-original for B in qwen2_5_vl_7b, "
-                             "qwen3_vl_4b (the Fig. 6 readings; see launch/presets.py)")
+                             "qwen3_vl_4b (the Fig. 6 readings; see caspo_jax/loop/presets.py)")
     parser.add_argument("--config", metavar="YAML", help="YAML file of overrides on the preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one field, e.g. --set algo.lam=0.6 (repeatable)")
@@ -43,7 +43,7 @@ def cli_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def config_from_args(args: argparse.Namespace):
-    from caspo_jax.trainer.config import load_config
+    from caspo_jax.loop.config import load_config
 
     return load_config(preset=args.preset, path=args.config, overrides=cli_overrides(args))
 
@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace):
 def with_out_dir(cfg, args: argparse.Namespace):
     """`cfg` with run.out_dir set to the run directory this command uses (args.out is set to
     it too): --out, else run.out_dir when the config changed it, else the command's default."""
-    from caspo_jax.trainer.config import RunConfig
+    from caspo_jax.loop.config import RunConfig
 
     if not hasattr(args, "_default_out"):  # a command without --out (caspo dryrun)
         return cfg
@@ -69,7 +69,7 @@ def config_error(exc: Exception) -> int:
 
 def resolve(args: argparse.Namespace):
     """(config, exit status or None): reports config errors and --print-config, as every command does."""
-    from caspo_jax.trainer.config import ConfigError, dump_config
+    from caspo_jax.loop.config import ConfigError, dump_config
 
     try:
         cfg = with_out_dir(config_from_args(args), args)
@@ -82,7 +82,7 @@ def resolve(args: argparse.Namespace):
 
 
 def run_stage(train) -> int:
-    """Joins the job the environment describes (`caspo_jax.launch.distributed.start`: one
+    """Joins the job the environment describes (`caspo_jax.distributed.start`: one
     process, explicit JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, SLURM or a
     TPU pod) before anything touches a device, runs `train()`, leaves the job.
 
@@ -141,6 +141,6 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.replace(model=dataclasses.replace(cfg.model, path=args.init))
     if args.dry_run:
         return print_dry_run(cfg, args)
-    from caspo_jax.trainer.caspo import run_caspo
+    from caspo_jax.loop.caspo import run_caspo
 
     return run_stage(lambda: run_caspo(cfg, args.out, resume=args.resume))

@@ -19,8 +19,8 @@ from caspo_jax.launch.cli import main
 from caspo_jax.launch.train_cmd import run_stage
 from caspo_jax.models import save_pretrained
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
-from caspo_jax.testing.tiny_tokenizer import build_tiny_processor, build_tiny_tokenizer, save_tiny_processor, tokenizer_info
-from caspo_jax.trainer.setup import tiny_hf_config
+from caspo_jax.tiny.tokenizer import build_tiny_processor, build_tiny_tokenizer, save_tiny_processor, tokenizer_info
+from caspo_jax.loop.setup import tiny_hf_config
 
 TINY = ["--preset", "tiny-cpu", "--set", "model.tiny=test", "--set", "run.steps=1", "--set", "run.eval_every=0",
         "--set", "algo.prompts_per_step=2", "--set", "algo.group_size=2", "--set", "optim.minibatch_size=2",
@@ -291,8 +291,8 @@ def test_ignore_custom_code_loads_the_weights_and_never_runs_the_code(hf_dir, tm
     """With model.ignore_custom_code the policy and the OMC teacher load as plain Qwen-VL
     weights; without it both are refused; the declared module is never imported."""
     from caspo_jax.models.common.checkpoint import UntrustedCheckpointError
-    from caspo_jax.trainer.config import DataConfig, ModelConfig
-    from caspo_jax.trainer.setup import build_policy, load_teacher_params
+    from caspo_jax.loop.config import DataConfig, ModelConfig
+    from caspo_jax.loop.setup import build_policy, load_teacher_params
 
     untrusted = copy_checkpoint(hf_dir, tmp_path / "untrusted", "config.json",
                                 auto_map={"AutoModelForCausalLM": "modeling_evil.EvilModel"})
@@ -311,7 +311,7 @@ def test_ignore_custom_code_loads_the_weights_and_never_runs_the_code(hf_dir, tm
 
 
 def test_fresh_run_into_a_directory_with_checkpoints_exits_2(data, tmp_path, capsys):
-    from caspo_jax.trainer.checkpoint import RunCheckpointer
+    from caspo_jax.loop.checkpoint import RunCheckpointer
 
     directory, paths = data
     old = RunCheckpointer(tmp_path / "sft" / "checkpoints")

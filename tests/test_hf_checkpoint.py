@@ -10,9 +10,9 @@ from caspo_jax.data.pipeline import processor_resize_settings
 from caspo_jax.hf_checkpoint import load_hf_checkpoint, stop_token_ids
 from caspo_jax.models import save_pretrained
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
-from caspo_jax.testing.tiny_tokenizer import (QWEN2_VL_CHAT_TEMPLATE, build_tiny_processor, build_tiny_tokenizer,
+from caspo_jax.tiny.tokenizer import (QWEN2_VL_CHAT_TEMPLATE, build_tiny_processor, build_tiny_tokenizer,
                                               save_tiny_processor, tokenizer_info)
-from caspo_jax.trainer.setup import tiny_hf_config
+from caspo_jax.loop.setup import tiny_hf_config
 
 
 def test_directory_without_a_chat_template_loads_with_the_qwen2_vl_one(tmp_path):

@@ -155,7 +155,7 @@ PRESETS = {
     # The *teacher* reading of Fig. 6 (not the one the tables use): the token reward of
     # eq. 4 from the frozen SFT model (SMC) or from the original pre-SFT model (OMC, needs
     # model.teacher_path). The starting-checkpoint reading keeps the dynamic teacher
-    # ("paper") and changes the initial policy: see launch/presets.py.
+    # ("paper") and changes the initial policy: see caspo_jax/loop/presets.py.
     "paper-teacher-frozen-sft": PAPER.replace(teacher="frozen_sft"),
     "paper-teacher-original": PAPER.replace(teacher="original"),
 }

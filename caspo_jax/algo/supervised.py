@@ -2,7 +2,7 @@
 log-likelihood of the response tokens.
 
 Prompt, image and padding tokens carry no loss: the mask selects the response. Used by
-`caspo sft` (`caspo_jax/trainer/exchange.py`).
+`caspo sft` (`caspo_jax/loop/sft_dpo.py`).
 """
 
 import jax

@@ -53,7 +53,7 @@ def load_processor(directory: str | Path, *, min_pixels: int | None = None, max_
     """
     from transformers import AutoTokenizer
 
-    from caspo_jax.testing.tiny_tokenizer import TinyQwen2_5_VLProcessor, TinyQwen3VLProcessor
+    from caspo_jax.tiny.tokenizer import TinyQwen2_5_VLProcessor, TinyQwen3VLProcessor
 
     directory = Path(directory)
     config_path = directory / "config.json"

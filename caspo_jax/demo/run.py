@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from caspo_jax.trainer.config import TrainConfig
+from caspo_jax.loop.config import TrainConfig
 
 __all__ = ["QUICK", "demo_config", "run_demo"]
 
@@ -29,15 +29,15 @@ QUICK = ["model.tiny=test", "data.demo_train=24", "data.demo_eval=12", "data.max
 
 
 def demo_config(preset: str = "tiny-cpu", path=None, overrides=(), quick: bool = False) -> TrainConfig:
-    from caspo_jax.trainer.config import load_config
+    from caspo_jax.loop.config import load_config
 
     overrides = (QUICK if quick else []) + list(overrides)
     return load_config(preset=preset, path=path, overrides=overrides)
 
 
 def _evaluate(policy, cfg, files, reward, modes=("standard", "constitution")) -> dict:
-    from caspo_jax.trainer.data import prompt_dataset
-    from caspo_jax.trainer.evaluate import evaluate_policy
+    from caspo_jax.loop.data import prompt_dataset
+    from caspo_jax.loop.evaluate import evaluate_policy
 
     dataset, _ = prompt_dataset(cfg, files, policy.processor, split="eval", num_epochs=1, shuffle=False,
                                 batch_size=min(32, cfg.data.demo_eval))
@@ -59,10 +59,10 @@ def _table(before: dict, after: dict) -> str:
 
 def run_demo(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Runs the whole demo; returns (and writes to out_dir/results.json) the numbers."""
-    from caspo_jax.trainer.caspo import make_reward, run_caspo
-    from caspo_jax.trainer.data import prepare_data, with_data_files
-    from caspo_jax.trainer.exchange import run_exchange_stage
-    from caspo_jax.trainer.plot import plot_runs
+    from caspo_jax.loop.caspo import make_reward, run_caspo
+    from caspo_jax.loop.data import prepare_data, with_data_files
+    from caspo_jax.loop.sft_dpo import run_exchange_stage
+    from caspo_jax.loop.plot import plot_runs
 
     out_dir = Path(out_dir)
     for stage in ("sft", "caspo"):  # a rerun replaces the demo's own previous stages

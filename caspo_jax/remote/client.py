@@ -31,7 +31,7 @@ def encode_weight_buckets(params, model, bucket_bytes: int = 256 * 2**20, dtype=
     from caspo_jax.bridge.transport import encode_safetensors
 
     if jax.process_count() > 1:
-        from caspo_jax.launch.distributed import gather_to_host, is_primary
+        from caspo_jax.distributed import gather_to_host, is_primary
 
         cast = (lambda x: x.astype(dtype)) if dtype is not None else (lambda x: x)
         params = jax.tree.map(lambda x: gather_to_host(cast(x)), params)
@@ -145,7 +145,7 @@ class RemoteRolloutEngine:
     def sync_weights(self, params) -> None:
         """Push the full state dict to every worker. On a multi-host trainer every process
         calls this (the gather is a collective) and only process 0 sends."""
-        from caspo_jax.launch.distributed import is_primary
+        from caspo_jax.distributed import is_primary
 
         buckets = encode_weight_buckets(params, self.model, self.bucket_bytes, self.push_dtype)
         if not is_primary():  # the gather above was the collective part

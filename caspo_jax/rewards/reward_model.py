@@ -3,7 +3,7 @@
 Let B be rows (one prompt + one response each), Lp the padded prompt length, T the padded
 response length, L = Lp + T, D the text width.
 
-Rows use the policy step's layout (`caspo_jax.train.batch`): ``[left-padded prompt |
+Rows use the policy step's layout (`caspo_jax.step.batch`): ``[left-padded prompt |
 right-padded response]``, so the last response token of row b sits at column
 ``Lp + n_b - 1`` (n_b = its response length) and the head reads the final-normed hidden
 state there: r_b = h[b, Lp + n_b - 1] . w + c. The response ends with ``<|im_end|>``
@@ -84,7 +84,7 @@ def head_rewards(head: dict, h_BxLxD, index_B):
 def sequence_rewards(model, params: dict, batch, compute_dtype=None):
     """r_B (float32) of a `TrainBatch`'s student layout; traceable. ``params`` is the backbone's
     tree plus ``params["reward_head"]``."""
-    from caspo_jax.train.logprobs import cast_floats, encode_batch_images
+    from caspo_jax.step.logprobs import cast_floats, encode_batch_images
 
     head = params[HEAD_KEY]
     p = cast_floats(params, compute_dtype)
@@ -142,7 +142,7 @@ def _round_up(n: int, multiple: int) -> int:
 def rm_rows(model, rows: Sequence[tuple[RMExample, int]], pad_id: int, prompt_len: int, response_len: int):
     """A `TrainBatch` of rows (example, which response); an index of -1 gives an empty
     response (a padding row, masked). Examples shared by rows are encoded once."""
-    from caspo_jax.train import build_train_batch
+    from caspo_jax.step import build_train_batch
 
     prompts: list[RMExample] = []
     where: dict[int, int] = {}
@@ -278,7 +278,7 @@ class RewardModel:
 
     def save(self, directory: str | Path) -> Path:
         """RM_DIR: the backbone as an HF directory (+ tokenizer files) and reward_head.safetensors."""
-        from caspo_jax.trainer.runtime import export_policy
+        from caspo_jax.loop.runtime import export_policy
 
         directory = Path(directory)
         backbone = {k: v for k, v in self.params.items() if k != HEAD_KEY}

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from caspo_jax.algo import rm_loss
 from caspo_jax.rewards.reward_model import HEAD_KEY, RMExample, RewardModel, init_head, rm_rows, sequence_rewards
-from caspo_jax.train.optimizer import StepConfig
+from caspo_jax.step.optimizer import StepConfig
 
 __all__ = ["RMBatch", "RMTrainConfig", "load_scored_responses", "make_rm_step", "train_reward_model"]
 
@@ -135,7 +135,7 @@ def build_rm_batch(model, slots, K: int, pad_id: int, prompt_len: int, response_
 
 
 def _rm_step(model, step_cfg, mse_weight: float, state, batch: RMBatch):
-    from caspo_jax.train import apply_gradients
+    from caspo_jax.step import apply_gradients
 
     dtype = None if step_cfg.compute_dtype == "float32" else jnp.dtype(step_cfg.compute_dtype)
 
@@ -152,8 +152,8 @@ def rm_state_shardings(model, step_cfg, mesh, rules=None):
     """TrainState shardings: backbone leaves (and AdamW's mu/nu) follow the model's logical
     axes (`param_shardings`); the head and scalars are replicated."""
     from caspo_jax.sharding import LogicalRules, param_shardings
-    from caspo_jax.train import TrainState, make_optimizer
-    from caspo_jax.train.state import _shape_tree
+    from caspo_jax.step import TrainState, make_optimizer
+    from caspo_jax.step.state import _shape_tree
 
     rules = rules or LogicalRules()
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -181,7 +181,7 @@ def make_rm_step(model, step_cfg, mse_weight: float, mesh=None, rules=None):
 def shard_rm_batch(batch: RMBatch, mesh, rules=None) -> RMBatch:
     """Rows over the batch axes (`shard_batch`); the small masks replicated."""
     from caspo_jax.sharding import LogicalRules
-    from caspo_jax.train import shard_batch
+    from caspo_jax.step import shard_batch
 
     replicated = NamedSharding(mesh, PartitionSpec())
     small = jax.device_put((batch.bt_mask, batch.mse_mask, batch.target), replicated)
@@ -292,10 +292,10 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
     """
     from caspo_jax.data.formats import load_pairs
     from caspo_jax.sharding import make_mesh
-    from caspo_jax.train import init_state, shard_state
-    from caspo_jax.trainer.checkpoint import RunCheckpointer
-    from caspo_jax.trainer.metrics import MetricsWriter
-    from caspo_jax.trainer.runtime import StopSignals
+    from caspo_jax.step import init_state, shard_state
+    from caspo_jax.loop.checkpoint import RunCheckpointer
+    from caspo_jax.loop.metrics import MetricsWriter
+    from caspo_jax.loop.runtime import StopSignals
 
     if pairs_path is None and scores_path is None:
         raise ValueError("caspo rm: give --pairs (preference pairs JSONL) and/or --scores (scored responses JSONL)")

@@ -147,7 +147,7 @@ class RolloutEngine(Protocol):
 
 def prompt_arrays(prompts: Sequence[RolloutPrompt], length: int | None = None):
     """Left-padded ids and mask [P, L] (int32), all images' pixel values in prompt order and
-    their grids [I, 3] (None without images): the layout ``caspo_jax.train.build_train_batch``
+    their grids [I, 3] (None without images): the layout ``caspo_jax.step.build_train_batch``
     takes together with ``Rollouts.tokens / mask / prompt_index``."""
     L = max(len(p.token_ids) for p in prompts) if length is None else length
     ids = np.zeros((len(prompts), L), np.int32)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CASPO on a TPU VM pod slice (e.g. v5p-64: 8 hosts x 4 chips = 32 JAX devices).
 #
-# Every host runs the same command; JAX's Cloud TPU detection (caspo_jax.launch.distributed,
+# Every host runs the same command; JAX's Cloud TPU detection (caspo_jax.distributed,
 # plan "tpu") finds the coordinator, process count and id, so there is nothing to pass.
 # Size the run first, on any machine:
 #   caspo dryrun --preset qwen2_5_vl_7b --topology v5p-64 --mesh 1,32,1

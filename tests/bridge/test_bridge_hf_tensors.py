@@ -18,7 +18,7 @@ from caspo_jax.bridge.hf_tensors import (hf_tensor_refs, iter_buckets, iter_hf_a
 from caspo_jax.bridge.transport import decode_safetensors, encode_safetensors
 from caspo_jax.models import load_pretrained
 from caspo_jax.models.qwen2_5_vl import canonical_hf_name
-from caspo_jax.testing import tiny_models as tm
+from caspo_jax.tiny import models as tm
 
 
 @pytest.fixture(scope="module")

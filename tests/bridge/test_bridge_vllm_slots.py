@@ -3,7 +3,7 @@
 from caspo_jax.bridge.verify import vllm_slots
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig
 from caspo_jax.models.qwen2_5_vl.params import param_table
-from caspo_jax.testing import tiny_models as tm
+from caspo_jax.tiny import models as tm
 
 
 def test_qkv_and_gate_up_rows_tile_the_fused_parameters():

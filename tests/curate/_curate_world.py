@@ -10,7 +10,7 @@ one repair fixes, and a sub-category whose replies stay malformed while `state["
 import json
 import re
 
-from caspo_jax.testing.openai_stub import answer, request_text
+from caspo_jax.tiny.openai_stub import answer, request_text
 
 
 def _sc(scene, query, hazard, obj, chain="a -> b -> harm"):

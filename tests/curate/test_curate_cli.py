@@ -11,7 +11,7 @@ from caspo_jax.curate import pipeline
 from caspo_jax.curate.stage import kept_records, rejections, write_stage
 from caspo_jax.evals.store import iter_lines
 from caspo_jax.launch.cli import main
-from caspo_jax.testing.openai_stub import OpenAIStub, slow
+from caspo_jax.tiny.openai_stub import OpenAIStub, slow
 
 
 def _scenarios():

@@ -19,7 +19,7 @@ from caspo_jax.data.formats import load_pairs, load_sft_examples
 from caspo_jax.data.records import load_records
 from caspo_jax.evals.store import iter_lines
 from caspo_jax.llm.client import ChatClient, ClientConfig
-from caspo_jax.testing.openai_stub import OpenAIStub
+from caspo_jax.tiny.openai_stub import OpenAIStub
 
 V = "violent-heights_and_falls"
 

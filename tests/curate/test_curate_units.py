@@ -18,7 +18,7 @@ from caspo_jax.data.constitutions import load_constitutions
 from caspo_jax.evals.store import iter_lines
 from caspo_jax.launch.cli import main
 from caspo_jax.llm.client import ChatClient, ClientConfig
-from caspo_jax.testing.openai_stub import OpenAIStub, answer, garbage, server_error
+from caspo_jax.tiny.openai_stub import OpenAIStub, answer, garbage, server_error
 
 
 def _client(stub, tmp_path=None, **kw):

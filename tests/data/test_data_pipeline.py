@@ -14,7 +14,7 @@ from caspo_jax.data.pipeline import (
     DataError, PipelineConfig, PromptDataset, epoch_permutation, image_size, pick_bucket,
 )
 from caspo_jax.data.prompts import PromptConfig, build_messages, render_prompt
-from caspo_jax.testing.tiny_tokenizer import build_tiny_processor
+from caspo_jax.tiny.tokenizer import build_tiny_processor
 
 SIZES = [(40, 60), (100, 30), (64, 64), (200, 120), (30, 300), (90, 90), (57, 81), (120, 40), (33, 33), (75, 150)]
 CATS = ["violent", "illegal", "hate", "sexual", "privacy", "self_harm"]

@@ -6,7 +6,7 @@ import pytest
 
 from caspo_jax.data.pipeline import processor_resize_settings
 from caspo_jax.data.processor import load_processor
-from caspo_jax.testing.tiny_tokenizer import (TinyQwen2_5_VLProcessor, TinyQwen3VLProcessor, build_tiny_processor,
+from caspo_jax.tiny.tokenizer import (TinyQwen2_5_VLProcessor, TinyQwen3VLProcessor, build_tiny_processor,
                                               build_tiny_tokenizer, save_tiny_processor)
 
 

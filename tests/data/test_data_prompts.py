@@ -7,8 +7,8 @@ import pytest
 from caspo_jax.data.processor import load_processor
 from caspo_jax.data.prompts import ChatTemplateError, render_prompt
 from caspo_jax.errors import UserError
-from caspo_jax.testing.tiny_tokenizer import build_tiny_processor, build_tiny_tokenizer, save_tiny_processor, tokenizer_info
-from caspo_jax.trainer.setup import tiny_hf_config
+from caspo_jax.tiny.tokenizer import build_tiny_processor, build_tiny_tokenizer, save_tiny_processor, tokenizer_info
+from caspo_jax.loop.setup import tiny_hf_config
 
 MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
 

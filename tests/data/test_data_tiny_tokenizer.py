@@ -10,7 +10,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from caspo_jax.data.images import ImageError, resize_image, smart_resize
-from caspo_jax.testing.tiny_tokenizer import (
+from caspo_jax.tiny.tokenizer import (
     QWEN_SPECIAL_TOKENS,
     build_tiny_processor,
     build_tiny_tokenizer,

@@ -1,6 +1,6 @@
 """Launching two JAX processes on this machine (loopback coordinator, gloo CPU collectives,
 4 simulated devices each) for the two-process tests: the explicit start-up of
-`caspo_jax.launch.distributed.start` (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+`caspo_jax.distributed.start` (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID)."""
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import numpy as np
 
 from caspo_jax.algo import CaspoConfig
 from caspo_jax.models import load_pretrained
-from caspo_jax.testing import tiny_models as tm
-from caspo_jax.train import StepConfig, build_train_batch, init_state, make_train_step
+from caspo_jax.tiny import models as tm
+from caspo_jax.step import StepConfig, build_train_batch, init_state, make_train_step
 
 P, G, T = 2, 4, 8
 GRID = (1, 4, 4)

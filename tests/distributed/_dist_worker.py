@@ -25,7 +25,7 @@ import _dist_scenario as sc  # noqa: E402
 from caspo_jax.models import load_pretrained  # noqa: E402
 from caspo_jax.remote import encode_weight_buckets, params_from_hf  # noqa: E402
 from caspo_jax.sharding import make_mesh  # noqa: E402
-from caspo_jax.train import batch_shardings, init_state, shard_state, state_shardings  # noqa: E402
+from caspo_jax.step import batch_shardings, init_state, shard_state, state_shardings  # noqa: E402
 
 
 # 8 devices, 4 on each process; fsdp over all of them: parameters sharded across both

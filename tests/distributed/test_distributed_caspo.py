@@ -99,7 +99,7 @@ def test_caspo_train_in_two_processes_equals_one_process(one_device, tmp_path):
     assert "--- config ---" in logs[0].read_text() and "--- config ---" not in logs[1].read_text()
     assert (out / "export" / "model.safetensors").exists() and (out / "config.yaml").exists()
     assert not (out / "hosts" / "1" / "metrics.jsonl").exists()
-    from caspo_jax.trainer.checkpoint import RunCheckpointer
+    from caspo_jax.loop.checkpoint import RunCheckpointer
 
     ckpt = RunCheckpointer(out / "checkpoints")
     assert ckpt.steps() == [2]

@@ -15,8 +15,8 @@ import _dist_scenario as sc  # noqa: E402
 
 from caspo_jax.launch import dryrun  # noqa: E402
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig  # noqa: E402
-from caspo_jax.testing import tiny_models as tm  # noqa: E402
-from caspo_jax.train import init_state, make_train_step  # noqa: E402
+from caspo_jax.tiny import models as tm  # noqa: E402
+from caspo_jax.step import init_state, make_train_step  # noqa: E402
 
 MEMORY_TOL = 0.20
 
@@ -126,7 +126,7 @@ def test_dry_run_sizes_the_step_config_the_run_uses(capsys):
     """`--set optim.micro_batches=4` shrinks the activation estimate (a quarter of the rows per
     micro-batch), and the report is `run_memory` of the run's own `step_config`."""
     from caspo_jax.launch.cli import main
-    from caspo_jax.trainer.config import load_config, step_config
+    from caspo_jax.loop.config import load_config, step_config
 
     def report(*overrides):
         sets = [arg for item in overrides for arg in ("--set", item)]

@@ -27,6 +27,6 @@ def test_recipe_parses_and_uses_real_flags(script):
         assert args.preset == "qwen2_5_vl_7b" and args.out == "/r"
     for field in ("run.mesh_data", "run.mesh_fsdp", "run.mesh_tensor"):
         if field in text:
-            from caspo_jax.trainer.config import RunConfig
+            from caspo_jax.loop.config import RunConfig
 
             assert field.split(".")[1] in RunConfig.__dataclass_fields__

@@ -9,7 +9,7 @@ import pytest
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from caspo_jax.remote import RemoteRolloutEngine, WorkerSpec, encode_weight_buckets, params_from_hf
 from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams
-from caspo_jax.testing import tiny_models as tm
+from caspo_jax.tiny import models as tm
 
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=6, seed=5)
 

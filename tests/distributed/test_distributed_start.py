@@ -2,7 +2,7 @@
 
 import pytest
 
-from caspo_jax.launch.distributed import plan_start, take_local_rows
+from caspo_jax.distributed import plan_start, take_local_rows
 
 
 def test_explicit_variables():
@@ -36,7 +36,7 @@ def test_one_process_holds_every_row():
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from caspo_jax.launch.distributed import global_batch, local_rows
+    from caspo_jax.distributed import global_batch, local_rows
     from caspo_jax.sharding import make_mesh
 
     mesh = make_mesh(2, 4, 1)

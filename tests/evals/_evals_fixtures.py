@@ -5,7 +5,7 @@ import json
 
 from PIL import Image
 
-from caspo_jax.testing.openai_stub import answer, request_text
+from caspo_jax.tiny.openai_stub import answer, request_text
 
 CATS = ["violent", "illegal", "hate", "sexual", "privacy", "self_harm"]
 

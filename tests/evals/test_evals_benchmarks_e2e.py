@@ -8,7 +8,7 @@ import _evals_fixtures as F
 from caspo_jax.evals.store import load_records
 from caspo_jax.launch import cli
 from caspo_jax.llm.messages import image_data_url
-from caspo_jax.testing.openai_stub import OpenAIStub, answer, request_text, server_error
+from caspo_jax.tiny.openai_stub import OpenAIStub, answer, request_text, server_error
 
 
 def _png(path, color):

@@ -6,7 +6,7 @@ import json
 import _evals_fixtures as F
 from caspo_jax.evals.store import load_records
 from caspo_jax.launch import cli
-from caspo_jax.testing.openai_stub import OpenAIStub, answer, request_text, server_error
+from caspo_jax.tiny.openai_stub import OpenAIStub, answer, request_text, server_error
 
 # what `vllm serve --max-model-len 512` answers when prompt + max_tokens do not fit
 VLLM_CONTEXT_400 = ("This model's maximum context length is 512 tokens. However, you requested 4110 tokens "

@@ -14,7 +14,7 @@ from caspo_jax.data.constitutions import load_constitutions
 from caspo_jax.evals import metrics as M
 from caspo_jax.evals.store import iter_lines, load_records
 from caspo_jax.launch import cli
-from caspo_jax.testing.openai_stub import OpenAIStub, garbage, rate_limited, reject_temperature, request_text, server_error, slow
+from caspo_jax.tiny.openai_stub import OpenAIStub, garbage, rate_limited, reject_temperature, request_text, server_error, slow
 
 
 def _args(stub, tmp_path, out, *extra, judges=("ja", "jb")):

@@ -19,9 +19,9 @@ from caspo_jax.launch import cli
 def _save_checkpoint(path, seed):
     from caspo_jax.models import save_pretrained
     from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
-    from caspo_jax.testing.tiny_tokenizer import (build_tiny_processor, build_tiny_tokenizer, save_tiny_processor,
+    from caspo_jax.tiny.tokenizer import (build_tiny_processor, build_tiny_tokenizer, save_tiny_processor,
                                                   tokenizer_info)
-    from caspo_jax.trainer.setup import tiny_hf_config
+    from caspo_jax.loop.setup import tiny_hf_config
 
     tokenizer = build_tiny_tokenizer()
     model = Qwen2_5_VL(Qwen2_5_VLConfig.from_dict(tiny_hf_config("test", tokenizer_info(tokenizer))))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from caspo_jax.llm import ChatClient, ChatRequest, ClientConfig, image_data_url, user_message
 from caspo_jax.llm.client import parse_retry_after
-from caspo_jax.testing.openai_stub import (
+from caspo_jax.tiny.openai_stub import (
     OpenAIStub,
     answer,
     garbage,

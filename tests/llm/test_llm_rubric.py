@@ -19,7 +19,7 @@ from caspo_jax.rubric import (
     rse_to_reward,
 )
 from caspo_jax.rubric import rse
-from caspo_jax.testing.openai_stub import OpenAIStub, answer, reject_temperature, request_text, server_error
+from caspo_jax.tiny.openai_stub import OpenAIStub, answer, reject_temperature, request_text, server_error
 
 
 def reply(r, s, e):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from caspo_jax.models import CheckpointError, load_pretrained, save_pretrained
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL
-from caspo_jax.testing import tiny_models as tm
+from caspo_jax.tiny import models as tm
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_dtype_and_random_init_follow_the_table(hf_dir, loaded):
 
 def _with_custom_code(hf_dir, target, file="config.json", **keys):
     """A copy of the tiny export whose `file` declares custom code, with the module it names."""
-    from caspo_jax.testing.tiny_tokenizer import build_tiny_processor, save_tiny_processor
+    from caspo_jax.tiny.tokenizer import build_tiny_processor, save_tiny_processor
 
     shutil.copytree(hf_dir, target)
     save_tiny_processor(build_tiny_processor(), target)

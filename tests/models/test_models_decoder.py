@@ -10,8 +10,8 @@ from caspo_jax.models.common import decoder
 from caspo_jax.models.common import kv_cache
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from caspo_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
-from caspo_jax.testing import tiny_models as tm
-from caspo_jax.testing import tiny_qwen3_vl as tq
+from caspo_jax.tiny import models as tm
+from caspo_jax.tiny import qwen3_vl as tq
 
 
 def test_contiguous_mrope_bands_by_hand():

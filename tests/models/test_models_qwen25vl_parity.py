@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from caspo_jax.models import load_pretrained
-from caspo_jax.testing import tiny_models as tm
+from caspo_jax.tiny import models as tm
 
 TOL = 1e-4
 # bfloat16 forward vs float32 (same weights): documented tolerance on logits whose

@@ -15,7 +15,7 @@ from caspo_jax.models import load_pretrained, save_pretrained
 from caspo_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig, canonical_hf_name, vision_metadata
 from caspo_jax.models.common import decoder
 from caspo_jax.sharding import make_mesh, named_sharding
-from caspo_jax.testing import tiny_qwen3_vl as tq
+from caspo_jax.tiny import qwen3_vl as tq
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from caspo_jax.models import load_pretrained
 from caspo_jax.models.common import kv_cache as common_kv
-from caspo_jax.testing import tiny_qwen3_vl as tq
+from caspo_jax.tiny import qwen3_vl as tq
 
 TOL = 1e-4  # float32; measured ~1e-6
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from caspo_jax.models import load_pretrained
-from caspo_jax.testing import tiny_qwen3_vl as tq
+from caspo_jax.tiny import qwen3_vl as tq
 
 TOL = 1e-4
 # bfloat16 forward vs float32 (same weights), on logits whose float32 std is ~0.24.

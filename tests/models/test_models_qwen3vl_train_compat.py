@@ -6,8 +6,8 @@ import numpy as np
 import jax
 
 from caspo_jax.models import load_pretrained
-from caspo_jax.testing import tiny_qwen3_vl as tq
-from caspo_jax.train import build_train_batch, compute_logprobs
+from caspo_jax.tiny import qwen3_vl as tq
+from caspo_jax.step import build_train_batch, compute_logprobs
 
 TOL = 2e-5  # float32, padded batch vs unpadded single sequence
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, get_rope_index
-from caspo_jax.testing import tiny_models as tm
+from caspo_jax.tiny import models as tm
 
 VIDEO_SECONDS = [0.5, 1.3, 2.0]
 

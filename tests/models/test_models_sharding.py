@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from caspo_jax.models import load_pretrained
 from caspo_jax.sharding import LogicalRules, make_mesh, named_sharding, param_shardings
-from caspo_jax.testing import tiny_models as tm
+from caspo_jax.tiny import models as tm
 
 
 @pytest.fixture(scope="module")

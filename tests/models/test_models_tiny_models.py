@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from caspo_jax.models import load_pretrained
-from caspo_jax.testing import tiny_models as tm
+from caspo_jax.tiny import models as tm
 
 
 @pytest.mark.parametrize("variant, head_dim, section", [("text", 16, (2, 3, 3)), ("vllm", 32, (4, 6, 6))])

@@ -14,7 +14,7 @@ from PIL import Image
 from caspo_jax.data import SafetyRecord
 from caspo_jax.llm import ClientConfig
 from caspo_jax.rewards import JudgeReward, OutcomeReward, RewardPrompt, build_reward, group_ok
-from caspo_jax.testing.openai_stub import (
+from caspo_jax.tiny.openai_stub import (
     OpenAIStub, answer, garbage, rate_limited, request_text, server_error,
 )
 

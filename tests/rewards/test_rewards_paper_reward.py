@@ -9,7 +9,7 @@ from PIL import Image
 
 from caspo_jax.data import SafetyRecord
 from caspo_jax.errors import UserError
-from caspo_jax.launch.presets import DEFAULT_RM_PATH, PAPER_BACKBONES, preset_dict
+from caspo_jax.loop.presets import DEFAULT_RM_PATH, PAPER_BACKBONES, preset_dict
 from caspo_jax.rewards import build_reward
 from caspo_jax.rewards.reward_model import HEAD_FILE, HEAD_KEY, RewardModel, RewardModelNotFound, init_head
 
@@ -17,8 +17,8 @@ from caspo_jax.rewards.reward_model import HEAD_FILE, HEAD_KEY, RewardModel, Rew
 @pytest.fixture(scope="module")
 def rm_export(tmp_path_factory):
     """A tiny reward model saved as `caspo rm` saves its export (`RewardModel.save`)."""
-    from caspo_jax.trainer.config import DataConfig, ModelConfig
-    from caspo_jax.trainer.setup import build_policy
+    from caspo_jax.loop.config import DataConfig, ModelConfig
+    from caspo_jax.loop.setup import build_policy
 
     policy = build_policy(ModelConfig(tiny="test"), DataConfig())
     params = {**policy.params, HEAD_KEY: init_head(policy.params["text"]["embed"].shape[1], seed=5)}

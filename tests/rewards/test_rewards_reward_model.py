@@ -45,8 +45,8 @@ def test_rm_loss_equals_hand_computed_bt_plus_weighted_mse():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from caspo_jax.trainer.config import DataConfig, ModelConfig
-    from caspo_jax.trainer.setup import build_policy
+    from caspo_jax.loop.config import DataConfig, ModelConfig
+    from caspo_jax.loop.setup import build_policy
 
     policy = build_policy(ModelConfig(tiny="test"), DataConfig())
     params = {**policy.params, HEAD_KEY: init_head(policy.params["text"]["embed"].shape[1], seed=1)}
@@ -103,7 +103,7 @@ def _synthetic(tmp_path, n_pairs=32, n_scored=32, seed=0):
 
 
 def test_tiny_rm_learns_marker_preference_and_round_trips(tiny, tmp_path):
-    from caspo_jax.trainer.runtime import export_policy
+    from caspo_jax.loop.runtime import export_policy
 
     policy, _ = tiny
     backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")
@@ -153,7 +153,7 @@ def test_rm_stop_saves_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, mo
     export; --resume then reproduces the uninterrupted run's metrics."""
     from caspo_jax.launch.cli import main
     from caspo_jax.rewards import rm_train
-    from caspo_jax.trainer.runtime import export_policy
+    from caspo_jax.loop.runtime import export_policy
 
     policy, _ = tiny
     backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")
@@ -229,7 +229,7 @@ def test_sharded_rm_step_equals_single_device_step(tiny):
     from caspo_jax.rewards.rm_train import (_Unit, _slots, build_rm_batch, make_rm_step, rm_state_shardings,
                                             shard_rm_batch)
     from caspo_jax.sharding import make_mesh
-    from caspo_jax.train import StepConfig, init_state, shard_state
+    from caspo_jax.step import StepConfig, init_state, shard_state
     policy, params = tiny
     model, proc = policy.model, policy.processor
     units = [_Unit(encode_rm_example(proc, "how to store a bottle?", [], ["keep it safe", "throw it now"]), None),
@@ -256,8 +256,8 @@ def test_sharded_rm_step_equals_single_device_step(tiny):
 def test_qwen3_vl_reward_model_scores_images_and_round_trips(tiny, tmp_path):
     from caspo_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 
-    from caspo_jax.testing.tiny_qwen3_vl import hf_config_dict
-    from caspo_jax.testing.tiny_tokenizer import build_tiny_processor, tokenizer_info
+    from caspo_jax.tiny.qwen3_vl import hf_config_dict
+    from caspo_jax.tiny.tokenizer import build_tiny_processor, tokenizer_info
 
     tokenizer = tiny[0].processor.tokenizer
     info = tokenizer_info(tokenizer)
@@ -300,7 +300,7 @@ def test_rm_backbone_declaring_its_own_code_needs_the_flag_caspo_rm_has(tiny, tm
     """The refusal names --ignore-custom-code, and caspo rm has it: with the flag the
     backbone's weights load and train (its declared module would SystemExit if imported)."""
     from caspo_jax.launch.cli import main
-    from caspo_jax.trainer.runtime import export_policy
+    from caspo_jax.loop.runtime import export_policy
 
     policy, _ = tiny
     backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")

@@ -8,8 +8,8 @@ from PIL import Image
 
 from caspo_jax.data.images import resize_image
 from caspo_jax.rollout import RolloutPrompt
-from caspo_jax.testing import tiny_models as tm
-from caspo_jax.testing.tiny_tokenizer import build_tiny_processor, save_tiny_processor, tokenizer_info
+from caspo_jax.tiny import models as tm
+from caspo_jax.tiny.tokenizer import build_tiny_processor, save_tiny_processor, tokenizer_info
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 64
 

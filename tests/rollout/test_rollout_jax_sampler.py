@@ -15,7 +15,7 @@ import torch
 
 from caspo_jax.models import load_pretrained
 from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams, bucket
-from caspo_jax.testing import tiny_models as tm
+from caspo_jax.tiny import models as tm
 
 MULTIMODAL = [tm.IMAGE_TOKEN_ID, tm.VIDEO_TOKEN_ID, tm.VISION_START_TOKEN_ID, tm.VISION_END_TOKEN_ID]
 
@@ -91,8 +91,8 @@ def test_sampled_logprobs_equal_full_forward(tiny):
 
 def test_sampled_logprobs_equal_the_trainers_compute_logprobs(tiny):
     from caspo_jax.rollout import prompt_arrays
-    from caspo_jax.train.batch import build_train_batch
-    from caspo_jax.train.logprobs import compute_logprobs
+    from caspo_jax.step.batch import build_train_batch
+    from caspo_jax.step.logprobs import compute_logprobs
 
     _, model, params = tiny
     prompts = _prompts()

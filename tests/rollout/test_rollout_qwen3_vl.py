@@ -13,7 +13,7 @@ import torch
 
 from caspo_jax.models import load_pretrained
 from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams
-from caspo_jax.testing import tiny_qwen3_vl as tq
+from caspo_jax.tiny import qwen3_vl as tq
 
 MULTIMODAL = [tq.IMAGE_TOKEN_ID, tq.VIDEO_TOKEN_ID, tq.VISION_START_TOKEN_ID, tq.VISION_END_TOKEN_ID]
 

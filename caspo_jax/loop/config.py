@@ -1,0 +1,514 @@
+"""One typed config for `caspo train`, `caspo sft`, `caspo dpo` and `caspo demo`.
+
+Frozen dataclasses of plain fields, so a run's config is a YAML file, every field is
+overridable from the command line as a dotted key (`--set algo.lam=0.6`), and the exact
+config is printed and saved beside the run. Every check runs in `validate` -- before any
+model is built -- and every error names the field and the fix.
+
+    cfg = load_config(preset="tiny-cpu", path="my.yaml", overrides=["algo.lam=0.6"])
+    step_cfg = step_config(cfg, "caspo")   # the jitted train step's StepConfig ("sft", "dpo")
+
+The step's knobs live in `optim` (AdamW, micro-batches, frozen vision, truncated IS,
+LM-head chunk) and `model` (dtype = compute dtype, remat, attention implementation);
+`step_config` is the one place they become the step's config, for runs and dry runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from caspo_jax.algo.config import CaspoConfig
+from caspo_jax.errors import UserError
+from caspo_jax.files import read_structured
+from caspo_jax.rollout.types import logit_temperature
+from caspo_jax.step.optimizer import COMPUTE_DTYPES, StepConfig
+
+__all__ = [
+    "ConfigError",
+    "DPOConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "STAGES",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "step_config",
+]
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot run; the message names the source, the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """path: an HF checkpoint directory (config.json + safetensors + tokenizer/processor).
+    None builds the built-in tiny random model (`tiny`: its size name) with the tiny
+    offline tokenizer -- the default for tests and `caspo demo`.
+
+    teacher_path: the ORIGINAL (pre-SFT) model's HF directory, the teacher of
+    algo.teacher='original' (the paper's CASPO-w.-OMC): it scores the
+    constitution-conditioned prompt; same architecture as the policy.
+
+    ignore_custom_code: load a checkpoint directory that declares its own code (auto_map,
+    trust_remote_code) as a plain Qwen-VL model (`--ignore-custom-code`); its code is never
+    run either way. False refuses such a directory (exit 2).
+
+    dtype: the parameters' load dtype and the compute dtype of every forward -- rollout,
+    the old / reference / teacher log-probs and the train step (float32 master weights
+    either way): log-probs that meet in a ratio, a KL or a token reward must share it.
+    remat: the train step's backward rematerialisation (see `StepConfig.remat`).
+    attn_implementation: `jax.nn.dot_product_attention`'s implementation for every
+    forward of the model (null: JAX picks; "xla"; "cudnn" on NVIDIA GPUs); a model
+    property, not a step one, so the sampler, the log-prob passes and the step agree."""
+
+    path: str | None = None
+    teacher_path: str | None = None
+    tiny: str = "demo"
+    dtype: str = "float32"
+    remat: bool | str = False
+    attn_implementation: str | None = None
+    seed: int = 0
+    ignore_custom_code: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """train / eval: safety-record JSONL (caspo_jax.data.records). sft: SFT JSONL;
+    pairs: preference-pair JSONL. None with the tiny model: the built-in demo task
+    (`demo_train` / `demo_eval` examples generated into the run directory).
+
+    max_bad_fraction: the share of a file's records a run may skip -- invalid JSONL lines,
+    images that cannot be read -- each skip counted and reported once; more stops the run
+    before training (exit 2). 0: any bad record stops it."""
+
+    train: str | None = None
+    eval: str | None = None
+    sft: str | None = None
+    pairs: str | None = None
+    constitutions: str | None = None
+    max_prompt_len: int = 2048
+    max_response_len: int = 1024
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 28 * 28 * 1280
+    demo_train: int = 480
+    demo_eval: int = 96
+    seed: int = 0
+    max_bad_fraction: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """engine: "jax" (the JAX sampler; CPU/TPU/GPU) or "vllm" (GPU hosts).
+    temperature 0.9 as in the paper's evaluation; 1.0 is verl's RL default."""
+
+    engine: str = "jax"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eval_temperature: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The update: AdamW, its batching and the train step's own knobs. With model.dtype,
+    model.remat and the stage's learning rate and temperature it is the whole of the
+    jitted step's `StepConfig` (`step_config`, the one place they meet).
+
+    ppo_epochs: passes over the step's rollouts; minibatch_size: trajectories per
+    optimizer update (must divide prompts_per_step * group_size). micro_batches: the
+    CASPO step accumulates gradients over this many micro-batches of each mini-batch
+    (same loss and gradient, less activation memory; must divide minibatch_size).
+    AdamW with linear warm-up then constant lr (the lr itself is algo.learning_rate for
+    RL, sft.learning_rate / dpo.learning_rate for those stages): weight_decay, b1, b2,
+    adam_eps; grad_clip: global-norm clipping (null: off). freeze_vision: no update for
+    the vision tower. tis_cap: truncated importance sampling of the CASPO step, weight
+    min(pi_old / pi_rollout, tis_cap) per token against the rollout engine's own
+    log-probs (null: off; verl uses 2.0). logprob_chunk: response positions per LM-head
+    chunk in every log-prob pass (memory of one [rows, chunk, vocab] float32 block)."""
+
+    ppo_epochs: int = 1
+    minibatch_size: int = 512
+    micro_batches: int = 1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 0
+    freeze_vision: bool = False
+    tis_cap: float | None = None
+    logprob_chunk: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """steps: RL steps (None: `epochs` passes over the prompts). eval_every / save_every /
+    log_every in steps (0 disables). keep_last: checkpoints kept.
+
+    mesh_data / mesh_fsdp / mesh_tensor: the (data, fsdp, tensor) device mesh of every
+    stage (`caspo_jax.loop.placement`); -1 (one field at most) = all remaining
+    devices. Rows of an update split over data * fsdp, which must divide them.
+
+    halt_failed_share / halt_failed_steps: `caspo train` saves and stops with RunHalted
+    (exit 3) after halt_failed_steps consecutive steps in which at least halt_failed_share
+    of the prompt groups had a failed reward (a judge that is down, a reward that cannot
+    score the records): such steps train nothing. Default: every group, 3 steps in a row;
+    halt_failed_steps=0 never stops."""
+
+    out_dir: str = "runs/caspo"
+    steps: int | None = None
+    epochs: int = 3
+    eval_every: int = 0
+    save_every: int = 50
+    keep_last: int = 3
+    seed: int = 0
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    halt_failed_share: float = 1.0
+    halt_failed_steps: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """The paper's SFT stage: lr 1e-5, 2 epochs, loss on response tokens only.
+
+    with_constitution (default true): the SFT prompt carries the example's category
+    constitution (the teacher prompt of eq. 4), as appendix B.1's SFT "instill[s] initial
+    adherence to category-specific safety constitutions" and sec. 5.2's SFT model has
+    stronger "constitution-following capabilities". SFT records (`caspo curate select`)
+    hold the plain query and the category; the constitution is added here, at encoding.
+    An example's own "with_constitution" field overrides this for that example.
+    """
+
+    learning_rate: float = 1e-5
+    epochs: int = 2
+    batch_size: int = 8
+    with_constitution: bool = True
+    steps: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """DPO on preference pairs against the frozen initial policy (the static baseline)."""
+
+    beta: float = 0.1
+    learning_rate: float = 1e-6
+    epochs: int = 1
+    batch_size: int = 8
+    steps: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algo: CaspoConfig = CaspoConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+    sft: SFTConfig = SFTConfig()
+    dpo: DPOConfig = DPOConfig()
+    # outcome reward spec for caspo_jax.rewards.build_reward, or {"kind": "demo"}
+    reward: dict = dataclasses.field(default_factory=lambda: {"kind": "demo"})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.algo.prompts_per_step * self.algo.group_size
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+STAGES = ("caspo", "sft", "dpo")
+
+
+def step_config(cfg: TrainConfig, stage: str) -> StepConfig:
+    """The jitted train step's config for `stage` of run config `cfg` -- what `caspo train`
+    ("caspo"), `caspo sft` and `caspo dpo` train with, and what `caspo dryrun` sizes.
+
+    optim gives the AdamW knobs, micro_batches, freeze_vision, tis_cap and logprob_chunk;
+    model gives compute_dtype (model.dtype: the frozen reference, the teacher and the
+    rollout share it) and remat; the stage gives the learning rate (algo / sft / dpo
+    .learning_rate) and the logits' temperature: CASPO scores at the rollout's sampling
+    temperature (`logit_temperature`: 1 for greedy), SFT and DPO at 1."""
+    if stage not in STAGES:
+        raise ValueError(f"step_config: stage={stage!r}; use one of {STAGES}")
+    o = cfg.optim
+    rates = {"caspo": cfg.algo.learning_rate, "sft": cfg.sft.learning_rate, "dpo": cfg.dpo.learning_rate}
+    temperature = logit_temperature(cfg.rollout.temperature) if stage == "caspo" else 1.0
+    return StepConfig(learning_rate=rates[stage], warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
+                      b1=o.b1, b2=o.b2, adam_eps=o.adam_eps, max_grad_norm=o.grad_clip,
+                      micro_batches=o.micro_batches, compute_dtype=cfg.model.dtype,
+                      freeze_vision=o.freeze_vision, remat=cfg.model.remat, tis_cap=o.tis_cap,
+                      logprob_chunk=o.logprob_chunk, temperature=temperature)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_type(value, annotation, where: str):
+    """Coerces YAML scalars to the annotated type (int -> float is allowed); else ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for option in inner[:-1]:  # bool | str: the first type that accepts the value
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                pass
+        return _check_type(value, inner[-1], where)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "2e-6" (no dot) as a string
+        except ValueError:
+            pass
+    if annotation in (int, float, str, bool) and not (isinstance(value, annotation)
+                                                      and not (annotation is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    if annotation is dict and not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _build_section(cls, raw: Mapping, where: str):
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of fields, got {raw!r}")
+    types = _field_types(cls)
+    unknown = sorted(set(raw) - set(types))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(types)}")
+    kwargs = {k: _check_type(v, types[k], f"{where}.{k}") for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def config_from_dict(raw: Mapping, source: str = "config") -> TrainConfig:
+    """A validated TrainConfig from a nested mapping (missing fields keep their defaults)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the config must be a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; known sections: {sorted(_SECTIONS)}")
+    kwargs = {}
+    for name, value in raw.items():
+        if name == "reward":
+            kwargs[name] = dict(_check_type(value, dict, f"{source}: reward"))
+        else:
+            kwargs[name] = _build_section(_field_types(TrainConfig)[name], value, f"{source}: {name}")
+    cfg = TrainConfig(**kwargs)
+    validate(cfg, source)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "reward":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str], source: str = "--set") -> dict:
+    """Applies "section.field=value" strings (values parsed as YAML) to a nested dict."""
+    out = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source} {item!r}: expected section.field=value, e.g. algo.lam=0.6")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"{source} {item!r}: the key must be dotted, e.g. algo.lam=0.6 or run.steps=10")
+        if parts[0] not in _SECTIONS:
+            raise ConfigError(f"{source} {item!r}: unknown section {parts[0]!r}; known: {sorted(_SECTIONS)}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source} {item!r}: value is not valid YAML ({exc})") from None
+        node = out
+        for part in parts[:-1]:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None,
+                overrides: Iterable[str] = ()) -> TrainConfig:
+    """preset (caspo_jax/loop/presets.py) <- YAML file <- dotted overrides, validated once at the end."""
+    raw: dict = {}
+    source = "config"
+    if preset is not None:
+        from caspo_jax.loop.presets import preset_dict
+
+        raw = preset_dict(preset)
+        source = f"preset {preset!r}"
+    if path is not None:
+        path = Path(path)
+        loaded = read_structured(path, Mapping, what="config file", expected="a mapping of sections",
+                                 error=ConfigError, empty={})
+        raw = _merge(raw, loaded)
+        source = str(path)
+    overrides = list(overrides)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source = f"{source} + --set"
+    return config_from_dict(raw, source)
+
+
+def validate(cfg: TrainConfig, source: str = "config") -> None:
+    """Cross-field checks (each field's own range is checked by its dataclass)."""
+
+    def fail(field: str, why: str):
+        raise ConfigError(f"{source}: {field} {why}")
+
+    a, o, d, r = cfg.algo, cfg.optim, cfg.data, cfg.run
+    if o.ppo_epochs < 1:
+        fail("optim.ppo_epochs", f"={o.ppo_epochs} must be >= 1")
+    if o.minibatch_size < 1:
+        fail("optim.minibatch_size", f"={o.minibatch_size} must be >= 1")
+    total = a.prompts_per_step * a.group_size
+    if o.micro_batches < 1 or o.minibatch_size % o.micro_batches:
+        fail("optim.micro_batches", f"={o.micro_batches} must be >= 1 and divide optim.minibatch_size="
+             f"{o.minibatch_size} (each micro-batch holds minibatch_size / micro_batches rows); 1: no accumulation")
+    if o.logprob_chunk < 1:
+        fail("optim.logprob_chunk", f"={o.logprob_chunk} must be >= 1 (response positions per LM-head chunk; "
+             "128 is the default)")
+    if not o.adam_eps > 0:
+        fail("optim.adam_eps", f"={o.adam_eps} must be > 0 (AdamW's denominator term; 1e-8 is usual)")
+    if o.grad_clip is not None and not o.grad_clip > 0:
+        fail("optim.grad_clip", f"={o.grad_clip} must be > 0, or null to disable clipping")
+    if o.warmup_steps < 0:
+        fail("optim.warmup_steps", f"={o.warmup_steps} must be >= 0")
+    if o.tis_cap is not None and not o.tis_cap > 0:
+        fail("optim.tis_cap", f"={o.tis_cap} must be > 0 (verl uses 2.0), or null to disable truncated "
+             "importance sampling")
+    if total % o.minibatch_size:
+        fail("optim.minibatch_size", f"={o.minibatch_size} must divide algo.prompts_per_step * algo.group_size = "
+             f"{a.prompts_per_step} * {a.group_size} = {total}; pick a divisor such as {a.group_size}")
+    if o.minibatch_size % a.group_size and a.group_size % o.minibatch_size:
+        fail("optim.minibatch_size", f"={o.minibatch_size} must be a multiple of algo.group_size={a.group_size} "
+             "(or divide it), so mini-batches do not split groups unevenly")
+    for field in ("max_prompt_len", "max_response_len", "image_min_pixels", "image_max_pixels", "demo_train",
+                  "demo_eval"):
+        if getattr(d, field) < 1:
+            fail(f"data.{field}", f"={getattr(d, field)} must be >= 1")
+    if not 0.0 <= d.max_bad_fraction < 1.0:
+        fail("data.max_bad_fraction", f"={d.max_bad_fraction} must be in [0, 1): the share of records a run may "
+             "skip (0: none)")
+    if d.image_min_pixels > d.image_max_pixels:
+        fail("data.image_min_pixels", f"={d.image_min_pixels} exceeds data.image_max_pixels={d.image_max_pixels}")
+    if cfg.rollout.engine not in ("jax", "vllm"):
+        fail("rollout.engine", f"={cfg.rollout.engine!r} must be 'jax' or 'vllm'")
+    if cfg.rollout.temperature < 0 or cfg.rollout.eval_temperature < 0:
+        fail("rollout.temperature", "must be >= 0 (0 = greedy)")
+    if o.tis_cap is not None and cfg.rollout.engine == "vllm" and logit_temperature(cfg.rollout.temperature) != 1:
+        fail("optim.tis_cap", f"with rollout.engine='vllm' needs rollout.temperature 1 (or 0, greedy): vLLM returns "
+             f"raw log-probs (T = 1) while the step scores at rollout.temperature={cfg.rollout.temperature}, so "
+             "the weights would compare two distributions; use the jax engine or drop optim.tis_cap")
+    if r.steps is not None and r.steps < 1:
+        fail("run.steps", f"={r.steps} must be >= 1 (or null to run run.epochs epochs)")
+    if r.epochs < 1:
+        fail("run.epochs", f"={r.epochs} must be >= 1")
+    if r.keep_last < 1:
+        fail("run.keep_last", f"={r.keep_last} must be >= 1")
+    for field in ("eval_every", "save_every", "halt_failed_steps"):
+        if getattr(r, field) < 0:
+            fail(f"run.{field}", "must be >= 0 (0 disables)")
+    if not 0 < r.halt_failed_share <= 1:
+        fail("run.halt_failed_share", f"={r.halt_failed_share} must be in (0, 1] (1: every group of a step failed)")
+    from caspo_jax.models.common.layers import REMAT_CHOICES
+
+    if cfg.model.remat not in REMAT_CHOICES:
+        fail("model.remat", f"={cfg.model.remat!r} must be one of {list(REMAT_CHOICES)} (false: keep every "
+             "activation; true/'full': keep layer inputs; 'save_projections': keep matmul outputs)")
+    if cfg.model.dtype not in COMPUTE_DTYPES:
+        fail("model.dtype", f"={cfg.model.dtype!r} must be 'float32' or 'bfloat16'")
+    if cfg.model.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        fail("model.attn_implementation", f"={cfg.model.attn_implementation!r} must be one of "
+             f"{list(ATTN_IMPLEMENTATIONS)} (null: JAX picks; 'cudnn' needs an NVIDIA GPU)")
+    if cfg.model.path is None and cfg.model.tiny not in TINY_SIZES:
+        fail("model.tiny", f"={cfg.model.tiny!r} must be one of {sorted(TINY_SIZES)} (or set model.path)")
+    for name, section in (("sft", cfg.sft), ("dpo", cfg.dpo)):
+        if not section.learning_rate > 0:
+            fail(f"{name}.learning_rate", "must be > 0")
+        if section.epochs < 1 or section.batch_size < 1:
+            fail(f"{name}.epochs / {name}.batch_size", "must be >= 1")
+        if section.steps is not None and section.steps < 1:
+            fail(f"{name}.steps", "must be >= 1 or null")
+    if not cfg.dpo.beta > 0:
+        fail("dpo.beta", f"={cfg.dpo.beta} must be > 0 (0.1 is usual)")
+    mesh = {f: getattr(r, f) for f in ("mesh_data", "mesh_fsdp", "mesh_tensor")}
+    for field, size in mesh.items():
+        if size == 0 or size < -1:
+            fail(f"run.{field}", f"={size} must be >= 1, or -1 for all remaining devices")
+    if list(mesh.values()).count(-1) > 1:
+        fail("run.mesh_data / run.mesh_fsdp / run.mesh_tensor", f"={tuple(mesh.values())}: at most one may be -1 "
+             "(the remaining devices); give the others sizes")
+    if r.mesh_data > 0 and r.mesh_fsdp > 0 and o.minibatch_size % (r.mesh_data * r.mesh_fsdp):
+        fail("optim.minibatch_size", f"={o.minibatch_size} must be divisible by run.mesh_data * run.mesh_fsdp = "
+             f"{r.mesh_data * r.mesh_fsdp} (each device holds an equal share of an update's rows); pick a "
+             f"multiple of {r.mesh_data * r.mesh_fsdp} or smaller data/fsdp sizes")
+    if cfg.algo.teacher == "original" and cfg.model.teacher_path is None:
+        fail("model.teacher_path", "is not set: algo.teacher='original' (CASPO-w.-OMC) scores the constitution-"
+             "conditioned prompt with the original pre-SFT model; set model.teacher_path to its HF directory "
+             "(or use algo.teacher=rollout_policy / frozen_sft)")
+    if cfg.model.teacher_path is not None and cfg.algo.teacher != "original":
+        fail("model.teacher_path", f"is set but algo.teacher={cfg.algo.teacher!r} does not use it; set "
+             "algo.teacher=original or drop model.teacher_path")
+    if "kind" not in cfg.reward:
+        fail("reward.kind", "is missing: use 'reward_model' (the paper's RM, from `caspo rm`), 'judge', "
+             "'function' or 'demo'")
+    if cfg.reward["kind"] == "reward_model" and not isinstance(cfg.reward.get("path"), str):
+        fail("reward.path", "is missing: reward.kind='reward_model' loads the export of `caspo rm --out DIR` "
+             "(DIR/export); set it with --set reward.path=DIR/export")
+    for stage in STAGES:  # StepConfig's own checks, on exactly what each stage will train with
+        try:
+            step_config(cfg, stage)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {stage} step: {exc}") from None
+
+
+# jax.nn.dot_product_attention's `implementation` values (model.attn_implementation).
+ATTN_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+# Tiny model sizes for model.path = None (text hidden, layers, heads, kv heads, ViT depth/hidden).
+TINY_SIZES = {
+    "demo": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2, vision_hidden=32),
+    "test": dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_depth=1, vision_hidden=16),
+}
