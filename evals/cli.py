@@ -24,10 +24,19 @@ import pathlib
 import sys
 from typing import Any
 
+from caspo_jax.data.constitutions import load_constitutions
+from caspo_jax.data.records import load_records as load_safety_records
 from caspo_jax.errors import CaspoError, UserError
-from caspo_jax.evals.generators import NOT_RETRIED, PAPER_SAMPLING, EngineNotAvailable
-from caspo_jax.evals.modes import MODES, PROMPTS_VERSION
-
+from caspo_jax.evals import judging, metrics, report, suites, token_shift
+from caspo_jax.evals.generators import NOT_RETRIED, PAPER_SAMPLING, EngineNotAvailable, OpenAIGenerator, local_generator
+from caspo_jax.evals.modes import MODES, PROMPTS_VERSION, build_prompt
+from caspo_jax.evals.mssbench import load_mssbench
+from caspo_jax.evals.runner import Judge, RunStats, run_items, spent_totals
+from caspo_jax.evals.shift_scoring import score_under_checkpoints
+from caspo_jax.evals.siuo import load_siuo
+from caspo_jax.evals.store import ResultsStore, load_records
+from caspo_jax.llm.client import ChatClient, ClientConfig
+from caspo_jax.rubric.rse import RUBRIC_VERSION
 
 
 class EvalFailed(CaspoError):
@@ -115,8 +124,6 @@ def parse_judge(spec: str) -> dict[str, Any]:
 
 
 def _client(args, base_url: str, model: str, api_key_env: str, temperature: float | None):
-    from caspo_jax.llm.client import ChatClient, ClientConfig
-
     return ChatClient(ClientConfig(
         base_url=base_url, model=model, api_key_env=api_key_env, max_concurrency=args.concurrency,
         timeout_s=args.timeout, max_retries=args.max_retries, backoff_base_s=args.backoff,
@@ -146,11 +153,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args) -> int:
-    from caspo_jax.evals import judging, report, suites
-    from caspo_jax.evals.generators import OpenAIGenerator, local_generator
-    from caspo_jax.evals.runner import Judge, RunStats, run_items, spent_totals
-    from caspo_jax.evals.store import ResultsStore, load_records
-
     if args.engine != "openai" and not args.report_only and not args.checkpoint:
         raise ValueError(f"--engine {args.engine} needs --checkpoint DIR (an HF directory with config.json, "
                          "safetensors, tokenizer and preprocessor_config.json)")
@@ -183,24 +185,16 @@ def _run_eval(args) -> int:
     # Work items (data errors surface before any model call).
     items, siuo_n, mss_n = [], 0, 0
     if args.records:
-        from caspo_jax.data.records import load_records as load_safety_records
-
         records = load_safety_records(args.records, args.image_root, check_images=True)[: args.limit]
         constitutions = None
         if "constitution" in modes:
-            from caspo_jax.data.constitutions import load_constitutions
-
             constitutions = load_constitutions(args.constitutions)
         items += suites.ood_items(records, modes, constitutions, samples=args.samples)
     if args.siuo:
-        from caspo_jax.evals.siuo import load_siuo
-
         s_items = load_siuo(args.siuo, args.siuo_images)[: args.limit]
         siuo_n = len(s_items)
         items += suites.siuo_items(s_items, samples=args.siuo_samples)
     if args.mss:
-        from caspo_jax.evals.mssbench import load_mssbench
-
         pairs = load_mssbench(args.mss, args.mss_root)[: args.limit]
         mss_n = len(pairs)
         items += suites.mss_items(pairs)
@@ -211,8 +205,6 @@ def _run_eval(args) -> int:
             raise ValueError("--engine openai needs --base-url and --model of the evaluated model")
         run_info = {"generator": gen_name, "sampling": dataclasses.asdict(sampling), "prompts_version": PROMPTS_VERSION}
         out.mkdir(parents=True, exist_ok=True)
-        from caspo_jax.rubric.rse import RUBRIC_VERSION
-
         run_meta = {
             "generator": gen_name, "engine": args.engine, "base_url": args.base_url, "sampling": dataclasses.asdict(sampling),
             "judges": names, "judge_models": {j["name"]: j["model"] for j in judge_specs}, "modes": modes,
@@ -304,9 +296,6 @@ def _check_resume_compatible(run_json: pathlib.Path, new: dict[str, Any]) -> Non
 
 
 def _run_compare(args) -> int:
-    from caspo_jax.evals import metrics, report, suites
-    from caspo_jax.evals.store import load_records
-
     before, after = (pathlib.Path(x) for x in args.compare)
     sums = []
     judge_sets = []
@@ -336,12 +325,6 @@ def _run_compare(args) -> int:
 
 def _run_token_shift(args) -> int:
     """Figure 5: delta log p = log pi_aligned - log pi_base on stored responses, top-K classes."""
-    from caspo_jax.data.records import load_records as load_safety_records
-    from caspo_jax.evals import report, token_shift
-    from caspo_jax.evals.modes import build_prompt
-    from caspo_jax.evals.shift_scoring import score_under_checkpoints
-    from caspo_jax.evals.store import load_records
-
     if not (args.out and args.records):
         raise UserError("--token-shift needs --out (where the figure goes) and --records (to rebuild the prompts)")
     if args.top_k < 1:
@@ -357,8 +340,6 @@ def _run_token_shift(args) -> int:
     records = {r.id: r for r in load_safety_records(args.records, args.image_root, check_images=True)[: args.limit]}
     constitutions = None
     if "constitution" in modes:
-        from caspo_jax.data.constitutions import load_constitutions
-
         constitutions = load_constitutions(args.constitutions)
     keys, prompts, responses = [], [], []
     for key, rec in sorted(load_records(results).items()):

@@ -25,9 +25,16 @@ import json
 import zlib
 from typing import Any, Protocol, Sequence
 
+import numpy as np
+
+from caspo_jax.data.images import load_image, resize_image
+from caspo_jax.data.pipeline import processor_resize_settings
+from caspo_jax.data.prompts import expand_image_tokens, image_token_counts, render_prompt
 from caspo_jax.evals.modes import Prompt, prompt_messages
+from caspo_jax.hf_checkpoint import load_hf_checkpoint, stop_token_ids
 from caspo_jax.llm.client import ChatRequest, is_retriable_status
 from caspo_jax.llm.messages import system_message, user_message
+from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams, VllmEngine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,17 +93,12 @@ def local_generator(engine: str, checkpoint: str | None = None, *, batch_size: i
                 f"--engine vllm needs the vllm package, which does not import here ({e}). Use --engine jax, "
                 f"or serve {checkpoint} with an OpenAI-compatible server (e.g. `vllm serve DIR`) and use "
                 "--engine openai --base-url URL.") from None
-    from caspo_jax.hf_checkpoint import load_hf_checkpoint, stop_token_ids
 
     model, params, processor = load_hf_checkpoint(checkpoint, ignore_custom_code=ignore_custom_code, progress=progress)
     eos_ids = stop_token_ids(processor.tokenizer)
     if engine == "jax":
-        from caspo_jax.rollout import JaxSampler
-
         rollout_engine = JaxSampler(model, params, eos_token_ids=eos_ids, **engine_kwargs)
     else:
-        from caspo_jax.rollout import VllmEngine
-
         # vLLM reads the same weights from the directory; the JAX model only describes it
         rollout_engine = VllmEngine.start(checkpoint, model, eos_token_ids=eos_ids, **engine_kwargs)
     return LocalGenerator(rollout_engine, processor, name=f"{engine}:{checkpoint}", batch_size=batch_size,
@@ -114,13 +116,6 @@ def encode_local_prompt(processor, prompt: Prompt, seed: int = 0):
     """``RolloutPrompt`` of ``prompt`` for an in-process engine: the chat template over
     ``prompt_messages``, images resized with the processor's min/max pixels, one
     placeholder run per image sized by its grid; the sampling seed from ``prompt_seed``."""
-    import numpy as np
-
-    from caspo_jax.data.images import load_image, resize_image
-    from caspo_jax.data.pipeline import processor_resize_settings
-    from caspo_jax.data.prompts import expand_image_tokens, image_token_counts, render_prompt
-    from caspo_jax.rollout import RolloutPrompt
-
     text = render_prompt(processor.tokenizer, prompt_messages(prompt))
     pixels = grid = None
     images: tuple = ()
@@ -159,8 +154,6 @@ class LocalGenerator:
         return encode_local_prompt(self.processor, prompt, self.seed)
 
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: Sampling) -> list[Generation]:
-        from caspo_jax.rollout import SamplingParams
-
         params = SamplingParams(temperature=float(sampling.temperature), max_new_tokens=int(sampling.max_new_tokens),
                                 seed=self.seed)
         out: list[Generation | None] = [None] * len(prompts)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from caspo_jax.llm.replies import ReplyParseError
+from caspo_jax.evals import mssbench, siuo
 from caspo_jax.evals.runner import Judge, WorkItem
+from caspo_jax.llm.client import ChatRequest
+from caspo_jax.llm.replies import ReplyParseError
+from caspo_jax.rubric.rse import RSEItem, judge_rse
 
 
 def _usage_dict(u) -> dict[str, int]:
@@ -29,8 +32,6 @@ def _client_temperature_applied(client) -> bool | None:
 
 def rse_judge_fn(judge: Judge, pairs: list[tuple[WorkItem, str]]) -> list[dict[str, Any]]:
     """R/S/E scores via ``caspo_jax.rubric.rse.judge_rse`` (one repair round built in)."""
-    from caspo_jax.rubric.rse import RSEItem, judge_rse
-
     items = [
         RSEItem(
             query=it.meta.get("query_shown", it.prompt.text),
@@ -58,8 +59,6 @@ def rse_judge_fn(judge: Judge, pairs: list[tuple[WorkItem, str]]) -> list[dict[s
 
 
 def _chat_judge(judge: Judge, messages_list, namespace: str, parse) -> list[dict[str, Any]]:
-    from caspo_jax.llm.client import ChatRequest
-
     # only verdicts that parse are cached, so a rerun re-asks exactly the failed items
     reqs = [ChatRequest(m, json_mode=True, cache_namespace=namespace, validate=parse) for m in messages_list]
     results = judge.client.complete_many(reqs, progress=f"judge {judge.name}")
@@ -80,8 +79,6 @@ def _chat_judge(judge: Judge, messages_list, namespace: str, parse) -> list[dict
 
 
 def siuo_judge_fn(judge: Judge, pairs: list[tuple[WorkItem, str]]) -> list[dict[str, Any]]:
-    from caspo_jax.evals import siuo
-
     def parse(text):
         safe, eff = siuo.parse_siuo_verdict(text)
         return {"safe": safe, "effective": eff}
@@ -91,7 +88,5 @@ def siuo_judge_fn(judge: Judge, pairs: list[tuple[WorkItem, str]]) -> list[dict[
 
 
 def mss_judge_fn(judge: Judge, pairs: list[tuple[WorkItem, str]]) -> list[dict[str, Any]]:
-    from caspo_jax.evals import mssbench
-
     msgs = [mssbench.mss_judge_messages(mssbench.MSSPair(**it.meta["mss_pair"]), resp) for it, resp in pairs]
     return _chat_judge(judge, msgs, mssbench.MSS_PROMPT_VERSION, lambda t: {"class": mssbench.parse_mss_class(t)})

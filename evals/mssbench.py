@@ -35,6 +35,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from caspo_jax.files import read_structured
+from caspo_jax.llm.messages import system_message, user_message
 from caspo_jax.llm.replies import ReplyParseError, reply_json_object
 
 MSS_PROMPT_VERSION = "mss-judge-v1"
@@ -122,8 +123,6 @@ Reply with exactly: {{"class": <0|1|2|3>, "reason": "<one sentence>"}}"""
 
 
 def mss_judge_messages(pair: MSSPair, response: str) -> list[dict[str, Any]]:
-    from caspo_jax.llm.messages import system_message, user_message
-
     rubric = "\n".join(f"{k}: {v}" for k, v in CLASSES.items())
     what = "query" if pair.task == "chat" else "instruction (a household task)"
     text = JUDGE_TEMPLATE.format(what=what, response=response, rubric=rubric)

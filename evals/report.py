@@ -11,7 +11,8 @@ import math
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from caspo_jax.evals.metrics import DIM_LETTER, DIMENSIONS, Delta, ModeSummary
+from caspo_jax.evals.metrics import DIM_LETTER, DIMENSIONS, Delta, ModeSummary, item_average
+from caspo_jax.evals.token_shift import CLASSES
 
 
 def _f(x: float, nd: int = 2) -> str:
@@ -151,8 +152,6 @@ def plot_token_shift(path: pathlib.Path, results: Mapping[str, Any], title: str 
 
     ``results[label]`` is a ``token_shift.TokenShiftResult`` (e.g. "DPO vs base").
     """
-    from caspo_jax.evals.token_shift import CLASSES
-
     plt = _plt()
     labels = list(results)
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(labels)), 3.6))
@@ -172,8 +171,6 @@ def plot_token_shift(path: pathlib.Path, results: Mapping[str, Any], title: str 
 
 def write_items_csv(path: pathlib.Path, by_mode: Mapping[str, Sequence[Any]], judges: Sequence[str]) -> None:
     """One row per (mode, item): each judge's R/S/E (blank = failed) and the judge average."""
-    from caspo_jax.evals.metrics import item_average
-
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["mode", "item", "category"] + [f"{j}_{DIM_LETTER[d]}" for j in judges for d in DIMENSIONS]

@@ -25,6 +25,8 @@ import numpy as np
 from caspo_jax.errors import UserError
 from caspo_jax.evals.generators import encode_local_prompt
 from caspo_jax.evals.modes import Prompt
+from caspo_jax.hf_checkpoint import load_hf_checkpoint
+from caspo_jax.step import build_train_batch, compute_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +58,6 @@ def score_encoded(model, params, encoded: Sequence[EncodedResponse], *, batch_si
     Batches of ``batch_size`` pairs, prompts left-padded and responses right-padded to a
     multiple of ``length_multiple`` (fewer compilations); empty responses give [0].
     """
-    from caspo_jax.step import build_train_batch, compute_logprobs
-
     out: list[np.ndarray] = []
     for lo in range(0, len(encoded), batch_size):
         chunk = encoded[lo: lo + batch_size]
@@ -90,8 +90,6 @@ def score_under_checkpoints(checkpoints: Sequence[str], prompts: Sequence[Prompt
     """(response tokens, [log-probs per checkpoint]) of the same responses under each
     checkpoint, loaded one at a time. The checkpoints must share one tokenizer (the
     first one's encodes everything); a different vocabulary is a UserError."""
-    from caspo_jax.hf_checkpoint import load_hf_checkpoint
-
     encoded, vocab, scores = None, None, []
     for path in checkpoints:
         model, params, processor = load_hf_checkpoint(path, ignore_custom_code=ignore_custom_code,

@@ -26,9 +26,10 @@ import dataclasses
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from caspo_jax.files import read_structured
-from caspo_jax.llm.replies import reply_bool, reply_json_object
 from caspo_jax.evals.metrics import majority
+from caspo_jax.files import read_structured
+from caspo_jax.llm.messages import system_message, user_message
+from caspo_jax.llm.replies import reply_bool, reply_json_object
 
 SIUO_PROMPT_VERSION = "siuo-judge-v1"
 SIUO_SAMPLES = 3  # our choice: the paper gives no sample count for SIUO
@@ -108,8 +109,6 @@ def siuo_judge_messages(item: SIUOItem, response: str) -> list[dict[str, Any]]:
 
     The image is sent too, so vision judges can check the scene.
     """
-    from caspo_jax.llm.messages import system_message, user_message
-
     text = JUDGE_TEMPLATE.format(
         question=item.question,
         safety_warning=item.safety_warning,
