@@ -30,13 +30,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+
+from caspo_jax.models import load_pretrained  # noqa: E402
+from caspo_jax.tiny import models as tm, qwen3_vl as tq  # noqa: E402
 
 GOAL = 1.2
 
 
 def bench_config(vocab: int, layers: int) -> dict:
-    from caspo_jax.tiny import models as tm
-
     cfg = tm.hf_config_dict("vision", vocab_size=vocab, num_layers=layers)
     cfg["text_config"].update(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
                               num_key_value_heads=2, max_position_embeddings=4096)
@@ -97,10 +105,6 @@ def parse_args(description: str, argv, *, repeats: int, add_more=None):
 
 def hf_and_port(hf_class, hf_config, attn: str, *, train: bool = False):
     """transformers' model with seeded random float32 weights, and our port loaded from its save."""
-    import torch
-
-    from caspo_jax.models import load_pretrained
-
     hf_config._attn_implementation = attn
     torch.manual_seed(0)
     hf = hf_class(hf_config).float()
@@ -113,8 +117,6 @@ def hf_and_port(hf_class, hf_config, attn: str, *, train: bool = False):
 
 def torch_inputs(cfg: dict, input_ids, mask, pixel_values, grid_thw) -> dict:
     """`make_inputs`' arrays as the keyword tensors transformers' forward takes."""
-    import torch
-
     return dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask),
                 pixel_values=torch.tensor(pixel_values), image_grid_thw=torch.tensor(grid_thw),
                 mm_token_type_ids=torch.tensor((input_ids == cfg["image_token_id"]).astype(np.int64)))
@@ -123,8 +125,6 @@ def torch_inputs(cfg: dict, input_ids, mask, pixel_values, grid_thw) -> dict:
 def torch_response_logprobs(hf, t_inputs: dict, targets, *, keep_response_only: bool = False):
     """transformers' log-probs of the last R tokens: full-sequence logits then log-softmax,
     as a plain user computes them, or (`keep_response_only`) with `logits_to_keep`, as TRL does."""
-    import torch
-
     t_targets = torch.tensor(targets)
     R = t_targets.shape[1]
 
@@ -183,8 +183,6 @@ def main(argv=None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv, repeats=4, add_more=lambda p: p.add_argument(
         "--baseline-attn", default="sdpa", choices=["sdpa", "eager"]))
 
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     cfg = bench_config(args.vocab, args.layers)
     hf, model, params = hf_and_port(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(**cfg), args.baseline_attn)
@@ -252,8 +250,6 @@ def main(argv=None) -> int:
 
 
 def qwen3_vl_bench_config(vocab: int, layers: int) -> dict:
-    from caspo_jax.tiny import qwen3_vl as tq
-
     cfg = tq.hf_config_dict("vision", vocab_size=vocab, num_layers=layers)
     cfg["text_config"].update(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
                               head_dim=64, eos_token_id=vocab - 1)
@@ -269,8 +265,6 @@ def main_qwen3_vl(argv=None) -> int:
     args = parse_args("Qwen3-VL response log-probs: JAX vs transformers", argv, repeats=3,
                       add_more=lambda p: p.add_argument("--baseline-attn", default="sdpa", choices=["sdpa", "eager"]))
 
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     cfg = qwen3_vl_bench_config(args.vocab, args.layers)
     hf, model, params = hf_and_port(Qwen3VLForConditionalGeneration, Qwen3VLConfig(**cfg), args.baseline_attn)

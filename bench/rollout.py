@@ -35,15 +35,27 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
+
+from caspo_jax.bridge import transport  # noqa: E402
+from caspo_jax.bridge.hf_tensors import iter_torch_tensors, state_dict_bytes  # noqa: E402
+from caspo_jax.models import load_pretrained, save_pretrained  # noqa: E402
+from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig  # noqa: E402
+from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams, VllmEngine  # noqa: E402
+from caspo_jax.tiny import models as tm  # noqa: E402
+from caspo_jax.tiny.tokenizer import (  # noqa: E402
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    save_tiny_processor,
+    tokenizer_info,
+)
 
 GOAL_SAMPLER, GOAL_CONVERSION, GOAL_SYNC = 1.0, 0.5, 1.25
 
 
 def bench_config(vocab: int = 32000, layers: int = 8) -> dict:
     """The bench shape, with the tiny tokenizer's special-token ids (vLLM loads its processor)."""
-    from caspo_jax.tiny import models as tm
-    from caspo_jax.tiny.tokenizer import build_tiny_tokenizer, tokenizer_info
-
     cfg = tm.hf_config_dict("vision", vocab_size=vocab, num_layers=layers)
     cfg["text_config"].update(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
                               num_key_value_heads=2, max_position_embeddings=4096)
@@ -68,9 +80,6 @@ def bench_transformers(path, prompts, n, new_tokens) -> float:
     """New tokens/s of ``generate`` at batch prompts x n (``new_tokens`` may be fewer than the
     regime's to keep the bench short: per-token cost only grows with length, so this
     flatters the baseline)."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     torch.set_num_threads(os.cpu_count() or 1)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
                                                             attn_implementation="sdpa").eval()
@@ -97,16 +106,11 @@ def main(argv=None) -> int:
                         help="OMP threads for vLLM (vLLM's own default is 1; we give it the CPUs JAX gets)")
     args = parser.parse_args(argv)
 
-    from caspo_jax.models import load_pretrained, save_pretrained
-    from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
-    from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams
 
     cfg = bench_config()
     tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     model = Qwen2_5_VL(Qwen2_5_VLConfig.from_dict(cfg))
     save_pretrained(model, model.init(jax.random.PRNGKey(0)), tmp)
-    from caspo_jax.tiny.tokenizer import build_tiny_processor, save_tiny_processor
-
     save_tiny_processor(build_tiny_processor(), tmp)  # vLLM's Qwen2.5-VL processor needs one
     model, params = load_pretrained(tmp)
     rng = np.random.default_rng(0)
@@ -185,12 +189,6 @@ def print_floor(cfg, args, seconds) -> None:
 
 
 def bench_vllm(path, model, params, prompts, sampling, args, total, rates) -> None:
-    import torch
-
-    from caspo_jax.bridge import transport
-    from caspo_jax.bridge.hf_tensors import iter_torch_tensors, state_dict_bytes
-    from caspo_jax.rollout import SamplingParams, VllmEngine
-
     engine = VllmEngine.start(path, model, max_model_len=args.prompt_len + args.new_tokens + 16,
                               kv_cache_memory_bytes=512 * 2**20, eos_token_ids=(),
                               # one scheduler step takes every prompt whole: vLLM-CPU crashes on a chunked

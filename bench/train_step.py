@@ -31,6 +31,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+
+from caspo_jax.algo import CaspoConfig  # noqa: E402
+from caspo_jax.step import StepConfig, build_train_batch, compute_logprobs, init_state, make_train_step  # noqa: E402
 
 GOAL = 0.55
 
@@ -49,11 +54,6 @@ def main(argv=None) -> int:
         help="StepConfig.remat (default save_projections: store the weight matmuls' outputs, "
              "recompute attention and elementwise work)"))
 
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from caspo_jax.algo import CaspoConfig
-    from caspo_jax.step import StepConfig, build_train_batch, compute_logprobs, init_state, make_train_step
 
     cfg = fwd.bench_config(args.vocab, args.layers)
     hf, model, params = fwd.hf_and_port(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(**cfg), "sdpa",

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 __all__ = [
@@ -189,14 +190,10 @@ def gather_to_host(tree):
     A collective: every process must call it (then let only ``is_primary()`` write)."""
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
-    from jax.experimental import multihost_utils
-
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def barrier(name: str) -> None:
     """Wait until every process reaches ``name`` (no-op with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)

@@ -14,5 +14,5 @@ Modules, one job each:
   ``shift_scoring``: the same responses scored by two checkpoints (``--token-shift``).
 * ``cli``: ``caspo eval``.
 
-Submodules are imported on use so ``import caspo_jax.evals`` stays light.
+The package itself imports none of them, so ``import caspo_jax.evals`` stays light.
 """

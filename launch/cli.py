@@ -24,6 +24,8 @@ import importlib
 import sys
 from typing import Sequence
 
+from tqdm import tqdm
+
 from caspo_jax import __version__
 from caspo_jax.errors import CaspoError
 
@@ -75,8 +77,6 @@ def one_line(message: object) -> str:
 def _close_progress_bars() -> None:
     """Ends the progress bars still drawn (an error raised mid-run leaves the run's bar open),
     so the error message starts on a line of its own."""
-    from tqdm import tqdm
-
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from caspo_jax.demo.run import demo_config, run_demo
 from caspo_jax.launch.train_cmd import add_config_arguments, cli_overrides, config_error, with_out_dir
+from caspo_jax.loop.config import ConfigError, dump_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,9 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Config errors: one line on stderr, exit 2; errors during the run reach `caspo`'s
     edge (`caspo_jax.launch.cli.main`), which reports any `CaspoError` as one line."""
-    from caspo_jax.demo.run import demo_config, run_demo
-    from caspo_jax.loop.config import ConfigError, dump_config
-
     try:
         cfg = with_out_dir(demo_config(args.preset, args.config, cli_overrides(args), quick=args.quick), args)
     except (ConfigError, ValueError) as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from caspo_jax.loop.plot import plot_runs
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (several: one line each)")
@@ -14,8 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from caspo_jax.loop.plot import plot_runs
-
     if args.labels and len(args.labels) != len(args.runs):
         print(f"caspo plot: {len(args.labels)} labels for {len(args.runs)} runs; give one --labels entry per run",
               file=sys.stderr)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from caspo_jax.errors import UserError
 from caspo_jax.launch.train_cmd import add_config_arguments, resolve
+from caspo_jax.loop.sweep import SweepBenchmarks, run_sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +40,9 @@ def benchmarks_from_args(args: argparse.Namespace):
     """A SweepBenchmarks when any --eval-records/--eval-siuo/--eval-mss is given, else None."""
     if not (args.eval_records or args.eval_siuo or args.eval_mss):
         if args.eval_judge:
-            from caspo_jax.errors import UserError
-
             raise UserError("caspo sweep: --eval-judge without a benchmark; add --eval-records, --eval-siuo "
                             "and/or --eval-mss")
         return None
-    from caspo_jax.loop.sweep import SweepBenchmarks
 
     return SweepBenchmarks(
         judges=tuple(args.eval_judge), records=args.eval_records, image_root=args.eval_image_root,
@@ -56,8 +55,6 @@ def run(args: argparse.Namespace) -> int:
     cfg, status = resolve(args)
     if status is not None:
         return status
-    from caspo_jax.errors import UserError
-    from caspo_jax.loop.sweep import run_sweep
 
     if any(lam < 0 for lam in args.lambdas):
         raise UserError(f"caspo sweep: --lambdas {args.lambdas} must all be >= 0 (0 = outcome only)")

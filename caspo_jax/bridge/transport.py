@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+import safetensors.numpy
 
 
 def encode_safetensors(items: Iterable[tuple]) -> bytes:
@@ -31,9 +32,7 @@ def encode_safetensors(items: Iterable[tuple]) -> bytes:
         from safetensors.torch import save
 
         return save({name: t.contiguous() for name, t in items})
-    from safetensors.numpy import save
-
-    return save({name: np.ascontiguousarray(a) for name, a in items})
+    return safetensors.numpy.save({name: np.ascontiguousarray(a) for name, a in items})
 
 
 def decode_safetensors(data: bytes) -> dict:

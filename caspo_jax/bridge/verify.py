@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from caspo_jax.bridge.hf_tensors import hf_tensor_refs, iter_hf_arrays
+from caspo_jax.bridge.transport import in_process_worker
 
 _FUSED = (
     (".self_attn.q_proj.", ".self_attn.qkv_proj.", 0),
@@ -111,8 +112,6 @@ def verify_sync(engine, params, probes: Sequence, *, atol: float = 1e-4) -> floa
         return worst
     detail = "the engine is not in-process, so tensors were not compared"
     try:
-        from caspo_jax.bridge.transport import in_process_worker
-
         vllm_model = in_process_worker(engine.llm).model_runner.get_model()
     except RuntimeError:
         vllm_model = None

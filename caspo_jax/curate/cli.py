@@ -26,7 +26,20 @@ import json
 import sys
 from pathlib import Path
 
+from caspo_jax.curate import pipeline
+from caspo_jax.curate.filtering import FilterThresholds, filter_scenarios
+from caspo_jax.curate.images import load_image_map
+from caspo_jax.curate.report import write_summary
+from caspo_jax.curate.responses import respond
+from caspo_jax.curate.rewrite import rewrite_queries
+from caspo_jax.curate.stage import Endpoint
+from caspo_jax.curate.synthesis import synthesize
+from caspo_jax.curate.templates import load_prompt_file
+from caspo_jax.data.constitutions import load_constitutions
 from caspo_jax.errors import CaspoError
+from caspo_jax.evals.generators import Sampling
+from caspo_jax.llm.client import ChatClient, ClientConfig
+from caspo_jax.llm.endpoint_spec import parse_endpoint_spec
 
 STAGE_NAMES = ("synthesize", "filter", "dedup", "images", "rewrite", "export", "respond", "select", "dpo", "report")
 
@@ -96,11 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _endpoint(args, spec: str, temperature: float | None):
-    from caspo_jax.curate.stage import Endpoint
-    from caspo_jax.evals.cli import parse_judge
-    from caspo_jax.llm.client import ChatClient, ClientConfig
-
-    s = parse_judge(spec)
+    s = parse_endpoint_spec(spec)
     cache = None if args.no_cache else (args.cache_dir or str(Path(args.out) / "cache"))
     client = ChatClient(ClientConfig(
         base_url=s["base_url"], model=s["model"], api_key_env=s["api_key_env"], max_concurrency=args.concurrency,
@@ -159,10 +168,6 @@ def _dpo_options(args) -> dict:
 
 
 def _run(args) -> int:
-    from caspo_jax.curate import pipeline
-    from caspo_jax.curate.report import write_summary
-    from caspo_jax.curate.templates import load_prompt_file
-
     out = Path(args.out)
     progress = not args.no_progress
     prices: dict[str, tuple[float, float]] = {}
@@ -191,16 +196,12 @@ def _run(args) -> int:
     stats = None
     run_opts = dict(chunk_size=args.chunk_size, progress=progress, json_mode=not args.no_json_mode)
     if stage == "synthesize":
-        from caspo_jax.curate.synthesis import synthesize
-
         cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
         stats = synthesize(models(), pipeline.stage_path(out, stage), prompts=prompts("synthesize"), calls=args.calls,
                            per_call=args.per_call, temperature=1.0 if args.temperature is None else args.temperature,
                            categories=cats, **run_opts)
         message = str(stats)
     elif stage == "filter":
-        from caspo_jax.curate.filtering import FilterThresholds, filter_scenarios
-
         th = FilterThresholds(args.min_benign, args.min_natural, args.min_relevance, args.min_risk_clarity)
         stats = filter_scenarios(pipeline.stage_input(out, stage), judge(), pipeline.stage_path(out, stage),
                                  thresholds=th, prompts=prompts("filter"), **run_opts)
@@ -212,24 +213,16 @@ def _run(args) -> int:
     elif stage == "images":
         if not args.image_root:
             raise ValueError("stage images needs --image-root DIR")
-        from caspo_jax.curate.images import load_image_map
-
         kept, rejected = pipeline.run_images(out, args.image_root,
                                              load_image_map(args.image_map) if args.image_map else None)
         message = f"kept {len(kept)}, rejected {len(rejected)}"
     elif stage == "rewrite":
-        from caspo_jax.curate.rewrite import rewrite_queries
-
         stats = rewrite_queries(pipeline.stage_input(out, stage), judge(), pipeline.stage_path(out, stage),
                                 prompts=prompts("rewrite"), **run_opts)
         message = str(stats)
     elif stage == "export":
         message = f"wrote {pipeline.export_benchmark(out, args.image_root)}"
     elif stage == "respond":
-        from caspo_jax.curate.responses import respond
-        from caspo_jax.data.constitutions import load_constitutions
-        from caspo_jax.evals.generators import Sampling
-
         sampling = Sampling(0.9 if args.temperature is None else args.temperature, args.max_new_tokens)
         stats = respond(pipeline.stage_input(out, stage), models(), judge(), pipeline.stage_path(out, stage),
                         constitutions=load_constitutions(args.constitutions), image_root=args.image_root,

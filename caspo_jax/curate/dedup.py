@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import AutoModel, AutoTokenizer
 
 from caspo_jax.curate.stage import write_stage
 
@@ -51,8 +52,6 @@ class Embedder:
                 f"{model_dir}: no config.json; point --embedding-model at a local sentence-transformers "
                 "directory (config.json, tokenizer files, weights), or omit it to use the exact-text fallback"
             )
-        from transformers import AutoModel, AutoTokenizer
-
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
         self.batch_size = batch_size

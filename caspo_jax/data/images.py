@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from caspo_jax.errors import UserError
@@ -62,8 +63,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = Image.alpha_composite(background, rgba)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # high-bit-depth grayscale: scale the actual range to 8 bits instead of clipping
-        import numpy as np
-
         values = np.asarray(image, dtype=np.float64)
         low, high = float(values.min()), float(values.max())
         scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoTokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
 from caspo_jax.files import read_structured
+from caspo_jax.tiny.tokenizer import TinyQwen2_5_VLProcessor, TinyQwen3VLProcessor
 
 __all__ = ["load_processor"]
 
@@ -27,8 +31,6 @@ _QWEN3_NORM = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 
 def _image_processor(directory: Path, model_type: str, vision: dict, overrides: dict):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     if (directory / "preprocessor_config.json").is_file():
         return Qwen2VLImageProcessorPil.from_pretrained(directory, **overrides)
     if "patch_size" not in vision:
@@ -51,10 +53,6 @@ def load_processor(directory: str | Path, *, min_pixels: int | None = None, max_
     The chat template comes from the tokenizer files, else `chat_template.jinja`, else
     `default_chat_template`; with none of them a ValueError names the fix.
     """
-    from transformers import AutoTokenizer
-
-    from caspo_jax.tiny.tokenizer import TinyQwen2_5_VLProcessor, TinyQwen3VLProcessor
-
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():

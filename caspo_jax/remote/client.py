@@ -10,13 +10,22 @@ in prompt order, so the output equals one engine's.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
+import pickle
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
+import jax
 import numpy as np
 
-from caspo_jax.remote.worker import WorkerSpec, _call, _init_process
+from caspo_jax.bridge.hf_tensors import iter_buckets, iter_hf_arrays
+from caspo_jax.bridge.transport import encode_safetensors
+from caspo_jax.bridge.verify import vllm_module_order
+from caspo_jax.distributed import gather_to_host, is_primary
+from caspo_jax.process_env import call_with_env
+from caspo_jax.remote.worker import RolloutWorker, WorkerSpec, _call, _init_process
+from caspo_jax.rollout import Rollouts, SamplingParams
 
 
 def encode_weight_buckets(params, model, bucket_bytes: int = 256 * 2**20, dtype=None) -> list[bytes]:
@@ -25,22 +34,13 @@ def encode_weight_buckets(params, model, bucket_bytes: int = 256 * 2**20, dtype=
     With parameters sharded over several trainer processes this is a collective (every
     process calls it; each leaf is all-gathered to the host in ``dtype``); only process 0,
     the one that sends, serialises: the others get ``[]``."""
-    import jax
-
-    from caspo_jax.bridge.hf_tensors import iter_buckets, iter_hf_arrays
-    from caspo_jax.bridge.transport import encode_safetensors
-
     if jax.process_count() > 1:
-        from caspo_jax.distributed import gather_to_host, is_primary
-
         cast = (lambda x: x.astype(dtype)) if dtype is not None else (lambda x: x)
         params = jax.tree.map(lambda x: gather_to_host(cast(x)), params)
         if not is_primary():
             return []
     # Grouped by the vLLM module that receives them: vLLM processes a fused module (q/k/v,
     # gate/up) once per load, so a bucket must never split one (harmless for JAX workers).
-    from caspo_jax.bridge.verify import vllm_module_order
-
     order, module_of = vllm_module_order(model.param_table())
     items = iter_hf_arrays(params, model.param_table(), dtype=dtype, names=order)
     return [encode_safetensors(bucket) for bucket in iter_buckets(items, bucket_bytes, group_of=module_of.get)]
@@ -51,7 +51,9 @@ class _PoolHandle:
 
     def __init__(self, spec: WorkerSpec):
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds JAX
-        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_init_process, initargs=(spec,))
+        # spec.env is set before the worker's modules (and JAX) are imported: see process_env
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=call_with_env,
+                                        initargs=(dict(spec.env), pickle.dumps((_init_process, (spec,)))))
 
     def submit(self, method, *args, **kwargs):
         return self.pool.submit(_call, method, *args, **kwargs)
@@ -73,10 +75,11 @@ class _RayHandle:
     def __init__(self, spec: WorkerSpec, **actor_options):
         import ray
 
-        from caspo_jax.remote.worker import RolloutWorker
-
+        # the actor's process starts with spec.env (Ray's runtime_env), so JAX reads it at import
+        runtime_env = dict(actor_options.pop("runtime_env", None) or {})
+        runtime_env["env_vars"] = {**spec.env, **runtime_env.get("env_vars", {})}
         self.ray = ray
-        self.actor = ray.remote(RolloutWorker).options(**actor_options).remote(spec)
+        self.actor = ray.remote(RolloutWorker).options(runtime_env=runtime_env, **actor_options).remote(spec)
 
     def submit(self, method, *args, **kwargs):
         return getattr(self.actor, method).remote(*args, **kwargs)
@@ -92,8 +95,6 @@ class _RayHandle:
 
 
 def _concat_rollouts(parts, counts):
-    from caspo_jax.rollout import Rollouts
-
     width = max(p.tokens.shape[1] for p in parts)
 
     def pad(x):
@@ -145,8 +146,6 @@ class RemoteRolloutEngine:
     def sync_weights(self, params) -> None:
         """Push the full state dict to every worker. On a multi-host trainer every process
         calls this (the gather is a collective) and only process 0 sends."""
-        from caspo_jax.distributed import is_primary
-
         buckets = encode_weight_buckets(params, self.model, self.bucket_bytes, self.push_dtype)
         if not is_primary():  # the gather above was the collective part
             return
@@ -159,16 +158,12 @@ class RemoteRolloutEngine:
             raise RuntimeError(f"weight push v{self.version}: workers loaded {counts} tensors, expected {expected}")
 
     def generate(self, prompts: Sequence, *, n: int = 1, sampling=None):
-        from caspo_jax.rollout import SamplingParams
-
         sampling = sampling or SamplingParams()
         prompts = list(prompts)
         if not prompts:
             raise ValueError("generate: no prompts")
         k = min(len(self.handles), len(prompts))
         # keep every prompt's seed what one engine would give it (seed + global index)
-        import dataclasses
-
         prompts = [p if p.seed is not None else dataclasses.replace(p, seed=sampling.seed + i)
                    for i, p in enumerate(prompts)]
         chunks = np.array_split(np.arange(len(prompts)), k)

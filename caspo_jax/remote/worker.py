@@ -18,7 +18,15 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
+
+from caspo_jax.bridge.transport import in_process_worker, load_safetensors_on_worker, reset_engine_caches
+from caspo_jax.models import qwen2_5_vl, qwen3_vl
+from caspo_jax.models.common.checkpoint import tree_set
+from caspo_jax.rollout import JaxSampler, VllmEngine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +59,6 @@ class WorkerSpec:
 
 
 def build_model(config: Mapping[str, Any]):
-    from caspo_jax.models import qwen2_5_vl, qwen3_vl
-
     if config.get("model_type") == "qwen3_vl":
         return qwen3_vl.Qwen3VL(qwen3_vl.Qwen3VLConfig.from_dict(dict(config)))
     return qwen2_5_vl.Qwen2_5_VL(qwen2_5_vl.Qwen2_5_VLConfig.from_dict(dict(config)))
@@ -60,10 +66,6 @@ def build_model(config: Mapping[str, Any]):
 
 def params_from_hf(arrays: Mapping[str, np.ndarray], table) -> dict:
     """The JAX parameter pytree from HF-named arrays (the inverse of ``iter_hf_arrays``)."""
-    import jax.numpy as jnp
-
-    from caspo_jax.models.common.checkpoint import tree_set
-
     expected = {name for spec in table for name in spec.hf_names}
     missing = sorted(expected - set(arrays))
     if missing:
@@ -86,15 +88,11 @@ class RolloutWorker:
         self.engine = None
         self.version = -1
         if spec.engine == "vllm":
-            from caspo_jax.rollout import VllmEngine
-
             kwargs = dict(spec.engine_kwargs)
             kwargs.setdefault("in_process", True)
             self.engine = VllmEngine.start(spec.model_dir, self.model, **kwargs)
 
     def info(self) -> dict:
-        import jax
-
         return {"pid": os.getpid(), "engine": self.spec.engine, "version": self.version,
                 "backend": jax.default_backend(), "devices": jax.device_count()}
 
@@ -102,27 +100,19 @@ class RolloutWorker:
         """Replace the weights with these safetensors buckets (one full push); returns the
         number of tensors received."""
         if self.spec.engine == "vllm":
-            from caspo_jax.bridge.transport import load_safetensors_on_worker, reset_engine_caches
-
             llm, count = self.engine.llm, 0
             for data in buckets:
                 if self.engine.transport == "in_process":
-                    from caspo_jax.bridge.transport import in_process_worker
-
                     count += load_safetensors_on_worker(in_process_worker(llm), data)
                 else:
                     count += sum(llm.collective_rpc(load_safetensors_on_worker, args=(data,))[:1])
             reset_engine_caches(llm)
         else:
-            from safetensors.numpy import load
-
             arrays: dict = {}
             for data in buckets:
-                arrays.update(load(data))
+                arrays.update(safetensors.numpy.load(data))
             params = params_from_hf(arrays, self.model.param_table())
             if self.engine is None:
-                from caspo_jax.rollout import JaxSampler
-
                 self.engine = JaxSampler(self.model, params, **dict(self.spec.engine_kwargs))
             else:
                 self.engine.sync_weights(params)

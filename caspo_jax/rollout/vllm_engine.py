@@ -19,6 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from caspo_jax.bridge.hf_tensors import iter_buckets, iter_hf_arrays, iter_torch_tensors
+from caspo_jax.bridge.transport import Timer, push_in_process, push_safetensors
+from caspo_jax.bridge.verify import verify_sync, vllm_module_order
 from caspo_jax.rollout.jax_engine import default_eos_ids, multimodal_token_ids
 from caspo_jax.rollout.types import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, RolloutPrompt, Rollouts, SamplingParams
 
@@ -179,22 +182,15 @@ class VllmEngine:
     def sync_weights(self, params, *, probes: Sequence[RolloutPrompt] | None = None, atol: float = 1e-4) -> None:
         """Push the trainer's parameters (then reset prefix/encoder caches). With ``probes``,
         verify vLLM's prompt log-probs against JAX's afterwards (``bridge.verify_sync``)."""
-        from caspo_jax.bridge import hf_tensors, transport
-        from caspo_jax.bridge.transport import Timer
-
         table = self.model.param_table()
         with Timer() as timer:
             if self.transport == "in_process":
-                transport.push_in_process(self.llm, hf_tensors.iter_torch_tensors(params, table, dlpack=self.dlpack))
+                push_in_process(self.llm, iter_torch_tensors(params, table, dlpack=self.dlpack))
             else:
-                from caspo_jax.bridge.verify import vllm_module_order
-
                 order, module_of = vllm_module_order(table)
-                buckets = hf_tensors.iter_buckets(hf_tensors.iter_hf_arrays(params, table, names=order),
-                                                  self.bucket_bytes, group_of=module_of.get)
-                transport.push_safetensors(self.llm, buckets)
+                buckets = iter_buckets(iter_hf_arrays(params, table, names=order), self.bucket_bytes,
+                                       group_of=module_of.get)
+                push_safetensors(self.llm, buckets)
         self.last_sync_seconds = timer.seconds
         if probes:
-            from caspo_jax.bridge.verify import verify_sync
-
             verify_sync(self, params, probes, atol=atol)
