@@ -15,6 +15,6 @@ def run(args: argparse.Namespace) -> int:
     cfg, status = resolve(args)
     if status is not None:
         return status
-    from caspo_jax.loop.sft_dpo import run_exchange_stage
+    from caspo_jax.loop.sft_dpo import run_dpo
 
-    return run_stage(lambda: run_exchange_stage(cfg, args.out, "dpo", resume=args.resume))
+    return run_stage(lambda: run_dpo(cfg, args.out, resume=args.resume))

@@ -73,13 +73,15 @@ class Placement:
     def multi_process(self) -> bool:
         return jax.process_count() > 1
 
-    def state(self, state):
-        """A TrainState with parameters and optimiser moments on the parameters' shardings."""
+    def state(self, state, shardings=None):
+        """A TrainState with parameters and optimiser moments on the parameters' shardings
+        (`shardings`: a TrainState of NamedShardings for a state of another shape, e.g. the
+        reward model's backbone + head)."""
         if self.mesh is None:
             return state
         from caspo_jax.step import shard_state, state_shardings
 
-        return shard_state(state, state_shardings(self.model, self.step_cfg, self.mesh))
+        return shard_state(state, shardings or state_shardings(self.model, self.step_cfg, self.mesh))
 
     def params(self, params):
         """A parameter pytree (e.g. the frozen reference) sharded like the trained ones."""
@@ -94,14 +96,19 @@ class Placement:
         process places it (`shard_batch`); several feed only the rows their devices hold."""
         if self.mesh is None:
             return batch
-        from caspo_jax.step import batch_shardings, shard_batch
+        from caspo_jax.step import batch_shardings
 
+        return self.place(batch, batch_shardings(batch, self.mesh))
+
+    def place(self, tree, shardings):
+        """A host pytree every process holds in full, on `shardings` (a matching tree of
+        NamedShardings): one process puts it; several feed only the rows their devices
+        hold (row-sharded leaves) or their full copy (replicated ones)."""
         if not self.multi_process:
-            return shard_batch(batch, self.mesh)
+            return jax.device_put(tree, shardings)
         from caspo_jax.distributed import global_batch, take_local_rows
 
-        shardings = batch_shardings(batch, self.mesh)
-        return global_batch(take_local_rows(batch, shardings), shardings)
+        return global_batch(take_local_rows(tree, shardings), shardings)
 
     def to_host(self, tree):
         """Full NumPy copies on every process (a collective with several processes)."""
