@@ -38,9 +38,10 @@ from caspo_jax.loop.placement import allgather_host, allgather_json, make_placem
 from caspo_jax.loop.runtime import export_final
 from caspo_jax.loop.setup import Policy, build_policy, load_teacher_params
 from caspo_jax.loop.skeleton import StepOutcome, TrainingRun
-from caspo_jax.rewards import group_ok
+from caspo_jax.demo.task import demo_record_problem, demo_reward
+from caspo_jax.rewards import FunctionReward, build_reward, group_ok
 from caspo_jax.rewards.base import records_problem
-from caspo_jax.rollout import JaxSampler, SamplingParams
+from caspo_jax.rollout import JaxSampler, SamplingParams, VllmEngine
 from caspo_jax.step import (build_train_batch, init_state, make_train_step, rollout_advantages, step_logprobs,
                             take_rows, teacher_params)
 from caspo_jax.step.logprobs import cast_floats
@@ -52,12 +53,7 @@ __all__ = ["RolloutSignals", "check_reward_fits_data", "make_reward", "make_roll
 def make_reward(spec: dict):
     """The outcome reward of the config: {"kind": "demo"} or any `build_reward` spec."""
     if spec.get("kind") == "demo":
-        from caspo_jax.demo.task import demo_record_problem, demo_reward
-        from caspo_jax.rewards import FunctionReward
-
         return FunctionReward(demo_reward, name="demo", check=demo_record_problem)
-    from caspo_jax.rewards import build_reward
-
     return build_reward(spec)
 
 
@@ -144,8 +140,6 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params):
     """
     if cfg.rollout.engine == "jax":
         return JaxSampler(policy.model, params, eos_token_ids=policy.eos_ids, mesh=place.sampler_mesh)
-    from caspo_jax.rollout import VllmEngine
-
     engine = VllmEngine.start(cfg.model.path, policy.model, dtype=cfg.model.dtype, seed=cfg.run.seed,
                               max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len,
                               kv_cache_memory_bytes=256 * 2**20 if jax.devices()[0].platform == "cpu" else None,
