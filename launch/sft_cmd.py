@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from caspo_jax.launch.train_cmd import add_config_arguments, resolve, run_stage
+from caspo_jax.loop.sft_dpo import run_sft
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +16,4 @@ def run(args: argparse.Namespace) -> int:
     cfg, status = resolve(args)
     if status is not None:
         return status
-    from caspo_jax.loop.sft_dpo import run_exchange_stage
-
-    return run_stage(lambda: run_exchange_stage(cfg, args.out, "sft", resume=args.resume))
+    return run_stage(lambda: run_sft(cfg, args.out, resume=args.resume))

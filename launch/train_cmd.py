@@ -89,7 +89,7 @@ def run_stage(train) -> int:
     Errors the user can act on (`CaspoError`: a config the devices reject, a bad data file
     or image, an untrusted or damaged checkpoint, a run that halted itself after saving)
     print one line, ``caspo: <message>``, on stderr and return their exit code (2 or 3)."""
-    from caspo_jax.launch import distributed
+    from caspo_jax import distributed
 
     plan = distributed.start()
     try:

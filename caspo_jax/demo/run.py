@@ -61,7 +61,7 @@ def run_demo(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True) ->
     """Runs the whole demo; returns (and writes to out_dir/results.json) the numbers."""
     from caspo_jax.loop.caspo import make_reward, run_caspo
     from caspo_jax.loop.data import prepare_data, with_data_files
-    from caspo_jax.loop.sft_dpo import run_exchange_stage
+    from caspo_jax.loop.sft_dpo import run_sft
     from caspo_jax.loop.plot import plot_runs
 
     out_dir = Path(out_dir)
@@ -74,7 +74,7 @@ def run_demo(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True) ->
     reward = make_reward(cfg.reward)
     print("[1/4] SFT with constitutions in the prompt", flush=True)
     sft_cfg = cfg.replace(sft=dataclasses.replace(cfg.sft, with_constitution=True))
-    policy = run_exchange_stage(sft_cfg, out_dir / "sft", "sft", progress=progress, export=False)
+    policy = run_sft(sft_cfg, out_dir / "sft", progress=progress, export=False)
     t_sft = time.perf_counter() - start
     print("[2/4] evaluating the SFT policy", flush=True)
     before = _evaluate(policy, cfg, files, reward)

@@ -28,17 +28,23 @@ import jax
 import numpy as np
 
 from caspo_jax.data.records import load_records
-from caspo_jax.errors import RunHalted, UserError
-from caspo_jax.rewards import group_ok
-from caspo_jax.rewards.base import records_problem
-from caspo_jax.rollout import JaxSampler, SamplingParams
-from caspo_jax.loop.checkpoint import RunCheckpointer
+from caspo_jax.distributed import pipeline_shard
+from caspo_jax.errors import UserError
 from caspo_jax.loop.config import ConfigError, TrainConfig, config_to_dict, step_config
 from caspo_jax.loop.data import DataFiles, prepare_data, prompt_dataset
 from caspo_jax.loop.evaluate import batch_prompts, decode_responses, evaluate_policy
-from caspo_jax.loop.metrics import PhaseTimer, count_params, mfu, open_writer
-from caspo_jax.loop.runtime import RunDir, StopSignals, export_final
+from caspo_jax.loop.metrics import PhaseTimer, count_params, mfu
+from caspo_jax.loop.placement import allgather_host, allgather_json, make_placement, merge_prompt_rows
+from caspo_jax.loop.runtime import export_final
 from caspo_jax.loop.setup import Policy, build_policy, load_teacher_params
+from caspo_jax.loop.skeleton import StepOutcome, TrainingRun
+from caspo_jax.demo.task import demo_record_problem, demo_reward
+from caspo_jax.rewards import FunctionReward, build_reward, group_ok
+from caspo_jax.rewards.base import records_problem
+from caspo_jax.rollout import JaxSampler, SamplingParams, VllmEngine
+from caspo_jax.step import (build_train_batch, init_state, make_train_step, rollout_advantages, step_logprobs,
+                            take_rows, teacher_params)
+from caspo_jax.step.logprobs import cast_floats
 
 __all__ = ["RolloutSignals", "check_reward_fits_data", "make_reward", "make_rollout_engine", "rollout_signals",
            "run_caspo"]
@@ -47,12 +53,7 @@ __all__ = ["RolloutSignals", "check_reward_fits_data", "make_reward", "make_roll
 def make_reward(spec: dict):
     """The outcome reward of the config: {"kind": "demo"} or any `build_reward` spec."""
     if spec.get("kind") == "demo":
-        from caspo_jax.demo.task import demo_record_problem, demo_reward
-        from caspo_jax.rewards import FunctionReward
-
         return FunctionReward(demo_reward, name="demo", check=demo_record_problem)
-    from caspo_jax.rewards import build_reward
-
     return build_reward(spec)
 
 
@@ -93,8 +94,6 @@ def rollout_signals(model, step_cfg, caspo, batch, params, ref_params, rewards_P
     temperature (the rollout's): at step 0 ref_logp equals old_logp bit for bit (KL 0),
     and a teacher prompt equal to the student's gives r_t = 0 exactly, in bfloat16 too.
     """
-    from caspo_jax.step import rollout_advantages, step_logprobs, teacher_params
-
     old_logp, entropy = step_logprobs(model, step_cfg, params, batch)
     ref_logp = step_logprobs(model, step_cfg, ref_params, batch)[0] if caspo.beta > 0 else None
     teacher_logp = None
@@ -141,8 +140,6 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params):
     """
     if cfg.rollout.engine == "jax":
         return JaxSampler(policy.model, params, eos_token_ids=policy.eos_ids, mesh=place.sampler_mesh)
-    from caspo_jax.rollout import VllmEngine
-
     engine = VllmEngine.start(cfg.model.path, policy.model, dtype=cfg.model.dtype, seed=cfg.run.seed,
                               max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len,
                               kv_cache_memory_bytes=256 * 2**20 if jax.devices()[0].platform == "cpu" else None,
@@ -168,7 +165,8 @@ def _host_step(batch, tokens, mask, truncated, rewards, ok, images_per_prompt,
 
 def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, policy: Policy | None = None,
               progress: bool = True, export: bool = True, eval_modes=("standard",)) -> Policy:
-    """Trains to run.steps (or run.epochs over the prompts), or until SIGTERM/SIGINT.
+    """Trains to run.steps (or run.epochs over the prompts), or until SIGTERM/SIGINT, on the
+    run skeleton (`caspo_jax.loop.skeleton.TrainingRun`).
 
     On the mesh of run.mesh_* (`caspo_jax.loop.placement`). With several processes
     (`caspo_jax.distributed.start`): each reads its 1/n of every step's prompts,
@@ -177,23 +175,17 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     single-process one), and each feeds its rows of the global batch; process 0 alone
     writes metrics, the config and the export, every process writes its checkpoint shards.
     """
-    from caspo_jax.distributed import pipeline_shard
-    from caspo_jax.step import build_train_batch, init_state, make_train_step, take_rows
-    from caspo_jax.step.logprobs import cast_floats
-    from caspo_jax.loop.placement import allgather_host, allgather_json, make_placement, merge_prompt_rows
-
     a, o = cfg.algo, cfg.optim
     if cfg.rollout.engine == "vllm" and cfg.model.path is None:
         raise ConfigError("rollout.engine='vllm' needs model.path (an HF directory vLLM can load; the built-in tiny "
                           "model is JAX-only): set model.path, or use rollout.engine=jax")
     n_proc, pid = jax.process_count(), jax.process_index()
-    primary = pid == 0
     P, G = a.prompts_per_step, a.group_size
     if P % n_proc:
         raise ConfigError(f"algo.prompts_per_step={P} must be divisible by the {n_proc} processes (each reads "
                           f"an equal share of a step's prompts); pick a multiple of {n_proc}")
-    run = RunDir(out_dir, cfg, "train", echo=progress, primary=primary)
-    files = prepare_data(cfg, run.data)
+    run = TrainingRun(cfg, out_dir, "train", resume=resume, progress=progress, bar="caspo")
+    files = prepare_data(cfg, run.dir.data)
     reward = make_reward(cfg.reward)
     check_reward_fits_data(cfg, reward, files)
     policy = policy or build_policy(cfg.model, cfg.data)
@@ -208,143 +200,124 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     original = None  # CASPO-w.-OMC's teacher: the pre-SFT model at model.teacher_path
     if a.teacher == "original" and a.variant != "outcome":
         original = place.params(load_teacher_params(cfg.model, model))
-    state = place.state(init_state(policy.params, step_cfg))
     iterator = dataset.iterator()
-    checkpointer = RunCheckpointer(run.checkpoints, cfg.run.keep_last)
-    start = 0
-    if not resume:
-        checkpointer.refuse_overwrite("train")
-    if resume:
-        restored = checkpointer.restore_latest(state)
-        if restored is not None:
-            start, state, extras = restored
-            data_state = extras["data"]
-            iterator.set_state(data_state[pid] if isinstance(data_state, list) else data_state)
-            if primary:
-                print(f"caspo train: resumed from step {start}", flush=True)
+    start, state, extras = run.restore(place.state(init_state(policy.params, step_cfg)))
+    if extras is not None:
+        data_state = extras["data"]
+        iterator.set_state(data_state[pid] if isinstance(data_state, list) else data_state)
     train_step = make_train_step(model, step_cfg, a, mesh=place.mesh)
     sampler = make_rollout_engine(cfg, policy, place, place.sampler_params(state.params))
     eval_set = None
     if cfg.run.eval_every and files.eval is not None:
         eval_set, _ = prompt_dataset(cfg, files, policy.processor, split="eval", num_epochs=1, shuffle=False,
                                      batch_size=min(32, cfg.data.demo_eval))
-    writer = open_writer(run.path, resume_step=start if resume else None, total_steps=total, progress=progress,
-                         initial_step=start, desc="caspo")
     n_params = count_params(state.params)
     global_prompt = np.arange(P // n_proc) * n_proc + pid  # grain's process sharding interleaves prompts
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.data.max_response_len)
-    step = start
-    stopping = False  # a stop seen after a step: save it, then leave the loop
-    halting = False  # too many failed rewards: save, leave the loop, raise RunHalted
-    failing_steps, last_error = 0, None
-    with StopSignals() as stop:
-        while step < total and not stopping and not halting:
-            timer = PhaseTimer()
-            with timer("data"):
-                batch = next(iterator)
-            with timer("rollout"):
-                seeds = (cfg.run.seed * 1_000_003 + step * P + global_prompt) % (2**31 - 1)
-                rollouts = sampler.generate(batch_prompts(batch, seeds=seeds), n=G, sampling=sampling)
-                mask = np.asarray(rollouts.mask, bool)  # both engines never emit vision placeholders
-                tokens = np.where(mask, rollouts.tokens, 0)
-            with timer("reward"):
-                texts = decode_responses(tokenizer, tokens, mask)
-                scores = reward.score([batch.records[i] for i in rollouts.prompt_index], texts)
-                last_error = next((e for e in scores.errors if e is not None), last_error)
-                local = _host_step(batch, tokens, mask, rollouts.finish_reason == "length", scores.rewards,
-                                   np.asarray(scores.ok, bool), np.asarray([len(i) for i in batch.images]),
-                                   None if o.tis_cap is None else
-                                   _to_width(np.where(mask, rollouts.logprobs, 0.0), cfg.data.max_response_len))
-                merged = merge_prompt_rows(allgather_host(local), G, policy.pad_id)
-                tokens, mask, ok = merged["tokens"], merged["response_mask"], merged["ok"]
-                raw_rewards = merged["rewards"]
-                ok_P = group_ok(ok, G)
-                rewards_PxG = np.where(ok_P[:, None], np.nan_to_num(raw_rewards).reshape(P, G), 0.0)
-            with timer("logprobs"):
-                images = merged["grids"] if len(merged["grids"]) else None
-                tb = build_train_batch(model, merged["ids"], merged["mask"], tokens, mask.astype(np.float32),
-                                       np.repeat(np.arange(P, dtype=np.int32), G),
-                                       teacher_prompt_ids_PxL=merged["teacher_ids"],
-                                       teacher_prompt_mask_PxL=merged["teacher_mask"],
-                                       pixel_values=merged["pixels"] if images is not None else None,
-                                       image_grid_thw=images, length_multiple=16)
-                placed = place.batch(tb)
-                signals = rollout_signals(model, step_cfg, a, placed, state.params, ref_params, rewards_PxG, ok_P,
-                                          original)
-                mask_f = np.asarray(tb.response_mask) * np.repeat(ok_P, G)[:, None]
-                old_logp, ref_logp, adv, entropy, adv_metrics = place.to_host(
-                    (signals.old_logp, signals.ref_logp, signals.advantages, signals.entropy,
-                     signals.metrics))  # also times the phase, not the dispatch
-                tb = tb.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
-                if o.tis_cap is not None:  # the step weighs each token by min(pi_old / pi_rollout, tis_cap)
-                    tb = tb.with_signals(rollout_logp=_to_width(merged["rollout_logp"], tb.response_len))
-                tb = dataclasses.replace(tb, response_mask=mask_f.astype(np.float32))  # failed groups: no loss
-            with timer("update"):
-                step_metrics = []
-                rng = np.random.default_rng([cfg.run.seed, step])
-                for _ in range(o.ppo_epochs):
-                    order = rng.permutation(P * G)
-                    for lo in range(0, P * G, o.minibatch_size):
-                        state, m = train_step(state, place.batch(take_rows(tb, order[lo:lo + o.minibatch_size])))
-                        step_metrics.append(m)
-                step_metrics = _mean_dicts(jax.device_get(step_metrics))
-            with timer("sync"):
-                sampler.sync_weights(place.sampler_params(state.params))
-                jax.block_until_ready(getattr(sampler, "params", None))
-            step += 1
-            lengths = mask.sum(axis=1)
-            valid = np.asarray(tb.response_mask) > 0
-            response_tokens = float(lengths.sum())
-            seq_tokens = float(np.asarray(tb.student.attention_mask).sum())
-            seconds = sum(timer.seconds.values())
-            scored = raw_rewards[np.repeat(ok_P, G)]  # the groups that train: a failed group is in no metric
-            failed_share = float(np.mean(~ok_P))
-            metrics = {
-                "reward/mean": float(scored.mean()) if ok_P.any() else float("nan"),
-                "reward/std": float(scored.std()) if ok_P.any() else float("nan"),
-                "reward/failed_groups": float((~ok_P).sum()),
-                "reward/failed_group_frac": failed_share,
-                **{k: float(v) for k, v in adv_metrics.items()},
-                **step_metrics,
-                "rollout_entropy": float(np.asarray(entropy)[valid].mean()) if valid.any() else 0.0,
-                "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
-                "response_length/truncated_frac": float(np.mean(merged["truncated"])),
-                **timer.as_metrics(),
-                "tokens_per_s": (seq_tokens * o.ppo_epochs + response_tokens) / max(seconds, 1e-9),
-                "mfu": mfu(n_params, seq_tokens * o.ppo_epochs, seq_tokens * (3 if a.variant != "outcome" else 2),
-                           seconds),
-            }
-            if eval_set is not None and (step % cfg.run.eval_every == 0 or step == total):
-                # every process evaluates the whole (small) eval set with its sampler; process 0 writes it
-                policy_now = dataclasses.replace(policy, params=getattr(sampler, "params", state.params))
-                for mode in eval_modes:
-                    result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
-                                             max_new_tokens=cfg.data.max_response_len,
-                                             temperature=cfg.rollout.eval_temperature, sampler=sampler)
-                    metrics.update({f"eval_{mode}/{k}": v for k, v in result.items() if k != "n"})
-            writer.write(step, metrics)
-            stopping = stop.agreed()
-            failing_steps = failing_steps + 1 if failed_share >= cfg.run.halt_failed_share else 0
-            halting = 0 < cfg.run.halt_failed_steps <= failing_steps  # every process: the same gathered ok
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stopping or halting:
-                data_state = iterator.get_state()
-                if n_proc > 1:
-                    data_state = allgather_json(data_state)  # each process resumes its own shard
-                checkpointer.save(step, state, {"stage": "caspo", "step": step, "data": data_state,
-                                                "config": config_to_dict(cfg)})
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    if hasattr(sampler, "shutdown"):
-        sampler.shutdown()
-    final = dataclasses.replace(policy, params=state.params)
-    if halting:
-        raise RunHalted(_halt_message(cfg, step, run.checkpoints, last_error))
-    if stopping and step < total:
-        if primary:
-            print(f"caspo train: stopped by {stop.requested or 'another process'} at step {step}; "
-                  "continue with --resume", flush=True)
-    elif export:
-        export_final(place, model, state.params, policy.processor, run.export)
+    failing = {"steps": 0, "last_error": None}  # consecutive steps with too many failed rewards
+
+    def step_fn(state, step: int) -> StepOutcome:
+        timer = PhaseTimer()
+        with timer("data"):
+            batch = next(iterator)
+        with timer("rollout"):
+            seeds = (cfg.run.seed * 1_000_003 + step * P + global_prompt) % (2**31 - 1)
+            rollouts = sampler.generate(batch_prompts(batch, seeds=seeds), n=G, sampling=sampling)
+            mask = np.asarray(rollouts.mask, bool)  # both engines never emit vision placeholders
+            tokens = np.where(mask, rollouts.tokens, 0)
+        with timer("reward"):
+            texts = decode_responses(tokenizer, tokens, mask)
+            scores = reward.score([batch.records[i] for i in rollouts.prompt_index], texts)
+            failing["last_error"] = next((e for e in scores.errors if e is not None), failing["last_error"])
+            local = _host_step(batch, tokens, mask, rollouts.finish_reason == "length", scores.rewards,
+                               np.asarray(scores.ok, bool), np.asarray([len(i) for i in batch.images]),
+                               None if o.tis_cap is None else
+                               _to_width(np.where(mask, rollouts.logprobs, 0.0), cfg.data.max_response_len))
+            merged = merge_prompt_rows(allgather_host(local), G, policy.pad_id)
+            tokens, mask, ok = merged["tokens"], merged["response_mask"], merged["ok"]
+            raw_rewards = merged["rewards"]
+            ok_P = group_ok(ok, G)
+            rewards_PxG = np.where(ok_P[:, None], np.nan_to_num(raw_rewards).reshape(P, G), 0.0)
+        with timer("logprobs"):
+            images = merged["grids"] if len(merged["grids"]) else None
+            tb = build_train_batch(model, merged["ids"], merged["mask"], tokens, mask.astype(np.float32),
+                                   np.repeat(np.arange(P, dtype=np.int32), G),
+                                   teacher_prompt_ids_PxL=merged["teacher_ids"],
+                                   teacher_prompt_mask_PxL=merged["teacher_mask"],
+                                   pixel_values=merged["pixels"] if images is not None else None,
+                                   image_grid_thw=images, length_multiple=16)
+            placed = place.batch(tb)
+            signals = rollout_signals(model, step_cfg, a, placed, state.params, ref_params, rewards_PxG, ok_P,
+                                      original)
+            mask_f = np.asarray(tb.response_mask) * np.repeat(ok_P, G)[:, None]
+            old_logp, ref_logp, adv, entropy, adv_metrics = place.to_host(
+                (signals.old_logp, signals.ref_logp, signals.advantages, signals.entropy,
+                 signals.metrics))  # also times the phase, not the dispatch
+            tb = tb.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
+            if o.tis_cap is not None:  # the step weighs each token by min(pi_old / pi_rollout, tis_cap)
+                tb = tb.with_signals(rollout_logp=_to_width(merged["rollout_logp"], tb.response_len))
+            tb = dataclasses.replace(tb, response_mask=mask_f.astype(np.float32))  # failed groups: no loss
+        with timer("update"):
+            step_metrics = []
+            rng = np.random.default_rng([cfg.run.seed, step])
+            for _ in range(o.ppo_epochs):
+                order = rng.permutation(P * G)
+                for lo in range(0, P * G, o.minibatch_size):
+                    state, m = train_step(state, place.batch(take_rows(tb, order[lo:lo + o.minibatch_size])))
+                    step_metrics.append(m)
+            step_metrics = _mean_dicts(jax.device_get(step_metrics))
+        with timer("sync"):
+            sampler.sync_weights(place.sampler_params(state.params))
+            jax.block_until_ready(getattr(sampler, "params", None))
+        done = step + 1
+        lengths = mask.sum(axis=1)
+        valid = np.asarray(tb.response_mask) > 0
+        response_tokens = float(lengths.sum())
+        seq_tokens = float(np.asarray(tb.student.attention_mask).sum())
+        seconds = sum(timer.seconds.values())
+        scored = raw_rewards[np.repeat(ok_P, G)]  # the groups that train: a failed group is in no metric
+        failed_share = float(np.mean(~ok_P))
+        metrics = {
+            "reward/mean": float(scored.mean()) if ok_P.any() else float("nan"),
+            "reward/std": float(scored.std()) if ok_P.any() else float("nan"),
+            "reward/failed_groups": float((~ok_P).sum()),
+            "reward/failed_group_frac": failed_share,
+            **{k: float(v) for k, v in adv_metrics.items()},
+            **step_metrics,
+            "rollout_entropy": float(np.asarray(entropy)[valid].mean()) if valid.any() else 0.0,
+            "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+            "response_length/truncated_frac": float(np.mean(merged["truncated"])),
+            **timer.as_metrics(),
+            "tokens_per_s": (seq_tokens * o.ppo_epochs + response_tokens) / max(seconds, 1e-9),
+            "mfu": mfu(n_params, seq_tokens * o.ppo_epochs, seq_tokens * (3 if a.variant != "outcome" else 2),
+                       seconds),
+        }
+        if eval_set is not None and (done % cfg.run.eval_every == 0 or done == total):
+            # every process evaluates the whole (small) eval set with its sampler; process 0 writes it
+            policy_now = dataclasses.replace(policy, params=getattr(sampler, "params", state.params))
+            for mode in eval_modes:
+                result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
+                                         max_new_tokens=cfg.data.max_response_len,
+                                         temperature=cfg.rollout.eval_temperature, sampler=sampler)
+                metrics.update({f"eval_{mode}/{k}": v for k, v in result.items() if k != "n"})
+        failing["steps"] = failing["steps"] + 1 if failed_share >= cfg.run.halt_failed_share else 0
+        halting = 0 < cfg.run.halt_failed_steps <= failing["steps"]  # every process: the same gathered ok
+        halt = _halt_message(cfg, done, run.dir.checkpoints, failing["last_error"]) if halting else None
+        return StepOutcome(state, metrics, halt)
+
+    def extras(step: int) -> dict:
+        data_state = iterator.get_state()
+        if n_proc > 1:
+            data_state = allgather_json(data_state)  # each process resumes its own shard
+        return {"stage": "caspo", "data": data_state, "config": config_to_dict(cfg)}
+
+    try:
+        end = run.loop(state, start, total, step_fn, extras=extras)
+    finally:
+        if hasattr(sampler, "shutdown"):
+            sampler.shutdown()
+    final = dataclasses.replace(policy, params=end.state.params)
+    if run.finish(end) and export:
+        export_final(place, model, end.state.params, policy.processor, run.dir.export)
     return final

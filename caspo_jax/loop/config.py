@@ -1,4 +1,4 @@
-"""One typed config for `caspo train`, `caspo sft`, `caspo dpo` and `caspo demo`.
+"""One typed config for `caspo train`, `caspo sft`, `caspo dpo`, `caspo rm` and `caspo demo`.
 
 Frozen dataclasses of plain fields, so a run's config is a YAML file, every field is
 overridable from the command line as a dotted key (`--set algo.lam=0.6`), and the exact
@@ -6,7 +6,7 @@ config is printed and saved beside the run. Every check runs in `validate` -- be
 model is built -- and every error names the field and the fix.
 
     cfg = load_config(preset="tiny-cpu", path="my.yaml", overrides=["algo.lam=0.6"])
-    step_cfg = step_config(cfg, "caspo")   # the jitted train step's StepConfig ("sft", "dpo")
+    step_cfg = step_config(cfg, "caspo")   # the jitted train step's StepConfig ("sft", "dpo", "rm")
 
 The step's knobs live in `optim` (AdamW, micro-batches, frozen vision, truncated IS,
 LM-head chunk) and `model` (dtype = compute dtype, remat, attention implementation);
@@ -16,6 +16,7 @@ LM-head chunk) and `model` (dtype = compute dtype, remat, attention implementati
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
+    "RMConfig",
     "RolloutConfig",
     "RunConfig",
     "SFTConfig",
@@ -88,8 +90,11 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """train / eval: safety-record JSONL (caspo_jax.data.records). sft: SFT JSONL;
-    pairs: preference-pair JSONL. None with the tiny model: the built-in demo task
-    (`demo_train` / `demo_eval` examples generated into the run directory).
+    pairs: preference-pair JSONL (DPO's pairs; the reward model's Bradley-Terry pairs).
+    None with the tiny model: the built-in demo task (`demo_train` / `demo_eval` examples
+    generated into the run directory). scores: RSE-scored responses JSONL (id, images,
+    query, response, score 0..6; `caspo curate select`'s mse.jsonl), the reward model's
+    MSE records (`caspo rm` only).
 
     max_bad_fraction: the share of a file's records a run may skip -- invalid JSONL lines,
     images that cannot be read -- each skip counted and reported once; more stops the run
@@ -99,6 +104,7 @@ class DataConfig:
     eval: str | None = None
     sft: str | None = None
     pairs: str | None = None
+    scores: str | None = None
     constitutions: str | None = None
     max_prompt_len: int = 2048
     max_response_len: int = 1024
@@ -214,6 +220,27 @@ class DPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RMConfig:
+    """`caspo rm`: the reward model of eq. 7 (Bradley-Terry on data.pairs + mse_weight *
+    MSE on data.scores), trained from model.path (a backbone, or an earlier reward model).
+
+    batch_size counts slots (a pair, or two MSE records): 2 * batch_size rows. steps: total
+    updates (None: `epochs` passes over the training slots). eval_fraction: the held-out
+    share of the pairs and of the MSE records; eval_every: steps between held-out
+    evaluations (0: at the end only). The update is `optim`'s AdamW at `learning_rate`;
+    the compute dtype is model.dtype, the mesh run.mesh_*, the seed run.seed (head
+    initialisation, held-out split, batch order)."""
+
+    mse_weight: float = 1.0
+    learning_rate: float = 1e-5
+    epochs: int = 1
+    batch_size: int = 8
+    steps: int | None = None
+    eval_fraction: float = 0.1
+    eval_every: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -223,6 +250,7 @@ class TrainConfig:
     run: RunConfig = RunConfig()
     sft: SFTConfig = SFTConfig()
     dpo: DPOConfig = DPOConfig()
+    rm: RMConfig = RMConfig()
     # outcome reward spec for caspo_jax.rewards.build_reward, or {"kind": "demo"}
     reward: dict = dataclasses.field(default_factory=lambda: {"kind": "demo"})
 
@@ -236,7 +264,7 @@ class TrainConfig:
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-STAGES = ("caspo", "sft", "dpo")
+STAGES = ("caspo", "sft", "dpo", "rm")
 
 
 def step_config(cfg: TrainConfig, stage: str) -> StepConfig:
@@ -246,12 +274,13 @@ def step_config(cfg: TrainConfig, stage: str) -> StepConfig:
     optim gives the AdamW knobs, micro_batches, freeze_vision, tis_cap and logprob_chunk;
     model gives compute_dtype (model.dtype: the frozen reference, the teacher and the
     rollout share it) and remat; the stage gives the learning rate (algo / sft / dpo
-    .learning_rate) and the logits' temperature: CASPO scores at the rollout's sampling
-    temperature (`logit_temperature`: 1 for greedy), SFT and DPO at 1."""
+    / rm .learning_rate) and the logits' temperature: CASPO scores at the rollout's sampling
+    temperature (`logit_temperature`: 1 for greedy), SFT, DPO and the reward model at 1."""
     if stage not in STAGES:
         raise ValueError(f"step_config: stage={stage!r}; use one of {STAGES}")
     o = cfg.optim
-    rates = {"caspo": cfg.algo.learning_rate, "sft": cfg.sft.learning_rate, "dpo": cfg.dpo.learning_rate}
+    rates = {"caspo": cfg.algo.learning_rate, "sft": cfg.sft.learning_rate, "dpo": cfg.dpo.learning_rate,
+             "rm": cfg.rm.learning_rate}
     temperature = logit_temperature(cfg.rollout.temperature) if stage == "caspo" else 1.0
     return StepConfig(learning_rate=rates[stage], warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
                       b1=o.b1, b2=o.b2, adam_eps=o.adam_eps, max_grad_norm=o.grad_clip,
@@ -464,7 +493,7 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
              f"{list(ATTN_IMPLEMENTATIONS)} (null: JAX picks; 'cudnn' needs an NVIDIA GPU)")
     if cfg.model.path is None and cfg.model.tiny not in TINY_SIZES:
         fail("model.tiny", f"={cfg.model.tiny!r} must be one of {sorted(TINY_SIZES)} (or set model.path)")
-    for name, section in (("sft", cfg.sft), ("dpo", cfg.dpo)):
+    for name, section in (("sft", cfg.sft), ("dpo", cfg.dpo), ("rm", cfg.rm)):
         if not section.learning_rate > 0:
             fail(f"{name}.learning_rate", "must be > 0")
         if section.epochs < 1 or section.batch_size < 1:
@@ -473,6 +502,12 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             fail(f"{name}.steps", "must be >= 1 or null")
     if not cfg.dpo.beta > 0:
         fail("dpo.beta", f"={cfg.dpo.beta} must be > 0 (0.1 is usual)")
+    if not (cfg.rm.mse_weight >= 0 and math.isfinite(cfg.rm.mse_weight)):
+        fail("rm.mse_weight", f"={cfg.rm.mse_weight} must be a finite number >= 0 (lambda of eq. 7; 0 = BT only)")
+    if not 0 <= cfg.rm.eval_fraction < 1:
+        fail("rm.eval_fraction", f"={cfg.rm.eval_fraction} must be in [0, 1) (the held-out share)")
+    if cfg.rm.eval_every < 0:
+        fail("rm.eval_every", "must be >= 0 (0: evaluate at the end only)")
     mesh = {f: getattr(r, f) for f in ("mesh_data", "mesh_fsdp", "mesh_tensor")}
     for field, size in mesh.items():
         if size == 0 or size < -1:

@@ -23,12 +23,17 @@ host's devices with a gathered copy of the parameters (`sampler_mesh` / `sampler
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from caspo_jax.distributed import gather_to_host, global_batch, take_local_rows
 from caspo_jax.loop.config import ConfigError, RunConfig
+from caspo_jax.sharding import make_mesh, param_shardings
+from caspo_jax.step import batch_shardings, shard_state, state_shardings
 
 __all__ = ["Placement", "make_placement", "mesh_shape"]
 
@@ -73,20 +78,18 @@ class Placement:
     def multi_process(self) -> bool:
         return jax.process_count() > 1
 
-    def state(self, state):
-        """A TrainState with parameters and optimiser moments on the parameters' shardings."""
+    def state(self, state, shardings=None):
+        """A TrainState with parameters and optimiser moments on the parameters' shardings
+        (`shardings`: a TrainState of NamedShardings for a state of another shape, e.g. the
+        reward model's backbone + head)."""
         if self.mesh is None:
             return state
-        from caspo_jax.step import shard_state, state_shardings
-
-        return shard_state(state, state_shardings(self.model, self.step_cfg, self.mesh))
+        return shard_state(state, shardings or state_shardings(self.model, self.step_cfg, self.mesh))
 
     def params(self, params):
         """A parameter pytree (e.g. the frozen reference) sharded like the trained ones."""
         if self.mesh is None:
             return params
-        from caspo_jax.sharding import param_shardings
-
         return jax.device_put(params, param_shardings(self.model.param_table(), self.mesh))
 
     def batch(self, batch):
@@ -94,19 +97,18 @@ class Placement:
         process places it (`shard_batch`); several feed only the rows their devices hold."""
         if self.mesh is None:
             return batch
-        from caspo_jax.step import batch_shardings, shard_batch
+        return self.place(batch, batch_shardings(batch, self.mesh))
 
+    def place(self, tree, shardings):
+        """A host pytree every process holds in full, on `shardings` (a matching tree of
+        NamedShardings): one process puts it; several feed only the rows their devices
+        hold (row-sharded leaves) or their full copy (replicated ones)."""
         if not self.multi_process:
-            return shard_batch(batch, self.mesh)
-        from caspo_jax.distributed import global_batch, take_local_rows
-
-        shardings = batch_shardings(batch, self.mesh)
-        return global_batch(take_local_rows(batch, shardings), shardings)
+            return jax.device_put(tree, shardings)
+        return global_batch(take_local_rows(tree, shardings), shardings)
 
     def to_host(self, tree):
         """Full NumPy copies on every process (a collective with several processes)."""
-        from caspo_jax.distributed import gather_to_host
-
         return gather_to_host(tree)
 
     @property
@@ -137,8 +139,6 @@ def make_placement(cfg, model, step_cfg, *, rows: int, rows_field: str) -> Place
                           f"{data * fsdp} or a smaller data/fsdp size")
     if data * fsdp * tensor == 1 and not multi:
         return Placement(None, model, step_cfg)
-    from caspo_jax.sharding import make_mesh
-
     return Placement(make_mesh(data, fsdp, tensor, devices=jax.devices()[:data * fsdp * tensor]), model, step_cfg)
 
 
@@ -151,8 +151,6 @@ def allgather_host(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]
     """
     if jax.process_count() == 1:
         return [arrays]
-    from jax.experimental import multihost_utils
-
     names = sorted(arrays)
     rank = max(1, max(np.ndim(arrays[k]) for k in names))
     shapes = np.zeros((len(names), rank), np.int64)
@@ -178,8 +176,6 @@ def allgather_host(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]
 
 def allgather_json(obj) -> list:
     """Every process's JSON-serialisable `obj`, in process order (a collective)."""
-    import json
-
     if jax.process_count() == 1:
         return [obj]
     data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)

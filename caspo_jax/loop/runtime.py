@@ -20,6 +20,8 @@ from jax.experimental import multihost_utils
 
 from caspo_jax.distributed import is_primary
 from caspo_jax.loop.config import TrainConfig, dump_config, load_config
+from caspo_jax.models import save_pretrained
+from caspo_jax.tiny.tokenizer import save_tiny_processor
 
 __all__ = ["RunDir", "StopSignals", "export_final", "export_policy", "load_run_config"]
 
@@ -100,8 +102,6 @@ class RunDir:
         disk two processes never write one file)."""
         if self.primary:
             return self.path
-        import jax
-
         return self.path / "hosts" / str(jax.process_index())
 
 
@@ -112,21 +112,15 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 def export_policy(model, params, processor, out_dir: str | Path) -> Path:
     """An HF checkpoint directory (config.json, safetensors, tokenizer, preprocessor config,
     chat template) that transformers' Qwen2_5_VLForConditionalGeneration and vLLM load."""
-    from caspo_jax.models import save_pretrained
-    from caspo_jax.tiny.tokenizer import save_tiny_processor
-
     out_dir = Path(out_dir)
     save_pretrained(model, params, out_dir)
     save_tiny_processor(processor, out_dir)
     return out_dir
 
 
-
 def export_final(place, model, params, processor, out_dir: str | Path) -> Path:
     """`export_policy` of a (possibly multi-host sharded) policy: every process joins the
     gather (`place.to_host`), process 0 writes."""
-    import jax
-
     host = place.to_host(params) if jax.process_count() > 1 else params
     if is_primary():
         export_policy(model, host, processor, out_dir)

@@ -1,4 +1,5 @@
-"""`caspo sft` and `caspo dpo`: supervised and preference training on fixed exchanges.
+"""`caspo sft` and `caspo dpo`: supervised and preference training on fixed exchanges
+(an exchange: one prompt with its response, or with a chosen and a rejected one).
 
 SFT (the paper's stage before CASPO): mean negative log-likelihood over response tokens
 only (prompt, image and padding tokens carry no loss), optionally with the category's
@@ -9,9 +10,9 @@ policy), whose log-probs are computed once per example before training (`_refere
 only the examples the run's steps use, in training-sized batches), so the reference
 parameters leave the devices before the first update and later epochs reuse them.
 
-Both share the CASPO run machinery: one typed config, orbax checkpoints with exact
-resume (the batch order is a function of (seed, step)), SIGTERM saves, JSONL +
-TensorBoard metrics, and an HF export at the end.
+Both run on the skeleton every trainer shares (`caspo_jax.loop.skeleton`): one typed
+config, orbax checkpoints with exact resume (the batch order is a function of (seed,
+step)), SIGTERM saves, JSONL + TensorBoard metrics, and an HF export at the end.
 """
 
 from __future__ import annotations
@@ -23,25 +24,24 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from caspo_jax.algo import dpo_loss, sft_loss
-from caspo_jax.distributed import is_primary
-from caspo_jax.loop.checkpoint import RunCheckpointer
 from caspo_jax.loop.config import ConfigError, TrainConfig, step_config
 from caspo_jax.loop.data import encode_exchanges, exchange_batch, prepare_data
-from caspo_jax.loop.metrics import PhaseTimer, count_params, mfu, open_writer
+from caspo_jax.loop.metrics import PhaseTimer, count_params, mfu
 from caspo_jax.loop.placement import make_placement
-from caspo_jax.loop.runtime import RunDir, StopSignals, export_final
+from caspo_jax.loop.runtime import export_final
 from caspo_jax.loop.setup import Policy, build_policy
+from caspo_jax.loop.skeleton import StepOutcome, TrainingRun
+from caspo_jax.step import StepConfig, apply_gradients, init_state, step_logprobs
+from caspo_jax.step.logprobs import cast_floats, encode_batch_images, layout_logprobs
 
-__all__ = ["run_exchange_stage"]
+__all__ = ["run_dpo", "run_sft", "run_supervised_stage"]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _exchange_step(model, step_cfg, kind: str, beta: float, state, batch, ref_logp):
-    from caspo_jax.step import apply_gradients
-    from caspo_jax.step.logprobs import cast_floats, encode_batch_images, layout_logprobs
-
+def _supervised_step(model, step_cfg, kind: str, beta: float, state, batch, ref_logp):
     def loss_fn(params):
         params = cast_floats(params, step_cfg.compute_dtype)  # the reference's precision (`_reference_logprobs`)
         embeds = encode_batch_images(model, params, batch)
@@ -69,15 +69,11 @@ def _reference_logprobs(model, ref_params, place, examples, used: np.ndarray, ba
     function is the training one's (the last batch is filled up by repeating an example).
     At `step_cfg`'s compute dtype and temperature (`step_logprobs`; None: float32, 1), like
     the policy's log-probs they are compared with: the first step's margins are exactly 0."""
-    from caspo_jax.step import StepConfig, step_logprobs
-
     step_cfg = step_cfg or StepConfig()
 
     out = np.zeros((len(examples), 2, response_len), np.float32)
     starts = range(0, len(used), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="dpo reference log-probs", unit="batch", leave=False)
     for start in starts:
         idx = used[start:start + batch_size]
@@ -97,22 +93,31 @@ def _batch_rows(n_examples: int, batch_size: int, seed: int, step: int) -> np.nd
     return order[position * batch_size:(position + 1) * batch_size]
 
 
-def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resume: bool = False,
-                       policy: Policy | None = None, progress: bool = True, export: bool = True) -> Policy:
-    """Runs SFT (kind="sft") or DPO (kind="dpo") to completion (or to a stop signal).
+def run_sft(cfg: TrainConfig, out_dir: str | Path, **kwargs) -> Policy:
+    """`caspo sft`: `run_supervised_stage` with kind="sft"."""
+    return run_supervised_stage(cfg, out_dir, "sft", **kwargs)
+
+
+def run_dpo(cfg: TrainConfig, out_dir: str | Path, **kwargs) -> Policy:
+    """`caspo dpo`: `run_supervised_stage` with kind="dpo"."""
+    return run_supervised_stage(cfg, out_dir, "dpo", **kwargs)
+
+
+def run_supervised_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resume: bool = False,
+                         policy: Policy | None = None, progress: bool = True, export: bool = True) -> Policy:
+    """Runs SFT (kind="sft") or DPO (kind="dpo") to completion (or to a stop signal) on the
+    run skeleton (`caspo_jax.loop.skeleton.TrainingRun`).
 
     Returns the policy with the trained parameters. The final policy is exported to
     out_dir/export as an HF checkpoint when `export`. On the mesh of run.mesh_*; with
-    several processes every process encodes the (small) exchange set and feeds the rows
+    several processes every process encodes the (small) example set and feeds the rows
     its devices hold; process 0 alone writes metrics, the config and the export.
     """
-    from caspo_jax.step import init_state
-
     if kind not in ("sft", "dpo"):
         raise ValueError(f"kind={kind!r}: use 'sft' or 'dpo'")
     stage = cfg.sft if kind == "sft" else cfg.dpo
-    run = RunDir(out_dir, cfg, kind, echo=progress, primary=is_primary())
-    files = prepare_data(cfg, run.data)
+    run = TrainingRun(cfg, out_dir, kind, resume=resume, progress=progress)
+    files = prepare_data(cfg, run.dir.data)
     source = files.sft if kind == "sft" else files.pairs
     if source is None:
         field = "sft" if kind == "sft" else "pairs"
@@ -131,19 +136,7 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
     step_cfg = step_config(cfg, kind)
     place = make_placement(cfg, model, step_cfg, rows=batch_size * (2 if kind == "dpo" else 1),
                            rows_field=f"{kind}.batch_size" + (" * 2 (chosen + rejected)" if kind == "dpo" else ""))
-    state = place.state(init_state(policy.params, step_cfg))
-    checkpointer = RunCheckpointer(run.checkpoints, cfg.run.keep_last)
-    start = 0
-    if not resume:
-        checkpointer.refuse_overwrite(kind)
-    if resume:
-        restored = checkpointer.restore_latest(state)
-        if restored is not None:
-            start, state, _ = restored
-            if run.primary:
-                print(f"caspo {kind}: resumed from step {start}", flush=True)
-    writer = open_writer(run.path, resume_step=start if resume else None, total_steps=total,
-                           progress=progress, initial_step=start, desc=kind)
+    start, state, _ = run.restore(place.state(init_state(policy.params, step_cfg)))
     n_params = count_params(state.params)
     reference = None
     if kind == "dpo":
@@ -152,39 +145,27 @@ def run_exchange_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, resu
         reference = _reference_logprobs(model, place.params(policy.params), place, examples, used, batch_size,
                                         policy.pad_id, prompt_len, response_len, progress and run.primary,
                                         step_cfg=step_cfg)
-    step = start
-    stopping = False  # a stop seen after a step: save it, then leave the loop
-    with StopSignals() as stop:
-        while step < total and not stopping:
-            timer = PhaseTimer()
-            rows = _batch_rows(len(examples), batch_size, cfg.data.seed, step)
-            with timer("data"):
-                batch = exchange_batch(model, [examples[i] for i in rows], policy.pad_id, prompt_len, response_len)
-                if reference is not None:  # rows: every chosen response, then every rejected one
-                    batch = batch.with_signals(ref_logp=np.concatenate([reference[rows, 0], reference[rows, 1]]))
-                placed = place.batch(batch)
-            with timer("update"):
-                state, metrics = _exchange_step(model, step_cfg, kind, float(cfg.dpo.beta), state, placed,
-                                                placed.ref_logp)
-                metrics = jax.device_get(metrics)
-            step += 1
-            seq_tokens = float(np.asarray(batch.student.attention_mask).sum())
-            seconds = sum(timer.seconds.values())
-            writer.write(step, {**metrics, **timer.as_metrics(),
-                                "tokens_per_s": seq_tokens / max(seconds, 1e-9),
-                                "mfu": mfu(n_params, seq_tokens, 0.0, seconds)})  # the reference ran before
-            stopping = stop.agreed()
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or stopping:
-                checkpointer.save(step, state, {"stage": kind, "step": step})
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    policy = dataclasses.replace(policy, params=state.params)
-    if stopping and step < total:
-        if run.primary:
-            print(f"caspo {kind}: stopped by {stop.requested or 'another process'} at step {step}; "
-                  "resume with --resume", flush=True)
-    elif export:
-        export_final(place, model, state.params, policy.processor, run.export)
-    return policy
 
+    def step_fn(state, step: int) -> StepOutcome:
+        timer = PhaseTimer()
+        rows = _batch_rows(len(examples), batch_size, cfg.data.seed, step)
+        with timer("data"):
+            batch = exchange_batch(model, [examples[i] for i in rows], policy.pad_id, prompt_len, response_len)
+            if reference is not None:  # rows: every chosen response, then every rejected one
+                batch = batch.with_signals(ref_logp=np.concatenate([reference[rows, 0], reference[rows, 1]]))
+            placed = place.batch(batch)
+        with timer("update"):
+            state, metrics = _supervised_step(model, step_cfg, kind, float(cfg.dpo.beta), state, placed,
+                                              placed.ref_logp)
+            metrics = jax.device_get(metrics)
+        seq_tokens = float(np.asarray(batch.student.attention_mask).sum())
+        seconds = sum(timer.seconds.values())
+        return StepOutcome(state, {**metrics, **timer.as_metrics(),
+                                   "tokens_per_s": seq_tokens / max(seconds, 1e-9),
+                                   "mfu": mfu(n_params, seq_tokens, 0.0, seconds)})  # the reference ran before
+
+    end = run.loop(state, start, total, step_fn)
+    policy = dataclasses.replace(policy, params=end.state.params)
+    if run.finish(end) and export:
+        export_final(place, model, end.state.params, policy.processor, run.dir.export)
+    return policy

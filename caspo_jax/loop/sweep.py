@@ -230,7 +230,7 @@ def run_sweep(cfg: TrainConfig, out_dir: str | Path, *, variants=("outcome", "to
     from caspo_jax.demo.run import _evaluate
     from caspo_jax.loop.caspo import make_reward, run_caspo
     from caspo_jax.loop.data import prepare_data, with_data_files
-    from caspo_jax.loop.sft_dpo import run_exchange_stage
+    from caspo_jax.loop.sft_dpo import run_sft
     from caspo_jax.loop.setup import build_policy
 
     out_dir = Path(out_dir)
@@ -243,7 +243,7 @@ def run_sweep(cfg: TrainConfig, out_dir: str | Path, *, variants=("outcome", "to
         if (sft_dir / "export" / "config.json").exists():
             start = build_policy(_with(cfg, f"model.path={sft_dir / 'export'}").model, cfg.data)
         else:
-            start = run_exchange_stage(cfg, sft_dir, "sft", progress=progress)
+            start = run_sft(cfg, sft_dir, progress=progress)
     start = start or build_policy(cfg.model, cfg.data)
     start_label = "start (SFT)" if sft_dir is not None else "start"
 

@@ -13,7 +13,7 @@ faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for sta
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from caspo_jax.launch import distributed  # noqa: E402
+from caspo_jax import distributed  # noqa: E402
 
 plan = distributed.start()  # before anything touches the devices
 

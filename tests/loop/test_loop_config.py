@@ -164,7 +164,7 @@ def test_every_step_knob_is_set_from_the_run_config():
         "optim.micro_batches=4", "optim.tis_cap=2.0", "optim.freeze_vision=true", "optim.logprob_chunk=32",
         "optim.adam_eps=1e-6", "optim.grad_clip=null", "optim.weight_decay=0.1", "optim.b1=0.8", "optim.b2=0.99",
         "optim.warmup_steps=5", "model.dtype=bfloat16", "model.remat=save_projections", "rollout.temperature=0.7",
-        "algo.learning_rate=2e-6", "sft.learning_rate=1e-5", "dpo.learning_rate=1e-6"])
+        "algo.learning_rate=2e-6", "sft.learning_rate=1e-5", "dpo.learning_rate=1e-6", "rm.learning_rate=3e-5"])
     caspo = step_config(cfg, "caspo")
     assert (caspo.micro_batches, caspo.tis_cap, caspo.freeze_vision, caspo.logprob_chunk) == (4, 2.0, True, 32)
     assert (caspo.adam_eps, caspo.max_grad_norm, caspo.weight_decay, caspo.b1, caspo.b2, caspo.warmup_steps) == (
@@ -176,8 +176,10 @@ def test_every_step_knob_is_set_from_the_run_config():
     assert step_config(cfg, "dpo") == caspo.replace(learning_rate=1e-6, temperature=1.0)
     greedy = load_config(preset="tiny-cpu", overrides=["rollout.temperature=0"])
     assert step_config(greedy, "caspo").temperature == 1.0  # log-probs of the model's own distribution
-    with pytest.raises(ValueError, match="stage='rm'"):
-        step_config(cfg, "rm")
+    # the reward model (`caspo rm`) trains with the same optim knobs at rm.learning_rate
+    assert step_config(cfg, "rm") == caspo.replace(learning_rate=3e-5, temperature=1.0)
+    with pytest.raises(ValueError, match="stage='reward'"):
+        step_config(cfg, "reward")
 
 
 def test_attention_implementation_reaches_the_model():

@@ -219,19 +219,19 @@ def test_checkpointer_keeps_last_n_and_sets_unreadable_steps_aside(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exchange_runs(base):
+def sft_dpo_runs(base):
     """(config, SFT policy) after `caspo sft` (3 steps) then `caspo dpo` (2 steps) on one device."""
     tmp, cfg, policy = base
-    from caspo_jax.loop.sft_dpo import run_exchange_stage
+    from caspo_jax.loop.sft_dpo import run_dpo, run_sft
 
     cfg = config_from_dict(apply_overrides(config_to_dict(cfg), ["sft.steps=3", "dpo.steps=2", "dpo.batch_size=2",
                                                                  "sft.learning_rate=0.003"]))
-    sft = run_exchange_stage(cfg, tmp / "sft", "sft", policy=policy, progress=False)
-    run_exchange_stage(cfg, tmp / "dpo", "dpo", policy=sft, progress=False)
+    sft = run_sft(cfg, tmp / "sft", policy=policy, progress=False)
+    run_dpo(cfg, tmp / "dpo", policy=sft, progress=False)
     return cfg, sft
 
 
-def test_sft_then_dpo_runs_and_exports(base, exchange_runs):
+def test_sft_then_dpo_runs_and_exports(base, sft_dpo_runs):
     tmp = base[0]
     losses = [r["loss"] for r in read(tmp / "sft" / "metrics.jsonl")]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -269,22 +269,22 @@ def test_dpo_reference_logprobs_are_each_examples_own(base):
 
 
 @pytest.mark.slow
-def test_sft_and_dpo_on_a_2x2x2_mesh_equal_one_device(base, exchange_runs):
+def test_sft_and_dpo_on_a_2x2x2_mesh_equal_one_device(base, sft_dpo_runs):
     """The same stages on a (2, 2, 2) mesh of the 8 simulated devices (state, reference and
     rows sharded): equal losses, gradient norms and entropies (rtol 1e-4, atol 1e-5)."""
     import jax
 
-    from caspo_jax.loop.sft_dpo import run_exchange_stage
+    from caspo_jax.loop.sft_dpo import run_dpo, run_sft
 
     tmp, _, policy = base
-    cfg, sft = exchange_runs
+    cfg, sft = sft_dpo_runs
     if jax.device_count() < 8:
         pytest.skip("needs the 8 simulated devices of tests/conftest.py")
     mesh = config_from_dict(apply_overrides(config_to_dict(cfg), ["run.mesh_data=2", "run.mesh_fsdp=2",
                                                                   "run.mesh_tensor=2"]))
-    sft_mesh = run_exchange_stage(mesh, tmp / "sft_mesh", "sft", policy=policy, progress=False, export=False)
+    sft_mesh = run_sft(mesh, tmp / "sft_mesh", policy=policy, progress=False, export=False)
     assert len(jax.tree.leaves(sft_mesh.params)[0].sharding.device_set) == 8
-    run_exchange_stage(mesh, tmp / "dpo_mesh", "dpo", policy=sft, progress=False, export=False)
+    run_dpo(mesh, tmp / "dpo_mesh", policy=sft, progress=False, export=False)
     for stage in ("sft", "dpo"):
         want, got = read(tmp / stage / "metrics.jsonl"), read(tmp / f"{stage}_mesh" / "metrics.jsonl")
         for w, g in zip(want, got, strict=True):

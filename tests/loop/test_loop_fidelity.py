@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "step"))
 import _step_fixtures as fx  # noqa: E402
 
 from caspo_jax.algo import CaspoConfig  # noqa: E402
@@ -33,7 +33,7 @@ from caspo_jax.step import (build_train_batch, compute_logprobs, init_state, mak
 from caspo_jax.step.logprobs import cast_floats  # noqa: E402
 from caspo_jax.loop.caspo import rollout_signals  # noqa: E402
 from caspo_jax.loop.config import load_config, step_config  # noqa: E402
-from caspo_jax.loop.sft_dpo import _exchange_step, _reference_logprobs  # noqa: E402
+from caspo_jax.loop.sft_dpo import _supervised_step, _reference_logprobs  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 FAST = {"xla_backend_optimization_level": 0}
@@ -111,7 +111,7 @@ def test_dpo_reference_has_the_policys_precision(checkpoint, dtype):
     batch = exchange_batch(model, examples, 0, prompt_len, response_len)
     ref = np.concatenate([reference[:, 0], reference[:, 1]])
     state = init_state(policy_params, step_cfg)
-    _, metrics = _exchange_step(model, step_cfg, "dpo", 0.1, state, batch.with_signals(ref_logp=ref), ref)
+    _, metrics = _supervised_step(model, step_cfg, "dpo", 0.1, state, batch.with_signals(ref_logp=ref), ref)
     assert float(metrics["reward_margin"]) == 0.0
     assert float(metrics["chosen_reward"]) == 0.0 and float(metrics["rejected_reward"]) == 0.0
     assert float(metrics["loss"]) == pytest.approx(math.log(2.0), rel=1e-6)

@@ -17,9 +17,10 @@ import pytest
 from PIL import Image
 
 from caspo_jax.algo import rm_loss
+from caspo_jax.loop.config import load_config
 from caspo_jax.rewards import build_reward
 from caspo_jax.rewards.reward_model import HEAD_KEY, RewardModel, encode_rm_example, init_head, rm_rows, sequence_rewards
-from caspo_jax.rewards.rm_train import RMTrainConfig, load_scored_responses
+from caspo_jax.loop.reward_model import load_scored_responses
 
 
 def test_rm_loss_equals_hand_computed_bt_plus_weighted_mse():
@@ -112,7 +113,8 @@ def test_tiny_rm_learns_marker_preference_and_round_trips(tiny, tmp_path):
 
     args = ["rm", "--pairs", str(pairs), "--scores", str(scores), "--model", str(backbone), "--out",
             str(tmp_path / "run"), "--mse-weight", "2", "--batch-size", "8", "--steps", "30", "--lr", "1e-3",
-            "--eval-fraction", "0.25", "--max-prompt-len", "256", "--max-response-len", "32", "--no-progress"]
+            "--eval-fraction", "0.25", "--max-prompt-len", "256", "--max-response-len", "32", "--no-progress",
+            "--mesh", "1,1,1"]
     assert main(args) == 0
     final = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert final["eval_pairs"] == 8 and final["eval_mse"] == 8
@@ -152,7 +154,7 @@ def test_rm_stop_saves_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, mo
     """SIGTERM during step 2 of 4: the step finishes, is saved, the run exits 0 without an
     export; --resume then reproduces the uninterrupted run's metrics."""
     from caspo_jax.launch.cli import main
-    from caspo_jax.rewards import rm_train
+    from caspo_jax.loop import reward_model as rm_train
     from caspo_jax.loop.runtime import export_policy
 
     policy, _ = tiny
@@ -162,7 +164,7 @@ def test_rm_stop_saves_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, mo
     def args(out):
         return ["rm", "--pairs", str(pairs), "--scores", str(scores), "--model", str(backbone), "--out", str(out),
                 "--batch-size", "4", "--steps", "4", "--lr", "1e-3", "--eval-fraction", "0.25",
-                "--max-prompt-len", "256", "--max-response-len", "32", "--no-progress"]
+                "--max-prompt-len", "256", "--max-response-len", "32", "--no-progress", "--mesh", "1,1,1"]
 
     def rows(run):
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -217,8 +219,10 @@ def test_scores_loader_and_cli_errors_name_file_line_field(tmp_path, capsys):
     assert "missing.jsonl: file not found" in capsys.readouterr().err
     assert main(["rm", "--scores", str(bad), "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="mse_weight"):
-        RMTrainConfig(mse_weight=-1.0)
+    with pytest.raises(ValueError, match="rm.mse_weight"):
+        load_config(overrides=["rm.mse_weight=-1"])
+    assert main(["rm", "--scores", str(bad), "--mse-weight", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert "rm.mse_weight" in capsys.readouterr().err
     with pytest.raises(ValueError, match="path=<reward-model directory>"):
         build_reward({"kind": "reward_model"})
     with pytest.raises(FileNotFoundError, match="reward_head.safetensors"):
@@ -226,8 +230,8 @@ def test_scores_loader_and_cli_errors_name_file_line_field(tmp_path, capsys):
 
 
 def test_sharded_rm_step_equals_single_device_step(tiny):
-    from caspo_jax.rewards.rm_train import (_Unit, _slots, build_rm_batch, make_rm_step, rm_state_shardings,
-                                            shard_rm_batch)
+    from caspo_jax.loop.reward_model import (_Unit, _slots, build_rm_batch, make_rm_step, rm_state_shardings,
+                                             shard_rm_batch)
     from caspo_jax.sharding import make_mesh
     from caspo_jax.step import StepConfig, init_state, shard_state
     policy, params = tiny

@@ -5,7 +5,7 @@ from collections import Counter
 from caspo_jax.curate import pipeline
 from caspo_jax.curate.stage import write_stage
 from caspo_jax.data.formats import load_pairs
-from caspo_jax.rewards.rm_train import load_scored_responses
+from caspo_jax.loop.reward_model import load_scored_responses
 
 
 def _resp(record, model, mode, words, total):
