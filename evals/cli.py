@@ -40,10 +40,6 @@ from caspo_jax.llm.endpoint_spec import parse_endpoint_spec
 from caspo_jax.rubric.rse import RUBRIC_VERSION
 
 
-# Transitional: caspo_jax/loop/sweep.py (another helper's file) still imports this name; once it
-# imports caspo_jax.llm.endpoint_spec.parse_endpoint_spec, the coordinator deletes this line.
-parse_judge = parse_endpoint_spec
-
 
 class EvalFailed(CaspoError):
     """Every item of the run failed (exit 1): the report covers nothing; the message says why."""

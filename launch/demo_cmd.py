@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from caspo_jax.demo.run import demo_config, run_demo
 from caspo_jax.launch.train_cmd import add_config_arguments, cli_overrides, config_error, with_out_dir
+
 from caspo_jax.loop.config import ConfigError, dump_config
+from caspo_jax.loop.demo import demo_config, run_demo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ Both are -log sigmoid of a chosen-minus-rejected margin: for DPO the margin is b
 times the difference of the two responses' log-ratios to a frozen reference policy
 (Rafailov et al.), for the reward model the difference of the two scalar rewards.
 Used by `caspo dpo` (`caspo_jax/loop/sft_dpo.py`) and `caspo rm`
-(`caspo_jax/rewards/rm_train.py`).
+(`caspo_jax/loop/reward_model.py`).
 """
 
 import jax

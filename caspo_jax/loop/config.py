@@ -27,6 +27,8 @@ import yaml
 from caspo_jax.algo.config import CaspoConfig
 from caspo_jax.errors import UserError
 from caspo_jax.files import read_structured
+from caspo_jax.loop.presets import preset_dict
+from caspo_jax.models.common.layers import REMAT_CHOICES
 from caspo_jax.rollout.types import logit_temperature
 from caspo_jax.step.optimizer import COMPUTE_DTYPES, StepConfig
 
@@ -403,8 +405,6 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     raw: dict = {}
     source = "config"
     if preset is not None:
-        from caspo_jax.loop.presets import preset_dict
-
         raw = preset_dict(preset)
         source = f"preset {preset!r}"
     if path is not None:
@@ -481,8 +481,6 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             fail(f"run.{field}", "must be >= 0 (0 disables)")
     if not 0 < r.halt_failed_share <= 1:
         fail("run.halt_failed_share", f"={r.halt_failed_share} must be in (0, 1] (1: every group of a step failed)")
-    from caspo_jax.models.common.layers import REMAT_CHOICES
-
     if cfg.model.remat not in REMAT_CHOICES:
         fail("model.remat", f"={cfg.model.remat!r} must be one of {list(REMAT_CHOICES)} (false: keep every "
              "activation; true/'full': keep layer inputs; 'save_projections': keep matmul outputs)")

@@ -21,7 +21,9 @@ from caspo_jax.data.images import ImageError, load_image, resize_image
 from caspo_jax.data.pipeline import DataError, PipelineConfig, PromptDataset, processor_resize_settings
 from caspo_jax.data.prompts import PromptConfig, encode_prompt
 from caspo_jax.data.records import SafetyRecord, load_records, too_many_bad
+from caspo_jax.demo.task import make_split, write_split
 from caspo_jax.loop.config import ConfigError, TrainConfig
+from caspo_jax.step import build_train_batch
 
 __all__ = ["DataFiles", "EncodedExchange", "encode_exchanges", "exchange_batch", "prepare_data", "prompt_dataset"]
 
@@ -51,8 +53,6 @@ def prepare_data(cfg: TrainConfig, run_dir: str | Path) -> DataFiles:
     d = cfg.data
     demo = d.train is None and d.sft is None and d.pairs is None
     if demo:
-        from caspo_jax.demo.task import make_split, write_split
-
         directory = Path(run_dir) / "data"
         train = write_split(make_split(d.demo_train, d.seed, "train"), directory, "train")
         evals = write_split(make_split(d.demo_eval, d.seed + 1, "eval"), directory, "eval")
@@ -166,8 +166,6 @@ def _check_bad_images(path: Path, problems: list[str], total: int, max_bad_fract
 def exchange_batch(model, examples: list[EncodedExchange], pad_id: int, prompt_len: int, response_len: int):
     """A TrainBatch of the examples: rows = every (example, response) pair, response-major
     (all first responses, then all second responses), prompts left-padded to prompt_len."""
-    from caspo_jax.step import build_train_batch
-
     P = len(examples)
     R = len(examples[0].responses)
     prompt_ids = np.full((P, prompt_len), pad_id, np.int32)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from caspo_jax.demo.task import is_help, is_warning
+from caspo_jax.loop.data import prompt_dataset
 from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams
 
 __all__ = ["batch_prompts", "decode_responses", "evaluate_policy"]
@@ -59,11 +61,17 @@ def evaluate_policy(policy, dataset, reward, *, mode: str = "standard", max_new_
                "truncated_frac": float(np.mean(truncated)), "n": len(texts)}
     refs = [getattr(r, "reference", None) for r in records]
     if refs and all(ref in ("hazard", "none") for ref in refs):
-        from caspo_jax.demo.task import is_help, is_warning
-
         hazard = np.array([ref == "hazard" for ref in refs])
         warned = np.array([is_warning(t) for t in texts])
         metrics["risk_failure_rate"] = float(np.mean(~warned[hazard])) if hazard.any() else float("nan")
         metrics["over_warning_rate"] = float(np.mean(warned[~hazard])) if (~hazard).any() else float("nan")
         metrics["help_rate"] = float(np.mean([is_help(t) for t in texts]))
     return metrics
+
+
+def evaluate_modes(policy, cfg, files, reward, modes=("standard", "constitution")) -> dict:
+    """{mode: metrics} of `policy` on the eval split in each prompt mode (`evaluate_policy`)."""
+    dataset, _ = prompt_dataset(cfg, files, policy.processor, split="eval", num_epochs=1, shuffle=False,
+                                batch_size=min(32, cfg.data.demo_eval))
+    return {mode: evaluate_policy(policy, dataset, reward, mode=mode, max_new_tokens=cfg.data.max_response_len,
+                                  temperature=cfg.rollout.eval_temperature) for mode in modes}

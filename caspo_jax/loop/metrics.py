@@ -15,6 +15,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
 from caspo_jax.distributed import is_primary
 
@@ -108,13 +110,9 @@ class MetricsWriter:
         self._file = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             self._tb = SummaryWriter(str(self.run_dir / "tb" / name))
         self._bar = None
         if progress:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
 
     def write(self, step: int, metrics: dict) -> dict:

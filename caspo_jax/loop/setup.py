@@ -15,7 +15,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.loop.config import TINY_SIZES, DataConfig, ModelConfig
+from caspo_jax.hf_checkpoint import load_hf_checkpoint, stop_token_ids
+from caspo_jax.loop.config import TINY_SIZES, ConfigError, DataConfig, ModelConfig
+from caspo_jax.models import load_pretrained
+from caspo_jax.models.common.checkpoint import refuse_custom_code
+from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
+from caspo_jax.tiny.tokenizer import build_tiny_processor, build_tiny_tokenizer, tokenizer_info
 
 __all__ = ["Policy", "build_policy", "load_teacher_params", "tiny_hf_config"]
 
@@ -60,9 +65,6 @@ def tiny_hf_config(size: str, info) -> dict:
 
 def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig) -> Policy:
     """The initial policy (tiny random model, or an HF checkpoint) and its processor."""
-    from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
-    from caspo_jax.tiny.tokenizer import build_tiny_processor, build_tiny_tokenizer, tokenizer_info
-
     dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else jnp.float32
     if model_cfg.path is None:
         tokenizer = build_tiny_tokenizer()
@@ -73,8 +75,6 @@ def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig) -> Policy:
         model = Qwen2_5_VL(config, remat=model_cfg.remat, attn_implementation=model_cfg.attn_implementation)
         params = model.init(jax.random.PRNGKey(model_cfg.seed), dtype)
         return Policy(model, params, processor, (info.im_end_id, info.eos_token_id), info.pad_token_id)
-    from caspo_jax.hf_checkpoint import load_hf_checkpoint, stop_token_ids
-
     model, params, processor = load_hf_checkpoint(model_cfg.path, dtype=dtype, remat=model_cfg.remat,
                                                   min_pixels=data_cfg.image_min_pixels,
                                                   max_pixels=data_cfg.image_max_pixels,
@@ -86,10 +86,6 @@ def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig) -> Policy:
 def load_teacher_params(model_cfg: ModelConfig, model) -> dict:
     """The parameters at model.teacher_path (algo.teacher='original'), checked to fit `model`:
     the same parameter names and shapes, else a ConfigError naming the first difference."""
-    from caspo_jax.models import load_pretrained
-    from caspo_jax.models.common.checkpoint import refuse_custom_code
-    from caspo_jax.loop.config import ConfigError
-
     path = Path(model_cfg.teacher_path)
     if not (path / "config.json").exists():
         raise ConfigError(f"model.teacher_path={str(path)!r}: no config.json there; point it at the original "

@@ -34,7 +34,18 @@ import numpy as np
 
 from caspo_jax.algo.config import variant_config
 from caspo_jax.errors import UserError
+from caspo_jax.evals import cli as eval_cli
+from caspo_jax.evals import suites
+from caspo_jax.evals.mssbench import paper_rates
+from caspo_jax.evals.store import load_records
+from caspo_jax.llm.endpoint_spec import parse_endpoint_spec
+from caspo_jax.loop.caspo import make_reward, run_caspo
 from caspo_jax.loop.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
+from caspo_jax.loop.data import prepare_data, with_data_files
+from caspo_jax.loop.evaluate import evaluate_modes
+from caspo_jax.loop.runtime import export_policy
+from caspo_jax.loop.setup import build_policy
+from caspo_jax.loop.sft_dpo import run_sft
 
 __all__ = ["METRICS", "SweepBenchmarks", "SweepEvalError", "cell_config", "evaluate_export", "run_sweep",
            "sweep_cells", "table10_columns", "table10_row"]
@@ -115,10 +126,8 @@ class SweepBenchmarks:
         self.judge_names()  # a bad judge spec fails now, not after the training
 
     def judge_names(self) -> list[str]:
-        from caspo_jax.evals.cli import parse_judge
-
         try:
-            return [parse_judge(spec)["name"] for spec in self.judges]
+            return [parse_endpoint_spec(spec)["name"] for spec in self.judges]
         except ValueError as exc:
             raise UserError(f"caspo sweep --eval-judge: {exc}") from None
 
@@ -154,10 +163,6 @@ def table10_row(results_path: str | Path, bench: SweepBenchmarks) -> dict[str, f
     """One row of table 10 from a `caspo eval` results file: OOD-MMSafe standard mode X_A
     (0..2) and X_0 (%, per judge then averaged); SIUO and MSSBench (all tasks) safe and
     effective rates (%), averaged over the judges."""
-    from caspo_jax.evals import suites
-    from caspo_jax.evals.mssbench import paper_rates
-    from caspo_jax.evals.store import load_records
-
     records = load_records(Path(results_path))
     judges = bench.judge_names()
     row: dict[str, float] = {}
@@ -186,8 +191,6 @@ def evaluate_export(bench: SweepBenchmarks, checkpoint: str | Path, out: str | P
     then its table-10 row. The row is kept in out/table10_row.json with the arguments
     that produced it, so a rerun of the sweep with the same benchmarks does not reload
     the checkpoint."""
-    from caspo_jax.evals import cli as eval_cli
-
     out = Path(out)
     argv = bench.eval_argv(checkpoint, out)
     saved = out / "table10_row.json"
@@ -211,8 +214,6 @@ def _start_export(start, cfg: TrainConfig, sft_dir: Path | None, out_dir: Path) 
         return sft_dir / "export"
     if cfg.model.path is not None:
         return Path(cfg.model.path)
-    from caspo_jax.loop.runtime import export_policy
-
     directory = out_dir / "start" / "export"
     if not (directory / "config.json").exists():
         export_policy(start.model, start.params, start.processor, directory)
@@ -227,12 +228,6 @@ def run_sweep(cfg: TrainConfig, out_dir: str | Path, *, variants=("outcome", "to
               benchmarks: SweepBenchmarks | None = None) -> list[dict]:
     """Runs every (variant, lambda, seed) cell; returns the table rows (table 10's with
     `benchmarks`, else the eval-split metrics)."""
-    from caspo_jax.demo.run import _evaluate
-    from caspo_jax.loop.caspo import make_reward, run_caspo
-    from caspo_jax.loop.data import prepare_data, with_data_files
-    from caspo_jax.loop.sft_dpo import run_sft
-    from caspo_jax.loop.setup import build_policy
-
     out_dir = Path(out_dir)
     files = prepare_data(cfg, out_dir)
     cfg = with_data_files(cfg, files)
@@ -250,7 +245,7 @@ def run_sweep(cfg: TrainConfig, out_dir: str | Path, *, variants=("outcome", "to
     def evaluate(policy, cell_cfg) -> dict:
         if files.eval is None:
             return {}
-        return _evaluate(policy, cell_cfg, files, reward, modes=("standard",))["standard"]
+        return evaluate_modes(policy, cell_cfg, files, reward, modes=("standard",))["standard"]
 
     baseline = evaluate(start, cfg)
     rows = [{"variant": start_label, "lambda": "", "seeds": 0, **{m: baseline.get(m, math.nan) for m in METRICS}}]

@@ -18,7 +18,12 @@ import shutil
 import time
 from pathlib import Path
 
-from caspo_jax.loop.config import TrainConfig
+from caspo_jax.loop.caspo import make_reward, run_caspo
+from caspo_jax.loop.config import TrainConfig, load_config
+from caspo_jax.loop.data import prepare_data, with_data_files
+from caspo_jax.loop.evaluate import evaluate_modes
+from caspo_jax.loop.plot import plot_runs
+from caspo_jax.loop.sft_dpo import run_sft
 
 __all__ = ["QUICK", "demo_config", "run_demo"]
 
@@ -29,20 +34,8 @@ QUICK = ["model.tiny=test", "data.demo_train=24", "data.demo_eval=12", "data.max
 
 
 def demo_config(preset: str = "tiny-cpu", path=None, overrides=(), quick: bool = False) -> TrainConfig:
-    from caspo_jax.loop.config import load_config
-
     overrides = (QUICK if quick else []) + list(overrides)
     return load_config(preset=preset, path=path, overrides=overrides)
-
-
-def _evaluate(policy, cfg, files, reward, modes=("standard", "constitution")) -> dict:
-    from caspo_jax.loop.data import prompt_dataset
-    from caspo_jax.loop.evaluate import evaluate_policy
-
-    dataset, _ = prompt_dataset(cfg, files, policy.processor, split="eval", num_epochs=1, shuffle=False,
-                                batch_size=min(32, cfg.data.demo_eval))
-    return {mode: evaluate_policy(policy, dataset, reward, mode=mode, max_new_tokens=cfg.data.max_response_len,
-                                  temperature=cfg.rollout.eval_temperature) for mode in modes}
 
 
 def _table(before: dict, after: dict) -> str:
@@ -59,11 +52,6 @@ def _table(before: dict, after: dict) -> str:
 
 def run_demo(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Runs the whole demo; returns (and writes to out_dir/results.json) the numbers."""
-    from caspo_jax.loop.caspo import make_reward, run_caspo
-    from caspo_jax.loop.data import prepare_data, with_data_files
-    from caspo_jax.loop.sft_dpo import run_sft
-    from caspo_jax.loop.plot import plot_runs
-
     out_dir = Path(out_dir)
     for stage in ("sft", "caspo"):  # a rerun replaces the demo's own previous stages
         if (out_dir / stage / "config.yaml").exists():
@@ -77,12 +65,12 @@ def run_demo(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True) ->
     policy = run_sft(sft_cfg, out_dir / "sft", progress=progress, export=False)
     t_sft = time.perf_counter() - start
     print("[2/4] evaluating the SFT policy", flush=True)
-    before = _evaluate(policy, cfg, files, reward)
+    before = evaluate_modes(policy, cfg, files, reward)
     print("[3/4] CASPO without constitutions (teacher pass only)", flush=True)
     policy = run_caspo(cfg, out_dir / "caspo", policy=policy, progress=progress)
     t_rl = time.perf_counter() - start - t_sft
     print("[4/4] evaluating the CASPO policy", flush=True)
-    after = _evaluate(policy, cfg, files, reward)
+    after = evaluate_modes(policy, cfg, files, reward)
     plots = plot_runs([out_dir / "caspo"], out_dir / "plots")
     table = _table(before, after)
     results = {"before": before, "after": after, "seconds": {"sft": t_sft, "caspo": t_rl,
