@@ -33,7 +33,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from caspo_jax.algo import rm_loss
-from caspo_jax.rewards.reward_model import HEAD_KEY, RMExample, RewardModel, init_head, rm_rows, sequence_rewards
+from caspo_jax.rewards.reward_model import (RewardHead, RMExample, RewardModel, init_head, rm_rows, sequence_rewards,
+                                            with_head)
 from caspo_jax.step.optimizer import StepConfig
 
 __all__ = ["RMBatch", "RMTrainConfig", "load_scored_responses", "make_rm_step", "train_reward_model"]
@@ -157,10 +158,10 @@ def rm_state_shardings(model, step_cfg, mesh, rules=None):
 
     rules = rules or LogicalRules()
     replicated = NamedSharding(mesh, PartitionSpec())
-    p_shard = {**param_shardings(model.param_table(), mesh, rules), HEAD_KEY: {"kernel": replicated,
-                                                                               "bias": replicated}}
-    D = _shape_tree(model)["text"]["embed"].shape[1]
-    abstract = {**_shape_tree(model), HEAD_KEY: jax.eval_shape(lambda: init_head(D))}
+    p_shard = with_head(param_shardings(model.param_table(), mesh, rules),
+                        RewardHead(kernel=replicated, bias=replicated))
+    D = _shape_tree(model).text.embed.shape[1]
+    abstract = with_head(_shape_tree(model), jax.eval_shape(lambda: init_head(D)))
     opt = make_optimizer(step_cfg)
     opt_shard = optax.tree_map_params(opt, lambda _, s: s, jax.eval_shape(opt.init, abstract), p_shard,
                                       transform_non_params=lambda _: replicated,
@@ -314,7 +315,7 @@ def train_reward_model(pairs_path, scores_path, model_dir, out_dir, cfg: RMTrain
                 raise FileNotFoundError(f"--model {model_dir}: no config.json; pass a Qwen2.5-VL / Qwen3-VL HF "
                                         "directory (or a reward-model directory from an earlier caspo rm)")
             model, params, processor = load_hf_checkpoint(model_dir, ignore_custom_code=ignore_custom_code)
-            params = {**params, HEAD_KEY: init_head(params["text"]["embed"].shape[1], cfg.seed)}
+            params = with_head(params, init_head(params.text.embed.shape[1], cfg.seed))
             pad = processor.tokenizer.pad_token_id
             reward_model = RewardModel(model, params, processor, 0 if pad is None else pad)
     model, processor, pad_id = reward_model.model, reward_model.processor, reward_model.pad_id
