@@ -26,7 +26,14 @@ from caspo_jax.errors import UserError
 from caspo_jax.models.common import weights
 
 SINGLE_FILE = "model.safetensors"
-INITIALIZER_NAMES = ("normal", "ones", "zeros")  # ParamSpec.init values (drawn by params.init_params)
+
+# ParamSpec.init -> leaf of (key, shape, dtype, scale), drawn by ``params.init_params``;
+# "normal" draws in float32 then casts (so a bfloat16 init rounds the float32 draw).
+INITIALIZERS = {
+    "normal": lambda key, shape, dtype, scale: (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype),
+    "ones": lambda key, shape, dtype, scale: jnp.ones(shape, dtype),
+    "zeros": lambda key, shape, dtype, scale: jnp.zeros(shape, dtype),
+}
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -42,8 +49,8 @@ class ParamSpec:
         (HF [out, *in] <-> our [out, prod(in)]; the Conv3d patch embedding as a matmul, a
         reshape with no copy either way).
     num_layers: stacked layer count, or None for an unstacked leaf.
-    init: how ``params.init_params`` draws the leaf: "normal" (N(0, scale)), "ones" (norm
-        scales) or "zeros" (see ``params.INITIALIZERS``).
+    init: how ``params.init_params`` draws the leaf, a key of ``INITIALIZERS``: "normal"
+        (N(0, scale)), "ones" (norm scales) or "zeros".
     """
 
     hf_name: str
@@ -58,8 +65,8 @@ class ParamSpec:
     def __post_init__(self):
         if len(self.axes) != len(self.shape):
             raise ValueError(f"{self.path}: {len(self.axes)} axes for shape {self.shape}")
-        if self.init not in INITIALIZER_NAMES:
-            raise ValueError(f"{self.path}: init={self.init!r}; use one of {INITIALIZER_NAMES}")
+        if self.init not in INITIALIZERS:
+            raise ValueError(f"{self.path}: init={self.init!r}; use one of {sorted(INITIALIZERS)}")
 
     @property
     def layer_shape(self) -> tuple[int, ...]:

@@ -14,14 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from caspo_jax.models.common import weights
-from caspo_jax.models.common.checkpoint import ParamSpec
-
-# ParamSpec.init -> leaf of (key, shape, dtype, scale); "normal" draws in float32 then casts.
-INITIALIZERS = {
-    "normal": lambda key, shape, dtype, scale: (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype),
-    "ones": lambda key, shape, dtype, scale: jnp.ones(shape, dtype),
-    "zeros": lambda key, shape, dtype, scale: jnp.zeros(shape, dtype),
-}
+from caspo_jax.models.common.checkpoint import INITIALIZERS, ParamSpec
 
 
 def stacked_rows(hf_prefix: str, path_prefix: tuple[str, ...], n: int):

@@ -69,11 +69,6 @@ def node_class(name: str, fields: tuple[str, ...]) -> type:
     return flax.struct.dataclass(type(name, (), namespace))
 
 
-def is_node(x) -> bool:
-    """Whether ``x`` is a generated weight node."""
-    return getattr(type(x), "__module__", None) == __name__ and hasattr(type(x), "__dataclass_fields__")
-
-
 def _structure(paths: Iterable[Sequence[str]]) -> dict:
     """Nested dict of the paths (None at the leaves), checking no path is a prefix of another."""
     root: dict = {}

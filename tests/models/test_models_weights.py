@@ -104,6 +104,8 @@ def test_nested_round_trip_pickle_and_extra_fields():
         weights.with_fields(tree, text=0)
     with pytest.raises(ValueError, match="appears twice"):
         weights.build(table + table[:1], lambda spec: 0)
+    with pytest.raises(ValueError, match=r"\('text', 'embed'\): init='uniform'; use one of \['normal', 'ones'"):
+        ParamSpec("a", ("text", "embed"), (2,), (None,), init="uniform")
 
 
 def _old_save_file(nested: dict, table, path):
