@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from caspo_jax.models.common import weights
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 MeshAxes = str | tuple[str, ...] | None
@@ -93,13 +95,7 @@ def named_sharding(mesh: Mesh, axes, shape=None, rules: LogicalRules = LogicalRu
     return NamedSharding(mesh, rules.spec(axes, shape, mesh))
 
 
-def param_shardings(table, mesh: Mesh, rules: LogicalRules = LogicalRules()) -> dict:
-    """NamedShardings for a parameter pytree, from a model's table of ``ParamSpec`` rows
-    (anything with ``.path``, ``.axes`` and ``.shape``)."""
-    out: dict = {}
-    for spec in table:
-        node = out
-        for key in spec.path[:-1]:
-            node = node.setdefault(key, {})
-        node[spec.path[-1]] = named_sharding(mesh, spec.axes, spec.shape, rules)
-    return out
+def param_shardings(table, mesh: Mesh, rules: LogicalRules = LogicalRules()):
+    """NamedShardings of a model's typed weights, from its table of ``ParamSpec`` rows
+    (anything with ``.path``, ``.axes`` and ``.shape``): the same tree as the weights."""
+    return weights.build(table, lambda spec: named_sharding(mesh, spec.axes, spec.shape, rules))

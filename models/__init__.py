@@ -1,4 +1,6 @@
-"""Functional Flax ports of Qwen-VL models (imported as ``caspo_jax.models``).
+"""Functional Flax ports of Qwen-VL models (imported as ``caspo_jax.models``): pure functions
+over ``flax.struct`` weight trees generated from one parameter table per family
+(``common.weights``; ``params.text.layers.q_kernel``).
 
     from caspo_jax.models import load_pretrained, save_pretrained
     model, params = load_pretrained(path, dtype=jnp.float32)      # dispatches on model_type
@@ -62,7 +64,7 @@ def save_pretrained(model, params, out_dir, dtype=None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_params(params, model.param_table(), out_dir, dtype=dtype)
     config = model.config.to_dict()
-    leaf = params["text"]["embed"] if dtype is None else jnp.zeros((), dtype)
+    leaf = params.text.embed if dtype is None else jnp.zeros((), dtype)
     config["dtype"] = str(jnp.dtype(leaf.dtype))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir

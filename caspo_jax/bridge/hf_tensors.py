@@ -1,4 +1,4 @@
-"""The parameter pytree as HF checkpoint names and PyTorch layouts, streamed leaf by leaf.
+"""The typed weight tree as HF checkpoint names and PyTorch layouts, streamed leaf by leaf.
 
 This is the inverse of the loader: the same ``ParamSpec`` table (``model.param_table()``)
 gives every HF name and layout transform, so names and layouts are declared once. q/k/v
@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from caspo_jax.models.common.checkpoint import ParamSpec, tree_get
+from caspo_jax.models.common import weights
+from caspo_jax.models.common.checkpoint import ParamSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +54,15 @@ def hf_tensor_refs(table: Sequence[ParamSpec]) -> list[HFTensorRef]:
     return refs
 
 
-def _layer_of(params: dict, ref: HFTensorRef):
-    leaf = tree_get(params, ref.spec.path)
+def _layer_of(params, ref: HFTensorRef):
+    leaf = weights.leaf(params, ref.spec.path)
     return leaf if ref.layer is None else leaf[ref.layer]
 
 
-def _host_layer(params: dict, ref: HFTensorRef) -> np.ndarray | None:
+def _host_layer(params, ref: HFTensorRef) -> np.ndarray | None:
     """A zero-copy NumPy view of the layer when its leaf is one array in host memory (the
     CPU backend, or NumPy); None when it must be gathered (accelerator or sharded)."""
-    leaf = tree_get(params, ref.spec.path)
+    leaf = weights.leaf(params, ref.spec.path)
     if isinstance(leaf, np.ndarray):
         host = leaf
     elif isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) == 1 and \
@@ -82,7 +83,7 @@ def _ordered_refs(table, names: Sequence[str] | None) -> list[HFTensorRef]:
     return [by_name[name] for name in names]
 
 
-def iter_hf_arrays(params: dict, table: Sequence[ParamSpec], *, dtype=None,
+def iter_hf_arrays(params, table: Sequence[ParamSpec], *, dtype=None,
                    names: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, contiguous NumPy array in the HF layout) for every tensor, one at a time.
 
@@ -121,7 +122,7 @@ def numpy_to_torch(array: np.ndarray):
         return torch.from_numpy(array)
 
 
-def iter_torch_tensors(params: dict, table: Sequence[ParamSpec], *, dtype=None, dlpack: bool = False,
+def iter_torch_tensors(params, table: Sequence[ParamSpec], *, dtype=None, dlpack: bool = False,
                        names: Sequence[str] | None = None) -> Iterator[tuple]:
     """(HF name, torch tensor) for every tensor, one at a time, without extra host copies.
 
@@ -168,7 +169,7 @@ def iter_buckets(items: Iterator[tuple], bucket_bytes: int = 256 * 2**20, group_
         yield bucket
 
 
-def state_dict_bytes(params: dict, table: Sequence[ParamSpec]) -> int:
+def state_dict_bytes(params, table: Sequence[ParamSpec]) -> int:
     """Total bytes of the HF tensors (what a full push moves)."""
-    return sum(int(np.prod(ref.hf_shape)) * jnp.dtype(tree_get(params, ref.spec.path).dtype).itemsize
+    return sum(int(np.prod(ref.hf_shape)) * jnp.dtype(weights.leaf(params, ref.spec.path).dtype).itemsize
                for ref in hf_tensor_refs(table))

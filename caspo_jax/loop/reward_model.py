@@ -48,8 +48,8 @@ from caspo_jax.loop.config import ConfigError, TrainConfig, step_config
 from caspo_jax.loop.placement import make_placement
 from caspo_jax.loop.setup import build_policy
 from caspo_jax.loop.skeleton import StepOutcome, TrainingRun
-from caspo_jax.rewards.reward_model import (HEAD_KEY, RMExample, RewardModel, encode_rm_example, init_head, rm_rows,
-                                            sequence_rewards)
+from caspo_jax.rewards.reward_model import (RewardHead, RewardModel, RMExample, encode_rm_example, init_head, rm_rows,
+                                            sequence_rewards, with_head)
 from caspo_jax.sharding import LogicalRules, param_shardings
 from caspo_jax.step import TrainState, apply_gradients, batch_shardings, init_state, make_optimizer
 from caspo_jax.step.state import _shape_tree
@@ -163,10 +163,10 @@ def rm_state_shardings(model, step_cfg, mesh, rules=None):
     axes (`param_shardings`); the head and scalars are replicated."""
     rules = rules or LogicalRules()
     replicated = NamedSharding(mesh, PartitionSpec())
-    p_shard = {**param_shardings(model.param_table(), mesh, rules), HEAD_KEY: {"kernel": replicated,
-                                                                               "bias": replicated}}
-    D = _shape_tree(model)["text"]["embed"].shape[1]
-    abstract = {**_shape_tree(model), HEAD_KEY: jax.eval_shape(lambda: init_head(D))}
+    p_shard = with_head(param_shardings(model.param_table(), mesh, rules),
+                        RewardHead(kernel=replicated, bias=replicated))
+    D = _shape_tree(model).text.embed.shape[1]
+    abstract = with_head(_shape_tree(model), jax.eval_shape(lambda: init_head(D)))
     opt = make_optimizer(step_cfg)
     opt_shard = optax.tree_map_params(opt, lambda _, s: s, jax.eval_shape(opt.init, abstract), p_shard,
                                       transform_non_params=lambda _: replicated,
@@ -254,7 +254,7 @@ def initial_reward_model(cfg: TrainConfig) -> RewardModel:
     seed = cfg.run.seed
     if cfg.model.path is None:
         policy = build_policy(cfg.model, cfg.data)
-        params = {**policy.params, HEAD_KEY: init_head(policy.params["text"]["embed"].shape[1], seed)}
+        params = with_head(policy.params, init_head(policy.params.text.embed.shape[1], seed))
         return RewardModel(policy.model, params, policy.processor, policy.pad_id)
     model_dir = Path(cfg.model.path)
     if (model_dir / "reward_head.safetensors").is_file():
@@ -263,7 +263,7 @@ def initial_reward_model(cfg: TrainConfig) -> RewardModel:
         raise ConfigError(f"model.path={str(model_dir)!r} (--model): no config.json; pass a Qwen2.5-VL / Qwen3-VL "
                           "HF directory (or a reward-model directory from an earlier caspo rm)")
     model, params, processor = load_hf_checkpoint(model_dir, ignore_custom_code=cfg.model.ignore_custom_code)
-    params = {**params, HEAD_KEY: init_head(params["text"]["embed"].shape[1], seed)}
+    params = with_head(params, init_head(params.text.embed.shape[1], seed))
     pad = processor.tokenizer.pad_token_id
     return RewardModel(model, params, processor, 0 if pad is None else pad)
 

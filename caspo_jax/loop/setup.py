@@ -30,7 +30,7 @@ class Policy:
     """A model description, its parameters, its processor and the ids that end a response."""
 
     model: object
-    params: dict
+    params: object  # typed weights (caspo_jax.models.common.weights), the model's table
     processor: object
     eos_ids: tuple[int, ...]
     pad_id: int
@@ -83,7 +83,7 @@ def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig) -> Policy:
     return Policy(model, params, processor, stop_token_ids(processor.tokenizer), processor.tokenizer.pad_token_id)
 
 
-def load_teacher_params(model_cfg: ModelConfig, model) -> dict:
+def load_teacher_params(model_cfg: ModelConfig, model):
     """The parameters at model.teacher_path (algo.teacher='original'), checked to fit `model`:
     the same parameter names and shapes, else a ConfigError naming the first difference."""
     path = Path(model_cfg.teacher_path)

@@ -25,7 +25,7 @@ import safetensors.numpy
 
 from caspo_jax.bridge.transport import in_process_worker, load_safetensors_on_worker, reset_engine_caches
 from caspo_jax.models import qwen2_5_vl, qwen3_vl
-from caspo_jax.models.common.checkpoint import tree_set
+from caspo_jax.models.common import weights
 from caspo_jax.rollout import JaxSampler, VllmEngine
 
 
@@ -64,17 +64,18 @@ def build_model(config: Mapping[str, Any]):
     return qwen2_5_vl.Qwen2_5_VL(qwen2_5_vl.Qwen2_5_VLConfig.from_dict(dict(config)))
 
 
-def params_from_hf(arrays: Mapping[str, np.ndarray], table) -> dict:
-    """The JAX parameter pytree from HF-named arrays (the inverse of ``iter_hf_arrays``)."""
+def params_from_hf(arrays: Mapping[str, np.ndarray], table):
+    """The typed JAX weights from HF-named arrays (the inverse of ``iter_hf_arrays``)."""
     expected = {name for spec in table for name in spec.hf_names}
     missing = sorted(expected - set(arrays))
     if missing:
         raise ValueError(f"weight push incomplete: {len(missing)} tensors missing, e.g. {missing[:5]}")
-    params: dict = {}
-    for spec in table:
+
+    def leaf(spec):
         layers = [spec.to_ours(np.asarray(arrays[name])) for name in spec.hf_names]
-        tree_set(params, spec.path, jnp.asarray(layers[0] if spec.num_layers is None else np.stack(layers)))
-    return params
+        return jnp.asarray(layers[0] if spec.num_layers is None else np.stack(layers))
+
+    return weights.build(table, leaf)
 
 
 class RolloutWorker:

@@ -16,6 +16,11 @@ Checkpoint layout (what `RewardModel.save` writes and `RewardModel.load` reads):
                                                                              # directory (save_pretrained)
     RM_DIR/reward_head.safetensors   # "weight" float32 [D], "bias" float32 [1]
 
+In memory the RM's weights are the backbone's typed weights with one more field,
+``reward_head`` (a ``RewardHead``): ``with_head(backbone, head)``, so
+``model.hidden_states`` reads them as it reads the backbone's, and an orbax run
+checkpoint of the RM holds ``text``, ``vision`` and ``reward_head`` as before.
+
 The backbone directory is an ordinary Qwen-VL checkpoint (its unused LM head included),
 loaded with the same `load_pretrained` users run on real checkpoints.
 
@@ -31,17 +36,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from caspo_jax.errors import UserError
+from caspo_jax.models.common import weights
 from caspo_jax.rewards.base import RewardBatch, prompt_fields
 
 __all__ = [
     "HEAD_FILE",
     "RMExample",
     "RewardConfigError",
+    "RewardHead",
     "RewardModel",
     "RewardModelNotFound",
     "build_reward_model",
@@ -54,6 +62,8 @@ __all__ = [
     "rm_rows",
     "save_head",
     "sequence_rewards",
+    "with_head",
+    "without_head",
 ]
 
 HEAD_FILE = "reward_head.safetensors"
@@ -63,10 +73,29 @@ HEAD_KEY = "reward_head"
 # --------------------------------------------------------------------------- maths
 
 
-def init_head(hidden_size: int, seed: int = 0) -> dict:
-    """{"kernel": [D] ~ N(0, 1/D), "bias": [] = 0}, float32."""
+@flax.struct.dataclass
+class RewardHead:
+    """The scalar head: r = h . kernel + bias (kernel [D], bias []; fields sorted as the
+    dict they replace, so leaves flatten in the same order)."""
+
+    bias: jax.Array
+    kernel: jax.Array
+
+
+def with_head(backbone, head: RewardHead):
+    """The RM's weights: the backbone's typed weights plus the field ``reward_head``."""
+    return weights.with_fields(backbone, **{HEAD_KEY: head})
+
+
+def without_head(params):
+    """The backbone's typed weights of the RM's (the inverse of ``with_head``)."""
+    return weights.without_fields(params, HEAD_KEY)
+
+
+def init_head(hidden_size: int, seed: int = 0) -> RewardHead:
+    """kernel [D] ~ N(0, 1/D), bias [] = 0, float32."""
     kernel = jax.random.normal(jax.random.PRNGKey(seed), (hidden_size,), jnp.float32) / np.sqrt(hidden_size)
-    return {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}
+    return RewardHead(kernel=kernel, bias=jnp.zeros((), jnp.float32))
 
 
 def last_token_index(response_mask_BxT, prompt_len: int):
@@ -75,18 +104,18 @@ def last_token_index(response_mask_BxT, prompt_len: int):
     return prompt_len + n_B - 1
 
 
-def head_rewards(head: dict, h_BxLxD, index_B):
+def head_rewards(head: RewardHead, h_BxLxD, index_B):
     """r_B = h[b, index_b] . kernel + bias, in float32."""
     h_BxD = jnp.take_along_axis(h_BxLxD, index_B[:, None, None], axis=1)[:, 0]
-    return h_BxD.astype(jnp.float32) @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
+    return h_BxD.astype(jnp.float32) @ head.kernel.astype(jnp.float32) + head.bias.astype(jnp.float32)
 
 
-def sequence_rewards(model, params: dict, batch, compute_dtype=None):
-    """r_B (float32) of a `TrainBatch`'s student layout; traceable. ``params`` is the backbone's
-    tree plus ``params["reward_head"]``."""
+def sequence_rewards(model, params, batch, compute_dtype=None):
+    """r_B (float32) of a `TrainBatch`'s student layout; traceable. ``params``: the RM's
+    weights (``with_head``)."""
     from caspo_jax.step.logprobs import cast_floats, encode_batch_images
 
-    head = params[HEAD_KEY]
+    head = params.reward_head
     p = cast_floats(params, compute_dtype)
     embeds = encode_batch_images(model, p, batch)
     seq = batch.student
@@ -176,16 +205,16 @@ def rm_rows(model, rows: Sequence[tuple[RMExample, int]], pad_id: int, prompt_le
 # --------------------------------------------------------------------------- checkpoint
 
 
-def save_head(head: dict, path: str | Path) -> Path:
+def save_head(head: RewardHead, path: str | Path) -> Path:
     from safetensors.numpy import save_file
 
     path = Path(path)
-    save_file({"weight": np.asarray(head["kernel"], np.float32),
-               "bias": np.asarray(head["bias"], np.float32).reshape(1)}, str(path))
+    save_file({"weight": np.asarray(head.kernel, np.float32),
+               "bias": np.asarray(head.bias, np.float32).reshape(1)}, str(path))
     return path
 
 
-def load_head(path: str | Path, hidden_size: int) -> dict:
+def load_head(path: str | Path, hidden_size: int) -> RewardHead:
     """The head of RM_DIR/reward_head.safetensors, checked against the backbone's width."""
     from safetensors.numpy import load_file
 
@@ -200,8 +229,8 @@ def load_head(path: str | Path, hidden_size: int) -> dict:
     if tensors["weight"].shape != (hidden_size,) or tensors["bias"].size != 1:
         raise ValueError(f"{path}: weight {tensors['weight'].shape} / bias {tensors['bias'].shape} do not fit the "
                          f"backbone's hidden size {hidden_size}; expected [{hidden_size}] and [1]")
-    return {"kernel": jnp.asarray(tensors["weight"], jnp.float32),
-            "bias": jnp.asarray(tensors["bias"].reshape(()), jnp.float32)}
+    return RewardHead(kernel=jnp.asarray(tensors["weight"], jnp.float32),
+                      bias=jnp.asarray(tensors["bias"].reshape(()), jnp.float32))
 
 
 # --------------------------------------------------------------------------- the reward
@@ -210,17 +239,18 @@ def load_head(path: str | Path, hidden_size: int) -> dict:
 class RewardModel:
     """`score(prompts, responses) -> RewardBatch` from a Flax backbone + scalar head.
 
-    params: the backbone's parameter tree with the head under ``params["reward_head"]``.
+    params: the RM's weights, the backbone's with the head as ``params.reward_head`` (``with_head``).
     Rows are scored ``batch_size`` at a time, padded to multiples of ``pad_multiple`` tokens
     so few shapes compile. An item whose prompt cannot be encoded (missing image, too long)
     fails alone (NaN, ok=False, the reason in `errors`).
     """
 
-    def __init__(self, model, params: dict, processor, pad_id: int, *, batch_size: int = 8,
+    def __init__(self, model, params, processor, pad_id: int, *, batch_size: int = 8,
                  name: str = "reward_model", max_prompt_len: int = 4096, max_response_len: int = 2048,
                  pad_multiple: int = 64, progress: bool = False):
-        if HEAD_KEY not in params:
-            raise ValueError(f"RewardModel: params has no {HEAD_KEY!r} entry; add one with init_head(D)")
+        if not isinstance(getattr(params, HEAD_KEY, None), RewardHead):
+            raise ValueError(f"RewardModel: params has no {HEAD_KEY!r} field; add one with "
+                             "with_head(params, init_head(D))")
         self.model, self.params, self.processor, self.pad_id = model, params, processor, int(pad_id)
         self.batch_size, self.name, self.pad_multiple, self.progress = batch_size, name, pad_multiple, progress
         self.max_prompt_len, self.max_response_len = max_prompt_len, max_response_len
@@ -281,9 +311,8 @@ class RewardModel:
         from caspo_jax.loop.runtime import export_policy
 
         directory = Path(directory)
-        backbone = {k: v for k, v in self.params.items() if k != HEAD_KEY}
-        export_policy(self.model, backbone, self.processor, directory)
-        save_head(self.params[HEAD_KEY], directory / HEAD_FILE)
+        export_policy(self.model, without_head(self.params), self.processor, directory)
+        save_head(self.params.reward_head, directory / HEAD_FILE)
         return directory
 
     @classmethod
@@ -296,7 +325,7 @@ class RewardModel:
             raise FileNotFoundError(f"{directory / HEAD_FILE} not found: {directory} is not a reward-model "
                                     f"directory (train one with `caspo rm`, or save with RewardModel.save)")
         model, params, processor = load_hf_checkpoint(directory, dtype=dtype)
-        params = {**params, HEAD_KEY: load_head(directory / HEAD_FILE, params["text"]["embed"].shape[1])}
+        params = with_head(params, load_head(directory / HEAD_FILE, params.text.embed.shape[1]))
         pad_id = processor.tokenizer.pad_token_id
         return cls(model, params, processor, 0 if pad_id is None else pad_id, **options)
 

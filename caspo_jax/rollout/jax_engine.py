@@ -140,7 +140,7 @@ class JaxSampler:
             kv, hd = cfg.text.num_key_value_heads, cfg.text.head_dim
             cache_sharding = (self._cache_sharding((P, kv, L, hd)), self._cache_sharding((P * n, kv, T, hd)))
         tokens, logps, lengths, ended = _rollout(
-            model, SampleSpec.of(sampling), n, T, cache_sharding, self.params["text"], self._suppressed_V,
+            model, SampleSpec.of(sampling), n, T, cache_sharding, self.params, self._suppressed_V,
             jnp.asarray(ids),
             jnp.asarray(mask), jnp.asarray(position_ids, jnp.int32), jnp.asarray(rope_next, jnp.int32),
             image_embeds, keys, jnp.float32(sampling.logit_temperature), jnp.int32(sampling.max_new_tokens),
@@ -167,7 +167,7 @@ def _check_image_tokens(i: int, prompt: RolloutPrompt, cfg) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_params, suppressed_V, ids_PxL, mask_PxL,
+def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, params, suppressed_V, ids_PxL, mask_PxL,
              position_ids_3xPxL, rope_next_P, image_embeds_UxD, keys_Sx2, temperature, max_new, terminators):
     """Prefill, then decode up to ``max_new`` (<= T) tokens for the n samples of each prompt.
 
@@ -176,15 +176,17 @@ def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_param
     [S, K, T, H] written in place. Returns tokens [S, T], log-probs [S, T] (of
     softmax(logits / temperature), ``SamplingParams.logit_temperature``), response
     lengths [S] and whether each sample ended on a terminator [S]. ``suppressed_V`` (bool):
-    token ids never sampled.
+    token ids never sampled. ``params``: the model's weights; only ``params.text`` is read (the
+    vision leaves are unused arguments, pruned from the compiled program).
     """
     cfg = model.config.text
     kv_cache = model.kv_cache
+    text_params = params.text
     P, L = ids_PxL.shape
     S = P * n
     embeds = kv_cache.embed_tokens(text_params, ids_PxL, image_embeds_UxD, model.config.image_token_id)
     h, k, v = kv_cache.prefill(text_params, embeds, position_ids_3xPxL, mask_PxL, cfg, model.attn_implementation)
-    logits = jnp.repeat(model.lm_head({"text": text_params}, h[:, -1]), n, axis=0)
+    logits = jnp.repeat(model.lm_head(params, h[:, -1]), n, axis=0)
     prompt_kv = kv_common.prompt_cache(k, v)
     response_kv = [(jnp.zeros((S, cfg.num_key_value_heads, T, cfg.head_dim), k.dtype),) * 2
                    for _ in range(cfg.num_hidden_layers)]
@@ -193,7 +195,7 @@ def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_param
         prompt_kv = jax.lax.with_sharding_constraint(prompt_kv, jax.tree.map(lambda _: prompt_sharding, prompt_kv))
         response_kv = jax.lax.with_sharding_constraint(response_kv,
                                                        jax.tree.map(lambda _: response_sharding, response_kv))
-    decode_params = dict(text_params, layers=kv_common.layer_list(text_params["layers"], cfg.num_hidden_layers))
+    decode_params = text_params.replace(layers=kv_common.layer_list(text_params.layers, cfg.num_hidden_layers))
     rope_next = jnp.repeat(rope_next_P, n)
 
     def emit(t, logits, tokens, logps, lengths, ended):
@@ -216,7 +218,7 @@ def _rollout(model, spec: SampleSpec, n: int, T: int, cache_sharding, text_param
         t, token, tokens, logps, lengths, ended, response_kv = carry
         h, response_kv = kv_cache.decode_step_shared(decode_params, token, rope_next + t - 1, prompt_kv, mask_PxL,
                                                       response_kv, t - 1, cfg)
-        logits = model.lm_head({"text": text_params}, h)
+        logits = model.lm_head(params, h)
         token, tokens, logps, lengths, ended = emit(t, logits, tokens, logps, lengths, ended)
         return t + 1, token, tokens, logps, lengths, ended, response_kv
 

@@ -26,7 +26,7 @@ class StepConfig:
         micro-batches of each mini-batch (a ``lax.scan``; rows m, m+M, m+2M, ...).
     compute_dtype: "float32" or "bfloat16" (forward/backward in bfloat16 over float32
         master weights; log-softmax and the loss stay float32).
-    freeze_vision: no update for ``params["vision"]`` (its features are a constant of the
+    freeze_vision: no update for ``params.vision`` (its features are a constant of the
         loss). Default False: trainable, the paper does not say.
     remat: rematerialise each decoder layer in the backward pass (the model's switch):
         False (store every residual), True / "full" (store each layer's input only),
@@ -97,10 +97,10 @@ def learning_rate_schedule(cfg: StepConfig) -> optax.Schedule:
     return optax.warmup_constant_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
 
 
-def vision_labels(params) -> dict:
-    """"frozen" for every leaf under ``params["vision"]``, "train" elsewhere."""
-    return {key: jax.tree.map(lambda _, k=key: "frozen" if k == "vision" else "train", sub)
-            for key, sub in params.items()}
+def vision_labels(params):
+    """The tree of ``params`` (typed weights) with "frozen" at every leaf under ``params.vision``
+    and "train" elsewhere."""
+    return jax.tree.map(lambda _: "train", params).replace(vision=jax.tree.map(lambda _: "frozen", params.vision))
 
 
 def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from caspo_jax.models.common import weights
 from caspo_jax.sharding import LogicalRules, param_shardings
 from caspo_jax.step.batch import TrainBatch
 from caspo_jax.step.optimizer import StepConfig, make_optimizer
@@ -18,11 +19,11 @@ from caspo_jax.step.optimizer import StepConfig, make_optimizer
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     step: jax.Array
-    params: dict
+    params: object  # the model's typed weights (``caspo_jax.models.common.weights``)
     opt_state: optax.OptState
 
 
-def init_state(params: dict, cfg: StepConfig) -> TrainState:
+def init_state(params, cfg: StepConfig) -> TrainState:
     """Step 0 with float32 master weights (cast if loaded in another dtype)."""
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params))
@@ -43,14 +44,9 @@ def state_shardings(model, cfg: StepConfig, mesh: Mesh, rules: LogicalRules = Lo
     return TrainState(replicated, p_shard, opt_shard)
 
 
-def _shape_tree(model) -> dict:
-    out: dict = {}
-    for spec in model.param_table():
-        node = out
-        for key in spec.path[:-1]:
-            node = node.setdefault(key, {})
-        node[spec.path[-1]] = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
-    return out
+def _shape_tree(model):
+    """The model's typed weights as float32 ShapeDtypeStructs (no memory)."""
+    return weights.build(model.param_table(), lambda spec: jax.ShapeDtypeStruct(spec.shape, jnp.float32))
 
 
 def shard_state(state: TrainState, shardings: TrainState) -> TrainState:

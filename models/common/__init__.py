@@ -1,1 +1,2 @@
-"""Building blocks shared by the Qwen-VL ports: layers and table-driven checkpoint I/O."""
+"""Building blocks shared by the Qwen-VL ports: layers, the decoder, typed weights generated
+from the parameter table, and table-driven checkpoint I/O."""

@@ -2,16 +2,16 @@
 
 A model declares one table of ``ParamSpec`` rows: the HF tensor name (``{i}`` for a
 decoder/ViT layer index stacked on a leading axis), our pytree path, the layout
-transform, our shape and the logical axis of every dimension. Loading, saving, random
-initialisation and sharding are all derived from that table, so the names, layouts and
-axes are declared exactly once.
+transform, our shape, the logical axis of every dimension and the initializer. The typed
+weight tree (``weights``), loading, saving, random initialisation and sharding are all
+derived from that table, so the names, layouts and axes are declared exactly once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -23,8 +23,17 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from caspo_jax.errors import UserError
+from caspo_jax.models.common import weights
 
 SINGLE_FILE = "model.safetensors"
+
+# ParamSpec.init -> leaf of (key, shape, dtype, scale), drawn by ``params.init_params``;
+# "normal" draws in float32 then casts (so a bfloat16 init rounds the float32 draw).
+INITIALIZERS = {
+    "normal": lambda key, shape, dtype, scale: (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype),
+    "ones": lambda key, shape, dtype, scale: jnp.ones(shape, dtype),
+    "zeros": lambda key, shape, dtype, scale: jnp.zeros(shape, dtype),
+}
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -33,13 +42,15 @@ class ParamSpec:
     """One leaf of the parameter pytree and the HF tensor(s) it comes from.
 
     hf_name: HF checkpoint key; ``{i}`` is replaced by 0..num_layers-1 when stacked.
-    path: our pytree path (nested dict keys).
+    path: our pytree path (attribute names: ``("text", "embed")`` is ``params.text.embed``).
     shape: our leaf shape, the layer axis first when stacked.
     axes: logical axis name (or None) per dimension of ``shape``.
     transform: "identity" (linear kernels included: we store HF's [out, in]) or "flatten_in"
         (HF [out, *in] <-> our [out, prod(in)]; the Conv3d patch embedding as a matmul, a
         reshape with no copy either way).
     num_layers: stacked layer count, or None for an unstacked leaf.
+    init: how ``params.init_params`` draws the leaf, a key of ``INITIALIZERS``: "normal"
+        (N(0, scale)), "ones" (norm scales) or "zeros".
     """
 
     hf_name: str
@@ -49,10 +60,13 @@ class ParamSpec:
     transform: str = "identity"
     hf_shape: tuple[int, ...] | None = None
     num_layers: int | None = None
+    init: str = "normal"
 
     def __post_init__(self):
         if len(self.axes) != len(self.shape):
             raise ValueError(f"{self.path}: {len(self.axes)} axes for shape {self.shape}")
+        if self.init not in INITIALIZERS:
+            raise ValueError(f"{self.path}: init={self.init!r}; use one of {sorted(INITIALIZERS)}")
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -84,26 +98,6 @@ class ParamSpec:
         if self.transform == "flatten_in":
             return our_array.reshape(self.expected_hf_shape())
         raise ValueError(f"unknown transform {self.transform!r}")
-
-
-def tree_set(tree: dict, path: Sequence[str], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def tree_get(tree: dict, path: Sequence[str]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def map_table(table: Iterable[ParamSpec], fn: Callable[[ParamSpec], object]) -> dict:
-    """A nested-dict pytree with ``fn(spec)`` at every path of the table."""
-    out: dict = {}
-    for spec in table:
-        tree_set(out, spec.path, fn(spec))
-    return out
 
 
 class CheckpointError(UserError, ValueError):
@@ -180,13 +174,13 @@ def load_params(
     ignore: Callable[[str], bool] = lambda name: False,
     shardings: dict | None = None,
     progress: bool = True,
-) -> dict:
-    """Read a checkpoint into the table's pytree, each leaf cast to ``dtype`` and placed
+):
+    """Read a checkpoint into the table's typed weight tree (``weights.build``), each leaf cast to ``dtype`` and placed
     (``progress``: a transient bar over the tensors; False for --no-progress callers).
 
     ``rename`` maps a checkpoint key to the table's spelling (e.g. alternative layouts);
     ``ignore`` marks keys that may be present and unused (e.g. a tied lm_head).
-    With ``shardings`` (a pytree of ``jax.sharding.Sharding`` like the params), each leaf is
+    With ``shardings`` (a tree of ``jax.sharding.Sharding`` like the params), each leaf is
     built with ``jax.make_array_from_callback`` so every device only receives its shard.
     """
     files = checkpoint_files(path)
@@ -215,35 +209,33 @@ def load_params(
                 f"{spec.expected_hf_shape()} (check config.json)")
         return spec.to_ours(array).astype(np_dtype)
 
-    params: dict = {}
-    for spec in tqdm(table, desc=f"loading {Path(path).name}", leave=False, disable=not progress):
+    def load(spec: ParamSpec) -> jax.Array:
         if spec.num_layers is None:
             host = read(spec.hf_name, spec)
         else:
             host = np.stack([read(name, spec) for name in spec.hf_names])
-        sharding = tree_get(shardings, spec.path) if shardings is not None else None
+        sharding = weights.leaf(shardings, spec.path) if shardings is not None else None
         if sharding is None:
-            leaf = jnp.asarray(host)
-        else:
-            leaf = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
-        tree_set(params, spec.path, leaf)
-    return params
+            return jnp.asarray(host)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
+
+    return weights.build(tqdm(table, desc=f"loading {Path(path).name}", leave=False, disable=not progress), load)
 
 
 def save_params(
-    params: dict,
+    params,
     table: Sequence[ParamSpec],
     out_dir: str | Path,
     *,
     dtype=None,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> list[Path]:
-    """Write the pytree as HF safetensors (sharded with an index above ``max_shard_bytes``)."""
+    """Write the typed weight tree as HF safetensors (sharded with an index above ``max_shard_bytes``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     for spec in tqdm(table, desc="gathering", leave=False):
-        host = np.asarray(jax.device_get(tree_get(params, spec.path)))
+        host = np.asarray(jax.device_get(weights.leaf(params, spec.path)))
         if dtype is not None:
             host = host.astype(np.dtype(jnp.dtype(dtype)))
         layers = [host] if spec.num_layers is None else list(host)

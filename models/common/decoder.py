@@ -18,7 +18,7 @@ One layer (``decoder_layer``) serves the training forward, the sampler's prefill
 cached decode step: without a cache it attends causally over its own keys; with one (a
 ``kv_cache.ResponseCache``) it writes its new keys/values there and attends the cache.
 One loop (``run_layers``) runs it: a ``lax.scan`` over the stacked layer axis (forward,
-prefill) or, for the decode step, unrolled over per-layer parameter dicts and caches.
+prefill) or, for the decode step, unrolled over per-layer weight nodes and caches.
 """
 
 from __future__ import annotations
@@ -79,36 +79,34 @@ def causal_mask(attention_mask_BxL: jax.Array) -> jax.Array:
     return causal[None, None] & attention_mask_BxL.astype(bool)[:, None, None, :]
 
 
-def project_qkv(layer: dict, x_BxLxD, cos_BxLxH, sin_BxLxH, cfg):
+def project_qkv(layer, x_BxLxD, cos_BxLxH, sin_BxLxH, cfg):
     """Queries [B, L, N, H] and keys/values [B, L, K, H]: biases when ``cfg.qkv_bias``, per-head
     q/k RMSNorm when ``cfg.qk_norm``, then rope on q and k."""
     B, L, _ = x_BxLxD.shape
     H = cfg.head_dim
 
-    def bias(name):
-        return layer[name] if cfg.qkv_bias else None
-
-    q = linear(x_BxLxD, layer["q_kernel"], bias("q_bias")).reshape(B, L, cfg.num_attention_heads, H)
-    k = linear(x_BxLxD, layer["k_kernel"], bias("k_bias")).reshape(B, L, cfg.num_key_value_heads, H)
-    v = linear(x_BxLxD, layer["v_kernel"], bias("v_bias")).reshape(B, L, cfg.num_key_value_heads, H)
+    bias = cfg.qkv_bias
+    q = linear(x_BxLxD, layer.q_kernel, layer.q_bias if bias else None).reshape(B, L, cfg.num_attention_heads, H)
+    k = linear(x_BxLxD, layer.k_kernel, layer.k_bias if bias else None).reshape(B, L, cfg.num_key_value_heads, H)
+    v = linear(x_BxLxD, layer.v_kernel, layer.v_bias if bias else None).reshape(B, L, cfg.num_key_value_heads, H)
     if cfg.qk_norm:
-        q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
+        q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
     return apply_rope(q, cos_BxLxH, sin_BxLxH), apply_rope(k, cos_BxLxH, sin_BxLxH), v
 
 
-def attention_output(layer: dict, out_BxLxNH, cfg) -> jax.Array:
+def attention_output(layer, out_BxLxNH, cfg) -> jax.Array:
     """The o projection [B, L, D] (with its bias when ``cfg.o_bias``)."""
-    return linear(out_BxLxNH, layer["o_kernel"], layer["o_bias"] if cfg.o_bias else None)
+    return linear(out_BxLxNH, layer.o_kernel, layer.o_bias if cfg.o_bias else None)
 
 
-def mlp_block(x_BxLxD, layer: dict, cfg) -> jax.Array:
+def mlp_block(x_BxLxD, layer, cfg) -> jax.Array:
     """x + mlp(norm(x))."""
-    h = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.rms_norm_eps)
-    return x_BxLxD + gated_mlp(h, layer["gate_kernel"], layer["up_kernel"], layer["down_kernel"], cfg.hidden_act)
+    h = rms_norm(x_BxLxD, layer.mlp_norm, cfg.rms_norm_eps)
+    return x_BxLxD + gated_mlp(h, layer.gate_kernel, layer.up_kernel, layer.down_kernel, cfg.hidden_act)
 
 
-def decoder_layer(x_BxLxD, layer: dict, cos_BxLxH, sin_BxLxH, cfg, *, mask_Bx1xLxL=None, attn_impl=None,
+def decoder_layer(x_BxLxD, layer, cos_BxLxH, sin_BxLxH, cfg, *, mask_Bx1xLxL=None, attn_impl=None,
                   attn_block: int = 0, cache=None):
     """Pre-norm block: x + o(attn(norm(x))), then x + mlp(norm(x)). Returns (x [B, L, D], kv).
 
@@ -119,7 +117,7 @@ def decoder_layer(x_BxLxD, layer: dict, cos_BxLxH, sin_BxLxH, cfg, *, mask_Bx1xL
     ``kv_cache.ResponseCache``): kv = the updated cache.
     """
     B, L, _ = x_BxLxD.shape
-    h = rms_norm(x_BxLxD, layer["attn_norm"], cfg.rms_norm_eps)
+    h = rms_norm(x_BxLxD, layer.attn_norm, cfg.rms_norm_eps)
     q, k, v = project_qkv(layer, h, cos_BxLxH, sin_BxLxH, cfg)
     if cache is not None:
         out, kv = cache.attend(q, k, v)
@@ -135,9 +133,9 @@ def run_layers(layers, x_BxLxD, layer_fn: Callable, *, caches: list | None = Non
                keep_kv: bool = False):
     """``layer_fn(x, layer, i, cache) -> (x, kv)`` over every layer. Returns (x, kvs).
 
-    Stacked ``layers`` (a dict of [Y, ...] arrays, ``caches`` None): one ``lax.scan`` (the
+    Stacked ``layers`` (a ``TextLayers`` node of [Y, ...] arrays, ``caches`` None): one ``lax.scan`` (the
     body rematerialised as ``remat`` says); kvs = the stacked (k [Y, B, L, K, H], v) when
-    ``keep_kv``, else None. A list of per-layer dicts with one cache each (the decode step):
+    ``keep_kv``, else None. A list of per-layer nodes with one cache each (the decode step):
     unrolled, so no step slices a copy of the stacked weights or cache; kvs = the list of
     updated caches.
     """
@@ -165,7 +163,7 @@ def split_visual_features(features_UxF: jax.Array, hidden_size: int) -> tuple[ja
     return stacked[:, 0], jnp.moveaxis(stacked[:, 1:], 1, 0)
 
 
-def embed_with_visuals(text_params: dict, input_ids_BxL, visuals):
+def embed_with_visuals(text_params, input_ids_BxL, visuals):
     """(embeds [B, L, D], deepstack [M, U, D] or None, visual_index [B, L] or None): token
     embeddings with each placeholder replaced by its merged visual feature, the M DeepStack
     maps kept compact (one row per visual token, for ``add_deepstack``) and each position's
@@ -176,7 +174,7 @@ def embed_with_visuals(text_params: dict, input_ids_BxL, visuals):
     computed from the placeholders (``placeholder_slots``). The forward and the sampler's
     prefill both embed through here.
     """
-    embeds = text_params["embed"][input_ids_BxL]
+    embeds = text_params.embed[input_ids_BxL]
     D = embeds.shape[-1]
     stacks, visual_index, offset = [], jnp.full(input_ids_BxL.shape, -1, jnp.int32), 0
     for token_id, features, slot in visuals:
@@ -210,7 +208,7 @@ def add_deepstack(x_BxLxD, layer_index, deepstack_MxUxD, visual_index_BxL) -> ja
     return jnp.where(use[..., None], x_BxLxD + add, x_BxLxD)
 
 
-def decode(params: dict, embeds_BxLxD, position_ids_3xBxL, attention_mask_BxL, cfg, attn_impl: str | None = None,
+def decode(params, embeds_BxLxD, position_ids_3xBxL, attention_mask_BxL, cfg, attn_impl: str | None = None,
            remat: bool | str = False, attn_block: int = 128, deepstack_MxUxD=None, visual_index_BxL=None,
            keep_kv: bool = False):
     """All decoder layers (one ``lax.scan``) and the final norm: hidden states [B, L, D], and
@@ -233,12 +231,12 @@ def decode(params: dict, embeds_BxLxD, position_ids_3xBxL, attention_mask_BxL, c
             x = add_deepstack(x, i, deepstack_MxUxD, visual_index_BxL)
         return x, kv
 
-    x, kv = run_layers(params["layers"], embeds_BxLxD, layer_fn, remat=remat, keep_kv=keep_kv)
-    h = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    x, kv = run_layers(params.layers, embeds_BxLxD, layer_fn, remat=remat, keep_kv=keep_kv)
+    h = rms_norm(x, params.norm, cfg.rms_norm_eps)
     return (h, *kv) if keep_kv else h
 
 
-def lm_head(params: dict, h_xD: jax.Array, tie_word_embeddings: bool) -> jax.Array:
+def lm_head(params, h_xD: jax.Array, tie_word_embeddings: bool) -> jax.Array:
     """Logits in float32 (accumulated in float32 whatever the parameter dtype)."""
-    head_VxD = params["embed"] if tie_word_embeddings else params["lm_head"]
+    head_VxD = params.embed if tie_word_embeddings else params.lm_head
     return jnp.einsum("...d,vd->...v", h_xD, head_VxD, preferred_element_type=jnp.float32)

@@ -27,7 +27,7 @@ from caspo_jax.models.common import decoder
 from caspo_jax.models.common.layers import rms_norm
 
 
-def embed_tokens(text_params: dict, input_ids_PxL, image_features_UxF, image_token_id: int):
+def embed_tokens(text_params, input_ids_PxL, image_features_UxF, image_token_id: int):
     """The prompts embedded for ``prefill``: (embeds [P, L, D], deepstack [M, U, D] or None,
     visual_index [P, L] or None), as ``decoder.embed_with_visuals`` returns them. Image-pad
     positions take the merged rows of ``image_features`` (``encode_images``' output; extra
@@ -35,7 +35,7 @@ def embed_tokens(text_params: dict, input_ids_PxL, image_features_UxF, image_tok
     return decoder.embed_with_visuals(text_params, input_ids_PxL, ((image_token_id, image_features_UxF, None),))
 
 
-def prefill(text_params: dict, embedded, position_ids_3xPxL, mask_PxL, cfg, attn_impl=None):
+def prefill(text_params, embedded, position_ids_3xPxL, mask_PxL, cfg, attn_impl=None):
     """All layers over ``embed_tokens``' prompts (DeepStack map m added after layer m when the
     features carry maps): the training forward's ``decoder.decode`` keeping each layer's keys
     and values, one dense attention call per layer (no query blocks, no remat). Returns
@@ -55,7 +55,7 @@ def prefill(text_params: dict, embedded, position_ids_3xPxL, mask_PxL, cfg, attn
 # - the prompt's keys/values are kept once per prompt [P, K, L, H] and attended by all n
 #   samples together (one matmul with n*N/K query rows) instead of n repeated copies:
 #   the prompt half of the cache is read n times less;
-# - layers are unrolled over per-layer parameter dicts and per-layer cache arrays: the
+# - layers are unrolled over per-layer weight nodes and per-layer cache arrays: the
 #   layer scan's ``dynamic_slice`` of the stacked weights materialised a copy of every
 #   layer's kernels each step (all ~90 MB of them), and its slice of the stacked cache a
 #   transposed copy of each layer's keys and values;
@@ -64,8 +64,9 @@ def prefill(text_params: dict, embedded, position_ids_3xPxL, mask_PxL, cfg, attn
 #   on the while-loop carry).
 
 
-def layer_list(layers: dict, n_layers: int) -> list[dict]:
-    """The stacked layer pytree [Y, ...] as Y per-layer dicts (sliced once, outside any loop)."""
+def layer_list(layers, n_layers: int) -> list:
+    """The stacked layer node [Y, ...] as Y per-layer nodes of the same class (sliced once,
+    outside any loop)."""
     return [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n_layers)]
 
 
@@ -132,17 +133,17 @@ class ResponseCache:
         return out, (k_all, v_all)
 
 
-def decode_step_shared(text_params: dict, token_S, position_S, prompt_kv: list, prompt_mask_PxL, response_kv: list,
+def decode_step_shared(text_params, token_S, position_S, prompt_kv: list, prompt_mask_PxL, response_kv: list,
                        slot, cfg):
     """One new (text) token per sample, written at response slot ``slot`` (a traced scalar).
 
-    text_params["layers"]: a list of per-layer dicts (``layer_list``). prompt_kv: per layer
+    text_params.layers: a list of per-layer nodes (``layer_list``). prompt_kv: per layer
     (k, v) [P, K, L, H] from ``prompt_cache``; response_kv: per layer (k, v) [S, K, T, H].
     Each sample attends its prompt's non-padding slots and its response slots <= ``slot``.
     Decoded tokens are text, so no DeepStack. Returns final-normed hidden states [S, D] and
     the updated ``response_kv``.
     """
-    x = text_params["embed"][token_S][:, None, :]
+    x = text_params.embed[token_S][:, None, :]
     S = x.shape[0]
     T = response_kv[0][0].shape[2]
     pos = jnp.broadcast_to(position_S[None, :, None], (3, S, 1))
@@ -155,5 +156,5 @@ def decode_step_shared(text_params: dict, token_S, position_S, prompt_kv: list, 
     def layer_fn(x, layer, i, cache):
         return decoder.decoder_layer(x, layer, cos, sin, cfg, cache=cache)
 
-    x, updated = decoder.run_layers(text_params["layers"], x, layer_fn, caches=caches)
-    return rms_norm(x[:, 0], text_params["norm"], cfg.rms_norm_eps), updated
+    x, updated = decoder.run_layers(text_params.layers, x, layer_fn, caches=caches)
+    return rms_norm(x[:, 0], text_params.norm, cfg.rms_norm_eps), updated

@@ -1,7 +1,8 @@
 """``QwenVLModel``: the public model API every Qwen-VL family shares, as pure functions.
 
 The model object holds only the config and static switches, so it can be a static
-``jax.jit`` argument; parameters are a separate plain pytree (the family's ``params.py``).
+``jax.jit`` argument; parameters are a separate typed weight tree (``common.weights``, generated from the
+family's parameter table in ``params.py``).
 Host-side work (M-RoPE position ids, vision metadata) happens in NumPy before the jitted
 core; pass ``position_ids`` from ``get_rope_index`` to call it inside your own jit.
 
@@ -67,7 +68,7 @@ class QwenVLModel:
         """The keyword arguments only this family's ``rope_index_fn`` takes."""
         raise NotImplementedError
 
-    def vision_features(self, vision_params: dict, pixel_values, grids) -> jax.Array:
+    def vision_features(self, vision_params, pixel_values, grids) -> jax.Array:
         """Visual features [U, (1 + M) * D] of the images with (t, h, w) ``grids`` (traced)."""
         raise NotImplementedError
 
@@ -80,8 +81,9 @@ class QwenVLModel:
         """The checkpoint table: HF name, our path, layout transform, shape, logical axes."""
         return self.build_param_table(self.config)
 
-    def init(self, key: jax.Array, dtype=jnp.float32) -> dict:
-        """Random parameters (tests, benchmarks), jitted so large configs initialise quickly."""
+    def init(self, key: jax.Array, dtype=jnp.float32):
+        """Random typed weights (tests, benchmarks; each row drawn by its table ``init``), jitted
+        so large configs initialise quickly."""
         return jax.jit(functools.partial(init_params, self.param_table(), dtype=dtype))(key)
 
     # ----- host-side metadata -----------------------------------------------------
@@ -101,16 +103,16 @@ class QwenVLModel:
             **self.rope_index_options(second_per_grid_ts, mm_token_type_ids))
 
     # ----- pieces -----------------------------------------------------------------
-    def encode_images(self, params: dict, pixel_values, image_grid_thw) -> jax.Array:
+    def encode_images(self, params, pixel_values, image_grid_thw) -> jax.Array:
         """Visual features [sum(t*h*w)/m^2, (1 + M) * D] for all images (or videos), in order:
         the merger output then the M DeepStack maps (one call per prompt)."""
-        return _encode_images_jit(self, params["vision"], pixel_values, as_grids(image_grid_thw))
+        return _encode_images_jit(self, params.vision, pixel_values, as_grids(image_grid_thw))
 
     def split_visual_features(self, features) -> tuple[jax.Array, jax.Array]:
         """``encode_images`` output -> (merged [U, D], DeepStack [M, U, D])."""
         return decoder.split_visual_features(features, self.config.text.hidden_size)
 
-    def hidden_states(self, params: dict, input_ids, attention_mask=None, pixel_values=None,
+    def hidden_states(self, params, input_ids, attention_mask=None, pixel_values=None,
                       image_grid_thw=None, position_ids=None, image_embeds=None, pixel_values_videos=None,
                       video_grid_thw=None, second_per_grid_ts=None, video_embeds=None, image_slot=None) -> jax.Array:
         """Final-normed hidden states [B, L, D].
@@ -128,14 +130,14 @@ class QwenVLModel:
             image_grid_thw=image_grid_thw, image_embeds=image_embeds, pixel_values_videos=pixel_values_videos,
             video_grid_thw=video_grid_thw, video_embeds=video_embeds, image_slot=image_slot,
             **self.visual_input_options(second_per_grid_ts))
-        return _hidden_states_jit(self, params["text"], input_ids, attention_mask, position_ids, *features,
+        return _hidden_states_jit(self, params.text, input_ids, attention_mask, position_ids, *features,
                                   image_slot)
 
-    def lm_head(self, params: dict, h_xD: jax.Array) -> jax.Array:
+    def lm_head(self, params, h_xD: jax.Array) -> jax.Array:
         """Logits [..., vocab] in float32 for hidden states [..., D] (chunk over L as you like)."""
-        return decoder.lm_head(params["text"], h_xD, self.config.tie_word_embeddings)
+        return decoder.lm_head(params.text, h_xD, self.config.tie_word_embeddings)
 
-    def forward(self, params: dict, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+    def forward(self, params, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, image_embeds=None, **video) -> jax.Array:
         """Logits [B, L, vocab], float32. Inputs as the HF processor returns them
         (``video`` takes the ``hidden_states`` video arguments)."""

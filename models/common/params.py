@@ -1,5 +1,5 @@
 """Parameter-table pieces every Qwen-VL family shares: the text decoder's rows, random
-initialisation, and HF name aliasing.
+initialisation (each row names its initializer), and HF name aliasing.
 
 The text rows follow the decoder switches (``common.config.TextSwitches``): q/k/v biases
 when ``qkv_bias``, the o bias when ``o_bias``, per-head q/k norms when ``qk_norm``. Our
@@ -13,18 +13,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.models.common.checkpoint import ParamSpec, map_table
-
-# Leaves initialised to one by ``init_params`` (norm scales); every other leaf is random.
-UNIT_LEAVES = ("attn_norm", "mlp_norm", "norm", "q_norm", "k_norm", "norm_scale")
+from caspo_jax.models.common import weights
+from caspo_jax.models.common.checkpoint import INITIALIZERS, ParamSpec
 
 
 def stacked_rows(hf_prefix: str, path_prefix: tuple[str, ...], n: int):
-    """A row maker for a stack of ``n`` identical layers: ``row(hf, name, shape, axes)`` is the
-    ParamSpec of HF ``{hf_prefix}.{i}.{hf}`` at our path ``(*path_prefix, name)``, stacked
+    """A row maker for a stack of ``n`` identical layers: ``row(hf, name, shape, axes, init)`` is
+    the ParamSpec of HF ``{hf_prefix}.{i}.{hf}`` at our path ``(*path_prefix, name)``, stacked
     [n, *shape] on the ``layers`` axis."""
-    def row(hf: str, name: str, shape: tuple, axes: tuple) -> ParamSpec:
-        return ParamSpec(f"{hf_prefix}.{{i}}.{hf}", (*path_prefix, name), (n, *shape), ("layers", *axes), num_layers=n)
+    def row(hf: str, name: str, shape: tuple, axes: tuple, init: str = "normal") -> ParamSpec:
+        return ParamSpec(f"{hf_prefix}.{{i}}.{hf}", (*path_prefix, name), (n, *shape), ("layers", *axes),
+                         num_layers=n, init=init)
 
     return row
 
@@ -59,39 +58,34 @@ def text_param_table(cfg, prefix: str) -> list[ParamSpec]:
 
     table = [
         ParamSpec(f"{prefix}embed_tokens.weight", ("text", "embed"), (V, D), ("vocab", "embed")),
-        layer("input_layernorm.weight", "attn_norm", (D,), ("embed",)),
+        layer("input_layernorm.weight", "attn_norm", (D,), ("embed",), "ones"),
         *projection("q", (NH, D), ("heads", "embed"), t.qkv_bias),
         *projection("k", (KH, D), ("kv", "embed"), t.qkv_bias),
         *projection("v", (KH, D), ("kv", "embed"), t.qkv_bias),
         *projection("o", (D, NH), ("embed", "heads"), t.o_bias),
     ]
     if t.qk_norm:
-        table += [layer("self_attn.q_norm.weight", "q_norm", (H,), (None,)),
-                  layer("self_attn.k_norm.weight", "k_norm", (H,), (None,))]
+        table += [layer("self_attn.q_norm.weight", "q_norm", (H,), (None,), "ones"),
+                  layer("self_attn.k_norm.weight", "k_norm", (H,), (None,), "ones")]
     table += [
-        layer("post_attention_layernorm.weight", "mlp_norm", (D,), ("embed",)),
+        layer("post_attention_layernorm.weight", "mlp_norm", (D,), ("embed",), "ones"),
         layer("mlp.gate_proj.weight", "gate_kernel", (F, D), ("mlp", "embed")),
         layer("mlp.up_proj.weight", "up_kernel", (F, D), ("mlp", "embed")),
         layer("mlp.down_proj.weight", "down_kernel", (D, F), ("embed", "mlp")),
-        ParamSpec(f"{prefix}norm.weight", ("text", "norm"), (D,), ("embed",)),
+        ParamSpec(f"{prefix}norm.weight", ("text", "norm"), (D,), ("embed",), init="ones"),
     ]
     if not cfg.tie_word_embeddings:
         table.append(ParamSpec("lm_head.weight", ("text", "lm_head"), (V, D), ("vocab", "embed")))
     return table
 
 
-def init_params(table: list[ParamSpec], key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
-    """Random parameters with the table's shapes (norm scales 1, every other leaf N(0, scale)),
-    one key per row in table order, for tests and benchmarks."""
+def init_params(table: list[ParamSpec], key: jax.Array, dtype=jnp.float32, scale: float = 0.02):
+    """Random typed weights with the table's shapes, each row drawn by its ``init``
+    (``INITIALIZERS``: norm scales 1, the rest N(0, scale)), one key per row in table order
+    (rows that need none still take theirs, so a row's key never depends on the others'
+    initializers), for tests and benchmarks."""
     keys = iter(jax.random.split(key, len(table)))
-
-    def one(spec: ParamSpec):
-        k = next(keys)
-        if spec.path[-1] in UNIT_LEAVES:
-            return jnp.ones(spec.shape, dtype)
-        return (scale * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
-
-    return map_table(table, one)
+    return weights.build(table, lambda spec: INITIALIZERS[spec.init](next(keys), spec.shape, dtype, scale))
 
 
 def rename(name: str, aliases) -> str:

@@ -27,7 +27,7 @@ class Qwen2_5_VL(QwenVLModel):
     def rope_index_options(self, second_per_grid_ts, mm_token_type_ids) -> dict:
         return {"tokens_per_second": self.config.vision.tokens_per_second, "second_per_grid_ts": second_per_grid_ts}
 
-    def vision_features(self, vision_params: dict, pixel_values, grids):
+    def vision_features(self, vision_params, pixel_values, grids):
         """The windowed ViT's merged features [U, D]."""
         v = self.config.vision
         meta = vision_metadata(grids, v.spatial_merge_size, v.window_size, v.patch_size)

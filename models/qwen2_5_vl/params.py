@@ -1,10 +1,9 @@
 """The one table mapping Qwen2.5-VL parameters to HF checkpoint names, layouts and axes.
 
-Our pytree::
+Our typed weights (``models.common.weights``, generated from this table)::
 
-    {"text": {"embed": [V, D], "layers": {... stacked [layers, ...]}, "norm": [D], "lm_head": [V, D]},
-     "vision": {"patch_embed": [E, C*T*P*P], "blocks": {... stacked [depth, ...]},
-                "merger": {...}}}
+    params.text: embed [V, D], layers.* (stacked [layers, ...]), norm [D], lm_head [V, D]
+    params.vision: patch_embed [E, C*T*P*P], blocks.* (stacked [depth, ...]), merger.*
 
 Linear kernels are stored [out, in], HF's own layout, so loading, saving and the
 vLLM bridge hand tensors over as they are (no transposes; see BUILD_NOTES). ``lm_head`` is absent when
@@ -17,11 +16,9 @@ from __future__ import annotations
 
 import re
 
-
 from caspo_jax.models.common.checkpoint import ParamSpec
 from caspo_jax.models.common.params import (linear_rows, rename, stacked_rows, text_param_table,
                                             vit_attention_rows)
-
 
 from .config import Qwen2_5_VLConfig
 
@@ -38,13 +35,13 @@ def param_table(cfg: Qwen2_5_VLConfig) -> list[ParamSpec]:
         ParamSpec("visual.patch_embed.proj.weight", ("vision", "patch_embed"), (E, v.patch_dim),
                   ("vision_embed", "patch"), "flatten_in",
                   hf_shape=(E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)),
-        block("norm1.weight", "attn_norm", (E,), ("vision_embed",)),
+        block("norm1.weight", "attn_norm", (E,), ("vision_embed",), "ones"),
         *vit_attention_rows(block, E),
-        block("norm2.weight", "mlp_norm", (E,), ("vision_embed",)),
+        block("norm2.weight", "mlp_norm", (E,), ("vision_embed",), "ones"),
         *linear_rows(block, "mlp.gate_proj", "gate", (Fv, E), ("vision_mlp", "vision_embed")),
         *linear_rows(block, "mlp.up_proj", "up", (Fv, E), ("vision_mlp", "vision_embed")),
         *linear_rows(block, "mlp.down_proj", "down", (E, Fv), ("vision_embed", "vision_mlp")),
-        ParamSpec("visual.merger.ln_q.weight", ("vision", "merger", "norm"), (E,), ("vision_embed",)),
+        ParamSpec("visual.merger.ln_q.weight", ("vision", "merger", "norm"), (E,), ("vision_embed",), init="ones"),
         ParamSpec("visual.merger.mlp.0.weight", ("vision", "merger", "fc1_kernel"), (U, U),
                   ("vision_mlp", None)),
         ParamSpec("visual.merger.mlp.0.bias", ("vision", "merger", "fc1_bias"), (U,), ("vision_mlp",)),

@@ -29,7 +29,7 @@ class Qwen3VL(QwenVLModel):
     def rope_index_options(self, second_per_grid_ts, mm_token_type_ids) -> dict:
         return {"mm_token_type_ids_BxL": mm_token_type_ids}
 
-    def vision_features(self, vision_params: dict, pixel_values, grids):
+    def vision_features(self, vision_params, pixel_values, grids):
         """[U, (1 + M) * D]: per visual token, the merger output then the M DeepStack maps."""
         v = self.config.vision
         meta = vision_metadata(grids, v.spatial_merge_size, v.num_grid_per_side)

@@ -1,11 +1,11 @@
 """The one table mapping Qwen3-VL parameters to HF checkpoint names, layouts and axes.
 
-Our pytree::
+Our typed weights (``models.common.weights``, generated from this table)::
 
-    {"text": {"embed": [V, D], "layers": {... stacked [layers, ...]}, "norm": [D], "lm_head": [V, D]},
-     "vision": {"patch_embed": [E, C*T*P*P], "patch_bias": [E], "pos_embed": [G*G, E],
-                "blocks": {... stacked [depth, ...]}, "merger": {...},
-                "deepstack": {... the DeepStack mergers stacked [num_deepstack, ...]}}}
+    params.text: embed [V, D], layers.* (stacked [layers, ...]), norm [D], lm_head [V, D]
+    params.vision: patch_embed [E, C*T*P*P], patch_bias [E], pos_embed [G*G, E],
+        blocks.* (stacked [depth, ...]), merger.*, deepstack.* (the DeepStack mergers
+        stacked [num_deepstack, ...])
 
 Linear kernels are stored [out, in], HF's own layout, so loading, saving and the
 vLLM bridge hand tensors over as they are (no transposes; see BUILD_NOTES). ``lm_head`` is absent when
@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import re
 
-
 from caspo_jax.models.common.checkpoint import ParamSpec
-from caspo_jax.models.common.params import UNIT_LEAVES as _UNIT_LEAVES  # noqa: F401 (tests read it here)
 from caspo_jax.models.common.params import (linear_rows, rename, stacked_rows, text_param_table,
                                             vit_attention_rows)
-
 
 from .config import Qwen3VLConfig
 
@@ -46,15 +43,16 @@ def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
         name = (lambda s: f"{hf_prefix}.{{i}}.{s}") if stacked else (lambda s: f"{hf_prefix}.{s}")
         n = Nd if stacked else None
         rows = [
-            ("norm.weight", "norm_scale", (norm_width,), ("vision_embed" if not stacked else None,)),
-            ("norm.bias", "norm_bias", (norm_width,), ("vision_embed" if not stacked else None,)),
-            ("linear_fc1.weight", "fc1_kernel", (U, U), ("vision_mlp", None)),
-            ("linear_fc1.bias", "fc1_bias", (U,), ("vision_mlp",)),
-            ("linear_fc2.weight", "fc2_kernel", (O, U), ("embed", "vision_mlp")),
-            ("linear_fc2.bias", "fc2_bias", (O,), ("embed",)),
+            ("norm.weight", "norm_scale", (norm_width,), ("vision_embed" if not stacked else None,), "ones"),
+            ("norm.bias", "norm_bias", (norm_width,), ("vision_embed" if not stacked else None,), "normal"),
+            ("linear_fc1.weight", "fc1_kernel", (U, U), ("vision_mlp", None), "normal"),
+            ("linear_fc1.bias", "fc1_bias", (U,), ("vision_mlp",), "normal"),
+            ("linear_fc2.weight", "fc2_kernel", (O, U), ("embed", "vision_mlp"), "normal"),
+            ("linear_fc2.bias", "fc2_bias", (O,), ("embed",), "normal"),
         ]
-        return [ParamSpec(name(hf), ("vision", path, ours), (*lead, *shape), (*lead_axes, *axes), num_layers=n)
-                for hf, ours, shape, axes in rows]
+        return [ParamSpec(name(hf), ("vision", path, ours), (*lead, *shape), (*lead_axes, *axes), num_layers=n,
+                          init=init)
+                for hf, ours, shape, axes, init in rows]
 
     table = text_param_table(cfg, TEXT_PREFIX)
     table += [
@@ -64,10 +62,10 @@ def param_table(cfg: Qwen3VLConfig) -> list[ParamSpec]:
         ParamSpec(f"{VISION_PREFIX}patch_embed.proj.bias", ("vision", "patch_bias"), (E,), ("vision_embed",)),
         ParamSpec(f"{VISION_PREFIX}pos_embed.weight", ("vision", "pos_embed"), (v.num_position_embeddings, E),
                   (None, "vision_embed")),
-        block("norm1.weight", "attn_norm", (E,), ("vision_embed",)),
+        block("norm1.weight", "attn_norm", (E,), ("vision_embed",), "ones"),
         block("norm1.bias", "attn_norm_bias", (E,), ("vision_embed",)),
         *vit_attention_rows(block, E),
-        block("norm2.weight", "mlp_norm", (E,), ("vision_embed",)),
+        block("norm2.weight", "mlp_norm", (E,), ("vision_embed",), "ones"),
         block("norm2.bias", "mlp_norm_bias", (E,), ("vision_embed",)),
         *linear_rows(block, "mlp.linear_fc1", "fc1", (Fv, E), ("vision_mlp", "vision_embed")),
         *linear_rows(block, "mlp.linear_fc2", "fc2", (E, Fv), ("vision_embed", "vision_mlp")),

@@ -38,34 +38,34 @@ def position_embeddings(pos_embed_GGxE: jax.Array, meta: VisionMetadata, dtype) 
     return jnp.sum(taps * jnp.asarray(meta.interp_weight_Px4)[..., None], axis=1).astype(dtype)
 
 
-def vision_block(x_PxE, layer: dict, cos_PxH, sin_PxH, segment_P: np.ndarray, cfg: VisionConfig, attn_impl=None):
+def vision_block(x_PxE, layer, cos_PxH, sin_PxH, segment_P: np.ndarray, cfg: VisionConfig, attn_impl=None):
     """One ViT block: x + proj(attn(norm1(x))), then x + fc2(act(fc1(norm2(x)))); tokens
     attend within their image (``segment_P``)."""
     P, E = x_PxE.shape
-    h = layer_norm(x_PxE, layer["attn_norm"], layer["attn_norm_bias"])
-    qkv = linear(h, layer["qkv_kernel"], layer["qkv_bias"]).reshape(P, 3, cfg.num_heads, cfg.head_dim)
+    h = layer_norm(x_PxE, layer.attn_norm, layer.attn_norm_bias)
+    qkv = linear(h, layer.qkv_kernel, layer.qkv_bias).reshape(P, 3, cfg.num_heads, cfg.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q, k = apply_vision_rope(q, cos_PxH, sin_PxH), apply_vision_rope(k, cos_PxH, sin_PxH)
     out = segment_attention(q, k, v, segment_P, attn_impl)
-    x_PxE = x_PxE + linear(out.reshape(P, E), layer["proj_kernel"], layer["proj_bias"])
-    h = layer_norm(x_PxE, layer["mlp_norm"], layer["mlp_norm_bias"])
-    h = activation(cfg.hidden_act)(linear(h, layer["fc1_kernel"], layer["fc1_bias"]))
-    return x_PxE + linear(h, layer["fc2_kernel"], layer["fc2_bias"])
+    x_PxE = x_PxE + linear(out.reshape(P, E), layer.proj_kernel, layer.proj_bias)
+    h = layer_norm(x_PxE, layer.mlp_norm, layer.mlp_norm_bias)
+    h = activation(cfg.hidden_act)(linear(h, layer.fc1_kernel, layer.fc1_bias))
+    return x_PxE + linear(h, layer.fc2_kernel, layer.fc2_bias)
 
 
-def patch_merger(merger: dict, x_PxE: jax.Array, unit: int, postshuffle_norm: bool) -> jax.Array:
+def patch_merger(merger, x_PxE: jax.Array, unit: int, postshuffle_norm: bool) -> jax.Array:
     """[U, O]: LayerNorm (over E before the m x m shuffle, or over the m*m*E concatenation
     after it for DeepStack), then fc1, exact GELU, fc2."""
     P, E = x_PxE.shape
     if postshuffle_norm:
-        h = layer_norm(x_PxE.reshape(P // unit, unit * E), merger["norm_scale"], merger["norm_bias"])
+        h = layer_norm(x_PxE.reshape(P // unit, unit * E), merger.norm_scale, merger.norm_bias)
     else:
-        h = layer_norm(x_PxE, merger["norm_scale"], merger["norm_bias"]).reshape(P // unit, unit * E)
-    h = jax.nn.gelu(linear(h, merger["fc1_kernel"], merger["fc1_bias"]), approximate=False)
-    return linear(h, merger["fc2_kernel"], merger["fc2_bias"])
+        h = layer_norm(x_PxE, merger.norm_scale, merger.norm_bias).reshape(P // unit, unit * E)
+    h = jax.nn.gelu(linear(h, merger.fc1_kernel, merger.fc1_bias), approximate=False)
+    return linear(h, merger.fc2_kernel, merger.fc2_bias)
 
 
-def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadata, cfg: VisionConfig,
+def encode_images(params, pixel_values_PxC: jax.Array, meta: VisionMetadata, cfg: VisionConfig,
                   attn_impl: str | None = None, remat: bool | str = False) -> tuple[jax.Array, jax.Array]:
     """Merged features [U, O] and DeepStack features [S, U, O], in the order of the images (and
     their merge units) in ``pixel_values`` ([P, C*T*patch*patch], the HF processor's layout).
@@ -75,13 +75,13 @@ def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadat
     carried out of the layer scan in slot s of a [S + 1, P, E] buffer (slot S is a scratch row for untapped blocks), so
     one scan serves all blocks and the backward pass stores no per-block copies.
     """
-    dtype = params["patch_embed"].dtype
+    dtype = params.patch_embed.dtype
     unit = cfg.spatial_merge_size**2
-    x = linear(pixel_values_PxC.astype(dtype), params["patch_embed"], params["patch_bias"])  # the Conv3d
+    x = linear(pixel_values_PxC.astype(dtype), params.patch_embed, params.patch_bias)  # the Conv3d
     P, E = x.shape
     if P != len(meta.positions_Px2):
         raise ValueError(f"pixel_values has {P} patches, image_grid_thw describes {len(meta.positions_Px2)}")
-    x = x + position_embeddings(params["pos_embed"], meta, dtype)
+    x = x + position_embeddings(params.pos_embed, meta, dtype)
     cos, sin = vision_rope(meta.positions_Px2, cfg)
     order = cfg.deepstack_order
     S = len(order)
@@ -97,10 +97,10 @@ def encode_images(params: dict, pixel_values_PxC: jax.Array, meta: VisionMetadat
 
     body = remat_fn(body, remat)
     taps = jnp.zeros((S + 1, P, E), dtype)
-    (x, taps), _ = jax.lax.scan(body, (x, taps), (params["blocks"], jnp.asarray(slot)))
-    merged = patch_merger(params["merger"], x, unit, postshuffle_norm=False)
+    (x, taps), _ = jax.lax.scan(body, (x, taps), (params.blocks, jnp.asarray(slot)))
+    merged = patch_merger(params.merger, x, unit, postshuffle_norm=False)
     if S == 0:
         return merged, jnp.zeros((0, *merged.shape), merged.dtype)
-    mergers = jax.tree.map(lambda leaf: leaf[np.asarray([m for _, m in order])], params["deepstack"])
+    mergers = jax.tree.map(lambda leaf: leaf[np.asarray([m for _, m in order])], params.deepstack)
     deepstack = jax.vmap(lambda m, h: patch_merger(m, h, unit, postshuffle_norm=True))(mergers, taps[:S])
     return merged, deepstack

@@ -17,6 +17,7 @@ from caspo_jax.bridge.hf_tensors import (hf_tensor_refs, iter_buckets, iter_hf_a
                                          state_dict_bytes)
 from caspo_jax.bridge.transport import decode_safetensors, encode_safetensors
 from caspo_jax.models import load_pretrained
+from caspo_jax.models.common import weights
 from caspo_jax.models.qwen2_5_vl import canonical_hf_name
 from caspo_jax.tiny import models as tm
 
@@ -77,7 +78,7 @@ def test_dlpack_views_and_sharded_gather_equal_host_path(tiny):
         np.testing.assert_array_equal(tensor.numpy(), host[name], err_msg=name)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded = jax.device_put(params, param_shardings(table, mesh))
-    assert len(sharded["text"]["layers"]["gate_kernel"].sharding.device_set) == 8
+    assert len(sharded.text.layers.gate_kernel.sharding.device_set) == 8
     for name, tensor in iter_torch_tensors(sharded, table, dlpack=True):
         np.testing.assert_array_equal(tensor.numpy(), host[name], err_msg=name)
 
@@ -115,14 +116,12 @@ def test_cpu_tensors_are_contiguous_views_of_the_parameter_buffers(tiny):
     """Our leaves are stored in HF's layouts, so the push copies nothing: every tensor is a
     contiguous view of its layer of the JAX buffer (what vLLM's loader needs to copy at
     memcpy speed instead of transposing)."""
-    from caspo_jax.models.common.checkpoint import tree_get
-
     _, model, params = tiny
     table = model.param_table()
     refs = {ref.name: ref for ref in hf_tensor_refs(table)}
     for name, tensor in iter_torch_tensors(params, table):
         ref = refs[name]
-        leaf = np.asarray(tree_get(params, ref.spec.path))
+        leaf = np.asarray(weights.leaf(params, ref.spec.path))
         layer = leaf if ref.layer is None else leaf[ref.layer]
         assert tensor.is_contiguous(), name
         assert tensor.data_ptr() == layer.__array_interface__["data"][0], name

@@ -29,11 +29,11 @@ def test_module_order_keeps_fused_pieces_in_one_bucket():
 
     from caspo_jax.bridge.hf_tensors import iter_buckets, iter_hf_arrays
     from caspo_jax.bridge.verify import vllm_module_order
-    from caspo_jax.models.common.checkpoint import map_table
+    from caspo_jax.models.common import weights
     from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL
 
     model = Qwen2_5_VL(Qwen2_5_VLConfig.from_dict(tm.hf_config_dict("vllm")))
-    params = map_table(model.param_table(), lambda spec: np.zeros(spec.shape, np.float32))
+    params = weights.build(model.param_table(), lambda spec: np.zeros(spec.shape, np.float32))
     order, module_of = vllm_module_order(model.param_table())
     assert sorted(order) == sorted(vllm_slots(model.param_table()))
     seen_modules = []

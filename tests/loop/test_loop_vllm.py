@@ -41,7 +41,7 @@ def sharpen_logits(ckpt, factor: float = 100.0) -> None:
     from caspo_jax.models import load_pretrained, save_pretrained
 
     model, params = load_pretrained(ckpt)
-    params["text"]["lm_head"] = params["text"]["lm_head"] * factor
+    params = params.replace(text=params.text.replace(lm_head=params.text.lm_head * factor))
     save_pretrained(model, params, ckpt)
 
 

@@ -175,7 +175,7 @@ def test_remat_gradients_equal(hf_and_ours):
     np.testing.assert_allclose(value_r, value, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    assert np.abs(np.asarray(grads["vision"]["patch_embed"])).max() > 0
+    assert np.abs(np.asarray(grads.vision.patch_embed)).max() > 0
 
 
 def test_video_and_image_in_one_batch_match_transformers(hf_and_ours):

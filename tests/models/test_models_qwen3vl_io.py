@@ -135,9 +135,9 @@ def test_tied_embeddings_and_attention_bias_forward_and_roundtrip(tmp_path, vari
     hf.save_pretrained(tmp_path / "hf")
     model, params = load_pretrained(tmp_path / "hf")
     if variant == "tied":
-        assert model.config.tie_word_embeddings and "lm_head" not in params["text"]
+        assert model.config.tie_word_embeddings and not hasattr(params.text, "lm_head")
     else:
-        assert model.config.text.attention_bias and "o_bias" in params["text"]["layers"]
+        assert model.config.text.attention_bias and hasattr(params.text.layers, "o_bias")
     batch = tq.make_batch([[3, (1, 4, 4), 5], [6]], seed=1)
     hf.model.rope_deltas = None
     with torch.no_grad():
@@ -188,9 +188,9 @@ def test_mesh_forward_equals_single_device(tmp_path):
     model, params = load_pretrained(tmp_path)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded_model, sharded = load_pretrained(tmp_path, mesh=mesh)
-    q = sharded["text"]["layers"]["q_kernel"]
+    q = sharded.text.layers.q_kernel
     assert q.sharding.spec == P(None, "tensor", "fsdp") and len(q.sharding.device_set) == 8
-    assert sharded["vision"]["deepstack"]["fc1_kernel"].sharding.spec == P(None, "tensor", None)
+    assert sharded.vision.deepstack.fc1_kernel.sharding.spec == P(None, "tensor", None)
 
     batch = tq.make_batch([[2, (1, 4, 6), 3], [9], [1, (1, 8, 4), 1], [4, (1, 4, 4)]], seed=17)
     expected = np.asarray(model.forward(params, batch.input_ids, batch.attention_mask, batch.pixel_values,

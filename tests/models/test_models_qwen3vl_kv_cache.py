@@ -23,7 +23,7 @@ def test_prefill_and_decode_step_equal_the_full_forward(tmp_path):
     position_ids, _ = model.get_rope_index(ids, batch.image_grid_thw, mask)
     features = model.encode_images(params, batch.pixel_values, batch.image_grid_thw)
     features = jnp.pad(features, ((0, 3), (0, 0)))  # a sampler's bucket padding
-    text = params["text"]
+    text = params.text
     kv_cache = model.kv_cache
     assert kv_cache is common_kv
 
@@ -39,7 +39,7 @@ def test_prefill_and_decode_step_equal_the_full_forward(tmp_path):
     rope_next = position_ids.max(axis=(0, 2)) + 1
     K, H = k.shape[3], k.shape[4]
     response_kv = [(jnp.zeros((P, K, 2, H)), jnp.zeros((P, K, 2, H))) for _ in range(cfg.num_hidden_layers)]
-    decode_params = dict(text, layers=common_kv.layer_list(text["layers"], cfg.num_hidden_layers))
+    decode_params = text.replace(layers=common_kv.layer_list(text.layers, cfg.num_hidden_layers))
     h_new, _ = jax.jit(kv_cache.decode_step_shared, static_argnums=7)(
         decode_params, jnp.asarray(new), jnp.asarray(rope_next), common_kv.prompt_cache(k, v), jnp.asarray(mask),
         response_kv, jnp.int32(0), cfg)

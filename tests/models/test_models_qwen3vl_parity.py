@@ -212,9 +212,9 @@ def test_remat_gradients_equal(hf_and_ours):
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for leaf in ("fc1_kernel", "norm_scale"):
-        assert np.abs(np.asarray(grads["vision"]["deepstack"][leaf])).min(axis=tuple(range(1, 3)) if leaf ==
+        assert np.abs(np.asarray(getattr(grads.vision.deepstack, leaf))).min(axis=tuple(range(1, 3)) if leaf ==
                                                                                "fc1_kernel" else 1).max() > 0
-    assert np.abs(np.asarray(grads["vision"]["pos_embed"])).max() > 0
+    assert np.abs(np.asarray(grads.vision.pos_embed)).max() > 0
 
 
 def test_placeholder_count_mismatch_is_an_error(hf_and_ours):

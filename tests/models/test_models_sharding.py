@@ -23,9 +23,9 @@ def test_mesh_forward_equals_single_device(checkpoint):
     model, params = load_pretrained(checkpoint)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded_model, sharded = load_pretrained(checkpoint, mesh=mesh)
-    q = sharded["text"]["layers"]["q_kernel"]
+    q = sharded.text.layers.q_kernel
     assert q.sharding.spec == P(None, "tensor", "fsdp") and len(q.sharding.device_set) == 8
-    assert sharded["text"]["embed"].sharding.spec == P("tensor", "fsdp")
+    assert sharded.text.embed.sharding.spec == P("tensor", "fsdp")
 
     batch = tm.make_batch([[2, (1, 4, 6), 3], [9], [1, (1, 8, 4), 1], [4, (1, 4, 4)]], seed=17)
     expected = np.asarray(model.forward(params, batch.input_ids, batch.attention_mask, batch.pixel_values,
@@ -46,7 +46,7 @@ def test_rules_are_overridable_and_skip_indivisible_dims(checkpoint):
     mesh = make_mesh(fsdp=8)
     rules = LogicalRules().replace(embed=None, vocab="fsdp")
     shardings = param_shardings(model.param_table(), mesh, rules)
-    assert shardings["text"]["embed"].spec == P("fsdp", None)  # vocab 512 / 8
+    assert shardings.text.embed.spec == P("fsdp", None)  # vocab 512 / 8
     # vision_qkv (3 * 32 = 96) divides by 8, the ViT width (32) too; a bias of 3 would not.
     assert LogicalRules().spec(("embed",), (3,), mesh) == P(None)
     with pytest.raises(KeyError, match="no rule"):

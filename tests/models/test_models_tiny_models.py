@@ -13,7 +13,7 @@ def test_variants_shapes(variant, head_dim, section, tmp_path):
     tm.save_hf_checkpoint(tmp_path, variant)
     model, params = load_pretrained(tmp_path)
     assert model.config.text.head_dim == head_dim and model.config.text.mrope_section == section
-    assert params["text"]["embed"].shape == (tm.VOCAB, model.config.text.hidden_size)
+    assert params.text.embed.shape == (tm.VOCAB, model.config.text.hidden_size)
 
 
 def test_vllm_variant_matches_transformers_with_an_image(tmp_path):

@@ -11,7 +11,7 @@ from caspo_jax.data import SafetyRecord
 from caspo_jax.errors import UserError
 from caspo_jax.loop.presets import DEFAULT_RM_PATH, PAPER_BACKBONES, preset_dict
 from caspo_jax.rewards import build_reward
-from caspo_jax.rewards.reward_model import HEAD_FILE, HEAD_KEY, RewardModel, RewardModelNotFound, init_head
+from caspo_jax.rewards.reward_model import HEAD_FILE, RewardModel, RewardModelNotFound, init_head, with_head
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def rm_export(tmp_path_factory):
     from caspo_jax.loop.setup import build_policy
 
     policy = build_policy(ModelConfig(tiny="test"), DataConfig())
-    params = {**policy.params, HEAD_KEY: init_head(policy.params["text"]["embed"].shape[1], seed=5)}
+    params = with_head(policy.params, init_head(policy.params.text.embed.shape[1], seed=5))
     rm = RewardModel(policy.model, params, policy.processor, policy.pad_id, batch_size=4)
     directory = tmp_path_factory.mktemp("rm") / "export"
     rm.save(directory)

@@ -19,7 +19,8 @@ from PIL import Image
 from caspo_jax.algo import rm_loss
 from caspo_jax.loop.config import load_config
 from caspo_jax.rewards import build_reward
-from caspo_jax.rewards.reward_model import HEAD_KEY, RewardModel, encode_rm_example, init_head, rm_rows, sequence_rewards
+from caspo_jax.rewards.reward_model import (HEAD_KEY, RewardHead, RewardModel, encode_rm_example, init_head, rm_rows,
+                                            save_head, sequence_rewards, with_head, without_head)
 from caspo_jax.loop.reward_model import load_scored_responses
 
 
@@ -50,8 +51,25 @@ def tiny():
     from caspo_jax.loop.setup import build_policy
 
     policy = build_policy(ModelConfig(tiny="test"), DataConfig())
-    params = {**policy.params, HEAD_KEY: init_head(policy.params["text"]["embed"].shape[1], seed=1)}
+    params = with_head(policy.params, init_head(policy.params.text.embed.shape[1], seed=1))
     return policy, params
+
+
+def test_rm_weights_are_the_backbone_plus_a_typed_head_and_the_head_file_is_unchanged(tiny, tmp_path):
+    from safetensors.numpy import save_file
+
+    policy, params = tiny
+    assert isinstance(params.reward_head, RewardHead) and HEAD_KEY == "reward_head"
+    assert list(params.__dataclass_fields__) == ["reward_head", "text", "vision"]  # the old dict's keys, sorted
+    assert type(without_head(params)) is type(policy.params)
+    with pytest.raises(ValueError, match="no 'reward_head' field"):
+        RewardModel(policy.model, policy.params, policy.processor, policy.pad_id)
+    head = init_head(8, seed=4)
+    save_head(head, tmp_path / "new.safetensors")
+    # the file as written when the head was the dict {"kernel", "bias"} (frozen copy)
+    save_file({"weight": np.asarray(head.kernel, np.float32), "bias": np.asarray(head.bias, np.float32).reshape(1)},
+              str(tmp_path / "old.safetensors"))
+    assert (tmp_path / "new.safetensors").read_bytes() == (tmp_path / "old.safetensors").read_bytes()
 
 
 def test_head_reads_exactly_the_last_response_token(tiny):
@@ -63,7 +81,7 @@ def test_head_reads_exactly_the_last_response_token(tiny):
     # Reference: the unpadded sequence through the backbone, the head on its final position.
     ids = np.concatenate([ex.prompt_ids, ex.responses[0]])[None]
     h = model.hidden_states(params, jnp.asarray(ids), jnp.ones_like(ids))
-    ref = float(h[0, -1] @ params[HEAD_KEY]["kernel"] + params[HEAD_KEY]["bias"])
+    ref = float(h[0, -1] @ params.reward_head.kernel + params.reward_head.bias)
     np.testing.assert_allclose(r, ref, rtol=1e-5, atol=1e-5)
     # More padding on both sides, and garbage (masked) tokens after the last one: same reward.
     long = rm_rows(model, [(ex, 0)], policy.pad_id, len(ex.prompt_ids) + 11, len(ex.responses[0]) + 9)
@@ -249,7 +267,7 @@ def test_sharded_rm_step_equals_single_device_step(tiny):
     mesh = make_mesh(1, 2, 2, devices=jax.devices()[:4])  # fsdp x tensor
     state = shard_state(init_state(params, cfg), rm_state_shardings(model, cfg, mesh))
     sharded, m2 = make_rm_step(model, cfg, 1.0, mesh)(state, shard_rm_batch(batch, mesh))
-    assert sharded.params["text"]["embed"].sharding.spec != jax.sharding.PartitionSpec()  # really sharded
+    assert sharded.params.text.embed.sharding.spec != jax.sharding.PartitionSpec()  # really sharded
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
     # AdamW's first update is ~lr * sign(g): a float32 reduction-order difference in a
     # near-zero gradient moves a parameter by a fraction of lr, hence atol = 5% of lr.
@@ -272,14 +290,13 @@ def test_qwen3_vl_reward_model_scores_images_and_round_trips(tiny, tmp_path):
     model = Qwen3VL(Qwen3VLConfig.from_dict(raw))
     # model.init's distribution (norm scales 1, the rest N(0, 0.02)) drawn in NumPy: one
     # eager jax.random op per leaf costs ~15 s on the loaded 2-core box.
-    from caspo_jax.models.common.checkpoint import map_table
-    from caspo_jax.models.qwen3_vl.params import _UNIT_LEAVES
+    from caspo_jax.models.common import weights
 
     rng = np.random.default_rng(0)
-    params = map_table(model.param_table(), lambda spec: jnp.ones(spec.shape, jnp.float32)
-                       if spec.path[-1] in _UNIT_LEAVES else
-                       jnp.asarray(0.02 * rng.standard_normal(spec.shape), jnp.float32))
-    params = {**params, HEAD_KEY: init_head(params["text"]["embed"].shape[1], seed=3)}
+    params = weights.build(model.param_table(), lambda spec: jnp.ones(spec.shape, jnp.float32)
+                           if spec.init == "ones" else
+                           jnp.asarray(0.02 * rng.standard_normal(spec.shape), jnp.float32))
+    params = with_head(params, init_head(params.text.embed.shape[1], seed=3))
     processor = build_tiny_processor(tokenizer, family="qwen3_vl")
     rm = RewardModel(model, params, processor, info.pad_token_id, batch_size=4)
     image = tmp_path / "red.png"

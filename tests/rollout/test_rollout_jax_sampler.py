@@ -177,7 +177,7 @@ def test_sharded_mesh_matches_single_device(tiny):
     single = JaxSampler(model, params).generate(prompts, n=4, sampling=sampling)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     engine = JaxSampler(model, params, mesh=mesh)
-    assert len(engine.params["text"]["layers"]["q_kernel"].sharding.device_set) == 8
+    assert len(engine.params.text.layers.q_kernel.sharding.device_set) == 8
     sharded = engine.generate(prompts, n=4, sampling=sampling)
     np.testing.assert_array_equal(sharded.tokens, single.tokens)
     np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)

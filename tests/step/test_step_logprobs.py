@@ -14,6 +14,7 @@ import _step_fixtures as fx  # noqa: E402
 
 from caspo_jax.algo import token_rewards  # noqa: E402
 from caspo_jax.models import load_pretrained  # noqa: E402
+from caspo_jax.models.common import weights  # noqa: E402
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig  # noqa: E402
 from caspo_jax.tiny import models as tm  # noqa: E402
 from caspo_jax.step import build_train_batch, compute_logprobs, response_logprobs_from_hidden, teacher_params  # noqa: E402,E501
@@ -92,8 +93,7 @@ def test_logprobs_and_entropy_at_a_temperature_by_hand(chunk):
     head = rng.standard_normal((64, D)).astype(np.float32)
     h = (0.2 * rng.standard_normal((B, T, D))).astype(np.float32)  # logits of order 1, as a model's
     targets = rng.integers(0, 64, (B, T)).astype(np.int32)
-    logp, entropy = response_logprobs_from_hidden(model, {"text": {"lm_head": head, "embed": head}}, h, targets,
-                                                  chunk, temperature)
+    logp, entropy = response_logprobs_from_hidden(model, head_params(model, head), h, targets, chunk, temperature)
     z = (h.astype(np.float64) @ head.T.astype(np.float64)) / temperature
     log_probs = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
     want = np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
@@ -101,13 +101,18 @@ def test_logprobs_and_entropy_at_a_temperature_by_hand(chunk):
     np.testing.assert_allclose(np.asarray(entropy), -(np.exp(log_probs) * log_probs).sum(-1), rtol=0, atol=1e-5)
 
 
+def head_params(model, head_VxD):
+    """Only the text weights the LM head reads (embed and lm_head), both ``head_VxD``."""
+    rows = [spec for spec in model.param_table() if spec.path in (("text", "embed"), ("text", "lm_head"))]
+    return weights.build(rows, lambda spec: head_VxD)
+
+
 def head_temp_bytes(vocab, chunk, B=2, T=256):
     """Compiled temp memory of grad(sum of response log-probs) w.r.t. the LM head and h."""
     raw = tm.hf_config_dict("text", vocab_size=vocab, num_layers=1)
     model = Qwen2_5_VL(Qwen2_5_VLConfig.from_dict(raw))
     D = model.config.text.hidden_size
-    params = {"text": {"lm_head": jax.ShapeDtypeStruct((vocab, D), jnp.float32),
-                       "embed": jax.ShapeDtypeStruct((vocab, D), jnp.float32)}}
+    params = head_params(model, jax.ShapeDtypeStruct((vocab, D), jnp.float32))
     h = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
     targets = jax.ShapeDtypeStruct((B, T), jnp.int32)
 

@@ -7,6 +7,8 @@ import optax
 import pytest
 
 from caspo_jax.algo import caspo_loss
+from caspo_jax.models.common import weights
+from caspo_jax.models.common.checkpoint import ParamSpec
 from caspo_jax.step import StepConfig, learning_rate_schedule, make_optimizer, truncated_is_weights
 
 
@@ -18,14 +20,15 @@ def test_schedule_warms_up_linearly_then_stays_constant():
 
 
 def test_frozen_vision_gets_no_update_and_clipping_bounds_the_rest():
-    params = {"text": {"w": jnp.ones((3,))}, "vision": {"v": jnp.ones((2,))}}
-    grads = {"text": {"w": jnp.asarray([30.0, 40.0, 0.0])}, "vision": {"v": jnp.asarray([5.0, 5.0])}}
+    table = [ParamSpec("w", ("text", "w"), (3,), (None,)), ParamSpec("v", ("vision", "v"), (2,), (None,))]
+    params = weights.build(table, lambda spec: jnp.ones(spec.shape))
+    grads = weights.build(table, lambda spec: jnp.asarray({"w": [30.0, 40.0, 0.0], "v": [5.0, 5.0]}[spec.hf_name]))
     for freeze in (False, True):
         cfg = StepConfig(learning_rate=0.1, freeze_vision=freeze, max_grad_norm=1.0, weight_decay=0.0)
         opt = make_optimizer(cfg)
         updates, _ = opt.update(grads, opt.init(params), params)
-        assert np.any(np.asarray(updates["text"]["w"]) != 0)
-        assert np.all(np.asarray(updates["vision"]["v"]) == 0) == freeze
+        assert np.any(np.asarray(updates.text.w) != 0)
+        assert np.all(np.asarray(updates.vision.v) == 0) == freeze
     # clipping alone: the clipped gradient has global norm 1
     clipped, _ = optax.clip_by_global_norm(1.0).update(grads, None)
     assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-6)

@@ -94,12 +94,12 @@ def test_mesh_step_equals_single_device(world, shape):
     new_state, metrics, grads = step(state, shard_batch(world["batch"], mesh))
     assert abs(float(metrics["loss"]) - float(world["metrics"]["loss"])) <= MESH_TOL
     assert max_diff(grads, world["grads"]) <= MESH_TOL
-    assert float(jnp.max(jnp.abs(world["grads"]["vision"]["patch_embed"]))) > 0  # images reached the loss
+    assert float(jnp.max(jnp.abs(world["grads"].vision.patch_embed))) > 0  # images reached the loss
     assert max_diff(new_state.params, world["new_state"].params) <= MESH_TOL
-    q = new_state.params["text"]["layers"]["q_kernel"]
-    assert q.sharding.spec == shardings.params["text"]["layers"]["q_kernel"].spec
+    q = new_state.params.text.layers.q_kernel
+    assert q.sharding.spec == shardings.params.text.layers.q_kernel.spec
     assert len(q.sharding.device_set) == n
-    mu = new_state.opt_state[1][0].mu["text"]["layers"]["q_kernel"]
+    mu = new_state.opt_state[1][0].mu.text.layers.q_kernel
     assert mu.sharding.spec == q.sharding.spec  # AdamW moments sharded like the parameter
 
 
