@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from caspo_jax.launch.train_cmd import add_config_arguments, cli_overrides, config_error, with_out_dir
+from caspo_jax.launch.run_args import add_config_arguments, cli_overrides, config_error, with_out_dir
 
 from caspo_jax.loop.config import ConfigError, dump_config
 from caspo_jax.loop.demo import demo_config, run_demo

@@ -25,14 +25,27 @@ train step (forward + backward = 3 passes, 4 with remat). The vision tower is le
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from caspo_jax.sharding import MESH_AXES
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh
+
+from caspo_jax.launch.cli import one_line
+from caspo_jax.launch.run_args import resolve
+from caspo_jax.loop.config import TrainConfig, config_from_dict, step_config
+from caspo_jax.loop.presets import preset_dict
+from caspo_jax.models import qwen2_5_vl, qwen3_vl
+from caspo_jax.sharding import MESH_AXES, LogicalRules
+from caspo_jax.step import StepConfig, make_optimizer
+from caspo_jax.tiny import models as tm
 
 GIB = 2**30
 
@@ -137,15 +150,11 @@ class MemoryEstimate:
 
 
 def _abstract_mesh(mesh_shape):
-    from jax.sharding import AbstractMesh
-
     return AbstractMesh(tuple(mesh_shape), MESH_AXES)
 
 
 def shard_elements(table, mesh_shape, rules=None) -> tuple[int, int]:
     """(per-device elements, global elements) of a parameter table under ``rules``."""
-    from caspo_jax.sharding import LogicalRules
-
     rules = rules or LogicalRules()
     mesh = _abstract_mesh(mesh_shape)
     sizes = dict(zip(MESH_AXES, mesh_shape))
@@ -164,11 +173,6 @@ def shard_elements(table, mesh_shape, rules=None) -> tuple[int, int]:
 def optimizer_copies(table, step_cfg=None) -> int:
     """How many parameter-shaped float32 leaves the optimiser keeps per parameter
     (``jax.eval_shape`` of its init: AdamW gives 2)."""
-    import jax
-    import jax.numpy as jnp
-
-    from caspo_jax.step import StepConfig, make_optimizer
-
     leaf = {f"p{i}": jax.ShapeDtypeStruct(s.shape, jnp.float32) for i, s in enumerate(table)}
     state = jax.eval_shape(make_optimizer(step_cfg or StepConfig()).init, leaf)
     param_elems = sum(math.prod(s.shape) for s in table)
@@ -280,8 +284,6 @@ def step_flops(table, dims: Mapping[str, int], *, prompts: int, group: int, prom
 def _as_dict(config) -> dict:
     """The run config a dry run sizes, as a nested dict (a preset's name kept as "_preset")."""
     if isinstance(config, str):
-        from caspo_jax.loop.presets import preset_dict
-
         out = preset_dict(config)
         out.setdefault("_preset", config)
         return out
@@ -295,8 +297,6 @@ def _as_dict(config) -> dict:
 def run_config(config_or_preset):
     """The validated run config (`caspo_jax.loop.config.TrainConfig`) of a preset name,
     a nested dict of overrides on the defaults, or a run config itself."""
-    from caspo_jax.loop.config import TrainConfig, config_from_dict
-
     if isinstance(config_or_preset, TrainConfig):
         return config_or_preset
     raw = {k: v for k, v in _as_dict(config_or_preset).items() if k != "_preset"}
@@ -305,8 +305,6 @@ def run_config(config_or_preset):
 
 def model_for(cfg: Mapping[str, Any]):
     """The model (parameter table only, nothing loaded) a config trains."""
-    from caspo_jax.models import qwen2_5_vl, qwen3_vl
-
     model_cfg = cfg.get("model", {}) or {}
     path = model_cfg.get("path")
     raw = None
@@ -321,8 +319,6 @@ def model_for(cfg: Mapping[str, Any]):
                                     f"({sorted(ARCHITECTURES)}); point model.path at a local HF directory")
         raw = ARCHITECTURES[key]
     else:
-        from caspo_jax.tiny import models as tm
-
         raw = tm.hf_config_dict("vision")
     if raw.get("model_type") == "qwen3_vl":
         return qwen3_vl.Qwen3VL(qwen3_vl.Qwen3VLConfig.from_dict(raw))
@@ -339,8 +335,6 @@ def run_memory(cfg, model, topology: Topology) -> MemoryEstimate:
     remat, LM-head chunk) and the model's attention block. Only full remat (layer inputs
     kept) is modelled; the partial policies ("save_projections", "save_dots") keep less
     than no remat, so they are estimated as no remat (an upper bound)."""
-    from caspo_jax.loop.config import step_config
-
     step = step_config(cfg, "caspo")
     table = model.param_table()
     rows = min(cfg.optim.minibatch_size, cfg.rollouts_per_step)
@@ -355,8 +349,6 @@ def run_memory(cfg, model, topology: Topology) -> MemoryEstimate:
 def dry_run_report(config_or_preset, topology: Topology | str) -> str:
     """The text ``caspo train --dry-run`` / ``caspo dryrun`` prints for a run config, a
     preset name or a nested dict of overrides (validated like a run's)."""
-    from caspo_jax.loop.config import step_config
-
     raw = _as_dict(config_or_preset)
     cfg = run_config(config_or_preset)
     topo = Topology.parse(topology) if isinstance(topology, str) else topology
@@ -404,10 +396,25 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_topology_arguments(parser: argparse.ArgumentParser) -> None:
+    """--topology and --mesh: the devices a dry run sizes the job for."""
+    parser.add_argument("--topology", default="1x16",
+                        help="for --dry-run: v5p-64, 16xa100-80gb or DEVICESxGIB (32x95); optional :data,fsdp,tensor")
+    parser.add_argument("--mesh", default=None, help="for --dry-run: data,fsdp,tensor (default: all devices on fsdp)")
+
+
+def print_dry_run(cfg, args: argparse.Namespace) -> int:
+    try:
+        topology = Topology.parse(args.topology, args.mesh)
+    except ValueError as exc:
+        print(f"caspo: --topology/--mesh: {one_line(exc)}", file=sys.stderr)
+        return 2
+    print(dry_run_report(cfg, topology), end="")
+    return 0
+
+
 # -- `caspo dryrun` (the same as `caspo train --dry-run`) ------------------------------------
 def add_arguments(parser) -> None:
-    from caspo_jax.launch.train_cmd import add_topology_arguments
-
     parser.add_argument("--preset", default="tiny-cpu", help="a preset name (caspo_jax.loop.presets) (default tiny-cpu)")
     parser.add_argument("--config", metavar="YAML", help="YAML file of overrides on the preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -417,8 +424,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from caspo_jax.launch.train_cmd import print_dry_run, resolve
-
     cfg, status = resolve(args)
     if status is not None:
         return status

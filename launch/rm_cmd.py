@@ -25,7 +25,7 @@ from pathlib import Path
 
 from caspo_jax.distributed import is_primary
 from caspo_jax.launch.cli import one_line
-from caspo_jax.launch.train_cmd import add_config_arguments, resolve, run_stage
+from caspo_jax.launch.run_args import add_config_arguments, resolve, run_stage
 from caspo_jax.loop.reward_model import train_reward_model
 
 # flag (argparse dest) -> the run-config field it sets

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from caspo_jax.launch.train_cmd import add_config_arguments, resolve, run_stage
+from caspo_jax.launch.run_args import add_config_arguments, resolve, run_stage
 from caspo_jax.loop.sft_dpo import run_sft
 
 

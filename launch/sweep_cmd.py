@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from caspo_jax.errors import UserError
-from caspo_jax.launch.train_cmd import add_config_arguments, resolve
+from caspo_jax.launch.run_args import add_config_arguments, resolve
 from caspo_jax.loop.sweep import SweepBenchmarks, run_sweep
 
 

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from caspo_jax.models import qwen2_5_vl, qwen3_vl
 from caspo_jax.models.common.checkpoint import CheckpointError, load_params, save_params
+from caspo_jax.sharding import LogicalRules, param_shardings
 
 
-def _registry():
-    from caspo_jax.models import qwen2_5_vl, qwen3_vl
-
-    return {
-        "qwen2_5_vl": (qwen2_5_vl.Qwen2_5_VLConfig, qwen2_5_vl.Qwen2_5_VL, qwen2_5_vl.canonical_hf_name),
-        "qwen3_vl": (qwen3_vl.Qwen3VLConfig, qwen3_vl.Qwen3VL, qwen3_vl.canonical_hf_name),
-    }
+# model_type -> (config class, model class, HF-name canonicaliser)
+FAMILIES = {
+    "qwen2_5_vl": (qwen2_5_vl.Qwen2_5_VLConfig, qwen2_5_vl.Qwen2_5_VL, qwen2_5_vl.canonical_hf_name),
+    "qwen3_vl": (qwen3_vl.Qwen3VLConfig, qwen3_vl.Qwen3VL, qwen3_vl.canonical_hf_name),
+}
 
 
 def load_pretrained(path, dtype=jnp.float32, mesh=None, rules=None, attn_implementation=None, remat=False,
@@ -40,17 +40,14 @@ def load_pretrained(path, dtype=jnp.float32, mesh=None, rules=None, attn_impleme
         raise FileNotFoundError(f"{config_file} not found: load_pretrained expects an HF model directory")
     raw = json.loads(config_file.read_text())
     model_type = raw.get("model_type")
-    registry = _registry()
-    if model_type not in registry:
-        raise NotImplementedError(f"{config_file}: model_type={model_type!r} is not ported; known: {sorted(registry)}")
-    config_cls, model_cls, rename = registry[model_type]
+    if model_type not in FAMILIES:
+        raise NotImplementedError(f"{config_file}: model_type={model_type!r} is not ported; known: {sorted(FAMILIES)}")
+    config_cls, model_cls, rename = FAMILIES[model_type]
     model = model_cls(config_cls.from_dict(raw, source=str(config_file)), attn_implementation=attn_implementation,
                       remat=remat)
     table = model.param_table()
     shardings = None
     if mesh is not None:
-        from caspo_jax.sharding import LogicalRules, param_shardings
-
         shardings = param_shardings(table, mesh, rules or LogicalRules())
     tied = model.config.tie_word_embeddings
     params = load_params(path, table, dtype=dtype, rename=rename, shardings=shardings, progress=progress,

@@ -16,7 +16,7 @@ import pytest
 from caspo_jax.demo.task import make_split, write_split
 from caspo_jax.errors import RunHalted
 from caspo_jax.launch.cli import main
-from caspo_jax.launch.train_cmd import run_stage
+from caspo_jax.launch.run_args import run_stage
 from caspo_jax.models import save_pretrained
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from caspo_jax.tiny.tokenizer import build_tiny_processor, build_tiny_tokenizer, save_tiny_processor, tokenizer_info
@@ -279,7 +279,7 @@ def test_pickle_only_checkpoint_exits_2(data, hf_dir, tmp_path, capsys):
 def test_ignore_custom_code_flag_becomes_the_model_override(command):
     """--ignore-custom-code is the explicit opt-in the refusal names; it travels in the run config."""
     from caspo_jax.launch.cli import build_parser
-    from caspo_jax.launch.train_cmd import cli_overrides
+    from caspo_jax.launch.run_args import cli_overrides
 
     argv = [command, "--set", "algo.lam=0.6"]
     assert cli_overrides(build_parser(argv).parse_args(argv)) == ["algo.lam=0.6"]

@@ -22,22 +22,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LIBRARY_FOLDERS = ("caspo_jax", "models", "evals", "launch")
 OPTIONAL_HEAVY = ("vllm", "torch", "ray", "matplotlib", "safetensors.torch")
 
-# Files whose function-level imports other helpers of issue #19 convert; the coordinator
-# empties this set after merging their branches. A listed file that has no function-level
-# import left fails the test, so the set cannot go stale.
-PENDING = {
-    "caspo_jax/hf_checkpoint.py",
-    "caspo_jax/rewards/__init__.py",
-    "caspo_jax/rewards/reward_model.py",
-    "caspo_jax/rollout/jax_engine.py",
-    "caspo_jax/step/optimizer.py",
-    "caspo_jax/tiny/models.py",
-    "caspo_jax/tiny/qwen3_vl.py",
-    "launch/dryrun.py",
-    "launch/train_cmd.py",
-    "models/__init__.py",
-}
-
 
 def _is_optional_heavy(module: str) -> bool:
     return any(module == heavy or module.startswith(heavy + ".") for heavy in OPTIONAL_HEAVY)
@@ -48,18 +32,29 @@ def function_level_imports(source: str) -> list[tuple[int, str]]:
     is not an optional heavy dependency. A relative import is reported with its dots."""
     found: list[tuple[int, str]] = []
 
-    def visit(node: ast.AST, in_function: bool) -> None:
+    def imports_torch(function: ast.AST) -> bool:
+        return any(isinstance(n, ast.Import) and any(a.name == "torch" for a in n.names)
+                   for n in ast.walk(function))
+
+    def visit(node: ast.AST, in_function: bool, torch_path: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            is_function = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            inside = in_function or is_function
+            torch_here = torch_path or (is_function and imports_torch(child))
+
+            def allowed(module: str) -> bool:
+                # transformers' PyTorch models go with torch, in the function that imports torch
+                return _is_optional_heavy(module) or (torch_path and module.split(".")[0] == "transformers")
+
             if in_function and isinstance(child, ast.Import):
-                found.extend((child.lineno, a.name) for a in child.names if not _is_optional_heavy(a.name))
+                found.extend((child.lineno, a.name) for a in child.names if not allowed(a.name))
             elif in_function and isinstance(child, ast.ImportFrom):
                 module = "." * child.level + (child.module or "")
-                if child.level or not _is_optional_heavy(module):
+                if child.level or not allowed(module):
                     found.append((child.lineno, module))
-            visit(child, inside)
+            visit(child, inside, torch_here)
 
-    visit(ast.parse(source), False)
+    visit(ast.parse(source), False, False)
     return found
 
 
@@ -71,20 +66,10 @@ def test_functions_import_only_optional_heavy_dependencies():
     offenders = []
     for path in _library_files():
         rel = path.relative_to(ROOT).as_posix()
-        if rel in PENDING:
-            continue
         offenders += [f"{rel}:{line}: {module}" for line, module in function_level_imports(path.read_text())]
     assert not offenders, (
         "imports inside functions (move them to the module's top; only "
         f"{', '.join(OPTIONAL_HEAVY)} may stay lazy):\n" + "\n".join(offenders))
-
-
-def test_pending_files_still_have_function_level_imports():
-    """Once a PENDING file is converted, it leaves PENDING (and is checked like the rest)."""
-    missing = sorted(rel for rel in PENDING if not (ROOT / rel).is_file())
-    assert not missing, f"PENDING names files that do not exist: {missing}"
-    done = sorted(rel for rel in PENDING if not function_level_imports((ROOT / rel).read_text()))
-    assert not done, f"these PENDING files have no function-level import left; remove them from PENDING: {done}"
 
 
 def test_the_check_sees_nested_and_relative_imports_but_not_optional_heavy_ones():
@@ -102,6 +87,11 @@ def test_the_check_sees_nested_and_relative_imports_but_not_optional_heavy_ones(
         "class C:\n"
         "    def method(self):\n"
         "        import ray, yaml\n"
+        "def torch_reference():\n"
+        "    import torch\n"
+        "    from transformers import Qwen2_5_VLForConditionalGeneration\n"
+        "def tokenizer_only():\n"
+        "    from transformers import AutoTokenizer\n"
     )
     assert function_level_imports(source) == [
-        (3, "numpy"), (7, "caspo_jax.errors"), (8, "."), (10, "safetensors.numpy"), (13, "yaml")]
+        (3, "numpy"), (7, "caspo_jax.errors"), (8, "."), (10, "safetensors.numpy"), (13, "yaml"), (18, "transformers")]

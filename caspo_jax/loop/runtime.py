@@ -19,11 +19,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from caspo_jax.distributed import is_primary
+from caspo_jax.hf_checkpoint import save_hf_checkpoint
 from caspo_jax.loop.config import TrainConfig, dump_config, load_config
-from caspo_jax.models import save_pretrained
-from caspo_jax.tiny.tokenizer import save_tiny_processor
 
-__all__ = ["RunDir", "StopSignals", "export_final", "export_policy", "load_run_config"]
+__all__ = ["RunDir", "StopSignals", "export_final", "load_run_config"]
 
 
 class StopSignals:
@@ -109,19 +108,10 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     return load_config(path=Path(run_dir) / "config.yaml")
 
 
-def export_policy(model, params, processor, out_dir: str | Path) -> Path:
-    """An HF checkpoint directory (config.json, safetensors, tokenizer, preprocessor config,
-    chat template) that transformers' Qwen2_5_VLForConditionalGeneration and vLLM load."""
-    out_dir = Path(out_dir)
-    save_pretrained(model, params, out_dir)
-    save_tiny_processor(processor, out_dir)
-    return out_dir
-
-
 def export_final(place, model, params, processor, out_dir: str | Path) -> Path:
-    """`export_policy` of a (possibly multi-host sharded) policy: every process joins the
+    """`save_hf_checkpoint` of a (possibly multi-host sharded) policy: every process joins the
     gather (`place.to_host`), process 0 writes."""
     host = place.to_host(params) if jax.process_count() > 1 else params
     if is_primary():
-        export_policy(model, host, processor, out_dir)
+        save_hf_checkpoint(model, host, processor, out_dir)
     return Path(out_dir)

@@ -34,6 +34,7 @@ import numpy as np
 
 from caspo_jax.algo.config import variant_config
 from caspo_jax.errors import UserError
+from caspo_jax.hf_checkpoint import save_hf_checkpoint
 from caspo_jax.evals import cli as eval_cli
 from caspo_jax.evals import suites
 from caspo_jax.evals.mssbench import paper_rates
@@ -43,7 +44,6 @@ from caspo_jax.loop.caspo import make_reward, run_caspo
 from caspo_jax.loop.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
 from caspo_jax.loop.data import prepare_data, with_data_files
 from caspo_jax.loop.evaluate import evaluate_modes
-from caspo_jax.loop.runtime import export_policy
 from caspo_jax.loop.setup import build_policy
 from caspo_jax.loop.sft_dpo import run_sft
 
@@ -216,7 +216,7 @@ def _start_export(start, cfg: TrainConfig, sft_dir: Path | None, out_dir: Path) 
         return Path(cfg.model.path)
     directory = out_dir / "start" / "export"
     if not (directory / "config.json").exists():
-        export_policy(start.model, start.params, start.processor, directory)
+        save_hf_checkpoint(start.model, start.params, start.processor, directory)
     return directory
 
 

@@ -4,15 +4,9 @@ from caspo_jax.rewards.base import OutcomeReward, RewardBatch, RewardPrompt, gro
 from caspo_jax.rewards.factory import build_reward, register_reward_kind, reward_kinds
 from caspo_jax.rewards.function import FunctionReward
 from caspo_jax.rewards.judge import JudgeReward
+from caspo_jax.rewards.reward_model import build_reward_model
 
-
-def _build_reward_model(fields):  # lazy: importing rewards does not start JAX
-    from caspo_jax.rewards.reward_model import build_reward_model
-
-    return build_reward_model(fields)
-
-
-register_reward_kind("reward_model", _build_reward_model)
+register_reward_kind("reward_model", build_reward_model)
 
 __all__ = [
     "FunctionReward",

@@ -40,10 +40,19 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
 
+from caspo_jax.data.images import load_image, resize_image
+from caspo_jax.data.pipeline import processor_resize_settings
+from caspo_jax.data.prompts import encode_prompt
+from caspo_jax.data.records import SafetyRecord
 from caspo_jax.errors import UserError
+from caspo_jax.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from caspo_jax.models.common import weights
 from caspo_jax.rewards.base import RewardBatch, prompt_fields
+from caspo_jax.step import build_train_batch
+from caspo_jax.step.logprobs import cast_floats, encode_batch_images
 
 __all__ = [
     "HEAD_FILE",
@@ -113,8 +122,6 @@ def head_rewards(head: RewardHead, h_BxLxD, index_B):
 def sequence_rewards(model, params, batch, compute_dtype=None):
     """r_B (float32) of a `TrainBatch`'s student layout; traceable. ``params``: the RM's
     weights (``with_head``)."""
-    from caspo_jax.step.logprobs import cast_floats, encode_batch_images
-
     head = params.reward_head
     p = cast_floats(params, compute_dtype)
     embeds = encode_batch_images(model, p, batch)
@@ -148,11 +155,6 @@ def encode_rm_example(processor, query: str, images: Sequence[Any], responses: S
                       max_response_len: int | None = None) -> RMExample:
     """The deployment prompt (no constitution, the default system turn) and the responses,
     tokenised exactly as `caspo sft`/`caspo dpo` tokenise exchanges."""
-    from caspo_jax.data.images import load_image, resize_image
-    from caspo_jax.data.pipeline import processor_resize_settings
-    from caspo_jax.data.prompts import encode_prompt
-    from caspo_jax.data.records import SafetyRecord
-
     factor, min_pixels, max_pixels = processor_resize_settings(processor)
     pil = [resize_image(load_image(p), factor, min_pixels, max_pixels) for p in images]
     record = SafetyRecord(id="rm", images=tuple(images), query=query, category="violent")  # category unused
@@ -171,8 +173,6 @@ def _round_up(n: int, multiple: int) -> int:
 def rm_rows(model, rows: Sequence[tuple[RMExample, int]], pad_id: int, prompt_len: int, response_len: int):
     """A `TrainBatch` of rows (example, which response); an index of -1 gives an empty
     response (a padding row, masked). Examples shared by rows are encoded once."""
-    from caspo_jax.step import build_train_batch
-
     prompts: list[RMExample] = []
     where: dict[int, int] = {}
     prompt_index = []
@@ -206,8 +206,6 @@ def rm_rows(model, rows: Sequence[tuple[RMExample, int]], pad_id: int, prompt_le
 
 
 def save_head(head: RewardHead, path: str | Path) -> Path:
-    from safetensors.numpy import save_file
-
     path = Path(path)
     save_file({"weight": np.asarray(head.kernel, np.float32),
                "bias": np.asarray(head.bias, np.float32).reshape(1)}, str(path))
@@ -216,8 +214,6 @@ def save_head(head: RewardHead, path: str | Path) -> Path:
 
 def load_head(path: str | Path, hidden_size: int) -> RewardHead:
     """The head of RM_DIR/reward_head.safetensors, checked against the backbone's width."""
-    from safetensors.numpy import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a reward-model directory holds the backbone (HF files) and "
@@ -285,8 +281,6 @@ class RewardModel:
         good = [i for i, row in enumerate(rows) if row is not None]
         chunks = range(0, len(good), self.batch_size)
         if self.progress:
-            from tqdm.auto import tqdm
-
             chunks = tqdm(chunks, desc=self.name, unit="batch")
         for start in chunks:
             idx = good[start:start + self.batch_size]
@@ -308,18 +302,14 @@ class RewardModel:
 
     def save(self, directory: str | Path) -> Path:
         """RM_DIR: the backbone as an HF directory (+ tokenizer files) and reward_head.safetensors."""
-        from caspo_jax.loop.runtime import export_policy
-
         directory = Path(directory)
-        export_policy(self.model, without_head(self.params), self.processor, directory)
+        save_hf_checkpoint(self.model, without_head(self.params), self.processor, directory)
         save_head(self.params.reward_head, directory / HEAD_FILE)
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, *, dtype=jnp.float32, **options) -> "RewardModel":
         """Backbone and processor with `caspo_jax.hf_checkpoint.load_hf_checkpoint`, then the head."""
-        from caspo_jax.hf_checkpoint import load_hf_checkpoint
-
         directory = Path(directory)
         if not (directory / HEAD_FILE).is_file():
             raise FileNotFoundError(f"{directory / HEAD_FILE} not found: {directory} is not a reward-model "

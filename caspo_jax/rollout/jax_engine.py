@@ -35,6 +35,7 @@ from caspo_jax.models.common import kv_cache as kv_common
 from caspo_jax.rollout.sampling import (SampleSpec, sample_keys, sample_tokens, step_keys, suppress_tokens,
                                         token_logprobs)
 from caspo_jax.rollout.types import RolloutPrompt, Rollouts, SamplingParams, finish_reasons, prompt_arrays
+from caspo_jax.sharding import LogicalRules, named_sharding, param_shardings
 
 
 def bucket(size: int, minimum: int = 16) -> int:
@@ -88,8 +89,6 @@ class JaxSampler:
         self._suppressed_V = jnp.asarray(suppressed)  # built once: generate() runs every RL step
         self.mesh = mesh
         if mesh is not None and rules is None:
-            from caspo_jax.sharding import LogicalRules
-
             rules = LogicalRules()
         self.rules = rules
         self.min_prompt_bucket = min_prompt_bucket
@@ -100,15 +99,11 @@ class JaxSampler:
     def sync_weights(self, params) -> None:
         """Use these parameters from now on (placed on the mesh when one is set)."""
         if self.mesh is not None:
-            from caspo_jax.sharding import param_shardings
-
             params = jax.device_put(params, param_shardings(self.model.param_table(), self.mesh, self.rules))
         self.params = params
 
     def _cache_sharding(self, shape):
         """Placement of one layer's cache array [prompts or samples, K, length, H]."""
-        from caspo_jax.sharding import named_sharding
-
         return named_sharding(self.mesh, ("batch", "kv", None, None), shape, self.rules)
 
     def generate(self, prompts: Sequence[RolloutPrompt], *, n: int = 1, sampling: SamplingParams = SamplingParams()

@@ -9,6 +9,8 @@ import dataclasses
 import jax
 import optax
 
+from caspo_jax.models.common.layers import REMAT_CHOICES
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -75,8 +77,6 @@ class StepConfig:
             bad("max_grad_norm", "must be > 0, or None to disable clipping")
         if self.tis_cap is not None and not self.tis_cap > 0:
             bad("tis_cap", "must be > 0 (verl uses 2.0), or None to disable")
-        from caspo_jax.models.common.layers import REMAT_CHOICES
-
         if self.remat not in REMAT_CHOICES:
             bad("remat", f"use one of {list(REMAT_CHOICES)}")
         if not (isinstance(self.logprob_chunk, int) and self.logprob_chunk >= 1):

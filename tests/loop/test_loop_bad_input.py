@@ -1,7 +1,6 @@
 """The trainer's side of bad input: data.max_bad_fraction reaches the loaders, and a damaged
 checkpoint's fallback warning names what is damaged."""
 
-import json
 import logging
 import warnings
 from pathlib import Path

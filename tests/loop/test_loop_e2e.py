@@ -146,10 +146,10 @@ def test_original_teacher_is_loaded_from_model_teacher_path(base, one_step_run, 
     tmp, cfg, policy = base
     from caspo_jax.loop.caspo import run_caspo
     from caspo_jax.loop.config import ConfigError, ModelConfig
-    from caspo_jax.loop.runtime import export_policy
+    from caspo_jax.hf_checkpoint import save_hf_checkpoint
     from caspo_jax.loop.setup import build_policy
 
-    initial = export_policy(policy.model, policy.params, policy.processor, tmp_path / "initial")
+    initial = save_hf_checkpoint(policy.model, policy.params, policy.processor, tmp_path / "initial")
     omc = config_from_dict(apply_overrides(config_to_dict(cfg), [
         "run.steps=1", "algo.teacher=original", f"model.teacher_path={initial}"]))
     run_caspo(omc, tmp_path / "omc", policy=policy, progress=False, export=False)
@@ -160,7 +160,7 @@ def test_original_teacher_is_loaded_from_model_teacher_path(base, one_step_run, 
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
     other = build_policy(ModelConfig(tiny="demo"), cfg.data)  # a 64-wide model, the policy is 32-wide
-    wrong = export_policy(other.model, other.params, other.processor, tmp_path / "other")
+    wrong = save_hf_checkpoint(other.model, other.params, other.processor, tmp_path / "other")
     bad = config_from_dict(apply_overrides(config_to_dict(omc), [f"model.teacher_path={wrong}"]))
     with pytest.raises(ConfigError, match="model.teacher_path=.*architecture differs"):
         run_caspo(bad, tmp_path / "bad", policy=policy, progress=False, export=False)

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from caspo_jax.algo.config import PAPER, PRESETS as ALGO_PRESETS
-from caspo_jax.loop.presets import PAPER_BACKBONES, PRESETS, sft_export_path
+from caspo_jax.loop.presets import PAPER_BACKBONES, sft_export_path
 from caspo_jax.loop.config import ConfigError, SFTConfig, TrainConfig, config_from_dict, load_config
 
 

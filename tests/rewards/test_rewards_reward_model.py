@@ -122,10 +122,10 @@ def _synthetic(tmp_path, n_pairs=32, n_scored=32, seed=0):
 
 
 def test_tiny_rm_learns_marker_preference_and_round_trips(tiny, tmp_path):
-    from caspo_jax.loop.runtime import export_policy
+    from caspo_jax.hf_checkpoint import save_hf_checkpoint
 
     policy, _ = tiny
-    backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")
+    backbone = save_hf_checkpoint(policy.model, policy.params, policy.processor, tmp_path / "backbone")
     pairs, scores = _synthetic(tmp_path)
     from caspo_jax.launch.cli import main
 
@@ -173,10 +173,10 @@ def test_rm_stop_saves_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, mo
     export; --resume then reproduces the uninterrupted run's metrics."""
     from caspo_jax.launch.cli import main
     from caspo_jax.loop import reward_model as rm_train
-    from caspo_jax.loop.runtime import export_policy
+    from caspo_jax.hf_checkpoint import save_hf_checkpoint
 
     policy, _ = tiny
-    backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")
+    backbone = save_hf_checkpoint(policy.model, policy.params, policy.processor, tmp_path / "backbone")
     pairs, scores = _synthetic(tmp_path, n_pairs=16, n_scored=16)
 
     def args(out):
@@ -321,10 +321,10 @@ def test_rm_backbone_declaring_its_own_code_needs_the_flag_caspo_rm_has(tiny, tm
     """The refusal names --ignore-custom-code, and caspo rm has it: with the flag the
     backbone's weights load and train (its declared module would SystemExit if imported)."""
     from caspo_jax.launch.cli import main
-    from caspo_jax.loop.runtime import export_policy
+    from caspo_jax.hf_checkpoint import save_hf_checkpoint
 
     policy, _ = tiny
-    backbone = export_policy(policy.model, policy.params, policy.processor, tmp_path / "backbone")
+    backbone = save_hf_checkpoint(policy.model, policy.params, policy.processor, tmp_path / "backbone")
     config = json.loads((backbone / "config.json").read_text())
     (backbone / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_evil.Evil"}}))
     (backbone / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
