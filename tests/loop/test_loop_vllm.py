@@ -6,7 +6,7 @@ model whose logits are sharpened (`sharpen_logits`):
 vLLM refuses temperature 0 with n > 1 samples per prompt ("n must be 1 when using greedy
 sampling"), and below 1e-5 it switches to greedy itself.
 
-Runs only in the vLLM environment: ``/work/venv-vllm/bin/python -m pytest -m vllm tests/trainer``.
+Runs only in the vLLM environment: ``/work/venv-vllm/bin/python -m pytest -m vllm tests/loop``.
 """
 
 import json

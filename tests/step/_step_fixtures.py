@@ -1,4 +1,4 @@
-"""Shared tiny-model fixtures for tests/train (one checkpoint, one batch layout)."""
+"""Shared tiny-model fixtures for tests/step (one checkpoint, one batch layout)."""
 
 from __future__ import annotations
 
