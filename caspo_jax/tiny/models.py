@@ -9,23 +9,18 @@ Every later test builds its models here. Variants:
 - ``"vllm"``: head_dim 32 (hidden 128, 4 heads, 2 kv heads, mrope_section [4, 6, 6]),
   the smallest shape vLLM's kernels load.
 
-Special token ids sit at the top of the vocabulary so random text never collides with them.
+Token ids, the batch layout and the random-weight reference are ``tiny.shared``'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-import numpy as np
+from caspo_jax.tiny import shared
+from caspo_jax.tiny.shared import (IMAGE_TOKEN_ID, MERGE, VIDEO_TOKEN_ID, VISION_END_TOKEN_ID,  # noqa: F401
+                                   VISION_START_TOKEN_ID, VOCAB, MultimodalBatch, image_tokens)
 
-VOCAB = 512
-IMAGE_TOKEN_ID = VOCAB - 4
-VIDEO_TOKEN_ID = VOCAB - 3
-VISION_START_TOKEN_ID = VOCAB - 2
-VISION_END_TOKEN_ID = VOCAB - 1
 PATCH_SIZE = 14
-MERGE = 2
 
 
 def hf_config_dict(variant: str = "vision", *, tie_word_embeddings: bool = False, num_layers: int = 2,
@@ -55,101 +50,34 @@ def hf_config_dict(variant: str = "vision", *, tie_word_embeddings: bool = False
             hidden_act="silu", in_channels=3, patch_size=PATCH_SIZE, spatial_merge_size=MERGE,
             temporal_patch_size=2, window_size=56, tokens_per_second=2, out_hidden_size=text["hidden_size"],
             **vision),
-        "image_token_id": IMAGE_TOKEN_ID,
-        "video_token_id": VIDEO_TOKEN_ID,
-        "vision_start_token_id": VISION_START_TOKEN_ID,
-        "vision_end_token_id": VISION_END_TOKEN_ID,
+        **shared.SPECIAL_TOKEN_FIELDS,
         "tie_word_embeddings": tie_word_embeddings,
     }
 
 
-def hf_model(variant: str = "vision", *, seed: int = 0, attn_implementation: str = "eager", **kwargs):
-    """A float32 ``transformers.Qwen2_5_VLForConditionalGeneration`` with random weights (eval mode).
+def _scale_of(name: str) -> tuple[float, float]:
+    """Norm scales near 1, everything else (biases included) N(0, 0.05)."""
+    if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
+        return 1.0, 0.1
+    return 0.0, 0.05
 
-    Weights are redrawn from N(0, 0.05) (norms and biases too) so every parameter matters.
-    """
-    import torch
+
+def hf_model(variant: str = "vision", *, seed: int = 0, attn_implementation: str = "eager", **kwargs):
+    """A float32 ``transformers.Qwen2_5_VLForConditionalGeneration`` with random weights (eval mode)."""
+    import torch  # noqa: F401  (transformers' model classes need it)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    config = Qwen2_5_VLConfig(**hf_config_dict(variant, **kwargs))
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval().float()
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-        if config.tie_word_embeddings:
-            model.tie_weights()
-    model.config._attn_implementation = attn_implementation
-    return model
+    return shared.random_hf_model(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                                  hf_config_dict(variant, **kwargs), seed=seed,
+                                  attn_implementation=attn_implementation, scale_of=_scale_of)
 
 
 def save_hf_checkpoint(out_dir: str | Path, variant: str = "vision", *, seed: int = 0, **kwargs) -> Path:
     """Write a tiny checkpoint with transformers' own ``save_pretrained``; returns the directory."""
-    out_dir = Path(out_dir)
     hf_model(variant, seed=seed, **kwargs).save_pretrained(out_dir)
-    return out_dir
+    return Path(out_dir)
 
 
-@dataclasses.dataclass
-class MultimodalBatch:
-    """Inputs in the HF processor's layout (NumPy): ``pixel_values`` [patches, 3*2*14*14]."""
-
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    pixel_values: np.ndarray | None
-    image_grid_thw: np.ndarray | None
-    pixel_values_videos: np.ndarray | None = None
-    video_grid_thw: np.ndarray | None = None
-
-    @property
-    def mm_token_type_ids(self) -> np.ndarray:
-        """0 text, 1 image, 2 video (what the HF processor returns and the reference needs)."""
-        return np.where(self.input_ids == IMAGE_TOKEN_ID, 1, np.where(self.input_ids == VIDEO_TOKEN_ID, 2, 0))
-
-
-def image_tokens(grid_thw: tuple[int, int, int]) -> list[int]:
-    """``<|vision_start|>`` + one ``<|image_pad|>`` per merged patch + ``<|vision_end|>``."""
-    t, h, w = grid_thw
-    return [VISION_START_TOKEN_ID] + [IMAGE_TOKEN_ID] * (t * h * w // MERGE**2) + [VISION_END_TOKEN_ID]
-
-
-def make_batch(samples: list[list], *, pad: str = "left", seed: int = 0, text_vocab: int = VOCAB - 8
-               ) -> MultimodalBatch:
-    """Build a padded batch. Each sample is a list of segments: an int n (n random text tokens),
-    a (t, h, w) grid (one image with that patch grid; h and w even) or ("video", t, h, w)."""
-    rng = np.random.default_rng(seed)
-    rows, grids, video_grids = [], [], []
-    for segments in samples:
-        ids: list[int] = []
-        for seg in segments:
-            if isinstance(seg, int):
-                ids += rng.integers(0, text_vocab, seg).tolist()
-            elif seg[0] == "video":
-                t, h, w = seg[1:]
-                video_grids.append((t, h, w))
-                ids += [VISION_START_TOKEN_ID] + [VIDEO_TOKEN_ID] * (t * h * w // MERGE**2) + [VISION_END_TOKEN_ID]
-            else:
-                grids.append(tuple(seg))
-                ids += image_tokens(tuple(seg))
-        rows.append(ids)
-    length = max(len(r) for r in rows)
-    input_ids = np.zeros((len(rows), length), np.int64)
-    mask = np.zeros((len(rows), length), np.int64)
-    for b, ids in enumerate(rows):
-        sl = slice(length - len(ids), length) if pad == "left" else slice(0, len(ids))
-        input_ids[b, sl] = ids
-        mask[b, sl] = 1
-    patch_dim = 3 * 2 * PATCH_SIZE * PATCH_SIZE
-
-    def pixels(gs):
-        if not gs:
-            return None, None
-        n_patches = sum(t * h * w for t, h, w in gs)
-        return rng.standard_normal((n_patches, patch_dim)).astype(np.float32), np.asarray(gs, np.int64)
-
-    return MultimodalBatch(input_ids, mask, *pixels(grids), *pixels(video_grids))
+def make_batch(samples: list[list], **options) -> MultimodalBatch:
+    """``shared.make_batch`` at Qwen2.5-VL's patch size (a video is one placeholder run)."""
+    return shared.make_batch(samples, patch_size=PATCH_SIZE, timestamped_video_frames=False, **options)
