@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from transformers import AutoModel, AutoTokenizer
 
 from caspo_jax.curate.stage import write_stage
 
@@ -52,6 +51,10 @@ class Embedder:
                 f"{model_dir}: no config.json; point --embedding-model at a local sentence-transformers "
                 "directory (config.json, tokenizer files, weights), or omit it to use the exact-text fallback"
             )
+        # the PyTorch path (an optional dependency): loaded only when an embedding model is given
+        import torch  # noqa: F401
+        from transformers import AutoModel, AutoTokenizer
+
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
         self.batch_size = batch_size
