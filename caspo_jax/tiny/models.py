@@ -64,11 +64,7 @@ def _scale_of(name: str) -> tuple[float, float]:
 
 def hf_model(variant: str = "vision", *, seed: int = 0, attn_implementation: str = "eager", **kwargs):
     """A float32 ``transformers.Qwen2_5_VLForConditionalGeneration`` with random weights (eval mode)."""
-    import torch  # noqa: F401  (transformers' model classes need it)
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    return shared.random_hf_model(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                                  hf_config_dict(variant, **kwargs), seed=seed,
+    return shared.random_hf_model("Qwen2_5_VL", hf_config_dict(variant, **kwargs), seed=seed,
                                   attn_implementation=attn_implementation, scale_of=_scale_of)
 
 

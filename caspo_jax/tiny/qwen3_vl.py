@@ -62,11 +62,8 @@ def _scale_of(name: str) -> tuple[float, float]:
 
 def hf_model(variant: str = "vision", *, seed: int = 0, attn_implementation: str = "eager", **kwargs):
     """A float32 ``transformers.Qwen3VLForConditionalGeneration`` with random weights (eval mode)."""
-    import torch  # noqa: F401  (transformers' model classes need it)
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    return shared.random_hf_model(Qwen3VLConfig, Qwen3VLForConditionalGeneration, hf_config_dict(variant, **kwargs),
-                                  seed=seed, attn_implementation=attn_implementation, scale_of=_scale_of)
+    return shared.random_hf_model("Qwen3VL", hf_config_dict(variant, **kwargs), seed=seed,
+                                  attn_implementation=attn_implementation, scale_of=_scale_of)
 
 
 def save_hf_checkpoint(out_dir: str | Path, variant: str = "vision", *, seed: int = 0, **kwargs) -> Path:

@@ -90,13 +90,17 @@ def make_batch(samples: list[list], *, patch_size: int, timestamped_video_frames
     return MultimodalBatch(input_ids, mask, *pixels(grids), *pixels(video_grids))
 
 
-def random_hf_model(config_cls, model_cls, config_dict: dict, *, seed: int, attn_implementation: str,
+def random_hf_model(family: str, config_dict: dict, *, seed: int, attn_implementation: str,
                     scale_of: Callable[[str], tuple[float, float]]):
-    """A float32 transformers ``model_cls`` (eval mode) whose every weight is redrawn as
-    ``offset + scale * N(0, 1)`` with ``(offset, scale) = scale_of(parameter name)``, so
-    every parameter (biases and norms included) matters to a parity test."""
+    """A float32 ``transformers.{family}ForConditionalGeneration`` (eval mode; ``family``
+    "Qwen2_5_VL" or "Qwen3VL") whose every weight is redrawn as ``offset + scale * N(0, 1)``
+    with ``(offset, scale) = scale_of(parameter name)``, so every parameter (biases and norms
+    included) matters to a parity test. PyTorch is the reference's optional dependency."""
     import torch
+    import transformers
 
+    config_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family}ForConditionalGeneration")
     config = config_cls(**config_dict)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)

@@ -1,7 +1,7 @@
 """Typed weight trees generated from a parameter table: ``params.text.layers.q_kernel``.
 
 A family declares its weights once, as a table of ``ParamSpec`` rows (HF name, our path,
-shape, logical axes, initializer). ``weights_class(table)`` turns the paths into a tree of
+shape, logical axes, initializer). ``build(table, fn)`` turns the paths into a tree of
 ``flax.struct`` dataclasses, one class per node (``Weights`` at the root, ``Text``,
 ``TextLayers``, ``Vision``, ``VisionBlocks``, ``VisionMerger``, ``VisionDeepstack``...),
 whose fields are the node's children; ``build(table, fn)`` fills one with ``fn(spec)`` at
@@ -26,9 +26,8 @@ AttributeError naming the class and its fields.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-import flax.serialization
 import flax.struct
 
 ROOT = "Weights"
@@ -103,36 +102,12 @@ def build(table: Iterable, fn: Callable) -> object:
     return _instantiate((), _structure(values), values.__getitem__)
 
 
-def weights_class(table: Iterable) -> type:
-    """The root class of the table's tree (its nodes' classes are its fields' values)."""
-    return type(build(table, lambda spec: None))
-
-
 def leaf(tree, path: Sequence[str]):
     """The value at ``path`` of a typed tree (``leaf(params, ("text", "embed"))`` is
     ``params.text.embed``), for code that walks the table."""
     for key in path:
         tree = getattr(tree, key)
     return tree
-
-
-def from_nested(table: Iterable, nested: Mapping) -> object:
-    """The typed tree of a nested dict with the table's paths (e.g. parameters saved before
-    the weights were typed). Raises KeyError naming the first path the dict lacks."""
-    def value_at(path):
-        node = nested
-        for i, key in enumerate(path):
-            if not isinstance(node, Mapping) or key not in node:
-                raise KeyError(f"nested weights have no {'/'.join(path[:i + 1])} (the table's path {path})")
-            node = node[key]
-        return node
-
-    return build(table, lambda spec: value_at(tuple(spec.path)))
-
-
-def to_nested(tree) -> dict:
-    """The nested dict of a typed tree (Flax's state dict), e.g. to compare with old code."""
-    return flax.serialization.to_state_dict(tree)
 
 
 def with_fields(tree, **extra):

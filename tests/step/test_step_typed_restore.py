@@ -2,6 +2,7 @@
 into the typed TrainState: orbax matches the tree by key names, and a node's field names
 are the old dict keys."""
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,6 @@ import optax
 import pytest
 
 from caspo_jax.loop.checkpoint import RunCheckpointer
-from caspo_jax.models.common import weights
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from caspo_jax.rewards.reward_model import RewardHead, init_head, with_head
 from caspo_jax.step import StepConfig, TrainState, init_state, make_optimizer
@@ -35,7 +35,7 @@ def test_nested_dict_checkpoint_restores_into_typed_state(tmp_path, reward_head)
     if reward_head:  # the RM trainer's state: backbone + reward_head
         saved = with_head(saved, init_head(saved.text.embed.shape[1], seed=1))
         fresh = with_head(fresh, init_head(fresh.text.embed.shape[1], seed=2))
-    nested = weights.to_nested(saved)
+    nested = flax.serialization.to_state_dict(saved)
     assert isinstance(nested["text"]["layers"], dict)
     opt = old_optimizer(cfg)
     _, opt_state = opt.update(jax.tree.map(jnp.ones_like, nested), opt.init(nested), nested)  # non-zero moments
