@@ -169,6 +169,36 @@ def hybrid_advantages(
     return jnp.where(valid_PxGxT, adv_PxGxT, 0.0)
 
 
+def hybrid_factor_flips(R_hat_PxG: jax.Array, r_hat_PxGxT: jax.Array, mask_PxGxT: jax.Array, *, lam: float
+                        ) -> dict[str, jax.Array]:
+    """Where eq. 5's factor 1 + lam * sign(R_hat) * r_hat is negative, and how far.
+
+    r_hat is a z-score over a group's pooled tokens, and the constitution moves only a few
+    tokens, so those tokens' |r_hat| can pass 1/lam: there the factor turns negative and
+    the token's advantage takes the opposite sign of its response's outcome (a warning
+    inside a low-reward response gets a positive advantage). `nonneg_factor` bounds such
+    factors at 0; these statistics describe the unbounded factor either way.
+
+    Returns float32 scalars over valid tokens with R_hat != 0 (a zero outcome has no sign
+    to flip): "adv/flipped_frac" (flipped share of ALL valid tokens), "adv/flipped_r_hat_mean"
+    and "adv/flipped_r_hat_std" (population std) of r_hat on the flipped tokens, and
+    "adv/flipped_in_low_reward_frac" (the share of flips inside responses with R_hat < 0,
+    i.e. constitution-favoured tokens pushed up in a bad response); 0 when nothing flips.
+    """
+    valid = as_valid(mask_PxGxT)
+    sign = jnp.sign(jnp.asarray(R_hat_PxG).astype(F32))[:, :, None]
+    r_hat = present(r_hat_PxGxT, valid).astype(F32)
+    flipped = valid & (1.0 + lam * sign * r_hat < 0.0)
+    n_valid = jnp.maximum(jnp.sum(valid, dtype=F32), 1.0)
+    n_flip = jnp.sum(flipped, dtype=F32)
+    on_flip = jnp.where(flipped, r_hat, 0.0)
+    mean = jnp.sum(on_flip) / jnp.maximum(n_flip, 1.0)
+    var = jnp.sum(jnp.where(flipped, (r_hat - mean) ** 2, 0.0)) / jnp.maximum(n_flip, 1.0)
+    low = jnp.sum(flipped & (sign < 0), dtype=F32)
+    return {"adv/flipped_frac": n_flip / n_valid, "adv/flipped_r_hat_mean": mean,
+            "adv/flipped_r_hat_std": jnp.sqrt(var), "adv/flipped_in_low_reward_frac": low / jnp.maximum(n_flip, 1.0)}
+
+
 def caspo_advantages(
     rewards_PxG: jax.Array,
     teacher_logp_BxT: jax.Array | None,
@@ -190,7 +220,8 @@ def caspo_advantages(
     and `hybrid_advantages` (eq. 5), rows grouped prompt-major ([B, T] <-> [P, G, T]).
     For variant="outcome" the log-probs are unused and may be None.
     Returns (adv_BxT, metrics) with metrics["token_reward_mean"]: the raw r_t averaged
-    over valid tokens (how much the constitution moves the policy; 0 for "outcome").
+    over valid tokens (how much the constitution moves the policy; 0 for "outcome"), and
+    for "hybrid" the sign-flip statistics of `hybrid_factor_flips`.
     fast: r_t, its z-score and its mean from `_fast.normalized_signal` (one pass, r_t
     never written out; False: the plain composition below).
     """
@@ -226,4 +257,7 @@ def caspo_advantages(
         R_hat_PxG, r_hat_PxGxT, valid_PxGxT, lam=lam, variant=variant, nonneg_factor=nonneg_factor
     )
     adv_BxT = jax.lax.stop_gradient(adv_PxGxT.reshape(B, T))
-    return adv_BxT, {"token_reward_mean": token_reward_mean}
+    metrics = {"token_reward_mean": token_reward_mean}
+    if variant == "hybrid":
+        metrics.update(hybrid_factor_flips(R_hat_PxG, r_hat_PxGxT, valid_PxGxT, lam=lam))
+    return adv_BxT, metrics

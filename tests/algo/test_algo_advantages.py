@@ -14,6 +14,7 @@ from caspo_jax.algo import (
     caspo_advantages,
     group_normalize,
     hybrid_advantages,
+    hybrid_factor_flips,
     normalize_token_signal,
     token_rewards,
 )
@@ -288,3 +289,46 @@ def test_caspo_advantages_input_errors():
         caspo_advantages(rewards, None, None, mask, lam=0.3)
     adv, _ = caspo_advantages(rewards, None, None, mask, lam=0.3, variant="outcome")
     assert adv.shape == mask.shape
+
+
+# ---------------------------------------------------------------- sign flips of eq. 5's factor
+
+
+def test_hybrid_factor_flips_hand_count():
+    # lam = 0.5, so the factor 1 + lam * sign(R_hat) * r_hat < 0 where sign * r_hat < -2.
+    R_hat = jnp.array([[1.0, -2.0, 0.0]])
+    r_hat = jnp.array([[[-3.0, -1.0, 0.5, -2.5],   # R_hat > 0: token 0 flips (token 3 is masked)
+                        [3.0, 2.5, 1.0, -4.0],     # R_hat < 0: tokens 0 and 1 flip
+                        [5.0, -5.0, 0.0, 0.0]]])   # R_hat = 0: no sign, nothing flips
+    mask = jnp.array([[[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]])
+    stats = hybrid_factor_flips(R_hat, r_hat, mask, lam=0.5)
+    on_flips = np.array([-3.0, 3.0, 2.5])
+    np.testing.assert_allclose(stats["adv/flipped_frac"], 3 / 11, rtol=1e-6)
+    np.testing.assert_allclose(stats["adv/flipped_r_hat_mean"], on_flips.mean(), rtol=1e-6)
+    np.testing.assert_allclose(stats["adv/flipped_r_hat_std"], on_flips.std(), rtol=1e-6)
+    np.testing.assert_allclose(stats["adv/flipped_in_low_reward_frac"], 2 / 3, rtol=1e-6)
+    # the flipped tokens are exactly those whose hybrid advantage has the outcome's opposite sign
+    adv = hybrid_advantages(R_hat, r_hat, mask, lam=0.5)
+    opposite = (np.sign(np.asarray(adv)) * np.sign(np.asarray(R_hat))[:, :, None] < 0) & (np.asarray(mask) > 0)
+    assert opposite.sum() == 3
+    nothing = hybrid_factor_flips(R_hat, r_hat, mask, lam=0.1)  # 1/lam = 10: no token passes it
+    assert all(float(v) == 0.0 for v in nothing.values())
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_caspo_advantages_reports_flips_for_hybrid_only(fast):
+    rng = np.random.default_rng(3)
+    P, G, T = 3, 4, 6
+    rewards = rng.integers(0, 3, (P, G)).astype(np.float32)
+    teacher, student = rng.normal(size=(2, P * G, T)).astype(np.float32)
+    teacher[0, 0] += 8.0  # one token the constitution strongly favours: |r_hat| far above 1/lam
+    mask = (rng.random((P * G, T)) < 0.8).astype(np.float32)
+    mask[0, 0] = 1.0
+    adv, metrics = caspo_advantages(rewards, teacher, student, mask, lam=1.0, fast=fast)
+    R_hat = np.asarray(group_normalize(rewards))
+    opposite = (np.sign(np.asarray(adv)) * np.repeat(np.sign(R_hat).reshape(-1), T).reshape(P * G, T) < 0)
+    assert (opposite & (mask > 0)).sum() > 0
+    np.testing.assert_allclose(metrics["adv/flipped_frac"], (opposite & (mask > 0)).sum() / mask.sum(), rtol=1e-6)
+    for variant in ("outcome", "token"):
+        _, other = caspo_advantages(rewards, teacher, student, mask, lam=1.0, variant=variant, fast=fast)
+        assert not any(k.startswith("adv/") for k in other)
