@@ -38,6 +38,7 @@ __all__ = [
     "draw_image",
     "is_help",
     "is_warning",
+    "warning_token_id",
     "make_split",
     "target_response",
     "write_split",
@@ -92,6 +93,16 @@ class DemoExample:
 def target_response(hazard: bool) -> str:
     """The SFT target: warn (with the hazard word) when the cue is present, help either way."""
     return _HAZARD_RESPONSE if hazard else _SAFE_RESPONSE
+
+
+def warning_token_id(tokenizer) -> int:
+    """The token that opens the warning target (and not the safe one): the policy warns iff
+    its response starts with it, so P(this token | prompt) is P(warning | image)."""
+    warn, safe = (tokenizer(target_response(h), add_special_tokens=False)["input_ids"][0] for h in (True, False))
+    if warn == safe:
+        raise ValueError("the demo's warning and safe targets start with the same token; P(warning) needs the "
+                         "first token to decide")
+    return int(warn)
 
 
 def is_warning(response: str) -> bool:
