@@ -27,7 +27,10 @@ from PIL import Image, ImageDraw
 from caspo_jax.data.records import CATEGORIES
 
 __all__ = [
+    "BLIND_WARN_RATE",
     "DEMO_CONSTITUTIONS",
+    "DEMO_STARTS",
+    "DEMO_TEACHERS",
     "DemoExample",
     "HAZARD_WORD",
     "HELP_WORD",
@@ -78,6 +81,16 @@ DEMO_CONSTITUTIONS = {
 }
 
 _SAFE_RESPONSE = "Sure, I can help."
+
+# Starting conditions of the RL stage, set by the SFT rows (`write_split`): the plain rows
+# never warn ("suppressed": safety appears only when instructed, the paper's starting
+# point) or warn at BLIND_WARN_RATE whatever the image ("blind": uninformed, not
+# suppressed). The constitution rows warn iff the hazard is there ("discriminating") or
+# always ("biased"): the constitution-conditioned teacher of eq. 4 is the SFT policy with
+# C, so this decides whether the teacher knows the cue or just prefers warnings.
+DEMO_STARTS = ("suppressed", "blind")
+DEMO_TEACHERS = ("discriminating", "biased")
+BLIND_WARN_RATE = 0.5
 _HAZARD_RESPONSE = "There is danger. I can help."
 
 
@@ -180,8 +193,8 @@ def make_split(n: int, seed: int, prefix: str = "demo") -> list[DemoExample]:
     return [out[i] for i in order]
 
 
-def write_split(examples: list[DemoExample], directory: str | Path, name: str, plain_fraction: float = 0.5
-                ) -> dict[str, Path]:
+def write_split(examples: list[DemoExample], directory: str | Path, name: str, plain_fraction: float = 0.5,
+                start: str = "suppressed", teacher: str = "discriminating") -> dict[str, Path]:
     """Write images, `{name}.jsonl` (records), `{name}_sft.jsonl` (with targets) and
     `{name}_pairs.jsonl` (chosen = target, rejected = the opposite warning behaviour)
     under `directory`; returns their paths. Records carry `reference` = "hazard"/"none".
@@ -191,7 +204,12 @@ def write_split(examples: list[DemoExample], directory: str | Path, name: str, p
     plain helpful answer that never warns ("with_constitution": false) -- a stand-in for
     a model whose safety behaviour only appears when instructed, the paper's starting
     point: it warns in constitution mode and not in standard mode.
+    start="blind": the plain rows warn for a BLIND_WARN_RATE share of the examples, chosen
+    by seed whatever the image. teacher="biased": the constitution rows always warn.
     """
+    if start not in DEMO_STARTS or teacher not in DEMO_TEACHERS:
+        raise ValueError(f"write_split: start={start!r} must be one of {DEMO_STARTS} and teacher={teacher!r} one "
+                         f"of {DEMO_TEACHERS}")
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     records, sft, pairs = [], [], []
@@ -203,10 +221,12 @@ def write_split(examples: list[DemoExample], directory: str | Path, name: str, p
         reference = "hazard" if ex.hazard else "none"
         base = {"id": ex.id, "images": [rel], "query": ex.query, "category": ex.category}
         records.append({**base, "reference": reference, "split": name})
-        sft.append({**base, "response": target_response(ex.hazard), "hazard": ex.hazard, "with_constitution": True})
+        taught = target_response(ex.hazard or teacher == "biased")
+        sft.append({**base, "response": taught, "hazard": ex.hazard, "with_constitution": True})
         if (ex.seed % 1000) < plain_fraction * 1000:
-            sft.append({**base, "id": f"{ex.id}-plain", "response": _SAFE_RESPONSE, "hazard": ex.hazard,
-                        "with_constitution": False})
+            plain_warns = start == "blind" and (ex.seed // 1000) % 1000 < BLIND_WARN_RATE * 1000
+            sft.append({**base, "id": f"{ex.id}-plain", "response": target_response(plain_warns),
+                        "hazard": ex.hazard, "with_constitution": False})
         pairs.append({**base, "chosen": target_response(ex.hazard), "rejected": target_response(not ex.hazard)})
     paths = {"records": directory / f"{name}.jsonl", "sft": directory / f"{name}_sft.jsonl",
              "pairs": directory / f"{name}_pairs.jsonl"}

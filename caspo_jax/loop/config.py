@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from caspo_jax.algo.config import CaspoConfig
+from caspo_jax.demo.task import DEMO_STARTS, DEMO_TEACHERS
 from caspo_jax.errors import UserError
 from caspo_jax.files import read_structured
 from caspo_jax.loop.presets import preset_dict
@@ -98,6 +99,12 @@ class DataConfig:
     query, response, score 0..6; `caspo curate select`'s mse.jsonl), the reward model's
     MSE records (`caspo rm` only).
 
+    demo_start / demo_teacher: the demo's SFT rows, i.e. the starting policy of its RL
+    stage (`caspo_jax.demo.task.write_split`): "suppressed" (plain rows never warn) or
+    "blind" (plain rows warn at a fixed rate whatever the image); "discriminating"
+    (constitution rows warn iff the hazard is there) or "biased" (they always warn), so
+    the constitution-conditioned teacher is right or biased towards warning.
+
     max_bad_fraction: the share of a file's records a run may skip -- invalid JSONL lines,
     images that cannot be read -- each skip counted and reported once; more stops the run
     before training (exit 2). 0: any bad record stops it."""
@@ -114,6 +121,8 @@ class DataConfig:
     image_max_pixels: int = 28 * 28 * 1280
     demo_train: int = 480
     demo_eval: int = 96
+    demo_start: str = "suppressed"
+    demo_teacher: str = "discriminating"
     seed: int = 0
     max_bad_fraction: float = 0.0
 
@@ -457,6 +466,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
                   "demo_eval"):
         if getattr(d, field) < 1:
             fail(f"data.{field}", f"={getattr(d, field)} must be >= 1")
+    if d.demo_start not in DEMO_STARTS:
+        fail("data.demo_start", f"={d.demo_start!r} must be one of {list(DEMO_STARTS)}")
+    if d.demo_teacher not in DEMO_TEACHERS:
+        fail("data.demo_teacher", f"={d.demo_teacher!r} must be one of {list(DEMO_TEACHERS)}")
     if not 0.0 <= d.max_bad_fraction < 1.0:
         fail("data.max_bad_fraction", f"={d.max_bad_fraction} must be in [0, 1): the share of records a run may "
              "skip (0: none)")

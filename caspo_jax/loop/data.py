@@ -54,7 +54,8 @@ def prepare_data(cfg: TrainConfig, run_dir: str | Path) -> DataFiles:
     demo = d.train is None and d.sft is None and d.pairs is None
     if demo:
         directory = Path(run_dir) / "data"
-        train = write_split(make_split(d.demo_train, d.seed, "train"), directory, "train")
+        train = write_split(make_split(d.demo_train, d.seed, "train"), directory, "train", start=d.demo_start,
+                            teacher=d.demo_teacher)
         evals = write_split(make_split(d.demo_eval, d.seed + 1, "eval"), directory, "eval")
         return DataFiles(train["records"], evals["records"], train["sft"], train["pairs"],
                          train["constitutions"], True)

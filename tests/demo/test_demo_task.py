@@ -73,3 +73,29 @@ def test_written_files_load_with_the_project_loaders(tmp_path):
         assert p.rejected == task.target_response(r.reference != "hazard")
     constitutions = json.dumps(task.DEMO_CONSTITUTIONS)
     assert constitutions.count("red square") == 2 * len(CATEGORIES)
+
+
+def test_starting_conditions_change_only_the_rows_they_name(tmp_path):
+    examples = task.make_split(240, 0)
+
+    def rows(**kwargs):
+        paths = task.write_split(examples, tmp_path / "_".join(kwargs.values() or ["default"]), "train", **kwargs)
+        loaded = load_sft_examples(paths["sft"])
+        return ([s for s in loaded if s.meta["with_constitution"]],
+                [s for s in loaded if not s.meta["with_constitution"]])
+
+    taught, plain = rows()
+    blind_taught, blind_plain = rows(start="blind")
+    biased_taught, biased_plain = rows(teacher="biased")
+    assert [s.response for s in blind_taught] == [s.response for s in taught]  # same teacher
+    assert [s.response for s in biased_plain] == [s.response for s in plain]  # same start
+    # blind: plain rows warn at BLIND_WARN_RATE, as often on safe images as on hazard ones
+    warns = np.array([task.is_warning(s.response) for s in blind_plain])
+    hazard = np.array([s.meta["hazard"] for s in blind_plain])
+    assert abs(warns.mean() - task.BLIND_WARN_RATE) < 0.12
+    assert abs(warns[hazard].mean() - warns[~hazard].mean()) < 0.25
+    # biased: every constitution row warns, hazard or not
+    assert all(task.is_warning(s.response) for s in biased_taught)
+    assert any(not s.meta["hazard"] for s in biased_taught)
+    with pytest.raises(ValueError, match="start='blnd'"):
+        task.write_split(examples[:2], tmp_path / "bad", "train", start="blnd")
