@@ -1,24 +1,41 @@
-"""`caspo sweep`: variants x lambdas x seeds on a preset -> table.md, table.csv, sweep.png;
-with --eval-* benchmark files, every cell's export through `caspo eval` -> table10.md/.csv."""
+"""`caspo sweep`: advantage cells x seeds on a preset -> table.md (mean and 95% interval),
+table.csv, sweep.png; --study: the same under the demo's (start, teacher) conditions ->
+study.md/.csv/.png; with --eval-* benchmark files, every cell's export through `caspo eval`
+-> table10.md/.csv."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+import jax
 
 from caspo_jax.errors import UserError
 from caspo_jax.launch.run_args import add_config_arguments, resolve
-from caspo_jax.loop.sweep import SweepBenchmarks, run_sweep
+from caspo_jax.loop.sweep import DEFAULT_CELLS, DEFAULT_SEEDS, STUDY_CELLS, Cell, SweepBenchmarks, run_study, run_sweep
+
+
+def _spec(cell: Cell) -> str:
+    if cell.variant != "hybrid":
+        return cell.variant
+    return f"hybrid:{cell.lam:g}" + (":nonneg" if cell.nonneg else "")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "runs/sweep")
-    parser.add_argument("--variants", nargs="+", default=["outcome", "token", "hybrid"],
-                        choices=["outcome", "token", "hybrid"],
-                        help="each cell is the variant's algo preset: paper-outr, paper-tokr, paper (at each lambda)")
-    parser.add_argument("--lambdas", nargs="+", type=float, default=[0.3, 0.6, 1.0],
-                        help="lambdas of the hybrid variant (outcome is lambda 0)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--cells", nargs="+", default=None, metavar="CELL",
+                        help="outcome, token, hybrid:LAMBDA or hybrid:LAMBDA:nonneg; each cell is its variant's "
+                             "algo preset (paper-outr, paper-tokr, paper at LAMBDA). Default: "
+                             f"{' '.join(map(_spec, DEFAULT_CELLS))} (with --study: "
+                             f"{' '.join(map(_spec, STUDY_CELLS))})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     parser.add_argument("--no-sft", action="store_true", help="start every cell from model.path, without SFT")
+    parser.add_argument("--study", action="store_true",
+                        help="the demo task under each start (suppressed, blind) x teacher (discriminating, "
+                             "biased): data.demo_start / data.demo_teacher, its own SFT per condition")
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="XLA's persistent compilation cache, so every seed and cell (and a rerun) reuses "
+                             "compiled programs (default: OUT/jax_cache; 'none': off)")
     b = parser.add_argument_group("table 10: `caspo eval` of the start policy and every cell's export")
     b.add_argument("--eval-records", metavar="JSONL", help="OOD-MMSafe-style records (standard mode)")
     b.add_argument("--eval-image-root", help="folder the records' image paths are relative to")
@@ -56,9 +73,16 @@ def run(args: argparse.Namespace) -> int:
     if status is not None:
         return status
 
-    if any(lam < 0 for lam in args.lambdas):
-        raise UserError(f"caspo sweep: --lambdas {args.lambdas} must all be >= 0 (0 = outcome only)")
+    cells = [Cell.parse(spec) for spec in args.cells] if args.cells else None
     benchmarks = benchmarks_from_args(args)  # a UserError here reaches the CLI edge: one line, exit 2
-    run_sweep(cfg, args.out, variants=args.variants, lambdas=args.lambdas, seeds=args.seeds,
-              sft_first=not args.no_sft, benchmarks=benchmarks)
+    if args.study and (benchmarks is not None or args.no_sft):
+        raise UserError("caspo sweep --study runs the demo task from its own SFT starts; drop --eval-* / --no-sft")
+    if args.compile_cache != "none":
+        jax.config.update("jax_compilation_cache_dir", str(args.compile_cache or Path(args.out) / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if args.study:
+        run_study(cfg, args.out, cells=cells or STUDY_CELLS, seeds=args.seeds)
+    else:
+        run_sweep(cfg, args.out, cells=cells or DEFAULT_CELLS, seeds=args.seeds, sft_first=not args.no_sft,
+                  benchmarks=benchmarks)
     return 0

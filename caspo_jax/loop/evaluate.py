@@ -100,9 +100,11 @@ def decision_token_rewards(policy, batch, tokens_PxT: np.ndarray, mask_PxT: np.n
         return np.where(counts > 0, (r * chosen).sum(axis=1) / np.maximum(counts, 1), np.nan).astype(np.float32)
 
 
-def _label_means(prefix: str, values: np.ndarray, labels: list[str]) -> dict[str, float]:
+def _label_means(prefix: str, values: np.ndarray, labels: list[str], names=None) -> dict[str, float]:
+    """{prefix_<label>: mean of the finite values with that label (NaN: none)} for every
+    label in `names` (default: those present)."""
     out = {}
-    for label in sorted(set(labels)):
+    for label in names or sorted(set(labels)):
         chosen = values[np.array([lab == label for lab in labels])]
         finite = chosen[np.isfinite(chosen)]
         out[f"{prefix}_{label}"] = float(finite.mean()) if len(finite) else float("nan")
@@ -146,9 +148,9 @@ def evaluate_policy(policy, dataset, reward, *, mode: str = "standard", max_new_
         if demo:
             labels = ["hazard" if h else "safe" for h in hazard]
             p_warning = np.concatenate(p_warning)
-            metrics.update(_label_means("p_warning", p_warning, labels))
+            metrics.update(_label_means("p_warning", p_warning, labels, ("hazard", "safe")))
             metrics["warning_auc"] = rank_auc(p_warning, hazard)
-            metrics.update(_label_means("teacher_r", decision_r, labels))
+            metrics.update(_label_means("teacher_r", decision_r, labels, ("hazard", "safe")))
             metrics["teacher_discrimination"] = metrics["teacher_r_hazard"] - metrics["teacher_r_safe"]
         else:
             metrics.update(_label_means("teacher_r", decision_r, [r.category for r in records]))

@@ -17,24 +17,35 @@ from caspo_jax.algo.config import PAPER, PRESETS as ALGO_PRESETS
 from caspo_jax.evals.store import load_records
 from caspo_jax.launch.cli import main
 from caspo_jax.tiny.openai_stub import OpenAIStub, answer, request_text
+from caspo_jax.errors import UserError
 from caspo_jax.loop.config import load_config
-from caspo_jax.loop.sweep import cell_config, sweep_cells
+from caspo_jax.loop.sweep import DEFAULT_CELLS, Cell, cell_config, run_sweep
 
 
 def test_each_cell_is_the_preset_it_names():
     paper = load_config(preset="qwen2_5_vl_7b")
-    cells = sweep_cells(["outcome", "token", "hybrid"], [0.3, 0.6])
-    assert cells == [("outcome", 0.0), ("token", None), ("hybrid", 0.3), ("hybrid", 0.6)]
-    algos = [cell_config(paper, variant, lam, seed=0).algo for variant, lam in cells]
-    assert algos == [ALGO_PRESETS["paper-outr"], ALGO_PRESETS["paper-tokr"], PAPER, PAPER.replace(lam=0.6)]
+    cells = [Cell.parse(spec) for spec in ("outcome", "token", "hybrid:0.3", "hybrid:0.6", "hybrid:0.3:nonneg")]
+    assert cells == [Cell("outcome", 0.0), Cell("token"), Cell("hybrid", 0.3), Cell("hybrid", 0.6),
+                     Cell("hybrid", 0.3, nonneg=True)]
+    algos = [cell_config(paper, cell, seed=0).algo for cell in cells]
+    assert algos == [ALGO_PRESETS["paper-outr"], ALGO_PRESETS["paper-tokr"], PAPER, PAPER.replace(lam=0.6),
+                     PAPER.replace(nonneg_factor=True)]
     assert algos[1].token_scope == "batch" and algos[2].token_scope == "group"
     # On another base (a token_scope set by the user, tiny sizes) the variant's fields still
     # come from its preset, the sizes and rates from the base.
     tiny = load_config(preset="tiny-cpu", overrides=["algo.token_scope=batch"])
-    hybrid = cell_config(tiny, "hybrid", 1.0, seed=3)
+    hybrid = cell_config(tiny, Cell("hybrid", 1.0), seed=3)
     assert (hybrid.algo.token_scope, hybrid.algo.lam, hybrid.run.seed) == ("group", 1.0, 3)
     assert (hybrid.algo.group_size, hybrid.algo.learning_rate) == (tiny.algo.group_size, tiny.algo.learning_rate)
-    assert cell_config(tiny, "token", None, seed=0).algo.token_scope == "batch"
+    assert cell_config(tiny, Cell("token"), seed=0).algo.token_scope == "batch"
+    # table 10 in miniature: every run directory distinct
+    names = [cell.run_name(seed) for cell in DEFAULT_CELLS for seed in range(8)]
+    assert len(set(names)) == len(names) == 56
+    assert [c.run_name(0) for c in cells] == ["outcome-seed0", "token-seed0", "hybrid-lam0.3-seed0",
+                                              "hybrid-lam0.6-seed0", "hybrid-lam0.3-nonneg-seed0"]
+    for bad in ("hybrid", "hybrid:x", "token:0.3", "hybrid:0.3:positive", "ppo"):
+        with pytest.raises(UserError, match="caspo sweep --cells|variant must be"):
+            Cell.parse(bad)
 
 
 def _scores(text: str) -> tuple[int, int, int]:
@@ -96,8 +107,8 @@ def test_table10_end_to_end_with_the_stub_judge(tmp_path):
     with OpenAIStub(responder=_judge) as stub:
         # --no-sft: the start policy is the tiny model itself, exported for `caspo eval`
         # (an SFT stage would add its own compile, ~30 s here, and nothing to table 10).
-        args = ["sweep", "--out", str(out), "--no-sft", "--variants", "token", "hybrid", "--lambdas", "0.3",
-                "--seeds", "0",
+        args = ["sweep", "--out", str(out), "--no-sft", "--cells", "token", "hybrid:0.3", "--seeds", "0",
+                "--compile-cache", "none",
                 "--eval-records", str(tmp_path / "ood" / "records.jsonl"),
                 "--eval-siuo", str(tmp_path / "siuo" / "siuo_gen.json"), "--eval-siuo-samples", "1",
                 "--eval-mss", str(tmp_path / "mss" / "combined.json"),
@@ -148,3 +159,40 @@ def test_benchmark_options_fail_clearly(tmp_path, capsys):
     assert main(["sweep", "--out", str(tmp_path / "s"), "--eval-records", str(tmp_path / "r.jsonl"),
                  "--eval-judge", "name=j,model=m"]) == 2
     assert "--eval-judge" in (printed := capsys.readouterr().err) and "missing base_url" in printed
+
+
+def _run_rows(run_dir):
+    """metrics.jsonl without the wall-clock fields."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k not in ("tokens_per_s", "mfu")}
+            for r in rows]
+
+
+@pytest.mark.slow
+def test_a_run_after_others_in_one_process_equals_it_run_alone(tmp_path):
+    """Seeds and cells run one after another in one process (shared compiled programs and
+    start policy): lambda 1 after lambda 0.3 equals lambda 1 in a fresh sweep, and the two
+    lambdas' runs differ (each cell directory holds its own lambda)."""
+    cfg = load_config(preset="tiny-cpu", overrides=[*TINY, "run.steps=2", "algo.group_size=4",
+                                                     "optim.minibatch_size=8", "data.demo_eval=12"])
+    cells = (Cell("hybrid", 0.3), Cell("hybrid", 1.0))
+    rows = run_sweep(cfg, tmp_path / "both", cells=cells, seeds=(1,), sft_first=False)
+    alone = run_sweep(cfg, tmp_path / "alone", cells=cells[1:], seeds=(1,), sft_first=False)
+    both_run, alone_run = tmp_path / "both" / "hybrid-lam1-seed1", tmp_path / "alone" / "hybrid-lam1-seed1"
+    assert _run_rows(both_run) == _run_rows(alone_run)
+    assert json.loads((both_run / "result.json").read_text()) == json.loads((alone_run / "result.json").read_text())
+    assert 0 <= rows[2]["warning_auc_per_seed"][0] == alone[1]["warning_auc_per_seed"][0] <= 1
+    for lam in (0.3, 1.0):
+        saved = yaml.safe_load((tmp_path / "both" / f"hybrid-lam{lam:g}-seed1" / "config.yaml").read_text())
+        assert saved["algo"]["lam"] == lam
+    # seed 1 draws groups with reward variance at this size: there the advantages depend on lambda
+    low, high = (_run_rows(tmp_path / "both" / f"hybrid-lam{lam:g}-seed1") for lam in (0.3, 1.0))
+    assert any(r["advantage_std"] > 0 for r in low)
+    assert [r["advantage_std"] for r in low] != [r["advantage_std"] for r in high]
+    # the table: one row per cell after the start, every seed in the csv
+    assert "| hybrid λ=0.3 | 1 |" in (tmp_path / "both" / "table.md").read_text()
+    with (tmp_path / "both" / "table.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in csv_rows] == ["start", "hybrid", "hybrid"]
+    assert float(csv_rows[2]["reward_mean_mean"]) == json.loads(csv_rows[2]["reward_mean_per_seed"])[0]
+    assert (tmp_path / "both" / "sweep.png").stat().st_size > 0
