@@ -2,7 +2,9 @@
 
 Reads each run's metrics.jsonl and draws figure 13's four panels -- entropy, KL,
 response length, gradient norm (the train step's pre-clip global norm, key "grad_norm")
--- and the outcome reward, against the step, one line per run (label: the run's
+-- the outcome reward, and where logged the share of tokens whose hybrid factor flips the
+outcome's sign, the teacher's decision-token discrimination and the P(warning) AUC at each
+evaluation, against the step, one line per run (label: the run's
 algo.variant and lambda when its config.yaml says so, else the directory name). Writes
 one PNG per indicator a run logged and one overview of every panel.
 """
@@ -25,6 +27,10 @@ INDICATORS = {
     "response_length": ("Response length (tokens)", ("response_length/mean",)),
     "grad_norm": ("Gradient norm", ("grad_norm",)),
     "reward": ("Outcome reward", ("reward/mean", "loss")),
+    "flipped": ("Tokens whose hybrid factor flips the outcome's sign", ("adv/flipped_frac",)),
+    "teacher_discrimination": ("Teacher discrimination: decision-token r_t, hazard - safe",
+                               ("eval_standard/teacher_discrimination",)),
+    "warning_auc": ("P(warning) AUC, hazard vs safe images", ("eval_standard/warning_auc",)),
 }
 
 
@@ -35,7 +41,8 @@ def run_label(run_dir: Path) -> str:
             raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
             algo = raw.get("algo") or {}
             if "variant" in algo:
-                return f"{algo['variant']} lambda={algo.get('lam')}"
+                bounded = " nonneg" if algo.get("nonneg_factor") else ""
+                return f"{algo['variant']} lambda={algo.get('lam')}{bounded}"
         except yaml.YAMLError:
             pass
     return run_dir.name
