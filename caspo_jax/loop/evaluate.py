@@ -8,11 +8,18 @@ When records carry the demo's ground truth (reference "hazard" / "none"), the ra
 exact: risk_failure_rate = share of hazard cases with no warning; over_warning_rate =
 share of safe cases with a warning; help_rate = share of responses that help.
 
-Two teacher-forced readouts in standard mode (`readouts=True`), continuous where the
-greedy rates are binary per prompt:
-- P(warning | image): the policy's probability that the response starts with the demo's
-  warning token (`warning_token_id`; the first token decides warn vs help), its mean on
-  hazard and on safe images, and the AUC of that score for hazard vs safe (demo records).
+Readouts in standard mode (`readouts=True`), continuous where the greedy rates are binary
+per prompt (demo records):
+- P(warning | image), sampled: the share of `readout_samples` responses at temperature 1
+  (the rollout distribution, fixed seeds) that warn; its mean on hazard and on safe
+  images ("p_warning_hazard" / "p_warning_safe") and the AUC of that score for hazard vs
+  safe ("warning_auc").
+- P(warning | image), teacher-forced: the probability that the response starts with the
+  warning target's first token (`warning_token_id`), exact, with its means and AUC
+  ("p_first_warning_*", "first_token_auc"). It is the probability of the SFT targets'
+  decision, and stops measuring the warning when RL moves the decision to a later token
+  (seen in the miniature table 10: a run that opens every answer with another token and
+  warns from the second one has a first-token AUC near 0 and a sampled AUC near 1).
 - The teacher's discrimination: r_t = log pi(a_t | s_t, C) - log pi(a_t | s_t) (eq. 4,
   the teacher = the evaluated policy with the constitution, or `teacher_params`) averaged
   over the first `decision_tokens` tokens of each greedy response, then per label: hazard
@@ -113,7 +120,8 @@ def _label_means(prefix: str, values: np.ndarray, labels: list[str], names=None)
 
 def evaluate_policy(policy, dataset, reward, *, mode: str = "standard", max_new_tokens: int = 32,
                     temperature: float = 0.0, seed: int = 0, sampler: JaxSampler | None = None,
-                    readouts: bool = True, decision_tokens: int = 1, teacher_params=None) -> dict:
+                    readouts: bool = True, readout_samples: int = 16, decision_tokens: int = 1,
+                    teacher_params=None) -> dict:
     """Metrics over every prompt of `dataset` (a PromptDataset with num_epochs=1); in
     standard mode with `readouts`, also the teacher-forced readouts of the module doc."""
     if mode not in ("standard", "constitution"):
@@ -122,14 +130,18 @@ def evaluate_policy(policy, dataset, reward, *, mode: str = "standard", max_new_
     sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     tokenizer = policy.processor.tokenizer
     readouts = readouts and mode == "standard"
-    records, texts, truncated, p_warning, decision_r = [], [], [], [], []
+    records, texts, truncated, p_first, p_sampled, decision_r = [], [], [], [], [], []
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
     for batch in dataset.iterator():
         rollouts = sampler.generate(batch_prompts(batch, teacher=mode == "constitution"), n=1, sampling=sampling)
         records.extend(batch.records)
         texts.extend(decode_responses(tokenizer, rollouts.tokens, rollouts.mask))
         truncated.extend((rollouts.finish_reason == "length").tolist())
         if readouts:
-            p_warning.append(np.exp(first_token_logprob(policy, batch, warning_token_id(tokenizer))))
+            p_first.append(np.exp(first_token_logprob(policy, batch, warning_token_id(tokenizer))))
+            draws = sampler.generate(batch_prompts(batch), n=readout_samples, sampling=sampled)
+            warned = [is_warning(t) for t in decode_responses(tokenizer, draws.tokens, draws.mask)]
+            p_sampled.append(np.asarray(warned, np.float64).reshape(-1, readout_samples).mean(axis=1))
             decision_r.append(decision_token_rewards(policy, batch, rollouts.tokens, rollouts.mask, decision_tokens,
                                                      teacher_params))
     scores = reward.score(records, texts)
@@ -147,9 +159,11 @@ def evaluate_policy(policy, dataset, reward, *, mode: str = "standard", max_new_
         decision_r = np.concatenate(decision_r)
         if demo:
             labels = ["hazard" if h else "safe" for h in hazard]
-            p_warning = np.concatenate(p_warning)
-            metrics.update(_label_means("p_warning", p_warning, labels, ("hazard", "safe")))
-            metrics["warning_auc"] = rank_auc(p_warning, hazard)
+            for name, auc, values in (("p_warning", "warning_auc", p_sampled),
+                                      ("p_first_warning", "first_token_auc", p_first)):
+                values = np.concatenate(values)
+                metrics.update(_label_means(name, values, labels, ("hazard", "safe")))
+                metrics[auc] = rank_auc(values, hazard)
             metrics.update(_label_means("teacher_r", decision_r, labels, ("hazard", "safe")))
             metrics["teacher_discrimination"] = metrics["teacher_r_hazard"] - metrics["teacher_r_safe"]
         else:

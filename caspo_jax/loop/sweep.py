@@ -62,7 +62,7 @@ __all__ = ["DEFAULT_CELLS", "DEFAULT_SEEDS", "DIAGNOSTICS", "METRICS", "STUDY_CE
 
 # The table's metrics: eval split, standard mode (`evaluate_policy`), and what the run logged.
 METRICS = ("risk_failure_rate", "over_warning_rate", "warning_auc", "reward_mean")
-DIAGNOSTICS = ("p_warning_hazard", "p_warning_safe", "teacher_discrimination", "rollout_entropy",
+DIAGNOSTICS = ("p_warning_hazard", "p_warning_safe", "first_token_auc", "teacher_discrimination", "rollout_entropy",
                "adv/flipped_frac")
 # training metrics summarised per run: the mean of the last LAST_STEPS steps
 LAST_STEPS = 10

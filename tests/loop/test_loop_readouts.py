@@ -12,11 +12,12 @@ from caspo_jax.demo.task import warning_token_id
 from caspo_jax.loop.caspo import make_reward
 from caspo_jax.loop.data import prepare_data, prompt_dataset, with_data_files
 from caspo_jax.loop.demo import demo_config
-from caspo_jax.loop.evaluate import decision_token_rewards, evaluate_policy, first_token_logprob
+from caspo_jax.loop import evaluate
+from caspo_jax.loop.evaluate import (batch_prompts, decision_token_rewards, decode_responses, evaluate_policy,
+                                     first_token_logprob)
 from caspo_jax.loop.setup import build_policy
 from caspo_jax.loop.stats import mean_interval, rank_auc
 from caspo_jax.rollout import JaxSampler, SamplingParams
-from caspo_jax.loop.evaluate import batch_prompts
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,26 @@ def test_decision_token_reward_is_the_first_tokens_teacher_minus_student(demo):
     assert np.isnan(decision_token_rewards(policy, batch, tokens, empty)).all()
 
 
-def test_evaluate_policy_reports_the_readouts(demo):
+def test_evaluate_policy_reports_the_readouts(demo, monkeypatch):
     cfg, _, policy, dataset, _ = demo
-    metrics = evaluate_policy(policy, dataset, make_reward(cfg.reward), max_new_tokens=4)
-    for key in ("p_warning_hazard", "p_warning_safe", "warning_auc", "teacher_r_hazard", "teacher_r_safe",
+    # the random model never says "danger": count a response as a warning by its length's
+    # parity instead, so the sampled readout has something to average
+    monkeypatch.setattr(evaluate, "is_warning", lambda text: len(text) % 2 == 0)
+    metrics = evaluate_policy(policy, dataset, make_reward(cfg.reward), max_new_tokens=4, readout_samples=4)
+    sampler = JaxSampler(policy.model, policy.params, eos_token_ids=policy.eos_ids)
+    shares, hazard = [], []
+    for batch in dataset.iterator():
+        draws = sampler.generate(batch_prompts(batch), n=4, sampling=SamplingParams(temperature=1.0, max_new_tokens=4))
+        texts = decode_responses(policy.processor.tokenizer, draws.tokens, draws.mask)
+        for p in range(len(batch.records)):
+            shares.append(np.mean([len(t) % 2 == 0 for t in texts[4 * p:4 * p + 4]]))
+            hazard.append(batch.records[p].reference == "hazard")
+    shares, hazard = np.array(shares), np.array(hazard)
+    assert 0 < shares.mean() < 1
+    np.testing.assert_allclose([metrics["p_warning_hazard"], metrics["p_warning_safe"], metrics["warning_auc"]],
+                               [shares[hazard].mean(), shares[~hazard].mean(), rank_auc(shares, hazard)])
+    for key in ("p_warning_hazard", "p_warning_safe", "warning_auc", "p_first_warning_hazard",
+                "p_first_warning_safe", "first_token_auc", "teacher_r_hazard", "teacher_r_safe",
                 "teacher_discrimination"):
         assert math.isfinite(metrics[key]), key
     assert 0.0 <= metrics["warning_auc"] <= 1.0
