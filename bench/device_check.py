@@ -16,11 +16,15 @@ transformers and vLLM; nothing is downloaded. RESULT lines:
 - ``sampler``: JaxSampler new tokens/s over vLLM's on the same GPU, 4 prompts x n=16
   (skipped with the reason when vllm does not import);
 - ``weight_sync``: seconds to push the weights into the in-process vLLM engine
-  (DLPack, no host copy; goal <= 1 s); without vllm, the DLPack hand-over to torch alone.
+  (DLPack, no host copy; goal <= 1 s); without vllm, the DLPack hand-over to torch alone;
+- ``sleep_wake``: vLLM sleep level 2 (weights dropped) around a no-op update, woken with
+  the weights re-pushed (``colocate.engine_asleep``): greedy tokens must equal those
+  before (trl#5312); skipped where sleep mode is unavailable (CPU).
 
 Every model runs with ``attn_implementation="auto"`` (cuDNN flash attention on the GPU in
-bf16), so the parity line also checks the fused kernel. On a GPU every phase runs in its own process (``--phase``), so each gets the whole memory
-(JAX never returns its pool); the last phase colocates JAX and vLLM in one process under
+bf16), so the parity line also checks the fused kernel. On a GPU every phase runs in its
+own process (``--phase``), so each gets the whole memory (JAX never returns its pool); the
+last phase colocates JAX and vLLM in one process under
 ``caspo_jax.rollout.colocate.MemorySplit``, as the trainer does. Where the full model's
 train state does not fit the device (the dryrun estimate says so before anything is
 allocated), the train phase drops text layers until it fits and says so.
@@ -55,7 +59,12 @@ from caspo_jax.launch import dryrun  # noqa: E402
 from caspo_jax.models import load_pretrained, save_pretrained  # noqa: E402
 from caspo_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig  # noqa: E402
 from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams  # noqa: E402
-from caspo_jax.rollout.colocate import MemorySplit, set_jax_memory_fraction  # noqa: E402
+from caspo_jax.rollout.colocate import (  # noqa: E402
+    MemorySplit,
+    engine_asleep,
+    set_jax_memory_fraction,
+    sleep_unavailable,
+)
 from caspo_jax.step import StepConfig, build_train_batch, compute_logprobs, init_state, make_train_step  # noqa: E402
 from caspo_jax.tiny import models as tm  # noqa: E402
 from caspo_jax.tiny.tokenizer import (  # noqa: E402
@@ -334,7 +343,8 @@ def phase_colocated(plan: Plan, workdir: Path) -> dict:
             return sum(t.numel() for _, t in iter_torch_tensors(params, table, dlpack=True))
 
         _, out["handover_s"] = _timed(handover, repeats=3)
-        print(f"vLLM part skipped: {reason}; DLPack hand-over of the weights to torch: {out['handover_s'] * 1e3:.1f} ms")
+        print(f"vLLM part skipped: {reason}; DLPack hand-over of the weights to torch: "
+              f"{out['handover_s'] * 1e3:.1f} ms")
         return out
 
     from caspo_jax.rollout import VllmEngine
@@ -349,6 +359,21 @@ def phase_colocated(plan: Plan, workdir: Path) -> dict:
     print(f"vLLM ({split.describe()}): {out['vllm_tokens_per_s']:.0f} new tokens/s ({seconds:.2f} s)")
     _, out["sync_s"] = _timed(lambda: engine.sync_weights(params), repeats=3)
     print(f"weight sync (in-process, DLPack): {out['sync_s']:.3f} s")
+    # sleep level 2 (weights dropped) with the re-push on waking: greedy output must not change (trl#5312)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=16, seed=0)
+    before = engine.generate(prompts[:2], n=1, sampling=greedy).tokens
+    start = time.perf_counter()
+    with engine_asleep(engine, level=2, repush=lambda: engine.sync_weights(params)) as slept:
+        pass
+    if slept:
+        out["sleep_wake_s"] = time.perf_counter() - start
+        after = engine.generate(prompts[:2], n=1, sampling=greedy).tokens
+        out["sleep_same_tokens"] = bool(np.array_equal(before, after))
+        print(f"sleep(2) + wake + re-push: {out['sleep_wake_s']:.2f} s; greedy tokens unchanged: "
+              f"{out['sleep_same_tokens']}")
+    else:
+        out["sleep_skipped"] = sleep_unavailable(engine)
+        print(f"sleep mode not exercised: {out['sleep_skipped']}")
     engine.shutdown()
     return out
 
@@ -388,8 +413,17 @@ def report(plan: Plan, parity: dict, train: dict, colocated: dict) -> list[str]:
     else:
         ratio = colocated["jax_tokens_per_s"] / colocated["vllm_tokens_per_s"]
         lines.append(result("sampler", ratio, "x_vllm", f">={SAMPLER_GOAL}", ratio >= SAMPLER_GOAL,
-                            f"jax {colocated['jax_tokens_per_s']:.0f} vs vllm {colocated['vllm_tokens_per_s']:.0f} tok/s"))
-        lines.append(result("weight_sync", colocated["sync_s"], "s", f"<={SYNC_GOAL_S}", colocated["sync_s"] <= SYNC_GOAL_S))
+                            f"jax {colocated['jax_tokens_per_s']:.0f} vs vllm "
+                            f"{colocated['vllm_tokens_per_s']:.0f} tok/s"))
+        lines.append(result("weight_sync", colocated["sync_s"], "s", f"<={SYNC_GOAL_S}",
+                            colocated["sync_s"] <= SYNC_GOAL_S))
+        if "sleep_same_tokens" not in colocated:
+            lines.append(result("sleep_wake", 0, "greedy_tokens_unchanged", "=1", None,
+                                colocated.get("sleep_skipped", "not run")))
+        else:
+            lines.append(result("sleep_wake", float(colocated["sleep_same_tokens"]), "greedy_tokens_unchanged", "=1",
+                                colocated["sleep_same_tokens"],
+                                f"sleep(2) + wake + re-push {colocated['sleep_wake_s']:.2f} s"))
     return lines
 
 

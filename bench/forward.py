@@ -205,7 +205,8 @@ def growth_report(name: str, unit: str, ours: dict[int, float], peer: dict[int, 
     g_ours, g_peer = growth_per_doubling(ours), growth_per_doubling(peer)
     ratio = g_ours / g_peer
     lines.append(f"growth per doubling: ours {g_ours:.2f}x, peer {g_peer:.2f}x ({unit})")
-    lines.append(f"RESULT name={name} value={ratio:.3f} unit=growth_ratio goal=<=1.0 met={'yes' if ratio <= 1.0 else 'no'}")
+    met = "yes" if ratio <= 1.0 else "no"
+    lines.append(f"RESULT name={name} value={ratio:.3f} unit=growth_ratio goal=<=1.0 met={met}")
     return lines
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("bench_forward", Path(__file__).resolve().parents[1] / "bench" / "forward.py")
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_forward", ROOT / "bench" / "forward.py")
 fwd = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = fwd
 spec.loader.exec_module(fwd)

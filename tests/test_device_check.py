@@ -86,9 +86,14 @@ def test_report_goals_and_skips():
     assert "met=yes" in by_name["name=train_mfu_64"]
     assert "value=1.16" in by_name["name=peak_memory"] and "met=no" in by_name["name=peak_memory"]  # 16% > 15%
     assert "met=skipped" in by_name["name=sampler"] and "no vllm" in by_name["name=sampler"]
-    lines = dc.report(plan, {"parity_max": 0.0}, dict(train, peak_bytes=114),
-                      {"jax_tokens_per_s": 10.0, "vllm_tokens_per_s": 20.0, "sync_s": 0.9})
+    assert "name=sleep_wake" not in " ".join(lines)  # no vLLM: nothing to put to sleep
+    colocated = {"jax_tokens_per_s": 10.0, "vllm_tokens_per_s": 20.0, "sync_s": 0.9, "sleep_skipped": "cpu"}
+    by_name = {line.split()[1]: line for line in dc.report(plan, {"parity_max": 0.0}, train, colocated)}
+    assert "met=skipped" in by_name["name=sleep_wake"] and "cpu" in by_name["name=sleep_wake"]
+    colocated.update(sleep_same_tokens=False, sleep_wake_s=1.5)
+    lines = dc.report(plan, {"parity_max": 0.0}, dict(train, peak_bytes=114), colocated)
     by_name = {line.split()[1]: line for line in lines}
+    assert "value=0 " in by_name["name=sleep_wake"] and "met=no" in by_name["name=sleep_wake"]
     assert "met=yes" in by_name["name=peak_memory"]
     assert "value=0.5 " in by_name["name=sampler"] and "met=no" in by_name["name=sampler"]
     assert "value=0.9 " in by_name["name=weight_sync"] and "met=yes" in by_name["name=weight_sync"]
