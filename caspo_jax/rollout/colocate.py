@@ -106,6 +106,9 @@ def set_jax_memory_fraction(fraction: float) -> None:
             f"(now {environ.get(JAX_MEM_FRACTION_ENV, 'unset: JAX takes 0.75')}); set the memory split before "
             "the first jax.devices() / jnp array (e.g. first thing in the trainer's entry point), or export "
             f"{JAX_MEM_FRACTION_ENV}={value} in the job's environment")
+    if environ.get(JAX_MEM_FRACTION_ENV, value) != value:
+        log.info("memory split: %s=%s replaces %s from the environment", JAX_MEM_FRACTION_ENV, value,
+                 environ[JAX_MEM_FRACTION_ENV])
     environ[JAX_MEM_FRACTION_ENV] = value
 
 

@@ -59,7 +59,7 @@ except colocate.ColocationError as err:
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 would be ignored (now 0.4)" in out.stdout
 
 
-def test_apply_memory_split_only_for_a_colocated_vllm_engine(monkeypatch):
+def test_apply_memory_split_only_for_a_colocated_vllm_engine(monkeypatch, caplog):
     monkeypatch.setattr(colocate, "jax_started", lambda: False)
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "unset")  # restored after the test
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
@@ -69,6 +69,11 @@ def test_apply_memory_split_only_for_a_colocated_vllm_engine(monkeypatch):
     split = colocate.apply_memory_split(0.3, "vllm")
     assert split == MemorySplit(0.65, 0.3)
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.65"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")  # e.g. launch/recipes/slurm_gpu.sbatch's
+    with caplog.at_level(logging.INFO, logger=colocate.__name__):
+        colocate.apply_memory_split(0.3, "vllm")
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.65"
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.65 replaces 0.90 from the environment" in caplog.text
 
 
 class FakeLLM:
