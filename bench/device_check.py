@@ -381,17 +381,25 @@ def phase_colocated(plan: Plan, workdir: Path) -> dict:
 PHASES = {"build": phase_build, "parity": phase_parity, "train": phase_train, "colocated": phase_colocated}
 
 
+PHASE_MARK = "PHASE_JSON "  # prefixes a child's result line (libraries may log after it)
+
+
 def run_phase(name: str, plan: Plan, workdir: Path, argv: list[str], isolate: bool) -> dict:
-    """A phase in this process, or (``isolate``) in a fresh one whose last line is its JSON."""
+    """A phase in this process, or (``isolate``) in a fresh one, its output streamed through
+    and its result read from the line marked ``PHASE_MARK``."""
     if not isolate:
         return PHASES[name](plan, workdir)
-    proc = subprocess.run([sys.executable, __file__, *argv, "--phase", name, "--workdir", str(workdir)],
-                          stdout=subprocess.PIPE, text=True)
-    lines = proc.stdout.strip().splitlines()
-    print("\n".join(lines[:-1]), flush=True)
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"phase {name} failed (exit {proc.returncode}); its stderr is above")
-    return json.loads(lines[-1])
+    cmd = [sys.executable, __file__, *argv, "--phase", name, "--workdir", str(workdir)]
+    found = None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            if line.startswith(PHASE_MARK):
+                found = json.loads(line[len(PHASE_MARK):])
+            else:
+                print(line, end="", flush=True)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"phase {name} failed (exit {proc.returncode}); its output is above")
+    return found
 
 
 def report(plan: Plan, parity: dict, train: dict, colocated: dict) -> list[str]:
@@ -444,8 +452,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     plan = make_plan(args)
-    if args.phase:  # a child of an isolated run: one phase, its JSON as the last line
-        print(json.dumps(PHASES[args.phase](plan, args.workdir)))
+    if args.phase:  # a child of an isolated run: one phase, its result as a marked JSON line
+        print(PHASE_MARK + json.dumps(PHASES[args.phase](plan, args.workdir)), flush=True)
         return 0
     isolate = args.isolate or not plan.smoke
     start = time.perf_counter()

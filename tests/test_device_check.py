@@ -97,3 +97,21 @@ def test_report_goals_and_skips():
     assert "met=yes" in by_name["name=peak_memory"]
     assert "value=0.5 " in by_name["name=sampler"] and "met=no" in by_name["name=sampler"]
     assert "value=0.9 " in by_name["name=weight_sync"] and "met=yes" in by_name["name=weight_sync"]
+
+
+def test_isolated_phase_result_travels_on_its_marked_line(smoke, tmp_path, monkeypatch, capsys):
+    """The GPU layout (each phase in its own process): a child prints its result as a
+    PHASE_MARK line (checked on the real entry point, in-process here), and the parent reads
+    it whatever else the child prints, passing the other lines through (a stand-in child)."""
+    plan, workdir = smoke
+    assert dc.main(["--smoke", "--phase", "build", "--workdir", str(tmp_path)]) == 0
+    marked = [line for line in capsys.readouterr().out.splitlines() if line.startswith(dc.PHASE_MARK)]
+    assert len(marked) == 1 and '"params": ' in marked[0]
+    child = tmp_path / "child.py"
+    child.write_text('print("vllm log line")\nprint(%r + \'{"x": 1}\')\nprint("shutting down")\n' % dc.PHASE_MARK)
+    monkeypatch.setattr(dc, "__file__", str(child))
+    assert dc.run_phase("build", plan, workdir, [], isolate=True) == {"x": 1}
+    assert capsys.readouterr().out == "vllm log line\nshutting down\n"
+    child.write_text("import sys; sys.exit(3)\n")
+    with pytest.raises(RuntimeError, match="phase build failed .exit 3."):
+        dc.run_phase("build", plan, workdir, [], isolate=True)
