@@ -11,7 +11,12 @@ head on the response positions; XLA's cost analysis counts a scanned layer once)
 For information it also times transformers with ``logits_to_keep`` (LM head on the
 response only, as TRL does), which is not the goal's baseline.
 
+Growth with length (``--lengths``): the same log-probs at each length against the peer's
+best setting, transformers with ``logits_to_keep``; RESULT = our cost's growth per doubling
+of the length over the peer's (goal <= 1).
+
 Run: python bench/forward.py   (ends with one RESULT line)
+     python bench/forward.py --batch 1 --lengths 1024 2048 4096   (growth; RESULT forward_growth)
 """
 
 from __future__ import annotations
@@ -98,6 +103,9 @@ def parse_args(description: str, argv, *, repeats: int, add_more=None):
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--image-px", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--lengths", type=int, nargs="+", metavar="L",
+                        help="growth mode: time ours and the peer's best setting (transformers with logits_to_keep) "
+                             "at each length (e.g. 1024 2048 4096) at --batch rows, instead of the headline")
     if add_more is not None:
         add_more(parser)
     return parser.parse_args(argv)
@@ -179,6 +187,55 @@ def interleaved_rounds(runs: dict, repeats: int):
     return outputs, times
 
 
+def growth_per_doubling(seconds_by_length: dict[int, float]) -> float:
+    """How many times the cost grows per doubling of the length: (t_last / t_first) ** (1 /
+    log2(L_last / L_first)) over the shortest and longest lengths measured."""
+    lengths = sorted(seconds_by_length)
+    first, last = lengths[0], lengths[-1]
+    if last == first:
+        raise ValueError("growth needs at least two different lengths")
+    return (seconds_by_length[last] / seconds_by_length[first]) ** (1 / np.log2(last / first))
+
+
+def growth_report(name: str, unit: str, ours: dict[int, float], peer: dict[int, float]) -> list[str]:
+    """The per-length table and the RESULT line: our growth per doubling over the peer's
+    (goal <= 1: our cost grows no faster with length than the peer's)."""
+    lines = [f"{'tokens':>7} {'ours (s)':>9} {'peer (s)':>9} {'peer/ours':>9}"]
+    lines += [f"{L:>7} {ours[L]:>9.3f} {peer[L]:>9.3f} {peer[L] / ours[L]:>9.2f}" for L in sorted(ours)]
+    g_ours, g_peer = growth_per_doubling(ours), growth_per_doubling(peer)
+    ratio = g_ours / g_peer
+    lines.append(f"growth per doubling: ours {g_ours:.2f}x, peer {g_peer:.2f}x ({unit})")
+    met = "yes" if ratio <= 1.0 else "no"
+    lines.append(f"RESULT name={name} value={ratio:.3f} unit=growth_ratio goal=<=1.0 met={met}")
+    return lines
+
+
+def main_growth(args, cfg, hf, model, params) -> int:
+    """Response log-probs at each of ``args.lengths``: ours vs transformers with
+    ``logits_to_keep`` (interleaved rounds, per-side minimum)."""
+    ours, peer, R = {}, {}, args.response
+    for L in args.lengths:
+        input_ids, mask, pixel_values, grid_thw = make_inputs(cfg, args.batch, L, args.image_px)
+        targets = input_ids[:, -R:]
+        keep = torch_response_logprobs(hf, torch_inputs(cfg, input_ids, mask, pixel_values, grid_thw), targets,
+                                       keep_response_only=True)
+        jax_logprobs, j_args = jax_response_logprobs(model, params, input_ids, mask, pixel_values, grid_thw, targets)
+        compiled = jax_logprobs.lower(model, *j_args).compile()
+        outputs, times = interleaved_rounds({"jax": lambda: compiled(*j_args).block_until_ready(), "peer": keep},
+                                            args.repeats)
+        diff = float(np.abs(np.asarray(outputs["jax"]) - outputs["peer"].numpy()).max())
+        if diff > 1e-3:
+            print(f"ERROR: at {L} tokens JAX and transformers disagree (max |diff| {diff:.2e})", file=sys.stderr)
+            return 1
+        ours[L], peer[L] = min(times["jax"]), min(times["peer"])
+        print(f"{L} tokens: jax {ours[L]:.3f} s, transformers logits_to_keep={R + 1} {peer[L]:.3f} s "
+              f"(max |diff| {diff:.1e})", flush=True)
+    print(f"growth: batch {args.batch}, {R} response tokens, vocab {args.vocab}, {args.layers} layers, hidden 512, "
+          f"one {args.image_px}px image per sample; torch threads {torch.get_num_threads()}")
+    print("\n".join(growth_report("forward_growth", "response log-probs", ours, peer)))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv, repeats=4, add_more=lambda p: p.add_argument(
         "--baseline-attn", default="sdpa", choices=["sdpa", "eager"]))
@@ -186,6 +243,8 @@ def main(argv=None) -> int:
 
     cfg = bench_config(args.vocab, args.layers)
     hf, model, params = hf_and_port(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(**cfg), args.baseline_attn)
+    if args.lengths:
+        return main_growth(args, cfg, hf, model, params)
     input_ids, mask, pixel_values, grid_thw = make_inputs(cfg, args.batch, args.length, args.image_px)
     R = args.response
     targets = input_ids[:, -R:]

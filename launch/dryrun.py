@@ -43,6 +43,7 @@ from caspo_jax.launch.run_args import resolve
 from caspo_jax.loop.config import TrainConfig, config_from_dict, step_config
 from caspo_jax.loop.presets import preset_dict
 from caspo_jax.models import qwen2_5_vl, qwen3_vl
+from caspo_jax.rollout.colocate import MemorySplit
 from caspo_jax.sharding import MESH_AXES, LogicalRules
 from caspo_jax.step import StepConfig, make_optimizer
 from caspo_jax.tiny import models as tm
@@ -366,7 +367,8 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
     local, total = shard_elements(table, topo.mesh)
     flops = step_flops(table, dims, prompts=prompts, group=group, prompt_len=prompt_len, response_len=response_len,
                        ppo_epochs=cfg.optim.ppo_epochs, remat=remat)
-    budget = topo.memory_gib * GIB
+    split = MemorySplit.for_engine(cfg.model.gpu_memory_split) if cfg.rollout.engine == "vllm" else None
+    budget = (split.trainer if split else 1.0) * topo.memory_gib * GIB  # the trainer's share of a device
     fits = mem.total <= budget
     data, fsdp, tensor = topo.mesh
     lines = [
@@ -386,8 +388,13 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
         f"  compute copy  {_gib(mem.compute)}",
         f"  reference     {_gib(mem.reference)}",
         f"  activations   {_gib(mem.activations)}",
-        f"  total         {_gib(mem.total)} of {topo.memory_gib:g} GiB: "
-        + ("fits" if fits else "DOES NOT FIT (add fsdp/tensor, turn model.remat on, or raise optim.micro_batches)"),
+        f"  total         {_gib(mem.total)} of {budget / GIB:g} GiB"
+        + (" (the trainer's share)" if split else "") + ": "
+        + ("fits" if fits else "DOES NOT FIT (add fsdp/tensor, turn model.remat on, or raise optim.micro_batches"
+           + (", or lower model.gpu_memory_split)" if split else ")")),
+        "memory split    " + (split.describe(topo.memory_gib) + " (model.gpu_memory_split)" if split else
+                                "none: no in-process vLLM engine (rollout.engine=vllm with model.gpu_memory_split "
+                                "on GPUs sets one)"),
         "FLOPs per RL step (all devices):",
         *(f"  {k:<13} {v:.3e}" for k, v in flops.items()),
         f"  total         {sum(flops.values()):.3e}  ({sum(flops.values()) / topo.devices:.3e} per device)",

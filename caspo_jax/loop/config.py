@@ -76,18 +76,31 @@ class ModelConfig:
     the old / reference / teacher log-probs and the train step (float32 master weights
     either way): log-probs that meet in a ratio, a KL or a token reward must share it.
     remat: the train step's backward rematerialisation (see `StepConfig.remat`).
-    attn_implementation: `jax.nn.dot_product_attention`'s implementation for every
-    forward of the model (null: JAX picks; "xla"; "cudnn" on NVIDIA GPUs); a model
-    property, not a step one, so the sampler, the log-prob passes and the step agree."""
+    attn_implementation: the attention kernel of every forward of the model: "auto"
+    (cuDNN flash attention on NVIDIA GPUs in bf16, Pallas flash on TPU for causal text
+    attention where the shapes allow, XLA elsewhere; each choice and fallback logged once,
+    `caspo_jax.models.common.attention`), null (JAX picks: XLA), "xla", or "cudnn"; a model
+    property, not a step one, so the sampler, the log-prob passes and the step agree. On
+    CPU "auto" compiles the same program as null.
+    gpu_memory_split: the share of each GPU given to an in-process vLLM engine
+    (rollout.engine=vllm on the trainer's GPUs; its gpu_memory_utilization); JAX gets the
+    rest less 0.05 of headroom (`caspo_jax.rollout.colocate.MemorySplit`). null: no
+    colocated engine (JAX keeps its default of 0.75)."""
 
     path: str | None = None
     teacher_path: str | None = None
     tiny: str = "demo"
     dtype: str = "float32"
     remat: bool | str = False
-    attn_implementation: str | None = None
+    attn_implementation: str | None = "auto"
+    gpu_memory_split: float | None = None
     seed: int = 0
     ignore_custom_code: bool = False
+
+    def __post_init__(self):
+        if self.gpu_memory_split is not None and not 0.0 < self.gpu_memory_split < 0.95:
+            raise ValueError(f"gpu_memory_split={self.gpu_memory_split!r} must be in (0, 0.95): the share of each GPU "
+                             "for the in-process vLLM engine (e.g. 0.3), or null for no colocated engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -550,8 +563,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {stage} step: {exc}") from None
 
 
-# jax.nn.dot_product_attention's `implementation` values (model.attn_implementation).
-ATTN_IMPLEMENTATIONS = (None, "xla", "cudnn")
+# model.attn_implementation: "auto" (common.attention) or jax.nn.dot_product_attention's values.
+ATTN_IMPLEMENTATIONS = ("auto", None, "xla", "cudnn")
 
 # Tiny model sizes for model.path = None (text hidden, layers, heads, kv heads, ViT depth/hidden).
 TINY_SIZES = {

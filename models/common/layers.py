@@ -12,6 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from caspo_jax.models.common.attention import pallas_flash_causal
+from caspo_jax.models.common.attention import resolve as resolve_attention
+
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
@@ -129,15 +132,23 @@ def attention(
     v_BxSxKxH: jax.Array,
     mask_Bx1xTxS: jax.Array | None,
     implementation: str | None = None,
+    mask_kind: str = "dense",
 ) -> jax.Array:
-    """Scaled dot-product attention with grouped KV heads through ``jax.nn.dot_product_attention``.
+    """Scaled dot-product attention with grouped KV heads.
 
-    ``mask`` is boolean (True = may attend). ``implementation`` is passed through:
-    ``None`` lets JAX choose, ``"xla"`` everywhere, ``"cudnn"`` for flash attention on GPU.
+    ``mask`` is boolean (True = may attend). ``implementation``: None lets JAX choose,
+    "xla" everywhere, "cudnn" for flash attention on GPU (all three passed to
+    ``jax.nn.dot_product_attention``), "auto" picks per call (``common.attention``; the
+    ``mask_kind`` -- "causal", "segment" or "dense" -- tells it what the mask is).
     Rows with no allowed key (left padding) produce a uniform average, never NaN.
     """
+    impl = resolve_attention(implementation, mask_kind, q_BxTxNxH, k_BxSxKxH, has_mask=mask_Bx1xTxS is not None)
+    if impl == "pallas_flash":
+        return pallas_flash_causal(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS)
+    # cuDNN skips the blocks above the diagonal only when told the mask is causal
+    causal = impl == "cudnn" and mask_kind == "causal" and q_BxTxNxH.shape[1] == k_BxSxKxH.shape[1]
     return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation=implementation
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=causal, implementation=impl
     )
 
 
@@ -155,17 +166,19 @@ def causal_attention(
     for every query that sees a key the result equals ``attention`` (masked keys contribute
     exp(-inf) = 0 either way; padding queries that see nothing get a different arbitrary mean)
     while computing about half the scores, and the smaller score tiles stay in cache (about
-    2-4x faster on CPU at L = 1024). cuDNN gets the whole sequence (it skips blocks itself).
+    2-4x faster on CPU at L = 1024). Fused kernels (cuDNN, Pallas flash) get the whole
+    sequence: they skip blocks themselves.
     """
     L = q_BxLxNxH.shape[1]
-    if implementation == "cudnn" or L <= block:
-        out = attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, implementation)
+    impl = resolve_attention(implementation, "causal", q_BxLxNxH, k_BxLxKxH)
+    if impl in ("cudnn", "pallas_flash") or L <= block:
+        out = attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, impl, "causal")
         return checkpoint_name(out, ATTENTION_OUTPUT)
     outs = []
     for start in range(0, L, block):
         end = min(start + block, L)
         outs.append(attention(q_BxLxNxH[:, start:end], k_BxLxKxH[:, :end], v_BxLxKxH[:, :end],
-                              mask_Bx1xLxL[:, :, start:end, :end], implementation))
+                              mask_Bx1xLxL[:, :, start:end, :end], impl, "causal"))
     return checkpoint_name(jnp.concatenate(outs, axis=1), ATTENTION_OUTPUT)
 
 
@@ -186,10 +199,11 @@ def segment_attention(q_PxNxH: jax.Array, k_PxNxH: jax.Array, v_PxNxH: jax.Array
     S, Lmax = len(starts), int(lengths.max())
     if (lengths == Lmax).all():
         q, k, v = (t.reshape(S, Lmax, N, H) for t in (q_PxNxH, k_PxNxH, v_PxNxH))
-        return checkpoint_name(attention(q, k, v, None, implementation).reshape(P, N, H), ATTENTION_OUTPUT)
+        return checkpoint_name(attention(q, k, v, None, implementation, "segment").reshape(P, N, H),
+                               ATTENTION_OUTPUT)
     gather_SxL = starts[:, None] + np.minimum(np.arange(Lmax)[None], lengths[:, None] - 1)
     valid_SxL = np.arange(Lmax)[None] < lengths[:, None]
     out = attention(q_PxNxH[gather_SxL], k_PxNxH[gather_SxL], v_PxNxH[gather_SxL],
-                    jnp.asarray(valid_SxL)[:, None, None, :], implementation)
+                    jnp.asarray(valid_SxL)[:, None, None, :], implementation, "segment")
     back_P = np.arange(P) - np.repeat(starts, lengths) + np.repeat(np.arange(S) * Lmax, lengths)
     return checkpoint_name(out.reshape(S * Lmax, N, H)[back_P], ATTENTION_OUTPUT)

@@ -38,8 +38,9 @@ from caspo_jax.models.common.visual_inputs import prepare_visual_inputs
 class QwenVLModel:
     """A Qwen-VL model as pure functions of (params, inputs).
 
-    attn_implementation: passed to ``jax.nn.dot_product_attention`` (None: JAX picks,
-        "xla", or "cudnn" for flash attention on GPU).
+    attn_implementation: "auto" (``common.attention``: cuDNN on GPU, Pallas flash on TPU
+        where the shapes allow, XLA elsewhere; on CPU the same program as None) or one of
+        ``jax.nn.dot_product_attention``'s (None: JAX picks, "xla", "cudnn").
     remat: rematerialise each layer in the backward pass (``jax.checkpoint`` in the scans): False,
         True (= "full") or a policy name of ``common.layers.remat`` ("save_projections").
     attn_block: text queries are attended in blocks of this many tokens, each seeing only the
@@ -47,7 +48,7 @@ class QwenVLModel:
     """
 
     config: object
-    attn_implementation: str | None = None
+    attn_implementation: str | None = "auto"
     remat: bool | str = False
     attn_block: int = 128
 

@@ -97,6 +97,23 @@ def test_full_size_report_needs_no_weights():
         dryrun.model_for({"model": {"path": "/nowhere/mystery-model"}})
 
 
+def test_report_prints_the_gpu_memory_split_and_sizes_the_trainer_against_its_share():
+    raw = {"model": {"path": "x/Qwen2.5-VL-7B-Instruct", "dtype": "bfloat16", "remat": True},
+           "rollout": {"engine": "vllm"}, "optim": {"minibatch_size": 64}}
+    alone = dryrun.dry_run_report(raw, "8xh100")
+    assert "of 80 GiB: fits" in alone and "memory split    none" in alone
+    raw["model"]["gpu_memory_split"] = 0.3
+    shared = dryrun.dry_run_report(raw, "8xh100")
+    assert ("memory split    trainer (JAX) 0.65 (52.0 GiB), vLLM engine 0.30 (24.0 GiB), headroom 0.05 (4.0 GiB)"
+            in shared)
+    assert "of 52 GiB (the trainer's share): fits" in shared
+    raw["model"]["gpu_memory_split"] = 0.9  # the trainer keeps 4 GiB: the 7B state no longer fits
+    assert "DOES NOT FIT" in dryrun.dry_run_report(raw, "8xh100") and "lower model.gpu_memory_split" in \
+        dryrun.dry_run_report(raw, "8xh100")
+    raw["rollout"]["engine"] = "jax"  # no in-process engine: the knob does not apply
+    assert "memory split    none" in dryrun.dry_run_report(raw, "8xh100")
+
+
 def test_cli_dryrun(capsys):
     from caspo_jax.launch.cli import main
 

@@ -70,6 +70,8 @@ def test_yaml_then_dotted_overrides(tmp_path):
     ({"optim": {"tis_cap": 2.0}, "rollout": {"engine": "vllm", "temperature": 0.7}},
      ["optim.tis_cap", "rollout.temperature=0.7", "raw log-probs"]),
     ({"model": {"attn_implementation": "flash"}}, ["model.attn_implementation", "='flash' must", "cudnn"]),
+    ({"model": {"gpu_memory_split": 0.97}}, ["model", "gpu_memory_split=0.97 must", "(0, 0.95)", "null"]),
+    ({"model": {"gpu_memory_split": 0}}, ["model", "gpu_memory_split=0.0 must", "vLLM engine"]),
 ])
 def test_bad_configs_fail_with_the_field(raw, words):
     with pytest.raises(ConfigError) as info:
@@ -188,7 +190,9 @@ def test_attention_implementation_reaches_the_model():
 
     cfg = load_config(preset="tiny-cpu", overrides=["model.tiny=test", "model.attn_implementation=xla"])
     assert build_policy(cfg.model, cfg.data).model.attn_implementation == "xla"
-    assert ModelConfig().attn_implementation is None  # JAX picks, as before the field existed
+    # "auto": fused kernels where they apply, and on CPU the same program as JAX's default
+    assert ModelConfig().attn_implementation == "auto"
+    assert build_policy(ModelConfig(tiny="test"), cfg.data).model.attn_implementation == "auto"
 
 
 def test_a_config_saved_before_the_step_knobs_still_loads(tmp_path):
