@@ -27,7 +27,7 @@ FAMILIES = {
 }
 
 
-def load_pretrained(path, dtype=jnp.float32, mesh=None, rules=None, attn_implementation=None, remat=False,
+def load_pretrained(path, dtype=jnp.float32, mesh=None, rules=None, attn_implementation="auto", remat=False,
                     progress=True):
     """(model, params) from an HF directory: ``config.json`` + safetensors (single or sharded).
 

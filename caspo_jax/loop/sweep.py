@@ -308,14 +308,15 @@ def _cell_row(cell: Cell | None, label: str, per_seed: list[dict], columns) -> d
 
 def run_sweep(cfg: TrainConfig, out_dir: str | Path, *, cells=DEFAULT_CELLS, seeds=DEFAULT_SEEDS,
               sft_first: bool = True, progress: bool = False, benchmarks: SweepBenchmarks | None = None,
-              title: str | None = None) -> list[dict]:
+              write_outputs: bool = True) -> list[dict]:
     """Runs every (cell, seed) from one shared start policy; returns the table rows (table
     10's with `benchmarks`, else the eval-split metrics: mean, 95% interval, per seed).
 
     Each (cell, seed) run keeps result.json in its directory, so a rerun with the same
     out_dir resumes at the first unfinished run. Seeds run one after another in this
     process: their compiled programs are shared (the CLI also keeps XLA's persistent
-    compilation cache in --compile-cache).
+    compilation cache in --compile-cache). write_outputs False: the rows only, no table
+    or figure (`run_study` writes its own).
     """
     out_dir = Path(out_dir)
     files = prepare_data(cfg, out_dir)
@@ -365,9 +366,10 @@ def run_sweep(cfg: TrainConfig, out_dir: str | Path, *, cells=DEFAULT_CELLS, see
                             "seeds": len(seeds),
                             **{c: mean_interval([r.get(c, math.nan) for r in per_seed10]).mean for c in columns10},
                             **{f"{c}_per_seed": [r.get(c) for r in per_seed10] for c in columns10}})
-    _write_table(rows, columns, out_dir, title=title)
-    _write_figure(rows, METRICS + ("teacher_discrimination", "rollout_entropy"), out_dir / "sweep.png",
-                  title=title)
+    if not write_outputs:
+        return rows
+    _write_table(rows, columns, out_dir)
+    _write_figure(rows, METRICS + ("teacher_discrimination", "rollout_entropy"), out_dir / "sweep.png")
     if benchmarks is not None:
         _write_table10(table10, table10_columns(benchmarks), out_dir)
         return table10
@@ -377,8 +379,11 @@ def run_sweep(cfg: TrainConfig, out_dir: str | Path, *, cells=DEFAULT_CELLS, see
 def run_study(cfg: TrainConfig, out_dir: str | Path, *, cells=STUDY_CELLS, seeds=DEFAULT_SEEDS,
               starts=DEMO_STARTS, teachers=DEMO_TEACHERS, progress: bool = False) -> dict[str, list[dict]]:
     """The demo sweep under every (start, teacher) condition (`data.demo_start`,
-    `data.demo_teacher`): each its own data, SFT and cells in out_dir/<start>-<teacher>;
-    then study.md / study.csv (condition x cell x metric) and study.png. Demo data only."""
+    `data.demo_teacher`): each its own data, SFT and cells in out_dir/<start>-<teacher>,
+    except the default condition (suppressed, discriminating), which is out_dir itself: a
+    study after `caspo sweep` with the same --out reuses that table's runs of the same
+    cells and seeds. Then study.md / study.csv (condition x cell x metric) and study.png.
+    Demo data only."""
     if cfg.data.train is not None:
         raise UserError("caspo sweep --study varies the demo task's SFT rows; it needs the built-in demo data "
                         "(leave data.train / data.sft unset)")
@@ -390,8 +395,9 @@ def run_study(cfg: TrainConfig, out_dir: str | Path, *, cells=STUDY_CELLS, seeds
             name = f"{start}-{teacher}"
             print(f"study: condition {name}", flush=True)
             condition = _with(cfg, f"data.demo_start={start}", f"data.demo_teacher={teacher}")
-            tables[name] = run_sweep(condition, out_dir / name, cells=cells, seeds=seeds, progress=progress,
-                                     title=f"start {start}, teacher {teacher}")
+            default = (start, teacher) == (DEMO_STARTS[0], DEMO_TEACHERS[0])
+            tables[name] = run_sweep(condition, out_dir if default else out_dir / name, cells=cells, seeds=seeds,
+                                     progress=progress, write_outputs=False)
     columns = METRICS + DIAGNOSTICS
     lines = ["| start | teacher | cell | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 3)]
     for name, rows in tables.items():
@@ -417,10 +423,10 @@ def _cell_label(row: dict) -> str:
     return row["cell"] + ("" if lam == "" or row["variant"] == "outcome" else f" λ={lam:g}")
 
 
-def _write_table(rows: list[dict], columns, out_dir: Path, title: str | None = None) -> None:
+def _write_table(rows: list[dict], columns, out_dir: Path) -> None:
     """table.md (mean [95% interval] per cell and column) and table.csv (mean, low, high
     and the per-seed values)."""
-    lines = ([f"{title}", ""] if title else []) + [
+    lines = [
         "| cell | seeds | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
     for r in rows:
         lines.append(f"| {_cell_label(r)} | {r['seeds']} | " + " | ".join(str(r[c]) for c in columns) + " |")
@@ -484,7 +490,7 @@ def _error_bars(ax, positions, rows, column, **style):
     ax.bar(positions, means, yerr=[low, high], capsize=3, **style)
 
 
-def _write_figure(rows: list[dict], columns, path: Path, title: str | None = None) -> None:
+def _write_figure(rows: list[dict], columns, path: Path) -> None:
     """One panel per column: a bar per cell (mean), its 95% interval, and every seed as a dot."""
     import matplotlib
 
@@ -500,8 +506,6 @@ def _write_figure(rows: list[dict], columns, path: Path, title: str | None = Non
             ax.scatter([i] * len(points), points, color="k", s=7, zorder=3, alpha=0.6)
         ax.set_xticks(range(len(rows)), labels, fontsize=6)
         ax.set_title(column.replace("_", " "), fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -19,7 +19,7 @@ from caspo_jax.launch.cli import main
 from caspo_jax.tiny.openai_stub import OpenAIStub, answer, request_text
 from caspo_jax.errors import UserError
 from caspo_jax.loop.config import load_config
-from caspo_jax.loop.sweep import DEFAULT_CELLS, Cell, cell_config, run_sweep
+from caspo_jax.loop.sweep import DEFAULT_CELLS, Cell, cell_config, run_study, run_sweep
 
 
 def test_each_cell_is_the_preset_it_names():
@@ -196,3 +196,26 @@ def test_a_run_after_others_in_one_process_equals_it_run_alone(tmp_path):
     assert [r["variant"] for r in csv_rows] == ["start", "hybrid", "hybrid"]
     assert float(csv_rows[2]["reward_mean_mean"]) == json.loads(csv_rows[2]["reward_mean_per_seed"])[0]
     assert (tmp_path / "both" / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_study_runs_each_condition_from_its_own_start_and_reuses_the_table(tmp_path):
+    cfg = load_config(preset="tiny-cpu", overrides=[*TINY, "data.demo_train=24", "data.demo_eval=12", "sft.steps=1",
+                                                     "sft.batch_size=4"])
+    cells = (Cell("outcome", 0.0),)
+    run_sweep(cfg, tmp_path, cells=cells, seeds=(0,))
+    kept = (tmp_path / "outcome-seed0" / "result.json").stat().st_mtime_ns
+    tables = run_study(cfg, tmp_path, cells=cells, seeds=(0,), starts=("suppressed", "blind"),
+                       teachers=("discriminating",))
+    assert list(tables) == ["suppressed-discriminating", "blind-discriminating"]
+    assert (tmp_path / "outcome-seed0" / "result.json").stat().st_mtime_ns == kept  # reused, not rerun
+    blind = tmp_path / "blind-discriminating"
+    assert (blind / "sft" / "export" / "config.json").exists() and (blind / "outcome-seed0" / "result.json").exists()
+    plain = [json.loads(line) for line in (blind / "data" / "train_sft.jsonl").read_text().splitlines()
+             if not json.loads(line)["with_constitution"]]
+    assert any("danger" in r["response"] for r in plain)  # the blind start's plain rows warn
+    study = (tmp_path / "study.md").read_text()
+    assert "| blind | discriminating | outcome |" in study and "| suppressed | discriminating | start (SFT) |" in study
+    assert (tmp_path / "study.png").stat().st_size > 0
+    with pytest.raises(UserError, match="built-in demo data"):
+        run_study(load_config(preset="tiny-cpu", overrides=["data.train=x.jsonl"]), tmp_path / "x")
