@@ -315,16 +315,20 @@ def test_local_jax_generator_for_caspo_eval_matches_the_training_prompts(base, o
     assert out[0].completion_tokens <= 8
 
 
-def test_sweep_cells_and_table(tmp_path):
-    from caspo_jax.loop.sweep import _write_figure, _write_table, sweep_cells
+def test_sweep_table_prints_mean_and_interval_per_cell(tmp_path):
+    from caspo_jax.loop.sweep import Cell, _cell_row, _write_figure, _write_table
 
-    assert sweep_cells(["outcome", "token", "hybrid"], [0.3, 0.6]) == [
-        ("outcome", 0.0), ("token", None), ("hybrid", 0.3), ("hybrid", 0.6)]
-    rows = [{"variant": v, "lambda": lam, "seeds": 2, "risk_failure_rate": 0.5, "over_warning_rate": 0.1,
-             "reward_mean": 1.2, "risk_failure_rate_per_seed": [0.4, 0.6], "over_warning_rate_per_seed": [0.1, 0.1],
-             "reward_mean_per_seed": [1.1, 1.3]} for v, lam in sweep_cells(["outcome", "hybrid"], [0.3])]
-    _write_table(rows, tmp_path)
-    _write_figure(rows, tmp_path / "sweep.png")
-    assert "| hybrid | 0.300 | 2 | 0.500 |" in (tmp_path / "table.md").read_text()
-    assert (tmp_path / "table.csv").read_text().splitlines()[0].startswith("variant,lambda,seeds,risk_failure_rate")
+    columns = ("risk_failure_rate", "reward_mean")
+    per_seed = [{"risk_failure_rate": 0.0, "reward_mean": 1.0}, {"risk_failure_rate": 1.0, "reward_mean": 1.5},
+                {"risk_failure_rate": 0.5, "reward_mean": float("nan")}]
+    rows = [_cell_row(None, "start (SFT)", per_seed[:1], columns), _cell_row(Cell("hybrid", 0.3), "hybrid", per_seed,
+                                                                             columns)]
+    _write_table(rows, columns, tmp_path)
+    _write_figure(rows, columns, tmp_path / "sweep.png")
+    # risk failure: mean 0.5, s = 0.5, t_{0.975,2} = 4.302653 -> half width 1.242; reward (NaN left
+    # out): mean 1.25, s = 0.3536, t_{0.975,1} = 12.706 -> half width 3.1765
+    assert "| hybrid λ=0.3 | 3 | 0.500 [-0.742, 1.742] | 1.250 [-1.927, 4.427] |" in (tmp_path / "table.md").read_text()
+    assert "| start (SFT) | 1 | 0.000 | 1.000 |" in (tmp_path / "table.md").read_text()
+    header = (tmp_path / "table.csv").read_text().splitlines()[0]
+    assert header.startswith("variant,lambda,nonneg,seeds,risk_failure_rate_mean,risk_failure_rate_low")
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
