@@ -92,14 +92,18 @@ class TrainingRun:
         return 0, state, None
 
     def loop(self, state, start: int, total: int, step_fn: Callable[[Any, int], StepOutcome], *,
-             extras: Callable[[int], dict] | None = None) -> LoopEnd:
+             extras: Callable[[int], dict] | None = None, before: Callable[[], dict] | None = None) -> LoopEnd:
         """Runs steps start..total-1 (`step_fn(state, step)`), writing each step's metrics as
         step + 1; saves after step n when run.save_every divides n, after the last step,
         and after a step that was stopped or asked to halt, with {"stage": command, "step":
         n, **extras(n)} beside the state (`extras` is called on every process: it may be a
-        collective). Waits for the saves and closes the checkpointer and the writer."""
+        collective). `before` (a fresh run only): metrics of the untrained state, written as
+        step 0 (e.g. an evaluation before RL). Waits for the saves and closes the
+        checkpointer and the writer."""
         writer = open_writer(self.dir.path, resume_step=start if self.resume else None, total_steps=total,
                              progress=self.progress, initial_step=start, desc=self.bar)
+        if before is not None and start == 0:
+            writer.write(0, before())
         step, stopping, halt = start, False, None
         try:
             with StopSignals() as stop:

@@ -81,3 +81,15 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_fresh_runs_refuse(tmp_
     assert start == 3
     assert resumed.finish(resumed.loop(state, start, 5, _toy_step()))
     assert _rows(tmp_path / "part") == _rows(tmp_path / "full")
+
+
+def test_before_metrics_are_step_0_of_a_fresh_run_only(tmp_path):
+    run = TrainingRun(_cfg(), tmp_path, "toy", progress=False)
+    start, state, _ = run.restore({"w": jnp.ones(2)})
+    run.loop(state, start, 2, _toy_step(), before=lambda: {"eval/x": 0.5})
+    assert [(r["step"], r.get("eval/x")) for r in _rows(tmp_path)] == [(0, 0.5), (1, None), (2, None)]
+    again = TrainingRun(_cfg(), tmp_path, "toy", resume=True, progress=False)
+    start, state, _ = again.restore({"w": jnp.ones(2)})
+    calls = []
+    again.loop(state, start, 3, _toy_step(), before=lambda: calls.append(1) or {"eval/x": 9.0})
+    assert not calls and [r["step"] for r in _rows(tmp_path)] == [0, 1, 2, 3]
