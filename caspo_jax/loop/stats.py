@@ -32,9 +32,10 @@ class Interval:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def mean_interval(values, confidence: float = 0.95) -> Interval:
+def mean_interval(values, confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> Interval:
     """Mean of the finite `values` and Student's t interval for it:
-    mean +- t_{(1+confidence)/2, n-1} * s / sqrt(n), s the sample std (ddof=1).
+    mean +- t_{(1+confidence)/2, n-1} * s / sqrt(n), s the sample std (ddof=1), cut to
+    `bounds` (a rate's or an AUC's [0, 1]: the mean cannot lie outside them).
 
     Seeds are independent runs, so the t interval is the textbook choice; with per-seed
     values that are nearly binary (a policy that learnt the cue or did not) it is only
@@ -49,7 +50,10 @@ def mean_interval(values, confidence: float = 0.95) -> Interval:
     if n < 2:
         return Interval(mean, math.nan, math.nan, 1)
     half = float(scipy_stats.t.ppf((1 + confidence) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return Interval(mean, mean - half, mean + half, n)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Interval(mean, low, high, n)
 
 
 def rank_auc(scores, labels) -> float:

@@ -64,6 +64,10 @@ __all__ = ["DEFAULT_CELLS", "DEFAULT_SEEDS", "DIAGNOSTICS", "METRICS", "STUDY_CE
 METRICS = ("risk_failure_rate", "over_warning_rate", "warning_auc", "reward_mean")
 DIAGNOSTICS = ("p_warning_hazard", "p_warning_safe", "first_token_auc", "teacher_discrimination", "rollout_entropy",
                "adv/flipped_frac")
+# columns that live in [0, 1]: their intervals are cut there
+UNIT_COLUMNS = ("risk_failure_rate", "over_warning_rate", "warning_auc", "p_warning_hazard", "p_warning_safe",
+                "first_token_auc", "adv/flipped_frac")
+UNIT_RANGE = (0.0, 1.0)
 # training metrics summarised per run: the mean of the last LAST_STEPS steps
 LAST_STEPS = 10
 
@@ -301,7 +305,7 @@ def _cell_row(cell: Cell | None, label: str, per_seed: list[dict], columns) -> d
            else cell.lam, "nonneg": bool(cell and cell.nonneg), "seeds": len(per_seed)}
     for c in columns:
         values = [r.get(c, math.nan) for r in per_seed]
-        row[c] = mean_interval(values)
+        row[c] = mean_interval(values, bounds=UNIT_RANGE if c in UNIT_COLUMNS else None)
         row[f"{c}_per_seed"] = values
     return row
 

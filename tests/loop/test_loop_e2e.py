@@ -325,9 +325,10 @@ def test_sweep_table_prints_mean_and_interval_per_cell(tmp_path):
                                                                              columns)]
     _write_table(rows, columns, tmp_path)
     _write_figure(rows, columns, tmp_path / "sweep.png")
-    # risk failure: mean 0.5, s = 0.5, t_{0.975,2} = 4.302653 -> half width 1.242; reward (NaN left
+    # risk failure: mean 0.5, s = 0.5, t_{0.975,2} = 4.302653 -> half width 1.242, cut to [0, 1];
+    # reward (unbounded, NaN left
     # out): mean 1.25, s = 0.3536, t_{0.975,1} = 12.706 -> half width 3.1765
-    assert "| hybrid λ=0.3 | 3 | 0.500 [-0.742, 1.742] | 1.250 [-1.927, 4.427] |" in (tmp_path / "table.md").read_text()
+    assert "| hybrid λ=0.3 | 3 | 0.500 [0.000, 1.000] | 1.250 [-1.927, 4.427] |" in (tmp_path / "table.md").read_text()
     assert "| start (SFT) | 1 | 0.000 | 1.000 |" in (tmp_path / "table.md").read_text()
     header = (tmp_path / "table.csv").read_text().splitlines()[0]
     assert header.startswith("variant,lambda,nonneg,seeds,risk_failure_rate_mean,risk_failure_rate_low")

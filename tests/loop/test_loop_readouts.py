@@ -108,6 +108,8 @@ def test_mean_interval_hand_values_and_coverage():
     # t_{0.975, 2} = 4.302653; s = 1; half width = 4.302653 / sqrt(3)
     np.testing.assert_allclose([iv.mean, iv.high - iv.mean], [2.0, 4.302653 / math.sqrt(3)], rtol=1e-6)
     assert mean_interval([0.5, 0.5]).low == mean_interval([0.5, 0.5]).high == 0.5
+    cut = mean_interval([0.0, 0.0, 1.0], bounds=(0.0, 1.0))  # t interval [-1.101, 1.768], cut to the rate's range
+    assert (cut.low, cut.high) == (0.0, 1.0) and abs(cut.mean - 1 / 3) < 1e-12
     assert math.isnan(mean_interval([0.2]).low) and mean_interval([float("nan"), 0.2, None]).n == 1
     # a known distribution: the 95% interval of 8 normal draws covers the true mean ~95% of the time
     rng = np.random.default_rng(1)
