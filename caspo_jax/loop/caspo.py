@@ -30,7 +30,7 @@ import numpy as np
 from caspo_jax.data.records import load_records
 from caspo_jax.distributed import pipeline_shard
 from caspo_jax.errors import UserError
-from caspo_jax.loop.config import ConfigError, TrainConfig, config_to_dict, step_config
+from caspo_jax.loop.config import ConfigError, TrainConfig, config_to_dict, rollout_correction, step_config
 from caspo_jax.loop.data import DataFiles, prepare_data, prompt_dataset
 from caspo_jax.loop.evaluate import batch_prompts, decode_responses, evaluate_policy
 from caspo_jax.loop.metrics import PhaseTimer, count_params, mfu
@@ -44,6 +44,7 @@ from caspo_jax.rewards.base import records_problem
 from caspo_jax.rollout import JaxSampler, SamplingParams, VllmEngine
 from caspo_jax.step import (build_train_batch, init_state, make_train_step, rollout_advantages, step_logprobs,
                             take_rows, teacher_params)
+from caspo_jax.step.correction import correction_metrics
 from caspo_jax.step.logprobs import cast_floats
 
 __all__ = ["RolloutSignals", "check_reward_fits_data", "make_reward", "make_rollout_engine", "rollout_signals",
@@ -149,13 +150,13 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params):
 
 
 def _host_step(batch, tokens, mask, truncated, rewards, ok, images_per_prompt,
-               rollout_logp=None) -> dict[str, np.ndarray]:
+               rollout_logp) -> dict[str, np.ndarray]:
     """This process's share of a step as plain arrays (what `merge_prompt_rows` gathers).
-    rollout_logp: the engine's [S, max_response_len] sampled-token log-probs (optim.tis_cap
-    only; padded to one width on every process, so rows gather like any per-row field)."""
+    rollout_logp: the engine's [S, max_response_len] sampled-token log-probs (for the
+    rollout correction and its metrics; padded to one width on every process, so rows
+    gather like any per-row field)."""
     pixels = np.asarray(batch.pixel_values if batch.pixel_values is not None else np.zeros((0, 1)), np.float32)
-    extra = {} if rollout_logp is None else {"rollout_logp": rollout_logp}
-    return {**extra, "ids": batch.input_ids, "mask": batch.attention_mask, "teacher_ids": batch.teacher_input_ids,
+    return {"rollout_logp": rollout_logp, "ids": batch.input_ids, "mask": batch.attention_mask, "teacher_ids": batch.teacher_input_ids,
             "teacher_mask": batch.teacher_attention_mask,
             "pixels": pixels if pixels.ndim == 2 else np.zeros((0, 1), np.float32),
             "grids": np.asarray(batch.image_grid_thw, np.int32).reshape(-1, 3), "images": images_per_prompt,
@@ -205,7 +206,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     if extras is not None:
         data_state = extras["data"]
         iterator.set_state(data_state[pid] if isinstance(data_state, list) else data_state)
-    train_step = make_train_step(model, step_cfg, a, mesh=place.mesh)
+    correction = rollout_correction(cfg)
+    train_step = make_train_step(model, step_cfg, a, mesh=place.mesh, correction=correction)
     sampler = make_rollout_engine(cfg, policy, place, place.sampler_params(state.params))
     eval_set = None
     if cfg.run.eval_every and files.eval is not None:
@@ -232,7 +234,6 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             failing["last_error"] = next((e for e in scores.errors if e is not None), failing["last_error"])
             local = _host_step(batch, tokens, mask, rollouts.finish_reason == "length", scores.rewards,
                                np.asarray(scores.ok, bool), np.asarray([len(i) for i in batch.images]),
-                               None if o.tis_cap is None else
                                _to_width(np.where(mask, rollouts.logprobs, 0.0), cfg.data.max_response_len))
             merged = merge_prompt_rows(allgather_host(local), G, policy.pad_id)
             tokens, mask, ok = merged["tokens"], merged["response_mask"], merged["ok"]
@@ -255,9 +256,11 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 (signals.old_logp, signals.ref_logp, signals.advantages, signals.entropy,
                  signals.metrics))  # also times the phase, not the dispatch
             tb = tb.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
-            if o.tis_cap is not None:  # the step weighs each token by min(pi_old / pi_rollout, tis_cap)
-                tb = tb.with_signals(rollout_logp=_to_width(merged["rollout_logp"], tb.response_len))
+            rollout_logp = _to_width(merged["rollout_logp"], tb.response_len)
+            if correction.active:  # the step weighs each token against the engine's log-prob
+                tb = tb.with_signals(rollout_logp=rollout_logp)
             tb = dataclasses.replace(tb, response_mask=mask_f.astype(np.float32))  # failed groups: no loss
+            correction_row = correction_metrics(old_logp, rollout_logp, mask_f, correction)
         with timer("update"):
             step_metrics = []
             rng = np.random.default_rng([cfg.run.seed, step])
@@ -285,6 +288,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             "reward/failed_group_frac": failed_share,
             **{k: float(v) for k, v in adv_metrics.items()},
             **step_metrics,
+            **correction_row,
             "rollout_entropy": float(np.asarray(entropy)[valid].mean()) if valid.any() else 0.0,
             "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
             "response_length/truncated_frac": float(np.mean(merged["truncated"])),
