@@ -130,9 +130,10 @@ def _mean_dicts(rows: list[dict]) -> dict:
     return {k: float(np.mean([float(r[k]) for r in rows])) for k in rows[0]} if rows else {}
 
 
-def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params):
-    """The rollout engine of rollout.engine, holding `params`: both have `generate` (n
-    samples per prompt, per-prompt seeds) and `sync_weights`.
+def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params, version: int = 0):
+    """The rollout engine of rollout.engine, holding `params` as weight version `version`
+    (the number of steps they were trained for): both have `generate` (n samples per
+    prompt, per-prompt seeds; `Rollouts.version`) and `sync_weights(params, version)`.
 
     "jax": `JaxSampler` on the placement's sampler mesh. "vllm": `VllmEngine` started in
     this process on model.path (its architecture, tokenizer and processor), then given
@@ -140,12 +141,13 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params):
     On CPU the KV cache is bounded to 256 MiB; on GPUs vLLM sizes it itself.
     """
     if cfg.rollout.engine == "jax":
-        return JaxSampler(policy.model, params, eos_token_ids=policy.eos_ids, mesh=place.sampler_mesh)
+        return JaxSampler(policy.model, params, eos_token_ids=policy.eos_ids, mesh=place.sampler_mesh,
+                          version=version)
     engine = VllmEngine.start(cfg.model.path, policy.model, dtype=cfg.model.dtype, seed=cfg.run.seed,
                               max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len,
                               kv_cache_memory_bytes=256 * 2**20 if jax.devices()[0].platform == "cpu" else None,
                               eos_token_ids=policy.eos_ids)
-    engine.sync_weights(params)
+    engine.sync_weights(params, version)
     return engine
 
 
@@ -208,7 +210,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
         iterator.set_state(data_state[pid] if isinstance(data_state, list) else data_state)
     correction = rollout_correction(cfg)
     train_step = make_train_step(model, step_cfg, a, mesh=place.mesh, correction=correction)
-    sampler = make_rollout_engine(cfg, policy, place, place.sampler_params(state.params))
+    sampler = make_rollout_engine(cfg, policy, place, place.sampler_params(state.params), version=start)
     eval_set = None
     if cfg.run.eval_every and files.eval is not None:
         eval_set, _ = prompt_dataset(cfg, files, policy.processor, split="eval", num_epochs=1, shuffle=False,
@@ -271,7 +273,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                     step_metrics.append(m)
             step_metrics = _mean_dicts(jax.device_get(step_metrics))
         with timer("sync"):
-            sampler.sync_weights(place.sampler_params(state.params))
+            sampler.sync_weights(place.sampler_params(state.params), step + 1)
             jax.block_until_ready(getattr(sampler, "params", None))
         done = step + 1
         lengths = mask.sum(axis=1)
