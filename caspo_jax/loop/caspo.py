@@ -147,7 +147,7 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params, version
                               max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len,
                               kv_cache_memory_bytes=256 * 2**20 if jax.devices()[0].platform == "cpu" else None,
                               eos_token_ids=policy.eos_ids)
-    engine.sync_weights(params, version)
+    engine.sync_weights(params, version=version)
     return engine
 
 
@@ -273,7 +273,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                     step_metrics.append(m)
             step_metrics = _mean_dicts(jax.device_get(step_metrics))
         with timer("sync"):
-            sampler.sync_weights(place.sampler_params(state.params), step + 1)
+            sampler.sync_weights(place.sampler_params(state.params), version=step + 1)
             jax.block_until_ready(getattr(sampler, "params", None))
         done = step + 1
         lengths = mask.sum(axis=1)
