@@ -20,6 +20,7 @@ continues exactly where the run stopped (metrics equal an uninterrupted run on C
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import NamedTuple
@@ -42,6 +43,7 @@ from caspo_jax.demo.task import demo_record_problem, demo_reward
 from caspo_jax.rewards import FunctionReward, build_reward, group_ok
 from caspo_jax.rewards.base import records_problem
 from caspo_jax.rollout import JaxSampler, SamplingParams, VllmEngine
+from caspo_jax.rollout.producer import Produced, RolloutProducer
 from caspo_jax.step import (build_train_batch, init_state, make_train_step, rollout_advantages, step_logprobs,
                             take_rows, teacher_params)
 from caspo_jax.step.correction import correction_metrics
@@ -166,6 +168,18 @@ def _host_step(batch, tokens, mask, truncated, rewards, ok, images_per_prompt,
             "rewards": np.asarray(rewards, np.float64), "ok": ok}
 
 
+def _async_metrics(got: Produced, step: int, samples: int, max_staleness: int, seconds: dict) -> dict:
+    """Bounded-staleness metrics of one step: the batch's staleness (trainer version - rollout
+    version) and its histogram over 0..k in samples, the trainer's wait for the batch, the
+    producer's idle and push seconds since the last batch, and its data / generation seconds."""
+    staleness = step - got.version
+    return {"async/staleness": float(staleness),
+            **{f"async/staleness_hist/{d}": float(samples if d == staleness else 0) for d in range(max_staleness + 1)},
+            "async/trainer_wait_s": got.trainer_wait_s, "async/producer_idle_s": got.producer_idle_s,
+            "async/producer_push_s": got.producer_push_s, "async/rollout_s": seconds.get("rollout", 0.0),
+            "async/data_s": seconds.get("data", 0.0)}
+
+
 def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, policy: Policy | None = None,
               progress: bool = True, export: bool = True, eval_modes=("standard",)) -> Policy:
     """Trains to run.steps (or run.epochs over the prompts), or until SIGTERM/SIGINT, on the
@@ -177,6 +191,14 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     gathered (same order as one process would read them, so the run equals a
     single-process one), and each feeds its rows of the global batch; process 0 alone
     writes metrics, the config and the export, every process writes its checkpoint shards.
+
+    rollout.max_staleness = k >= 1 (one process): a `RolloutProducer` thread draws the
+    prompts and generates the rollouts of the next steps while this thread scores and
+    trains, never more than k weight versions behind; the trainer publishes its weights
+    after each update instead of pushing them. A checkpoint saves the data position after
+    the last TRAINED batch: rollouts in flight are dropped and, on --resume, generated again
+    from the checkpoint's weights (nothing is lost or trained twice; the resumed rollouts
+    differ from an uninterrupted run's, which came from older weights).
     """
     a, o = cfg.algo, cfg.optim
     if cfg.rollout.engine == "vllm" and cfg.model.path is None:
@@ -187,6 +209,11 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     if P % n_proc:
         raise ConfigError(f"algo.prompts_per_step={P} must be divisible by the {n_proc} processes (each reads "
                           f"an equal share of a step's prompts); pick a multiple of {n_proc}")
+    k = cfg.rollout.max_staleness
+    if k and n_proc > 1:
+        raise ConfigError(f"rollout.max_staleness={k} runs in one trainer process for now (this run has {n_proc}); "
+                          "set rollout.max_staleness=0, or train in one process and put the rollouts on remote "
+                          "workers")
     run = TrainingRun(cfg, out_dir, "train", resume=resume, progress=progress, bar="caspo")
     files = prepare_data(cfg, run.dir.data)
     reward = make_reward(cfg.reward)
@@ -220,16 +247,45 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.data.max_response_len)
     failing = {"steps": 0, "last_error": None}  # consecutive steps with too many failed rewards
+    trained_data = {}  # k >= 1: the data position after the last trained batch (what a checkpoint saves)
 
-    def step_fn(state, step: int) -> StepOutcome:
-        timer = PhaseTimer()
+    def draw(step: int, engine, timer: PhaseTimer):
+        """Step `step`'s prompts (the data iterator's next batch) and their rollouts."""
         with timer("data"):
             batch = next(iterator)
         with timer("rollout"):
             seeds = (cfg.run.seed * 1_000_003 + step * P + global_prompt) % (2**31 - 1)
-            rollouts = sampler.generate(batch_prompts(batch, seeds=seeds), n=G, sampling=sampling)
-            mask = np.asarray(rollouts.mask, bool)  # both engines never emit vision placeholders
-            tokens = np.where(mask, rollouts.tokens, 0)
+            rollouts = engine.generate(batch_prompts(batch, seeds=seeds), n=G, sampling=sampling)
+        return batch, rollouts
+
+    def produce(step: int, engine):  # the producer thread (k >= 1)
+        timer = PhaseTimer()
+        batch, rollouts = draw(step, engine, timer)
+        return (batch, rollouts, iterator.get_state(), timer.seconds), rollouts.version
+
+    @contextlib.contextmanager
+    def engine_at(state, version: int):
+        """The rollout engine holding `state`'s weights (version `version`), for this thread alone."""
+        if producer is None:
+            yield sampler  # pushed at the end of every step
+            return
+        with producer.paused() as engine:
+            if engine.version < version:
+                engine.sync_weights(place.sampler_params(state.params), version=version)
+            yield engine
+
+    def step_fn(state, step: int) -> StepOutcome:
+        timer = PhaseTimer()
+        async_row = {}
+        if producer is None:
+            batch, rollouts = draw(step, sampler, timer)
+        else:
+            with timer("rollout_wait"):
+                got = producer.take(step)
+            batch, rollouts, trained_data["state"], seconds = got.item
+            async_row = _async_metrics(got, step, len(rollouts), k, seconds)
+        mask = np.asarray(rollouts.mask, bool)  # both engines never emit vision placeholders
+        tokens = np.where(mask, rollouts.tokens, 0)
         with timer("reward"):
             texts = decode_responses(tokenizer, tokens, mask)
             scores = reward.score([batch.records[i] for i in rollouts.prompt_index], texts)
@@ -273,8 +329,11 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                     step_metrics.append(m)
             step_metrics = _mean_dicts(jax.device_get(step_metrics))
         with timer("sync"):
-            sampler.sync_weights(place.sampler_params(state.params), version=step + 1)
-            jax.block_until_ready(getattr(sampler, "params", None))
+            if producer is None:
+                sampler.sync_weights(place.sampler_params(state.params), version=step + 1)
+                jax.block_until_ready(getattr(sampler, "params", None))
+            else:  # installed by the producer before its next batch
+                producer.publish(place.sampler_params(state.params), step + 1)
         done = step + 1
         lengths = mask.sum(axis=1)
         valid = np.asarray(tb.response_mask) > 0
@@ -291,6 +350,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             **{k: float(v) for k, v in adv_metrics.items()},
             **step_metrics,
             **correction_row,
+            **async_row,
             "rollout_entropy": float(np.asarray(entropy)[valid].mean()) if valid.any() else 0.0,
             "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
             "response_length/truncated_frac": float(np.mean(merged["truncated"])),
@@ -301,26 +361,33 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
         }
         if eval_set is not None and (done % cfg.run.eval_every == 0 or done == total):
             # every process evaluates the whole (small) eval set with its sampler; process 0 writes it
-            policy_now = dataclasses.replace(policy, params=getattr(sampler, "params", state.params))
-            for mode in eval_modes:
-                result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
-                                         max_new_tokens=cfg.data.max_response_len,
-                                         temperature=cfg.rollout.eval_temperature, sampler=sampler)
-                metrics.update({f"eval_{mode}/{k}": v for k, v in result.items() if k != "n"})
+            with engine_at(state, done) as sampler_now:
+                policy_now = dataclasses.replace(policy, params=getattr(sampler_now, "params", state.params))
+                for mode in eval_modes:
+                    result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
+                                             max_new_tokens=cfg.data.max_response_len,
+                                             temperature=cfg.rollout.eval_temperature, sampler=sampler_now)
+                    metrics.update({f"eval_{mode}/{key}": v for key, v in result.items() if key != "n"})
         failing["steps"] = failing["steps"] + 1 if failed_share >= cfg.run.halt_failed_share else 0
         halting = 0 < cfg.run.halt_failed_steps <= failing["steps"]  # every process: the same gathered ok
         halt = _halt_message(cfg, done, run.dir.checkpoints, failing["last_error"]) if halting else None
         return StepOutcome(state, metrics, halt)
 
     def extras(step: int) -> dict:
-        data_state = iterator.get_state()
+        data_state = iterator.get_state() if producer is None else trained_data["state"]
         if n_proc > 1:
             data_state = allgather_json(data_state)  # each process resumes its own shard
         return {"stage": "caspo", "data": data_state, "config": config_to_dict(cfg)}
 
+    producer = None
+    if k:
+        producer = RolloutProducer(sampler, produce, start=start, end=total, max_staleness=k,
+                                   timeout_s=cfg.rollout.timeout_s, version=start)
     try:
         end = run.loop(state, start, total, step_fn, extras=extras)
     finally:
+        if producer is not None:
+            producer.close()
         if hasattr(sampler, "shutdown"):
             sampler.shutdown()
     final = dataclasses.replace(policy, params=end.state.params)

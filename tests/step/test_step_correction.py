@@ -60,8 +60,9 @@ def test_sequence_masked_is_uses_the_mean_log_ratio():
 
 def test_weights_are_stop_gradient():
     for mode in ("tis", "mis_token", "mis_seq"):
-        grad = jax.grad(lambda o: correction_weights(o, jnp.asarray(ROLLOUT), jnp.asarray(MASK),
-                                                     RolloutCorrection(mode))[0].sum())(jnp.asarray(OLD))
+        correction = RolloutCorrection(mode)
+        grad = jax.grad(lambda o, c=correction: correction_weights(o, jnp.asarray(ROLLOUT), jnp.asarray(MASK),
+                                                                   c)[0].sum())(jnp.asarray(OLD))
         assert np.all(np.asarray(grad) == 0), mode
 
 
