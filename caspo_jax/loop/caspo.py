@@ -385,6 +385,9 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                                    timeout_s=cfg.rollout.timeout_s, version=start)
     try:
         end = run.loop(state, start, total, step_fn, extras=extras)
+    except BaseException:
+        run.checkpointer.wait()  # the save of the step before a failure completes: it is the one to resume
+        raise
     finally:
         if producer is not None:
             producer.close()
