@@ -181,7 +181,8 @@ def _async_metrics(got: Produced, step: int, samples: int, max_staleness: int, s
 
 
 def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, policy: Policy | None = None,
-              progress: bool = True, export: bool = True, eval_modes=("standard",)) -> Policy:
+              progress: bool = True, export: bool = True, eval_modes=("standard",),
+              engine_factory=None) -> Policy:
     """Trains to run.steps (or run.epochs over the prompts), or until SIGTERM/SIGINT, on the
     run skeleton (`caspo_jax.loop.skeleton.TrainingRun`).
 
@@ -199,6 +200,9 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     the last TRAINED batch: rollouts in flight are dropped and, on --resume, generated again
     from the checkpoint's weights (nothing is lost or trained twice; the resumed rollouts
     differ from an uninterrupted run's, which came from older weights).
+
+    engine_factory: builds the rollout engine, `make_rollout_engine`'s signature (default:
+    that function; bench/pipeline.py passes an engine that stands in for GPU hosts).
     """
     a, o = cfg.algo, cfg.optim
     if cfg.rollout.engine == "vllm" and cfg.model.path is None:
@@ -237,7 +241,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
         iterator.set_state(data_state[pid] if isinstance(data_state, list) else data_state)
     correction = rollout_correction(cfg)
     train_step = make_train_step(model, step_cfg, a, mesh=place.mesh, correction=correction)
-    sampler = make_rollout_engine(cfg, policy, place, place.sampler_params(state.params), version=start)
+    sampler = (engine_factory or make_rollout_engine)(cfg, policy, place, place.sampler_params(state.params),
+                                                      version=start)
     eval_set = None
     if cfg.run.eval_every and files.eval is not None:
         eval_set, _ = prompt_dataset(cfg, files, policy.processor, split="eval", num_epochs=1, shuffle=False,
