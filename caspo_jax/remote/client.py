@@ -195,6 +195,8 @@ class RemoteRolloutEngine:
             h.close()
         self.handles = []
 
+    shutdown = close  # what `run_caspo` calls on its rollout engine at the end
+
     def __enter__(self):
         return self
 

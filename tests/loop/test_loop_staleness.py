@@ -144,3 +144,19 @@ def test_a_hung_engine_times_out_instead_of_deadlocking(base, monkeypatch, tmp_p
         release.set()
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert not metrics.exists() or not read(metrics)  # no step trained
+
+
+def test_the_async_recipe_config_is_k1_with_tis_on_vllm_logprobs():
+    """launch/recipes/async_tpu_vllm.py's settings validate on the 7B preset: one version of
+    staleness, TIS at 2 against vLLM's temperature-1 log-probs, one trainer process's mesh."""
+    import argparse
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "launch" / "recipes" / "async_tpu_vllm.py"
+    spec = importlib.util.spec_from_file_location("async_tpu_vllm", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cfg = recipe.build_config(argparse.Namespace(preset="qwen2_5_vl_7b-start-sft", config=None,
+                                                 set=["model.path=/m", "reward.path=/r"]))
+    assert (cfg.rollout.max_staleness, cfg.rollout.engine, cfg.rollout.temperature) == (1, "vllm", 1.0)
+    assert (cfg.optim.rollout_correction, cfg.optim.tis_cap, cfg.run.mesh_fsdp) == ("tis", 2.0, -1)
