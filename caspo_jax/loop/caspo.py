@@ -33,6 +33,7 @@ from caspo_jax.distributed import pipeline_shard
 from caspo_jax.errors import UserError
 from caspo_jax.loop.config import ConfigError, TrainConfig, config_to_dict, rollout_correction, step_config
 from caspo_jax.loop.data import DataFiles, prepare_data, prompt_dataset
+from caspo_jax.loop.dynamic_sampling import fill_groups, informative_groups
 from caspo_jax.loop.evaluate import batch_prompts, decode_responses, evaluate_policy
 from caspo_jax.loop.metrics import PhaseTimer, count_params, mfu
 from caspo_jax.loop.placement import allgather_host, allgather_json, make_placement, merge_prompt_rows
@@ -254,12 +255,13 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     failing = {"steps": 0, "last_error": None}  # consecutive steps with too many failed rewards
     trained_data = {}  # k >= 1: the data position after the last trained batch (what a checkpoint saves)
 
-    def draw(step: int, engine, timer: PhaseTimer):
-        """Step `step`'s prompts (the data iterator's next batch) and their rollouts."""
+    def draw(step: int, engine, timer: PhaseTimer, attempt: int = 0):
+        """Step `step`'s prompts (the data iterator's next batch) and their rollouts; `attempt`
+        > 0: dynamic sampling's further draws (other seeds)."""
         with timer("data"):
             batch = next(iterator)
         with timer("rollout"):
-            seeds = (cfg.run.seed * 1_000_003 + step * P + global_prompt) % (2**31 - 1)
+            seeds = (cfg.run.seed * 1_000_003 + step * P + global_prompt + attempt * 7_919 * P) % (2**31 - 1)
             rollouts = engine.generate(batch_prompts(batch, seeds=seeds), n=G, sampling=sampling)
         return batch, rollouts
 
@@ -279,16 +281,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 engine.sync_weights(place.sampler_params(state.params), version=version)
             yield engine
 
-    def step_fn(state, step: int) -> StepOutcome:
-        timer = PhaseTimer()
-        async_row = {}
-        if producer is None:
-            batch, rollouts = draw(step, sampler, timer)
-        else:
-            with timer("rollout_wait"):
-                got = producer.take(step)
-            batch, rollouts, trained_data["state"], seconds = got.item
-            async_row = _async_metrics(got, step, len(rollouts), k, seconds)
+    def score_draw(batch, rollouts, timer: PhaseTimer) -> dict:
+        """One draw's rollouts scored, as the step's global host arrays (`merge_prompt_rows`)."""
         mask = np.asarray(rollouts.mask, bool)  # both engines never emit vision placeholders
         tokens = np.where(mask, rollouts.tokens, 0)
         with timer("reward"):
@@ -298,7 +292,33 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             local = _host_step(batch, tokens, mask, rollouts.finish_reason == "length", scores.rewards,
                                np.asarray(scores.ok, bool), np.asarray([len(i) for i in batch.images]),
                                _to_width(np.where(mask, rollouts.logprobs, 0.0), cfg.data.max_response_len))
-            merged = merge_prompt_rows(allgather_host(local), G, policy.pad_id)
+            return merge_prompt_rows(allgather_host(local), G, policy.pad_id)
+
+    def dynamic_draws(step: int, merged: dict, timer: PhaseTimer) -> tuple[dict, dict]:
+        """rollout.dynamic_sampling: more draws until P informative groups (or the draw limit)."""
+        draws, flags = [merged], [informative_groups(merged["rewards"], merged["ok"], G)]
+        while sum(int(f.sum()) for f in flags) < P and len(draws) < cfg.rollout.dynamic_sampling_max_draws:
+            draws.append(score_draw(*draw(step, sampler, timer, attempt=len(draws)), timer))
+            flags.append(informative_groups(draws[-1]["rewards"], draws[-1]["ok"], G))
+        merged, n_informative = fill_groups(draws, flags, P, G, policy.pad_id)
+        return merged, {"dynamic_sampling/fill_rate": n_informative / P, "dynamic_sampling/draws": float(len(draws)),
+                        "dynamic_sampling/dropped_groups": float(sum(int((~f).sum()) for f in flags))}
+
+    def step_fn(state, step: int) -> StepOutcome:
+        timer = PhaseTimer()
+        extra_row = {}
+        if producer is None:
+            batch, rollouts = draw(step, sampler, timer)
+        else:
+            with timer("rollout_wait"):
+                got = producer.take(step)
+            batch, rollouts, trained_data["state"], seconds = got.item
+            extra_row = _async_metrics(got, step, len(rollouts), k, seconds)
+        merged = score_draw(batch, rollouts, timer)
+        if cfg.rollout.dynamic_sampling:
+            merged, dynamic_row = dynamic_draws(step, merged, timer)
+            extra_row.update(dynamic_row)
+        with timer("reward"):
             tokens, mask, ok = merged["tokens"], merged["response_mask"], merged["ok"]
             raw_rewards = merged["rewards"]
             ok_P = group_ok(ok, G)
@@ -355,7 +375,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             **{k: float(v) for k, v in adv_metrics.items()},
             **step_metrics,
             **correction_row,
-            **async_row,
+            **extra_row,
             "rollout_entropy": float(np.asarray(entropy)[valid].mean()) if valid.any() else 0.0,
             "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
             "response_length/truncated_frac": float(np.mean(merged["truncated"])),

@@ -130,8 +130,14 @@ class RolloutConfig:
     producer thread generates the next steps' rollouts while the trainer updates, each
     tagged with the weight version that produced it; step s trains only on rollouts of
     version >= s - k (`caspo_jax.rollout.producer`). timeout_s: the longest the trainer waits
-    for a rollout batch (and the producer for a weight version) before the run stops with an
-    error (a dead or hung rollout engine), the last checkpoint intact."""
+    for a rollout batch before the run stops with an error (a dead or hung rollout engine),
+    the last checkpoint intact.
+
+    dynamic_sampling: DAPO's dynamic sampling (`caspo_jax.loop.dynamic_sampling`): prompt
+    groups whose outcome rewards are all equal are dropped and more prompt batches drawn
+    (at most dynamic_sampling_max_draws per step, the first included) until the step's
+    algo.prompts_per_step groups are full; short of that, dropped groups fill the rest.
+    Synchronous loop only (max_staleness 0)."""
 
     engine: str = "jax"
     temperature: float = 1.0
@@ -140,6 +146,8 @@ class RolloutConfig:
     eval_temperature: float = 0.0
     max_staleness: int = 0
     timeout_s: float = 1800.0
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,6 +535,12 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     if cfg.rollout.max_staleness < 0:
         fail("rollout.max_staleness", f"={cfg.rollout.max_staleness} must be >= 0 (0: the synchronous loop; 1: "
              "rollouts one weight version behind the trainer)")
+    if cfg.rollout.dynamic_sampling_max_draws < 1:
+        fail("rollout.dynamic_sampling_max_draws", f"={cfg.rollout.dynamic_sampling_max_draws} must be >= 1 (prompt "
+             "batches drawn per step at most, the first included)")
+    if cfg.rollout.dynamic_sampling and cfg.rollout.max_staleness:
+        fail("rollout.dynamic_sampling", f"needs rollout.max_staleness=0 (it is {cfg.rollout.max_staleness}): its "
+             "extra draws depend on the step's rewards; set one of them")
     if not cfg.rollout.timeout_s > 0:
         fail("rollout.timeout_s", f"={cfg.rollout.timeout_s} must be > 0 (seconds the trainer waits for a rollout "
              "batch before it stops with an error)")
