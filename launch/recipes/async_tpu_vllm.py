@@ -29,6 +29,7 @@ import argparse
 from caspo_jax.distributed import start as start_distributed
 from caspo_jax.loop.caspo import run_caspo
 from caspo_jax.loop.config import load_config
+from caspo_jax.remote import RemoteRolloutEngine, WorkerSpec
 
 ASYNC = ["rollout.max_staleness=1", "optim.rollout_correction=tis", "optim.tis_cap=2.0", "rollout.engine=vllm",
          "rollout.temperature=1.0", "run.mesh_fsdp=-1", "run.mesh_data=1"]
@@ -44,8 +45,6 @@ def ray_engine_factory(args):
 
     def factory(cfg, policy, place, params, version=0):
         import ray
-
-        from caspo_jax.remote import RemoteRolloutEngine, WorkerSpec
 
         ray.init(address=args.ray)
         spec = WorkerSpec.vllm(policy.model, args.vllm_model_dir, engine_kwargs=dict(
