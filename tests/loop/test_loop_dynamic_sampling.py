@@ -63,25 +63,39 @@ def test_fill_groups_takes_informative_groups_first_then_fills_in_draw_order():
     assert n == 1 and merged["ids"][:, -1].tolist() == [100, 101, 102]
 
 
-def test_the_loop_draws_until_the_step_is_full(tmp_path):
+def test_the_loop_draws_until_the_step_is_full(tmp_path, monkeypatch):
+    """A reward that gives every sample of the first draw 1.0 (no group informative), then
+    alternates 0 / 1 (every group informative): step 1 drops its first draw's 2 groups and
+    fills from a second draw; step 2 is full at once. The trained groups are the varied ones."""
     sys.path.insert(0, str(Path(__file__).parent))
     from test_loop_e2e import read, small_config
 
-    from caspo_jax.loop.caspo import run_caspo
+    from caspo_jax.loop import caspo as caspo_mod
     from caspo_jax.loop.config import ConfigError, apply_overrides, config_from_dict, config_to_dict
     from caspo_jax.loop.setup import build_policy
+    from caspo_jax.rewards.base import RewardBatch
 
+    calls = {"n": 0}
+
+    class Scripted:
+        name = "scripted"
+
+        def score(self, prompts, responses):
+            calls["n"] += 1
+            n = len(responses)
+            rewards = np.ones(n) if calls["n"] == 1 else (np.arange(n) % 2).astype(float)
+            return RewardBatch(rewards.astype(np.float32), np.ones(n, bool), (None,) * n)
+
+    monkeypatch.setattr(caspo_mod, "make_reward", lambda spec: Scripted())
     cfg = small_config(tmp_path, "run.steps=2", "rollout.dynamic_sampling=true",
                        "rollout.dynamic_sampling_max_draws=3")
-    run_caspo(cfg, tmp_path / "run", policy=build_policy(cfg.model, cfg.data), progress=False, export=False)
-    rows = read(tmp_path / "run" / "metrics.jsonl")
-    for r in rows:
-        assert 1 <= r["dynamic_sampling/draws"] <= 3
-        assert r["dynamic_sampling/fill_rate"] * 2 == 2 - max(0, 2 - (r["dynamic_sampling/draws"] * 2 -
-                                                                       r["dynamic_sampling/dropped_groups"]))
-        if r["dynamic_sampling/draws"] < 3:
-            assert r["dynamic_sampling/fill_rate"] == 1.0  # stopped drawing because the step was full
-        # the trained groups: informative ones have reward spread, so the step's reward std > 0
-        assert r["dynamic_sampling/fill_rate"] == 0 or r["reward/std"] > 0
+    caspo_mod.run_caspo(cfg, tmp_path / "run", policy=build_policy(cfg.model, cfg.data), progress=False,
+                        export=False)
+    first, second = read(tmp_path / "run" / "metrics.jsonl")
+    assert (first["dynamic_sampling/draws"], first["dynamic_sampling/dropped_groups"]) == (2.0, 2.0)
+    assert (second["dynamic_sampling/draws"], second["dynamic_sampling/dropped_groups"]) == (1.0, 0.0)
+    assert first["dynamic_sampling/fill_rate"] == second["dynamic_sampling/fill_rate"] == 1.0
+    assert first["reward/mean"] == 0.5 and first["reward/std"] == 0.5  # the second draw's groups trained
+    assert calls["n"] == 3
     with pytest.raises(ConfigError, match="rollout.dynamic_sampling"):
         config_from_dict(apply_overrides(config_to_dict(cfg), ["rollout.max_staleness=1"]))
