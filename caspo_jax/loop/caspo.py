@@ -20,6 +20,7 @@ continues exactly where the run stopped (metrics equal an uninterrupted run on C
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import NamedTuple
@@ -30,8 +31,9 @@ import numpy as np
 from caspo_jax.data.records import load_records
 from caspo_jax.distributed import pipeline_shard
 from caspo_jax.errors import UserError
-from caspo_jax.loop.config import ConfigError, TrainConfig, config_to_dict, step_config
+from caspo_jax.loop.config import ConfigError, TrainConfig, config_to_dict, rollout_correction, step_config
 from caspo_jax.loop.data import DataFiles, prepare_data, prompt_dataset
+from caspo_jax.loop.dynamic_sampling import fill_groups, informative_groups
 from caspo_jax.loop.evaluate import batch_prompts, decode_responses, evaluate_policy
 from caspo_jax.loop.metrics import PhaseTimer, count_params, mfu
 from caspo_jax.loop.placement import allgather_host, allgather_json, make_placement, merge_prompt_rows
@@ -42,8 +44,10 @@ from caspo_jax.demo.task import demo_record_problem, demo_reward
 from caspo_jax.rewards import FunctionReward, build_reward, group_ok
 from caspo_jax.rewards.base import records_problem
 from caspo_jax.rollout import JaxSampler, SamplingParams, VllmEngine
+from caspo_jax.rollout.producer import Produced, RolloutProducer
 from caspo_jax.step import (build_train_batch, init_state, make_train_step, rollout_advantages, step_logprobs,
                             take_rows, teacher_params)
+from caspo_jax.step.correction import correction_metrics
 from caspo_jax.step.logprobs import cast_floats
 
 __all__ = ["RolloutSignals", "check_reward_fits_data", "make_reward", "make_rollout_engine", "rollout_signals",
@@ -129,9 +133,10 @@ def _mean_dicts(rows: list[dict]) -> dict:
     return {k: float(np.mean([float(r[k]) for r in rows])) for k in rows[0]} if rows else {}
 
 
-def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params):
-    """The rollout engine of rollout.engine, holding `params`: both have `generate` (n
-    samples per prompt, per-prompt seeds) and `sync_weights`.
+def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params, version: int = 0):
+    """The rollout engine of rollout.engine, holding `params` as weight version `version`
+    (the number of steps they were trained for): both have `generate` (n samples per
+    prompt, per-prompt seeds; `Rollouts.version`) and `sync_weights(params, version)`.
 
     "jax": `JaxSampler` on the placement's sampler mesh. "vllm": `VllmEngine` started in
     this process on model.path (its architecture, tokenizer and processor), then given
@@ -139,23 +144,24 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params):
     On CPU the KV cache is bounded to 256 MiB; on GPUs vLLM sizes it itself.
     """
     if cfg.rollout.engine == "jax":
-        return JaxSampler(policy.model, params, eos_token_ids=policy.eos_ids, mesh=place.sampler_mesh)
+        return JaxSampler(policy.model, params, eos_token_ids=policy.eos_ids, mesh=place.sampler_mesh,
+                          version=version)
     engine = VllmEngine.start(cfg.model.path, policy.model, dtype=cfg.model.dtype, seed=cfg.run.seed,
                               max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len,
                               kv_cache_memory_bytes=256 * 2**20 if jax.devices()[0].platform == "cpu" else None,
                               eos_token_ids=policy.eos_ids)
-    engine.sync_weights(params)
+    engine.sync_weights(params, version=version)
     return engine
 
 
 def _host_step(batch, tokens, mask, truncated, rewards, ok, images_per_prompt,
-               rollout_logp=None) -> dict[str, np.ndarray]:
+               rollout_logp) -> dict[str, np.ndarray]:
     """This process's share of a step as plain arrays (what `merge_prompt_rows` gathers).
-    rollout_logp: the engine's [S, max_response_len] sampled-token log-probs (optim.tis_cap
-    only; padded to one width on every process, so rows gather like any per-row field)."""
+    rollout_logp: the engine's [S, max_response_len] sampled-token log-probs (for the
+    rollout correction and its metrics; padded to one width on every process, so rows
+    gather like any per-row field)."""
     pixels = np.asarray(batch.pixel_values if batch.pixel_values is not None else np.zeros((0, 1)), np.float32)
-    extra = {} if rollout_logp is None else {"rollout_logp": rollout_logp}
-    return {**extra, "ids": batch.input_ids, "mask": batch.attention_mask, "teacher_ids": batch.teacher_input_ids,
+    return {"rollout_logp": rollout_logp, "ids": batch.input_ids, "mask": batch.attention_mask, "teacher_ids": batch.teacher_input_ids,
             "teacher_mask": batch.teacher_attention_mask,
             "pixels": pixels if pixels.ndim == 2 else np.zeros((0, 1), np.float32),
             "grids": np.asarray(batch.image_grid_thw, np.int32).reshape(-1, 3), "images": images_per_prompt,
@@ -163,8 +169,21 @@ def _host_step(batch, tokens, mask, truncated, rewards, ok, images_per_prompt,
             "rewards": np.asarray(rewards, np.float64), "ok": ok}
 
 
+def _async_metrics(got: Produced, step: int, samples: int, max_staleness: int, seconds: dict) -> dict:
+    """Bounded-staleness metrics of one step: the batch's staleness (trainer version - rollout
+    version) and its histogram over 0..k in samples, the trainer's wait for the batch, the
+    producer's idle and push seconds since the last batch, and its data / generation seconds."""
+    staleness = step - got.version
+    return {"async/staleness": float(staleness),
+            **{f"async/staleness_hist/{d}": float(samples if d == staleness else 0) for d in range(max_staleness + 1)},
+            "async/trainer_wait_s": got.trainer_wait_s, "async/producer_idle_s": got.producer_idle_s,
+            "async/producer_push_s": got.producer_push_s, "async/rollout_s": seconds.get("rollout", 0.0),
+            "async/data_s": seconds.get("data", 0.0)}
+
+
 def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, policy: Policy | None = None,
-              progress: bool = True, export: bool = True, eval_modes=("standard",)) -> Policy:
+              progress: bool = True, export: bool = True, eval_modes=("standard",),
+              engine_factory=None) -> Policy:
     """Trains to run.steps (or run.epochs over the prompts), or until SIGTERM/SIGINT, on the
     run skeleton (`caspo_jax.loop.skeleton.TrainingRun`).
 
@@ -174,6 +193,17 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     gathered (same order as one process would read them, so the run equals a
     single-process one), and each feeds its rows of the global batch; process 0 alone
     writes metrics, the config and the export, every process writes its checkpoint shards.
+
+    rollout.max_staleness = k >= 1 (one process): a `RolloutProducer` thread draws the
+    prompts and generates the rollouts of the next steps while this thread scores and
+    trains, never more than k weight versions behind; the trainer publishes its weights
+    after each update instead of pushing them. A checkpoint saves the data position after
+    the last TRAINED batch: rollouts in flight are dropped and, on --resume, generated again
+    from the checkpoint's weights (nothing is lost or trained twice; the resumed rollouts
+    differ from an uninterrupted run's, which came from older weights).
+
+    engine_factory: builds the rollout engine, `make_rollout_engine`'s signature (default:
+    that function; bench/pipeline.py passes an engine that stands in for GPU hosts).
     """
     a, o = cfg.algo, cfg.optim
     if cfg.rollout.engine == "vllm" and cfg.model.path is None:
@@ -184,6 +214,11 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     if P % n_proc:
         raise ConfigError(f"algo.prompts_per_step={P} must be divisible by the {n_proc} processes (each reads "
                           f"an equal share of a step's prompts); pick a multiple of {n_proc}")
+    k = cfg.rollout.max_staleness
+    if k and n_proc > 1:
+        raise ConfigError(f"rollout.max_staleness={k} runs in one trainer process for now (this run has {n_proc}); "
+                          "set rollout.max_staleness=0, or train in one process and put the rollouts on remote "
+                          "workers")
     run = TrainingRun(cfg, out_dir, "train", resume=resume, progress=progress, bar="caspo")
     files = prepare_data(cfg, run.dir.data)
     reward = make_reward(cfg.reward)
@@ -205,8 +240,10 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     if extras is not None:
         data_state = extras["data"]
         iterator.set_state(data_state[pid] if isinstance(data_state, list) else data_state)
-    train_step = make_train_step(model, step_cfg, a, mesh=place.mesh)
-    sampler = make_rollout_engine(cfg, policy, place, place.sampler_params(state.params))
+    correction = rollout_correction(cfg)
+    train_step = make_train_step(model, step_cfg, a, mesh=place.mesh, correction=correction)
+    sampler = (engine_factory or make_rollout_engine)(cfg, policy, place, place.sampler_params(state.params),
+                                                      version=start)
     eval_set = None
     if cfg.run.eval_every and files.eval is not None:
         eval_set, _ = prompt_dataset(cfg, files, policy.processor, split="eval", num_epochs=1, shuffle=False,
@@ -216,25 +253,72 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.data.max_response_len)
     failing = {"steps": 0, "last_error": None}  # consecutive steps with too many failed rewards
+    trained_data = {}  # k >= 1: the data position after the last trained batch (what a checkpoint saves)
 
-    def step_fn(state, step: int) -> StepOutcome:
-        timer = PhaseTimer()
+    def draw(step: int, engine, timer: PhaseTimer, attempt: int = 0):
+        """Step `step`'s prompts (the data iterator's next batch) and their rollouts; `attempt`
+        > 0: dynamic sampling's further draws (other seeds)."""
         with timer("data"):
             batch = next(iterator)
         with timer("rollout"):
-            seeds = (cfg.run.seed * 1_000_003 + step * P + global_prompt) % (2**31 - 1)
-            rollouts = sampler.generate(batch_prompts(batch, seeds=seeds), n=G, sampling=sampling)
-            mask = np.asarray(rollouts.mask, bool)  # both engines never emit vision placeholders
-            tokens = np.where(mask, rollouts.tokens, 0)
+            seeds = (cfg.run.seed * 1_000_003 + step * P + global_prompt + attempt * 7_919 * P) % (2**31 - 1)
+            rollouts = engine.generate(batch_prompts(batch, seeds=seeds), n=G, sampling=sampling)
+        return batch, rollouts
+
+    def produce(step: int, engine):  # the producer thread (k >= 1)
+        timer = PhaseTimer()
+        batch, rollouts = draw(step, engine, timer)
+        return (batch, rollouts, iterator.get_state(), timer.seconds), rollouts.version
+
+    @contextlib.contextmanager
+    def engine_at(state, version: int):
+        """The rollout engine holding `state`'s weights (version `version`), for this thread alone."""
+        if producer is None:
+            yield sampler  # pushed at the end of every step
+            return
+        with producer.paused() as engine:
+            if engine.version < version:
+                engine.sync_weights(place.sampler_params(state.params), version=version)
+            yield engine
+
+    def score_draw(batch, rollouts, timer: PhaseTimer) -> dict:
+        """One draw's rollouts scored, as the step's global host arrays (`merge_prompt_rows`)."""
+        mask = np.asarray(rollouts.mask, bool)  # both engines never emit vision placeholders
+        tokens = np.where(mask, rollouts.tokens, 0)
         with timer("reward"):
             texts = decode_responses(tokenizer, tokens, mask)
             scores = reward.score([batch.records[i] for i in rollouts.prompt_index], texts)
             failing["last_error"] = next((e for e in scores.errors if e is not None), failing["last_error"])
             local = _host_step(batch, tokens, mask, rollouts.finish_reason == "length", scores.rewards,
                                np.asarray(scores.ok, bool), np.asarray([len(i) for i in batch.images]),
-                               None if o.tis_cap is None else
                                _to_width(np.where(mask, rollouts.logprobs, 0.0), cfg.data.max_response_len))
-            merged = merge_prompt_rows(allgather_host(local), G, policy.pad_id)
+            return merge_prompt_rows(allgather_host(local), G, policy.pad_id)
+
+    def dynamic_draws(step: int, merged: dict, timer: PhaseTimer) -> tuple[dict, dict]:
+        """rollout.dynamic_sampling: more draws until P informative groups (or the draw limit)."""
+        draws, flags = [merged], [informative_groups(merged["rewards"], merged["ok"], G)]
+        while sum(int(f.sum()) for f in flags) < P and len(draws) < cfg.rollout.dynamic_sampling_max_draws:
+            draws.append(score_draw(*draw(step, sampler, timer, attempt=len(draws)), timer))
+            flags.append(informative_groups(draws[-1]["rewards"], draws[-1]["ok"], G))
+        merged, n_informative = fill_groups(draws, flags, P, G, policy.pad_id)
+        return merged, {"dynamic_sampling/fill_rate": n_informative / P, "dynamic_sampling/draws": float(len(draws)),
+                        "dynamic_sampling/dropped_groups": float(sum(int((~f).sum()) for f in flags))}
+
+    def step_fn(state, step: int) -> StepOutcome:
+        timer = PhaseTimer()
+        extra_row = {}
+        if producer is None:
+            batch, rollouts = draw(step, sampler, timer)
+        else:
+            with timer("rollout_wait"):
+                got = producer.take(step)
+            batch, rollouts, trained_data["state"], seconds = got.item
+            extra_row = _async_metrics(got, step, len(rollouts), k, seconds)
+        merged = score_draw(batch, rollouts, timer)
+        if cfg.rollout.dynamic_sampling:
+            merged, dynamic_row = dynamic_draws(step, merged, timer)
+            extra_row.update(dynamic_row)
+        with timer("reward"):
             tokens, mask, ok = merged["tokens"], merged["response_mask"], merged["ok"]
             raw_rewards = merged["rewards"]
             ok_P = group_ok(ok, G)
@@ -255,9 +339,11 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 (signals.old_logp, signals.ref_logp, signals.advantages, signals.entropy,
                  signals.metrics))  # also times the phase, not the dispatch
             tb = tb.with_signals(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
-            if o.tis_cap is not None:  # the step weighs each token by min(pi_old / pi_rollout, tis_cap)
-                tb = tb.with_signals(rollout_logp=_to_width(merged["rollout_logp"], tb.response_len))
+            rollout_logp = _to_width(merged["rollout_logp"], tb.response_len)
+            if correction.active:  # the step weighs each token against the engine's log-prob
+                tb = tb.with_signals(rollout_logp=rollout_logp)
             tb = dataclasses.replace(tb, response_mask=mask_f.astype(np.float32))  # failed groups: no loss
+            correction_row = correction_metrics(old_logp, rollout_logp, mask_f, correction)
         with timer("update"):
             step_metrics = []
             rng = np.random.default_rng([cfg.run.seed, step])
@@ -268,8 +354,11 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                     step_metrics.append(m)
             step_metrics = _mean_dicts(jax.device_get(step_metrics))
         with timer("sync"):
-            sampler.sync_weights(place.sampler_params(state.params))
-            jax.block_until_ready(getattr(sampler, "params", None))
+            if producer is None:
+                sampler.sync_weights(place.sampler_params(state.params), version=step + 1)
+                jax.block_until_ready(getattr(sampler, "params", None))
+            else:  # installed by the producer before its next batch
+                producer.publish(place.sampler_params(state.params), step + 1)
         done = step + 1
         lengths = mask.sum(axis=1)
         valid = np.asarray(tb.response_mask) > 0
@@ -285,6 +374,8 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
             "reward/failed_group_frac": failed_share,
             **{k: float(v) for k, v in adv_metrics.items()},
             **step_metrics,
+            **correction_row,
+            **extra_row,
             "rollout_entropy": float(np.asarray(entropy)[valid].mean()) if valid.any() else 0.0,
             "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
             "response_length/truncated_frac": float(np.mean(merged["truncated"])),
@@ -295,26 +386,36 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
         }
         if eval_set is not None and (done % cfg.run.eval_every == 0 or done == total):
             # every process evaluates the whole (small) eval set with its sampler; process 0 writes it
-            policy_now = dataclasses.replace(policy, params=getattr(sampler, "params", state.params))
-            for mode in eval_modes:
-                result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
-                                         max_new_tokens=cfg.data.max_response_len,
-                                         temperature=cfg.rollout.eval_temperature, sampler=sampler)
-                metrics.update({f"eval_{mode}/{k}": v for k, v in result.items() if k != "n"})
+            with engine_at(state, done) as sampler_now:
+                policy_now = dataclasses.replace(policy, params=getattr(sampler_now, "params", state.params))
+                for mode in eval_modes:
+                    result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
+                                             max_new_tokens=cfg.data.max_response_len,
+                                             temperature=cfg.rollout.eval_temperature, sampler=sampler_now)
+                    metrics.update({f"eval_{mode}/{key}": v for key, v in result.items() if key != "n"})
         failing["steps"] = failing["steps"] + 1 if failed_share >= cfg.run.halt_failed_share else 0
         halting = 0 < cfg.run.halt_failed_steps <= failing["steps"]  # every process: the same gathered ok
         halt = _halt_message(cfg, done, run.dir.checkpoints, failing["last_error"]) if halting else None
         return StepOutcome(state, metrics, halt)
 
     def extras(step: int) -> dict:
-        data_state = iterator.get_state()
+        data_state = iterator.get_state() if producer is None else trained_data["state"]
         if n_proc > 1:
             data_state = allgather_json(data_state)  # each process resumes its own shard
         return {"stage": "caspo", "data": data_state, "config": config_to_dict(cfg)}
 
+    producer = None
+    if k:
+        producer = RolloutProducer(sampler, produce, start=start, end=total, max_staleness=k,
+                                   timeout_s=cfg.rollout.timeout_s, version=start)
     try:
         end = run.loop(state, start, total, step_fn, extras=extras)
+    except BaseException:
+        run.checkpointer.wait()  # the save of the step before a failure completes: it is the one to resume
+        raise
     finally:
+        if producer is not None:
+            producer.close()
         if hasattr(sampler, "shutdown"):
             sampler.shutdown()
     final = dataclasses.replace(policy, params=end.state.params)

@@ -31,6 +31,7 @@ from caspo_jax.files import read_structured
 from caspo_jax.loop.presets import preset_dict
 from caspo_jax.models.common.layers import REMAT_CHOICES
 from caspo_jax.rollout.types import logit_temperature
+from caspo_jax.step.correction import CORRECTIONS, RolloutCorrection
 from caspo_jax.step.optimizer import COMPUTE_DTYPES, StepConfig
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "rollout_correction",
     "step_config",
 ]
 
@@ -143,13 +145,31 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     """engine: "jax" (the JAX sampler; CPU/TPU/GPU) or "vllm" (GPU hosts).
-    temperature 0.9 as in the paper's evaluation; 1.0 is verl's RL default."""
+    temperature 0.9 as in the paper's evaluation; 1.0 is verl's RL default.
+
+    max_staleness: k, how many weight versions a trained sample may lag the trainer. 0
+    (default): the synchronous loop (generate, score, update, push, in turn). k >= 1: a
+    producer thread generates the next steps' rollouts while the trainer updates, each
+    tagged with the weight version that produced it; step s trains only on rollouts of
+    version >= s - k (`caspo_jax.rollout.producer`). timeout_s: the longest the trainer waits
+    for a rollout batch before the run stops with an error (a dead or hung rollout engine),
+    the last checkpoint intact.
+
+    dynamic_sampling: DAPO's dynamic sampling (`caspo_jax.loop.dynamic_sampling`): prompt
+    groups whose outcome rewards are all equal are dropped and more prompt batches drawn
+    (at most dynamic_sampling_max_draws per step, the first included) until the step's
+    algo.prompts_per_step groups are full; short of that, dropped groups fill the rest.
+    Synchronous loop only (max_staleness 0)."""
 
     engine: str = "jax"
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     eval_temperature: float = 0.0
+    max_staleness: int = 0
+    timeout_s: float = 1800.0
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +185,13 @@ class OptimConfig:
     AdamW with linear warm-up then constant lr (the lr itself is algo.learning_rate for
     RL, sft.learning_rate / dpo.learning_rate for those stages): weight_decay, b1, b2,
     adam_eps; grad_clip: global-norm clipping (null: off). freeze_vision: no update for
-    the vision tower. tis_cap: truncated importance sampling of the CASPO step, weight
-    min(pi_old / pi_rollout, tis_cap) per token against the rollout engine's own
-    log-probs (null: off; verl uses 2.0). logprob_chunk: response positions per LM-head
+    the vision tower. rollout_correction: how the CASPO step weighs each token against the
+    rollout engine's own log-probs (`caspo_jax.step.correction`): "none", "tis" (truncated
+    IS, weight min(pi_old / pi_rollout, tis_cap); tis_cap defaults to 2.0, verl's value),
+    "mis_token" / "mis_seq" (masked IS: tokens, or whole sequences by their mean
+    log-ratio, whose ratio is outside [1 / mis_threshold, mis_threshold] get weight 0).
+    tis_cap alone (rollout_correction "none") still turns TIS on, as before the field
+    existed. logprob_chunk: response positions per LM-head
     chunk in every log-prob pass (memory of one [rows, chunk, vocab] float32 block)."""
 
     ppo_epochs: int = 1
@@ -181,6 +205,8 @@ class OptimConfig:
     warmup_steps: int = 0
     freeze_vision: bool = False
     tis_cap: float | None = None
+    rollout_correction: str = "none"
+    mis_threshold: float = 2.0
     logprob_chunk: int = 128
 
 
@@ -295,7 +321,9 @@ def step_config(cfg: TrainConfig, stage: str) -> StepConfig:
     """The jitted train step's config for `stage` of run config `cfg` -- what `caspo train`
     ("caspo"), `caspo sft` and `caspo dpo` train with, and what `caspo dryrun` sizes.
 
-    optim gives the AdamW knobs, micro_batches, freeze_vision, tis_cap and logprob_chunk;
+    optim gives the AdamW knobs, micro_batches, freeze_vision, the TIS cap (of
+    `rollout_correction` "tis"; the masked modes reach the step as `rollout_correction(cfg)`)
+    and logprob_chunk;
     model gives compute_dtype (model.dtype: the frozen reference, the teacher and the
     rollout share it) and remat; the stage gives the learning rate (algo / sft / dpo
     / rm .learning_rate) and the logits' temperature: CASPO scores at the rollout's sampling
@@ -309,8 +337,35 @@ def step_config(cfg: TrainConfig, stage: str) -> StepConfig:
     return StepConfig(learning_rate=rates[stage], warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
                       b1=o.b1, b2=o.b2, adam_eps=o.adam_eps, max_grad_norm=o.grad_clip,
                       micro_batches=o.micro_batches, compute_dtype=cfg.model.dtype,
-                      freeze_vision=o.freeze_vision, remat=cfg.model.remat, tis_cap=o.tis_cap,
+                      freeze_vision=o.freeze_vision, remat=cfg.model.remat, tis_cap=_step_tis_cap(cfg),
                       logprob_chunk=o.logprob_chunk, temperature=temperature)
+
+
+def rollout_correction(cfg: TrainConfig) -> RolloutCorrection:
+    """The CASPO step's rollout correction from optim.rollout_correction, optim.tis_cap and
+    optim.mis_threshold (ConfigError when they contradict each other)."""
+    o = cfg.optim
+    mode = o.rollout_correction
+    if mode not in CORRECTIONS:
+        raise ConfigError(f"optim.rollout_correction={mode!r} must be one of {list(CORRECTIONS)}")
+    if mode.startswith("mis") and o.tis_cap is not None:
+        raise ConfigError(f"optim.tis_cap={o.tis_cap} is set with optim.rollout_correction={mode!r}: tis_cap is the "
+                          "cap of 'tis'; masked IS uses optim.mis_threshold. Drop optim.tis_cap or use "
+                          "rollout_correction=tis")
+    if mode == "none" and o.tis_cap is None:
+        return RolloutCorrection()
+    if mode in ("none", "tis"):
+        return RolloutCorrection("tis", 2.0 if o.tis_cap is None else o.tis_cap)
+    try:
+        return RolloutCorrection(mode, o.mis_threshold)
+    except ValueError:
+        raise ConfigError(f"optim.mis_threshold={o.mis_threshold} must be > 1: masked IS drops tokens whose ratio "
+                          "pi_old / pi_rollout is outside [1 / mis_threshold, mis_threshold] (2.0 is usual)") from None
+
+
+def _step_tis_cap(cfg: TrainConfig) -> float | None:
+    correction = rollout_correction(cfg)
+    return correction.threshold if correction.mode == "tis" else None
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -492,10 +547,29 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         fail("rollout.engine", f"={cfg.rollout.engine!r} must be 'jax' or 'vllm'")
     if cfg.rollout.temperature < 0 or cfg.rollout.eval_temperature < 0:
         fail("rollout.temperature", "must be >= 0 (0 = greedy)")
-    if o.tis_cap is not None and cfg.rollout.engine == "vllm" and logit_temperature(cfg.rollout.temperature) != 1:
-        fail("optim.tis_cap", f"with rollout.engine='vllm' needs rollout.temperature 1 (or 0, greedy): vLLM returns "
+    try:
+        correction = rollout_correction(cfg)  # optim.rollout_correction / tis_cap / mis_threshold agree
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if (correction.active and cfg.rollout.engine == "vllm"
+            and logit_temperature(cfg.rollout.temperature) != 1):
+        field = "optim.tis_cap" if o.rollout_correction == "none" else "optim.rollout_correction"
+        fail(field, f"with rollout.engine='vllm' needs rollout.temperature 1 (or 0, greedy): vLLM returns "
              f"raw log-probs (T = 1) while the step scores at rollout.temperature={cfg.rollout.temperature}, so "
-             "the weights would compare two distributions; use the jax engine or drop optim.tis_cap")
+             "the weights would compare two distributions; use the jax engine or set optim.rollout_correction=none "
+             "and drop optim.tis_cap")
+    if cfg.rollout.max_staleness < 0:
+        fail("rollout.max_staleness", f"={cfg.rollout.max_staleness} must be >= 0 (0: the synchronous loop; 1: "
+             "rollouts one weight version behind the trainer)")
+    if cfg.rollout.dynamic_sampling_max_draws < 1:
+        fail("rollout.dynamic_sampling_max_draws", f"={cfg.rollout.dynamic_sampling_max_draws} must be >= 1 (prompt "
+             "batches drawn per step at most, the first included)")
+    if cfg.rollout.dynamic_sampling and cfg.rollout.max_staleness:
+        fail("rollout.dynamic_sampling", f"needs rollout.max_staleness=0 (it is {cfg.rollout.max_staleness}): its "
+             "extra draws depend on the step's rewards; set one of them")
+    if not cfg.rollout.timeout_s > 0:
+        fail("rollout.timeout_s", f"={cfg.rollout.timeout_s} must be > 0 (seconds the trainer waits for a rollout "
+             "batch before it stops with an error)")
     if r.steps is not None and r.steps < 1:
         fail("run.steps", f"={r.steps} must be >= 1 (or null to run run.epochs epochs)")
     if r.epochs < 1:

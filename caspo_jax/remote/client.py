@@ -6,6 +6,11 @@ A weight push gathers the parameters to the host one HF tensor at a time
 every worker receives the same bytes (Ray: put once in the object store). ``generate``
 splits the prompts into contiguous chunks, one per worker, and concatenates the results
 in prompt order, so the output equals one engine's.
+
+Weight versions: every worker runs its calls one at a time in submission order (a
+one-process pool; a Ray actor), and one lock makes each ``generate`` submit to every
+worker before any push (or after it), so all parts of a batch come from the same version
+(checked: the parts' versions must agree) and a push waits for the generation in flight.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import pickle
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
@@ -95,6 +101,10 @@ class _RayHandle:
 
 
 def _concat_rollouts(parts, counts):
+    versions = sorted({p.version for p in parts})
+    if len(versions) > 1:
+        raise RuntimeError(f"rollout workers answered one batch with weight versions {versions}: a push reached "
+                           "some workers before the generation; every worker must serve a batch with one version")
     width = max(p.tokens.shape[1] for p in parts)
 
     def pad(x):
@@ -105,7 +115,8 @@ def _concat_rollouts(parts, counts):
                     logprobs=np.concatenate([pad(p.logprobs) for p in parts]),
                     mask=np.concatenate([pad(p.mask) for p in parts]),
                     finish_reason=np.concatenate([p.finish_reason for p in parts]),
-                    prompt_index=np.concatenate([p.prompt_index + o for p, o in zip(parts, offsets)]))
+                    prompt_index=np.concatenate([p.prompt_index + o for p, o in zip(parts, offsets)]),
+                    version=versions[0])
 
 
 class RemoteRolloutEngine:
@@ -120,6 +131,7 @@ class RemoteRolloutEngine:
         self.timeout = timeout
         self.version = 0
         self.last_push_bytes = 0
+        self._order = threading.Lock()  # a generate reaches every worker before (or after) a push
 
     @classmethod
     def subprocess(cls, model, spec: WorkerSpec, workers: int = 1, **kwargs) -> "RemoteRolloutEngine":
@@ -143,19 +155,24 @@ class RemoteRolloutEngine:
     def info(self) -> list[dict]:
         return self._gather([h.submit("info") for h in self.handles])
 
-    def sync_weights(self, params) -> None:
-        """Push the full state dict to every worker. On a multi-host trainer every process
-        calls this (the gather is a collective) and only process 0 sends."""
+    def sync_weights(self, params, version: int | None = None) -> None:
+        """Push the full state dict to every worker as weight version ``version`` (None: the
+        current + 1); each worker loads it after the generation it is serving. On a
+        multi-host trainer every process calls this (the gather is a collective) and only
+        process 0 sends."""
         buckets = encode_weight_buckets(params, self.model, self.bucket_bytes, self.push_dtype)
         if not is_primary():  # the gather above was the collective part
             return
         self.last_push_bytes = sum(len(b) for b in buckets)
-        self.version += 1
+        version = self.version + 1 if version is None else int(version)
         expected = sum(len(spec.hf_names) for spec in self.model.param_table())
         payload = [h.put(buckets) for h in self.handles]
-        counts = self._gather([h.submit("load_weights", p, self.version) for h, p in zip(self.handles, payload)])
+        with self._order:
+            futures = [h.submit("load_weights", p, version) for h, p in zip(self.handles, payload)]
+        counts = self._gather(futures)
+        self.version = version
         if any(c != expected for c in counts):
-            raise RuntimeError(f"weight push v{self.version}: workers loaded {counts} tensors, expected {expected}")
+                raise RuntimeError(f"weight push v{version}: workers loaded {counts} tensors, expected {expected}")
 
     def generate(self, prompts: Sequence, *, n: int = 1, sampling=None):
         sampling = sampling or SamplingParams()
@@ -167,7 +184,9 @@ class RemoteRolloutEngine:
         prompts = [p if p.seed is not None else dataclasses.replace(p, seed=sampling.seed + i)
                    for i, p in enumerate(prompts)]
         chunks = np.array_split(np.arange(len(prompts)), k)
-        futures = [h.submit("generate", [prompts[i] for i in c], n, sampling) for h, c in zip(self.handles, chunks)]
+        with self._order:
+            futures = [h.submit("generate", [prompts[i] for i in c], n, sampling)
+                       for h, c in zip(self.handles, chunks)]
         parts = [h.result(f, self.timeout) for h, f in zip(self.handles, futures)]
         return parts[0] if k == 1 else _concat_rollouts(parts, [len(c) for c in chunks])
 
@@ -175,6 +194,8 @@ class RemoteRolloutEngine:
         for h in self.handles:
             h.close()
         self.handles = []
+
+    shutdown = close  # what `run_caspo` calls on its rollout engine at the end
 
     def __enter__(self):
         return self

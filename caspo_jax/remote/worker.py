@@ -87,7 +87,7 @@ class RolloutWorker:
         self.spec = spec
         self.model = build_model(spec.model_config)
         self.engine = None
-        self.version = -1
+        self.version = -1  # no weights pushed yet (a vLLM engine serves its files meanwhile)
         if spec.engine == "vllm":
             kwargs = dict(spec.engine_kwargs)
             kwargs.setdefault("in_process", True)
@@ -108,15 +108,16 @@ class RolloutWorker:
                 else:
                     count += sum(llm.collective_rpc(load_safetensors_on_worker, args=(data,))[:1])
             reset_engine_caches(llm)
+            self.engine.version = version
         else:
             arrays: dict = {}
             for data in buckets:
                 arrays.update(safetensors.numpy.load(data))
             params = params_from_hf(arrays, self.model.param_table())
             if self.engine is None:
-                self.engine = JaxSampler(self.model, params, **dict(self.spec.engine_kwargs))
+                self.engine = JaxSampler(self.model, params, version=version, **dict(self.spec.engine_kwargs))
             else:
-                self.engine.sync_weights(params)
+                self.engine.sync_weights(params, version)
             count = len(arrays)
         self.version = version
         return count
@@ -124,7 +125,8 @@ class RolloutWorker:
     def generate(self, prompts, n: int, sampling):
         if self.engine is None:
             raise RuntimeError("RolloutWorker.generate before load_weights: push weights first (sync_weights)")
-        return self.engine.generate(list(prompts), n=n, sampling=sampling)
+        rollouts = self.engine.generate(list(prompts), n=n, sampling=sampling)
+        return dataclasses.replace(rollouts, version=self.version)
 
 
 # -- process-pool plumbing: one worker object per pool process -----------------------

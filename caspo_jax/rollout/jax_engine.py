@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Sequence
 
 import jax
@@ -70,11 +71,16 @@ class JaxSampler:
     suppress_token_ids: ids never sampled (default: the multimodal placeholders,
         ``multimodal_token_ids(model)``; ``()`` turns suppression off).
     mesh / rules: place parameters and the KV cache like the trainer (optional).
+    version: the weight version of ``params`` (``sync_weights`` installs later ones).
+
+    Thread safety of pushes: ``generate`` reads (params, version) once, under a lock, and
+    uses that pair for the vision tower and the decode loop, so a ``sync_weights`` from
+    another thread never splits a request between two versions; it applies to the next call.
     """
 
     def __init__(self, model, params, *, eos_token_ids: Sequence[int] | None = None, mesh=None, rules=None,
                  min_prompt_bucket: int = 16, min_new_bucket: int = 16,
-                 suppress_token_ids: Sequence[int] | None = None):
+                 suppress_token_ids: Sequence[int] | None = None, version: int = 0):
         self.model = model
         self.eos_token_ids = tuple(default_eos_ids(model) if eos_token_ids is None else eos_token_ids)
         ids = multimodal_token_ids(model) if suppress_token_ids is None else suppress_token_ids
@@ -93,14 +99,24 @@ class JaxSampler:
         self.rules = rules
         self.min_prompt_bucket = min_prompt_bucket
         self.min_new_bucket = min_new_bucket
+        self._lock = threading.Lock()
         self.params = None
-        self.sync_weights(params)
+        self.version = version
+        self.sync_weights(params, version)
 
-    def sync_weights(self, params) -> None:
-        """Use these parameters from now on (placed on the mesh when one is set)."""
+    def sync_weights(self, params, version: int | None = None) -> None:
+        """Use these parameters, as weight version ``version`` (None: the current + 1), from
+        the next ``generate`` on (placed on the mesh when one is set)."""
         if self.mesh is not None:
             params = jax.device_put(params, param_shardings(self.model.param_table(), self.mesh, self.rules))
-        self.params = params
+        with self._lock:
+            self.params = params
+            self.version = self.version + 1 if version is None else int(version)
+
+    def weights(self):
+        """(params, version) as one consistent pair."""
+        with self._lock:
+            return self.params, self.version
 
     def _cache_sharding(self, shape):
         """Placement of one layer's cache array [prompts or samples, K, length, H]."""
@@ -108,7 +124,8 @@ class JaxSampler:
 
     def generate(self, prompts: Sequence[RolloutPrompt], *, n: int = 1, sampling: SamplingParams = SamplingParams()
                  ) -> Rollouts:
-        """n samples per prompt (prompt-major order); see ``Rollouts``."""
+        """n samples per prompt (prompt-major order), all from one weight version; see ``Rollouts``."""
+        params, version = self.weights()
         if not prompts:
             raise ValueError("generate: no prompts")
         if n < 1:
@@ -122,7 +139,7 @@ class JaxSampler:
         ids, mask, pixels, grids = prompt_arrays(prompts, L)
         image_embeds = None
         if grids is not None:
-            image_embeds = model.encode_images(self.params, pixels, grids)
+            image_embeds = model.encode_images(params, pixels, grids)
             units = image_embeds.shape[0]
             image_embeds = jnp.pad(image_embeds, ((0, bucket(units) - units), (0, 0)))
         position_ids, _ = model.get_rope_index(ids, grids, mask)
@@ -135,7 +152,7 @@ class JaxSampler:
             kv, hd = cfg.text.num_key_value_heads, cfg.text.head_dim
             cache_sharding = (self._cache_sharding((P, kv, L, hd)), self._cache_sharding((P * n, kv, T, hd)))
         tokens, logps, lengths, ended = _rollout(
-            model, SampleSpec.of(sampling), n, T, cache_sharding, self.params, self._suppressed_V,
+            model, SampleSpec.of(sampling), n, T, cache_sharding, params, self._suppressed_V,
             jnp.asarray(ids),
             jnp.asarray(mask), jnp.asarray(position_ids, jnp.int32), jnp.asarray(rope_next, jnp.int32),
             image_embeds, keys, jnp.float32(sampling.logit_temperature), jnp.int32(sampling.max_new_tokens),
@@ -148,7 +165,7 @@ class JaxSampler:
         return Rollouts(
             tokens=tokens.astype(np.int32), logprobs=logps.astype(np.float32), mask=response_mask,
             finish_reason=finish_reasons(last, lengths, ended, self.eos_token_ids),
-            prompt_index=np.repeat(np.arange(P, dtype=np.int32), n))
+            prompt_index=np.repeat(np.arange(P, dtype=np.int32), n), version=version)
 
 
 def _check_image_tokens(i: int, prompt: RolloutPrompt, cfg) -> None:

@@ -116,7 +116,9 @@ class Rollouts:
     tokens: int32 [S, T] (0 after the end). logprobs: float32 [S, T] sampled-token
     log-probs of softmax(logits / logit_temperature), unfiltered (0 after the end). mask: bool [S, T], True
     on response tokens (the terminating eos/stop token included). finish_reason: [S] of
-    "eos" / "stop" / "length". prompt_index: int32 [S].
+    "eos" / "stop" / "length". prompt_index: int32 [S]. version: the weight version that
+    produced every sample (one version per request: an engine never mixes two; see
+    ``RolloutEngine``).
     """
 
     tokens: np.ndarray
@@ -124,6 +126,7 @@ class Rollouts:
     mask: np.ndarray
     finish_reason: np.ndarray
     prompt_index: np.ndarray
+    version: int = 0
 
     @property
     def lengths(self) -> np.ndarray:
@@ -138,11 +141,20 @@ class Rollouts:
 
 
 class RolloutEngine(Protocol):
-    """What the trainer needs from any engine (JAX sampler, vLLM)."""
+    """What the trainer needs from any engine (JAX sampler, vLLM, remote workers).
+
+    Weight versions: ``sync_weights(params, version)`` installs version ``version`` (None:
+    the engine's current version + 1) and ``engine.version`` reports the installed one. A
+    ``generate`` call is served by one version from start to end, and its ``Rollouts.version``
+    says which: a push that arrives while it runs either waits for it (vLLM, remote workers)
+    or applies to the next call (the JAX sampler, which reads its weights once per call).
+    """
+
+    version: int
 
     def generate(self, prompts: Sequence[RolloutPrompt], *, n: int, sampling: SamplingParams) -> Rollouts: ...
 
-    def sync_weights(self, params) -> None: ...
+    def sync_weights(self, params, version: int | None = None) -> None: ...
 
 
 def prompt_arrays(prompts: Sequence[RolloutPrompt], length: int | None = None):

@@ -10,11 +10,20 @@ Semantics match ``JaxSampler``: eos ids and ``stop_token_ids`` both go to vLLM a
 tokens (``ignore_eos``), the terminating token stays in the response, the reason is "eos"
 for an eos id and "stop" otherwise; log-probs are vLLM's default raw (unmodified) ones;
 sample j of a prompt seeded s uses seed s + j (vLLM's own rule for n > 1).
+
+Weight versions: ``LLM.generate`` runs every request of a call to completion before it
+returns, and one lock serialises ``generate``, ``prompt_logprobs`` and ``sync_weights``, so a
+push from another thread waits for the call in flight: a request is served by one version
+from start to end, and the version it reports is the one installed when it started. After
+every push the prefix cache and the encoder (image-embedding) cache are reset
+(``bridge.transport.reset_engine_caches``): a repeated image after a push is encoded again
+with the new weights (vllm#44910).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,6 +65,7 @@ class VllmEngine:
     suppress_token_ids: ids never sampled, as in ``JaxSampler`` (default: the multimodal
     placeholders; ``()`` turns it off), applied as a ``logit_bias`` of ``SUPPRESS_BIAS``:
     vLLM reports log-probs of the unbiased distribution, so they still match JAX's.
+    version: the weight version the engine serves (0: the files it started from).
     """
 
     def __init__(self, llm, model, *, eos_token_ids: Sequence[int] | None = None, transport: str = "in_process",
@@ -72,6 +82,8 @@ class VllmEngine:
         self.last_sync_seconds: float | None = None
         ids = multimodal_token_ids(model) if suppress_token_ids is None else suppress_token_ids
         self.logit_bias = {int(i): SUPPRESS_BIAS for i in ids} or None
+        self.version = 0
+        self._lock = threading.RLock()  # one caller in the engine at a time (pushes wait)
 
     @classmethod
     def start(cls, model_dir, model, *, dtype: str = "float32", max_model_len: int = 1024,
@@ -145,7 +157,9 @@ class VllmEngine:
                 n=n // copies, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
                 max_tokens=sampling.max_new_tokens, stop_token_ids=terminators, ignore_eos=True, seed=seed,
                 logprobs=0, skip_special_tokens=False, detokenize=False, logit_bias=self.logit_bias))
-        outputs = self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
+        with self._lock:
+            version = self.version
+            outputs = self.llm.generate([self._request(p) for p in prompts], params, use_tqdm=False)
         self._check_prompt_ids(outputs, prompts)
         samples = [(i, c) for i, out in enumerate(outputs) for c in sorted(out.outputs, key=lambda c: c.index)
                    for _ in range(copies)]
@@ -166,24 +180,27 @@ class VllmEngine:
             else:
                 reasons.append(FINISH_EOS if ids and ids[-1] in eos else FINISH_STOP)
         return Rollouts(tokens=tokens, logprobs=logps, mask=mask, finish_reason=np.asarray(reasons),
-                        prompt_index=np.asarray([i for i, _ in samples], np.int32))
+                        prompt_index=np.asarray([i for i, _ in samples], np.int32), version=version)
 
     def prompt_logprobs(self, prompts: Sequence[RolloutPrompt]) -> list[np.ndarray]:
         """log p(token t | tokens < t) for t = 1..L-1 of every prompt, float32 [L-1] each."""
         from vllm import SamplingParams as VllmSampling
 
         sp = VllmSampling(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([self._request(p) for p in prompts], sp, use_tqdm=False)
+        with self._lock:
+            outputs = self.llm.generate([self._request(p) for p in prompts], sp, use_tqdm=False)
         self._check_prompt_ids(outputs, prompts)
         return [np.asarray([step[int(t)].logprob for t, step in zip(p.token_ids[1:], out.prompt_logprobs[1:])],
                            np.float32) for p, out in zip(prompts, outputs)]
 
     # ----- weights ----------------------------------------------------------------
-    def sync_weights(self, params, *, probes: Sequence[RolloutPrompt] | None = None, atol: float = 1e-4) -> None:
-        """Push the trainer's parameters (then reset prefix/encoder caches). With ``probes``,
+    def sync_weights(self, params, version: int | None = None, *, probes: Sequence[RolloutPrompt] | None = None,
+                     atol: float = 1e-4) -> None:
+        """Push the trainer's parameters as weight version ``version`` (None: the current + 1),
+        after any call in flight, then reset the prefix and encoder caches. With ``probes``,
         verify vLLM's prompt log-probs against JAX's afterwards (``bridge.verify_sync``)."""
         table = self.model.param_table()
-        with Timer() as timer:
+        with self._lock, Timer() as timer:
             if self.transport == "in_process":
                 push_in_process(self.llm, iter_torch_tensors(params, table, dlpack=self.dlpack))
             else:
@@ -191,6 +208,7 @@ class VllmEngine:
                 buckets = iter_buckets(iter_hf_arrays(params, table, names=order), self.bucket_bytes,
                                        group_of=module_of.get)
                 push_safetensors(self.llm, buckets)
+            self.version = self.version + 1 if version is None else int(version)
         self.last_sync_seconds = timer.seconds
         if probes:
             verify_sync(self, params, probes, atol=atol)

@@ -24,6 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from caspo_jax.algo import CaspoConfig, caspo_loss
 from caspo_jax.sharding import LogicalRules
 from caspo_jax.step.batch import TrainBatch
+from caspo_jax.step.correction import RolloutCorrection, correction_weights
+from caspo_jax.step.correction import truncated_is_weights  # noqa: F401  (caspo_jax.step's export)
 from caspo_jax.step.logprobs import cast_floats, layout_logprobs
 from caspo_jax.step.optimizer import StepConfig, learning_rate_schedule, make_optimizer
 from caspo_jax.step.state import TrainState, state_shardings
@@ -59,17 +61,8 @@ def _agg_weight(mask_BxT, agg: str):
     return jnp.sum(jnp.any(valid > 0, axis=-1).astype(F32))
 
 
-def truncated_is_weights(old_logp_BxT, rollout_logp_BxT, mask_BxT, cap: float):
-    """Per-token weights min(pi_old / pi_rollout, cap) for the trainer/inference mismatch
-    (truncated importance sampling, Yao et al. 2025), stop-gradient, 0 where mask is 0;
-    also the ratios (for metrics). The log-ratio is clamped to [-20, 20] first."""
-    valid = mask_BxT > 0
-    ratio = jnp.exp(jnp.clip(jnp.where(valid, old_logp_BxT - rollout_logp_BxT, 0.0), -20.0, 20.0))
-    weight = jnp.where(valid, jnp.minimum(ratio, cap), 0.0)
-    return jax.lax.stop_gradient(weight), jnp.where(valid, ratio, 0.0)
-
-
-def _micro_loss(model, cfg: StepConfig, caspo: CaspoConfig, params_c, embeds, mb: TrainBatch):
+def _micro_loss(model, cfg: StepConfig, caspo: CaspoConfig, correction: RolloutCorrection, params_c, embeds,
+                mb: TrainBatch):
     """caspo_loss on one micro-batch; returns (loss, metrics) with token sums for metrics."""
     logp, entropy = layout_logprobs(model, params_c, mb.student, mb.response_ids, embeds, cfg.logprob_chunk,
                                     float(cfg.temperature))
@@ -77,14 +70,14 @@ def _micro_loss(model, cfg: StepConfig, caspo: CaspoConfig, params_c, embeds, mb
     valid = mask > 0
     adv = mb.advantages
     metrics = {}
-    if cfg.tis_cap is not None:
+    if correction.active:
         if mb.rollout_logp is None:
-            raise ValueError("StepConfig.tis_cap is set but the batch has no rollout_logp; pass the rollout "
-                             "engine's log-probs with batch.with_signals(rollout_logp=...)")
-        weight, ratio = truncated_is_weights(mb.old_logp, mb.rollout_logp, mask, cfg.tis_cap)
+            raise ValueError(f"rollout correction {correction.mode!r} is set but the batch has no rollout_logp; pass "
+                             "the rollout engine's log-probs with batch.with_signals(rollout_logp=...)")
+        weight, corrected = correction_weights(mb.old_logp, mb.rollout_logp, mask, correction)
         adv = adv * weight
-        metrics["tis_weight_mean"] = jnp.sum(weight)
-        metrics["tis_capped_frac"] = jnp.sum((valid & (ratio > cfg.tis_cap)).astype(F32))
+        metrics["is_weight_mean"] = jnp.sum(weight)
+        metrics["is_corrected_frac"] = jnp.sum(corrected.astype(F32))
     loss, parts = caspo_loss(logp, mb.old_logp, mb.ref_logp, adv, mask, **caspo.loss_kwargs())
     n_tokens = jnp.sum(valid.astype(F32))
     metrics.update({k: v * n_tokens for k, v in parts.items()})  # token-weighted, divided later
@@ -92,8 +85,22 @@ def _micro_loss(model, cfg: StepConfig, caspo: CaspoConfig, params_c, embeds, mb
     return loss, metrics
 
 
-def loss_and_grads(model, cfg: StepConfig, caspo: CaspoConfig, params: dict, batch: TrainBatch):
-    """(loss, grads, metrics) of one mini-batch; traceable. grads are float32 like ``params``."""
+def step_correction(cfg: StepConfig, correction: RolloutCorrection | None) -> RolloutCorrection:
+    """The correction a step applies: ``correction``, else TIS at ``cfg.tis_cap`` when that is
+    set, else none. Both set must agree (TIS at the same cap)."""
+    legacy = RolloutCorrection("tis", cfg.tis_cap) if cfg.tis_cap is not None else None
+    if correction is None:
+        return legacy or RolloutCorrection()
+    if legacy is not None and correction != legacy:
+        raise ValueError(f"StepConfig.tis_cap={cfg.tis_cap} conflicts with correction={correction}; set one of them")
+    return correction
+
+
+def loss_and_grads(model, cfg: StepConfig, caspo: CaspoConfig, params: dict, batch: TrainBatch,
+                   correction: RolloutCorrection | None = None):
+    """(loss, grads, metrics) of one mini-batch; traceable. grads are float32 like ``params``.
+    ``correction``: the rollout correction (`step_correction`: default TIS at cfg.tis_cap, or none)."""
+    correction = step_correction(cfg, correction)
     for name in ("old_logp", "advantages"):
         if getattr(batch, name) is None:
             raise ValueError(f"train_step: batch.{name} is missing; set it with batch.with_signals({name}=...)")
@@ -123,7 +130,7 @@ def loss_and_grads(model, cfg: StepConfig, caspo: CaspoConfig, params: dict, bat
     total_tokens = jnp.maximum(jnp.sum((batch.response_mask > 0).astype(F32)), 1.0)
 
     def weighted_loss(p, e, mb):
-        loss, metrics = _micro_loss(model, cfg, caspo, cast_floats(p, dtype), e, mb)
+        loss, metrics = _micro_loss(model, cfg, caspo, correction, cast_floats(p, dtype), e, mb)
         w = _agg_weight(mb.response_mask, agg) / total_weight
         return loss * w, metrics
 
@@ -160,9 +167,9 @@ def apply_gradients(cfg: StepConfig, state: TrainState, grads) -> tuple[TrainSta
     return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 
 
-def _train_step(model, cfg: StepConfig, caspo: CaspoConfig, return_grads: bool, state: TrainState,
+def _train_step(model, cfg: StepConfig, caspo: CaspoConfig, correction, return_grads: bool, state: TrainState,
                 batch: TrainBatch):
-    loss, grads, metrics = loss_and_grads(model, cfg, caspo, state.params, batch)
+    loss, grads, metrics = loss_and_grads(model, cfg, caspo, state.params, batch, correction)
     new_state, update_metrics = apply_gradients(cfg, state, grads)
     metrics.update(update_metrics)
     valid = batch.response_mask > 0
@@ -180,17 +187,19 @@ def _train_step(model, cfg: StepConfig, caspo: CaspoConfig, return_grads: bool, 
 
 def make_train_step(model, cfg: StepConfig, caspo: CaspoConfig, *, mesh: Mesh | None = None,
                     rules: LogicalRules = LogicalRules(), donate: bool = False, return_grads: bool = False,
-                    compiler_options: dict | None = None):
+                    compiler_options: dict | None = None, correction: RolloutCorrection | None = None):
     """``train_step(state, minibatch) -> (state, metrics)``, jitted.
 
     With ``mesh`` the new state keeps the parameters' shardings (``state_shardings``);
     place the state and batch with ``shard_state`` / ``shard_batch``. ``donate`` reuses
     the old state's buffers. ``return_grads`` also returns the gradients (tests).
-    The model's remat switch is set from ``cfg.remat``.
+    The model's remat switch is set from ``cfg.remat``. ``correction``: the rollout
+    correction (``caspo_jax.step.correction``; None: TIS at ``cfg.tis_cap`` when set, else none).
     """
+    correction = step_correction(cfg, correction)
     if getattr(model, "remat", cfg.remat) != cfg.remat:
         model = dataclasses.replace(model, remat=cfg.remat)
-    fn = functools.partial(_train_step, model, cfg, caspo, return_grads)
+    fn = functools.partial(_train_step, model, cfg, caspo, correction, return_grads)
     out_shardings = None
     if mesh is not None:
         shard = state_shardings(model, cfg, mesh, rules)

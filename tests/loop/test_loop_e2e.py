@@ -134,8 +134,10 @@ def test_tis_cap_and_micro_batches_reach_the_caspo_step(base, tmp_path):
                                                                  "optim.micro_batches=2"]))
     run_caspo(cfg, tmp_path / "tis", policy=policy, progress=False, export=False)
     (row,) = read(tmp_path / "tis" / "metrics.jsonl")
-    assert row["tis_weight_mean"] == pytest.approx(1.0, abs=1e-3)
-    assert row["tis_capped_frac"] == 0.0
+    assert row["is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert row["is_corrected_frac"] == 0.0
+    assert row["rollout_correction/weight_mean"] == pytest.approx(row["is_weight_mean"], abs=1e-6)
+    assert 0.0 <= row["rollout_correction/logp_gap_mean"] <= row["rollout_correction/logp_gap_max"] < 1e-3
     assert np.isfinite(row["loss"])
 
 

@@ -138,3 +138,31 @@ def test_image_resized_differently_is_named(setup):
                       (image.images[0].resize((image.images[0].width * 2, image.images[0].height * 2)),))
     with pytest.raises(ValueError, match="prompt 0: vLLM built"):
         engine.generate([bad], n=1, sampling=SamplingParams(max_new_tokens=2))
+
+
+def test_same_image_after_a_push_gets_the_new_weights_logprobs(setup):
+    """vllm#44910: an image seen before a push must be encoded again after it. Only the
+    vision tower changes, so an encoder cache reused across the push would give the old
+    log-probs exactly; the response log-probs after the push are the new weights' (JAX,
+    1e-4) and far from the old ones. The push's version is what the rollouts report."""
+    engine, model, params, prompts, _ = setup
+    image_prompt = [prompts[1]]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    new = params.replace(vision=jax.tree.map(lambda x: x * 1.5, params.vision))
+    before = engine.generate(image_prompt, n=1, sampling=greedy)
+    assert before.version == engine.version
+    try:
+        engine.sync_weights(new, version=engine.version + 7)
+        after = engine.generate(image_prompt, n=1, sampling=greedy)
+        assert after.version == before.version + 7
+        response = after.response(0)
+        got = after.logprobs[0, : len(response)]
+        want_new = _response_logprobs(model, new, image_prompt[0], response)
+        want_old = _response_logprobs(model, params, image_prompt[0], response)
+        assert float(np.abs(got - want_new).max()) <= 1e-4
+        assert float(np.abs(want_new - want_old).max()) > 1e-2  # the vision change reaches the log-probs
+    finally:
+        engine.sync_weights(params)
+    restored = engine.generate(image_prompt, n=1, sampling=greedy)
+    np.testing.assert_array_equal(restored.tokens, before.tokens)
+    np.testing.assert_array_equal(restored.logprobs, before.logprobs)

@@ -199,10 +199,33 @@ def test_bfloat16_step_with_truncated_is(world):
     state = init_state(world["params"], cfg)
     old = np.asarray(world["batch"].old_logp)
     _, same = step(state, world["batch"].with_signals(rollout_logp=old))
-    assert float(same["tis_weight_mean"]) == pytest.approx(1.0) and float(same["tis_capped_frac"]) == 0.0
+    assert float(same["is_weight_mean"]) == pytest.approx(1.0) and float(same["is_corrected_frac"]) == 0.0
     assert float(same["pg_loss"]) == pytest.approx(float(world["metrics"]["pg_loss"]), abs=5e-3)
     _, capped = step(state, world["batch"].with_signals(rollout_logp=old - np.log(3.0)))
-    assert float(capped["tis_weight_mean"]) == pytest.approx(2.0) and float(capped["tis_capped_frac"]) == 1.0
+    assert float(capped["is_weight_mean"]) == pytest.approx(2.0) and float(capped["is_corrected_frac"]) == 1.0
     assert float(capped["pg_loss"]) == pytest.approx(2 * float(same["pg_loss"]), rel=1e-4)
     for leaf in jax.tree.leaves(state.params):
         assert leaf.dtype == jnp.float32  # master weights stay float32
+
+
+def test_sequence_masked_is_in_the_step_equals_zeroed_advantages(world):
+    """rollout_correction mis_seq inside the jitted step: rows whose rollout log-probs sit
+    log 3 below pi_old (mean log-ratio 1.10 > log 2) leave the loss; the others, with
+    rollout == old, weigh 1. Loss and gradients equal the uncorrected step on advantages
+    zeroed on the dropped rows."""
+    from caspo_jax.step.correction import RolloutCorrection
+
+    batch = world["batch"]
+    old = np.asarray(batch.old_logp)
+    dropped = (np.arange(batch.num_rows) % 2 == 0)[:, None]
+    rollout = np.where(dropped, old - np.log(3.0), old)
+    step = make_train_step(world["model"], CFG, CASPO, return_grads=True, compiler_options=FAST,
+                           correction=RolloutCorrection("mis_seq", 2.0))
+    _, metrics, grads = step(world["state"], batch.with_signals(rollout_logp=rollout))
+    zeroed = batch.with_signals(advantages=np.where(dropped, 0.0, np.asarray(batch.advantages)))
+    _, expected, expected_grads = world["step"](world["state"], zeroed)
+    assert float(metrics["loss"]) == pytest.approx(float(expected["loss"]), rel=1e-6, abs=1e-7)
+    assert max_diff(grads, expected_grads) <= 1e-7
+    valid = np.asarray(batch.response_mask) > 0
+    assert float(metrics["is_corrected_frac"]) == pytest.approx(valid[dropped[:, 0]].sum() / valid.sum(), rel=1e-6)
+    assert float(metrics["is_weight_mean"]) == pytest.approx(valid[~dropped[:, 0]].sum() / valid.sum(), rel=1e-6)
