@@ -44,6 +44,7 @@ from caspo_jax.demo.task import demo_record_problem, demo_reward
 from caspo_jax.rewards import FunctionReward, build_reward, group_ok
 from caspo_jax.rewards.base import records_problem
 from caspo_jax.rollout import JaxSampler, SamplingParams, VllmEngine
+from caspo_jax.rollout.colocate import MemorySplit, apply_memory_split, engine_asleep
 from caspo_jax.rollout.producer import Produced, RolloutProducer
 from caspo_jax.step import (build_train_batch, init_state, make_train_step, rollout_advantages, step_logprobs,
                             take_rows, teacher_params)
@@ -141,15 +142,19 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params, version
     "jax": `JaxSampler` on the placement's sampler mesh. "vllm": `VllmEngine` started in
     this process on model.path (its architecture, tokenizer and processor), then given
     `params` through the weight bridge (a resumed or --init policy differs from the files).
-    On CPU the KV cache is bounded to 256 MiB; on GPUs vLLM sizes it itself.
+    On CPU the KV cache is bounded to 256 MiB; on GPUs vLLM sizes it itself within its share
+    of model.gpu_memory_split (sleep mode on), and the weights go over DLPack.
     """
     if cfg.rollout.engine == "jax":
         return JaxSampler(policy.model, params, eos_token_ids=policy.eos_ids, mesh=place.sampler_mesh,
                           version=version)
+    gpu = jax.devices()[0].platform == "gpu"
+    split = MemorySplit.for_engine(cfg.model.gpu_memory_split) if gpu else None
     engine = VllmEngine.start(cfg.model.path, policy.model, dtype=cfg.model.dtype, seed=cfg.run.seed,
                               max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len,
-                              kv_cache_memory_bytes=256 * 2**20 if jax.devices()[0].platform == "cpu" else None,
-                              eos_token_ids=policy.eos_ids)
+                              kv_cache_memory_bytes=None if gpu else 256 * 2**20,
+                              llm_kwargs=split.engine_kwargs() if split is not None else None,
+                              eos_token_ids=policy.eos_ids, dlpack=gpu)
     engine.sync_weights(params, version=version)
     return engine
 
@@ -209,6 +214,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     if cfg.rollout.engine == "vllm" and cfg.model.path is None:
         raise ConfigError("rollout.engine='vllm' needs model.path (an HF directory vLLM can load; the built-in tiny "
                           "model is JAX-only): set model.path, or use rollout.engine=jax")
+    apply_memory_split(cfg.model.gpu_memory_split, cfg.rollout.engine)  # before JAX takes its GPU memory
     n_proc, pid = jax.process_count(), jax.process_index()
     P, G = a.prompts_per_step, a.group_size
     if P % n_proc:
@@ -344,7 +350,10 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                 tb = tb.with_signals(rollout_logp=rollout_logp)
             tb = dataclasses.replace(tb, response_mask=mask_f.astype(np.float32))  # failed groups: no loss
             correction_row = correction_metrics(old_logp, rollout_logp, mask_f, correction)
-        with timer("update"):
+        # k = 0: an in-process vLLM engine sleeps through the update (its KV cache freed for
+        # the trainer; the sync below pushes the new weights); k >= 1 it is generating
+        asleep = engine_asleep(sampler) if producer is None else contextlib.nullcontext()
+        with timer("update"), asleep:
             step_metrics = []
             rng = np.random.default_rng([cfg.run.seed, step])
             for _ in range(o.ppo_epochs):
@@ -385,18 +394,27 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                        seconds),
         }
         if eval_set is not None and (done % cfg.run.eval_every == 0 or done == total):
-            # every process evaluates the whole (small) eval set with its sampler; process 0 writes it
-            with engine_at(state, done) as sampler_now:
-                policy_now = dataclasses.replace(policy, params=getattr(sampler_now, "params", state.params))
-                for mode in eval_modes:
-                    result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
-                                             max_new_tokens=cfg.data.max_response_len,
-                                             temperature=cfg.rollout.eval_temperature, sampler=sampler_now)
-                    metrics.update({f"eval_{mode}/{key}": v for key, v in result.items() if key != "n"})
+            metrics.update(evaluate_now(state, done))
         failing["steps"] = failing["steps"] + 1 if failed_share >= cfg.run.halt_failed_share else 0
         halting = 0 < cfg.run.halt_failed_steps <= failing["steps"]  # every process: the same gathered ok
         halt = _halt_message(cfg, done, run.dir.checkpoints, failing["last_error"]) if halting else None
         return StepOutcome(state, metrics, halt)
+
+    eval_teacher = {"frozen_sft": ref_params, "original": original}.get(a.teacher)  # None: the policy itself
+
+    def evaluate_now(state, version: int) -> dict:
+        """eval_<mode>/<metric> of `state`: every process evaluates the whole (small) eval set
+        with its sampler (process 0 writes it); the readouts score eq. 4 with the run's teacher."""
+        out = {}
+        with engine_at(state, version) as sampler_now:
+            policy_now = dataclasses.replace(policy, params=getattr(sampler_now, "params", state.params))
+            for mode in eval_modes:
+                result = evaluate_policy(policy_now, eval_set, reward, mode=mode,
+                                         max_new_tokens=cfg.data.max_response_len,
+                                         temperature=cfg.rollout.eval_temperature, sampler=sampler_now,
+                                         teacher_params=eval_teacher)
+                out.update({f"eval_{mode}/{key}": v for key, v in result.items() if key != "n"})
+        return out
 
     def extras(step: int) -> dict:
         data_state = iterator.get_state() if producer is None else trained_data["state"]
@@ -409,10 +427,9 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
         producer = RolloutProducer(sampler, produce, start=start, end=total, max_staleness=k,
                                    timeout_s=cfg.rollout.timeout_s, version=start)
     try:
-        end = run.loop(state, start, total, step_fn, extras=extras)
-    except BaseException:
-        run.checkpointer.wait()  # the save of the step before a failure completes: it is the one to resume
-        raise
+        # the evaluation before RL (step 0 of metrics.jsonl): where the teacher and the policy start
+        end = run.loop(state, start, total, step_fn, extras=extras,
+                       before=None if eval_set is None else lambda: evaluate_now(state, start))
     finally:
         if producer is not None:
             producer.close()

@@ -118,6 +118,9 @@ class TrainingRun:
                                                              **(extras(step) if extras else {})})
             self.checkpointer.wait()
             self.checkpointer.close()
+        except BaseException:
+            self.checkpointer.wait()  # the save of the step before a failure completes: it is the one to resume
+            raise
         finally:
             writer.close()
         stopped = (stop.requested or "another process") if stopping and step < total else None

@@ -37,7 +37,8 @@ from caspo_jax.step.state import (
     shard_state,
     state_shardings,
 )
-from caspo_jax.step.step import apply_gradients, loss_and_grads, make_train_step, truncated_is_weights
+from caspo_jax.step.correction import RolloutCorrection, correction_weights, truncated_is_weights
+from caspo_jax.step.step import apply_gradients, loss_and_grads, make_train_step
 
 __all__ = [
     "TEACHER_SOURCES", "SequenceLayout", "StepConfig", "TrainBatch", "TrainState", "apply_gradients",
@@ -46,4 +47,6 @@ __all__ = [
     "loss_and_grads", "make_optimizer", "make_train_step", "response_logprobs_from_hidden", "rollout_advantages",
     "shard_batch", "shard_state", "state_shardings", "step_logprobs", "take_rows", "teacher_params",
     "truncated_is_weights",
+    "RolloutCorrection",
+    "correction_weights",
 ]

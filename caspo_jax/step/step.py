@@ -25,7 +25,6 @@ from caspo_jax.algo import CaspoConfig, caspo_loss
 from caspo_jax.sharding import LogicalRules
 from caspo_jax.step.batch import TrainBatch
 from caspo_jax.step.correction import RolloutCorrection, correction_weights
-from caspo_jax.step.correction import truncated_is_weights  # noqa: F401  (caspo_jax.step's export)
 from caspo_jax.step.logprobs import cast_floats, layout_logprobs
 from caspo_jax.step.optimizer import StepConfig, learning_rate_schedule, make_optimizer
 from caspo_jax.step.state import TrainState, state_shardings

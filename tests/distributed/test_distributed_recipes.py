@@ -12,6 +12,8 @@ SCRIPTS = sorted(p for p in RECIPES.iterdir() if p.suffix in (".sh", ".sbatch"))
 def test_every_recipe_is_documented():
     readme = (RECIPES / "README.md").read_text()
     assert len(SCRIPTS) == 3 and all(f"`{p.name}`" in readme for p in SCRIPTS)
+    python_recipes = sorted(RECIPES.glob("*.py"))
+    assert python_recipes and all(f"`{p.name}`" in readme for p in python_recipes)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
