@@ -67,7 +67,10 @@ def one_step_run(base):
 def test_one_full_step_through_every_phase(base, one_step_run):
     tmp, cfg, policy = base
     out, final = one_step_run
-    (row,) = read(out / "metrics.jsonl")
+    before, row = read(out / "metrics.jsonl")
+    # step 0: the evaluation before RL (the teacher's discrimination where the policy starts)
+    assert before["step"] == 0 and set(before) == {"step"} | {k for k in row if k.startswith("eval_")}
+    assert "eval_standard/teacher_discrimination" in before and "eval_standard/warning_auc" in before
     for key in ("reward/mean", "reward/std", "token_reward_mean", "advantage_mean", "advantage_std", "kl",
                 "entropy", "clipfrac", "response_length/mean", "response_length/max",
                 "response_length/truncated_frac", "grad_norm", "learning_rate", "time/rollout", "time/reward",
@@ -156,7 +159,7 @@ def test_original_teacher_is_loaded_from_model_teacher_path(base, one_step_run, 
         "run.steps=1", "algo.teacher=original", f"model.teacher_path={initial}"]))
     run_caspo(omc, tmp_path / "omc", policy=policy, progress=False, export=False)
     (got,) = strip_timing(read(tmp_path / "omc" / "metrics.jsonl"))
-    (want,) = strip_timing(read(one_step_run[0] / "metrics.jsonl"))
+    _, want = strip_timing(read(one_step_run[0] / "metrics.jsonl"))  # after step 0's evaluation before RL
     want = {k: v for k, v in want.items() if not k.startswith("eval_")}
     assert got.keys() == want.keys() and got["token_reward_std"] > 0
     for key, value in want.items():
