@@ -501,15 +501,19 @@ def _write_figure(rows: list[dict], columns, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [_cell_label(r).replace(" ", "\n", 1) for r in rows]
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.8))
-    for ax, column in zip(axes, columns):
+    labels = [_cell_label(r).replace(" (nonneg)", " nonneg").replace(" ", "\n", 1) for r in rows]
+    ncols = min(3, len(columns))
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(columns):]:
+        ax.set_visible(False)
+    for ax, column in zip(axes.ravel(), columns):
         _error_bars(ax, range(len(rows)), rows, column, color="#8fb3d9")
         for i, r in enumerate(rows):
             points = [math.nan if v is None else v for v in r[f"{column}_per_seed"]]
             ax.scatter([i] * len(points), points, color="k", s=7, zorder=3, alpha=0.6)
-        ax.set_xticks(range(len(rows)), labels, fontsize=6)
-        ax.set_title(column.replace("_", " "), fontsize=9)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_title(column.replace("_", " "), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
