@@ -39,7 +39,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("dpo", "caspo_jax.launch.dpo_cmd", "DPO on preference pairs against a frozen reference (static baseline)"),
     ("demo", "caspo_jax.launch.demo_cmd", "Built-in tiny run on 2 CPU cores: SFT -> CASPO -> risk-failure table and plots"),
     ("plot", "caspo_jax.launch.plot_cmd", "PNG figures of entropy, KL, response length and reward of runs"),
-    ("sweep", "caspo_jax.launch.sweep_cmd", "Advantage cells x seeds on a preset: a table with 95% intervals and one figure"),
+    ("sweep", "caspo_jax.launch.sweep_cmd", "Advantage cells x seeds on a preset: a table with 95%% intervals and one figure"),
     ("rm", "caspo_jax.launch.rm_cmd", "Train the reward model: Bradley-Terry pairs + lambda * MSE on RSE scores (eq. 7)"),
 ]
 
