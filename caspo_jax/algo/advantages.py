@@ -220,8 +220,9 @@ def caspo_advantages(
     and `hybrid_advantages` (eq. 5), rows grouped prompt-major ([B, T] <-> [P, G, T]).
     For variant="outcome" the log-probs are unused and may be None.
     Returns (adv_BxT, metrics) with metrics["token_reward_mean"]: the raw r_t averaged
-    over valid tokens (how much the constitution moves the policy; 0 for "outcome"), and
-    for "hybrid" the sign-flip statistics of `hybrid_factor_flips`.
+    over valid tokens (how much the constitution moves the policy; 0 for "outcome").
+    The sign-flip statistics (`hybrid_factor_flips`) are the trainer's metrics
+    (`caspo_jax.step.rollout_advantages`), outside this hot path.
     fast: r_t, its z-score and its mean from `_fast.normalized_signal` (one pass, r_t
     never written out; False: the plain composition below).
     """
@@ -257,7 +258,4 @@ def caspo_advantages(
         R_hat_PxG, r_hat_PxGxT, valid_PxGxT, lam=lam, variant=variant, nonneg_factor=nonneg_factor
     )
     adv_BxT = jax.lax.stop_gradient(adv_PxGxT.reshape(B, T))
-    metrics = {"token_reward_mean": token_reward_mean}
-    if variant == "hybrid":
-        metrics.update(hybrid_factor_flips(R_hat_PxG, r_hat_PxGxT, valid_PxGxT, lam=lam))
-    return adv_BxT, metrics
+    return adv_BxT, {"token_reward_mean": token_reward_mean}

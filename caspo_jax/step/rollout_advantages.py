@@ -1,8 +1,10 @@
 """Per-rollout-batch signals: advantages from rewards and log-probs, with their statistics.
 
 Wraps ``caspo_jax.algo.caspo_advantages`` (the maths lives there) and adds the metrics
-a trainer logs: raw token-reward and advantage statistics over valid tokens and the
-fraction of prompts whose group has zero reward variance (they add nothing), all over
+a trainer logs: raw token-reward and advantage statistics over valid tokens, the
+fraction of prompts whose group has zero reward variance (they add nothing) and, for the
+hybrid, where eq. 5's factor flips the outcome's sign (``hybrid_factor_flips``, from the
+readable R_hat and r_hat: once per rollout batch, not in the loss's hot path), all over
 the groups whose rewards were scored (a failed group is in no population).
 """
 
@@ -13,7 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from caspo_jax.algo import CaspoConfig, caspo_advantages, token_rewards
+from caspo_jax.algo import (CaspoConfig, caspo_advantages, group_normalize, hybrid_factor_flips,
+                            normalize_token_signal, token_rewards)
 
 F32 = jnp.float32
 
@@ -53,6 +56,12 @@ def rollout_advantages(caspo: CaspoConfig, rewards_PxG, teacher_logp_BxT, old_lo
     if teacher_logp_BxT is not None and old_logp_BxT is not None:
         r = token_rewards(teacher_logp_BxT, old_logp_BxT, valid, clamp=caspo.token_reward_clamp)
         metrics.update(_masked_stats("token_reward", r, valid))
+        if caspo.variant == "hybrid":  # where eq. 5's factor flips the outcome's sign (readable r_hat, R_hat)
+            T = valid.shape[1]
+            valid_PxGxT = valid.reshape(P, G, T)
+            r_hat = normalize_token_signal(r.reshape(P, G, T), valid_PxGxT, scope=caspo.token_scope, eps=caspo.eps)
+            R_hat = group_normalize(jnp.where(ok_P[:, None], rewards, 0.0), eps=caspo.eps, scale=caspo.scale_rewards)
+            metrics.update(hybrid_factor_flips(R_hat, r_hat, valid_PxGxT, lam=caspo.lam))
     metrics.update(_masked_stats("advantage", adv, valid))
     n_ok = jnp.maximum(jnp.sum(ok_P.astype(F32)), 1.0)
     metrics["reward_mean"] = jnp.sum(jnp.where(ok_P[:, None], rewards, 0.0)) / (n_ok * G)

@@ -77,3 +77,31 @@ def test_every_group_failed_gives_zero_advantages_and_finite_metrics():
     assert not np.asarray(adv).any()
     values = {k: float(v) for k, v in metrics.items()}
     assert all(v == 0.0 for v in values.values()), values
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_flip_share_counts_the_tokens_whose_advantage_opposes_the_outcome(failed):
+    """adv/flipped_frac (hybrid only) equals a count on the advantages the step trains on:
+    valid tokens whose sign is the opposite of their response's R_hat; a failed group is
+    in neither the count nor the population."""
+    from caspo_jax.algo import group_normalize
+
+    rng = np.random.default_rng(3)
+    P, G, T = 3, 4, 6
+    rewards = rng.integers(0, 3, (P, G)).astype(np.float32)
+    rewards[0] = [0.0, 1.0, 2.0, 0.0]
+    teacher, student = rng.normal(size=(2, P * G, T)).astype(np.float32)
+    teacher[0, 0] += 8.0  # a token the constitution strongly favours: |r_hat| far above 1/lam
+    mask = (rng.random((P * G, T)) < 0.8).astype(np.float32)
+    mask[0, 0] = 1.0
+    ok = np.array([True, not failed, True])
+    cfg = CaspoConfig(lam=1.0)
+    adv, metrics = rollout_advantages(cfg, rewards, teacher, student, mask, ok)
+    R_hat = np.asarray(group_normalize(np.where(ok[:, None], rewards, 0.0)))
+    valid = (mask > 0) & np.repeat(ok, G)[:, None]
+    opposite = (np.sign(np.asarray(adv)) * np.repeat(np.sign(R_hat).reshape(-1), T).reshape(P * G, T) < 0) & valid
+    assert opposite.sum() > 0
+    np.testing.assert_allclose(metrics["adv/flipped_frac"], opposite.sum() / valid.sum(), rtol=1e-6)
+    for variant in ("outcome", "token"):
+        _, other = rollout_advantages(cfg.replace(variant=variant), rewards, teacher, student, mask, ok)
+        assert not any(k.startswith("adv/") for k in other)
