@@ -126,7 +126,7 @@ class MetricsWriter:
         if self._bar is not None:
             shown = {label: f"{row[k]:.3g}" for k, label in PROGRESS_METRICS.items() if isinstance(row.get(k), float)}
             self._bar.set_postfix(shown, refresh=False)
-            self._bar.update(1)
+            self._bar.update(1 if step > 0 else 0)  # step 0 (an evaluation before training) is no step
         return row
 
     def close(self) -> None:

@@ -132,6 +132,17 @@ def test_progress_bar_shows_the_failed_share(tmp_path):
     assert "failed=1" in shown and "loss=0" in shown and "reward" not in shown  # a NaN mean is left out
 
 
+def test_step_0_metrics_do_not_advance_the_progress_bar(tmp_path):
+    from caspo_jax.loop.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path, tensorboard=False, progress=True, total_steps=2)
+    writer.write(0, {"eval_standard/warning_auc": 0.5})  # the evaluation before RL
+    writer.write(1, {"loss": 0.0})
+    count = writer._bar.n
+    writer.close()
+    assert count == 1
+
+
 @pytest.mark.parametrize("override", ["run.halt_failed_share=0", "run.halt_failed_share=1.5",
                                       "run.halt_failed_steps=-1"])
 def test_halt_knobs_are_validated(override):
