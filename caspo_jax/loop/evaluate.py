@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from caspo_jax.algo import token_rewards
 from caspo_jax.demo.task import is_help, is_warning, warning_token_id
 from caspo_jax.loop.data import prompt_dataset
 from caspo_jax.loop.stats import rank_auc
@@ -100,7 +101,7 @@ def decision_token_rewards(policy, batch, tokens_PxT: np.ndarray, mask_PxT: np.n
     student, _ = compute_logprobs(policy.model, policy.params, tb, layout="student")
     teacher, _ = compute_logprobs(policy.model, policy.params if teacher_params is None else teacher_params, tb,
                                   layout="teacher")
-    r = (np.asarray(teacher) - np.asarray(student))[:, :mask.shape[1]]
+    r = np.asarray(token_rewards(teacher, student, tb.response_mask))[:, :mask.shape[1]]
     chosen = (mask > 0) & (np.cumsum(mask > 0, axis=1) <= decision_tokens)
     counts = chosen.sum(axis=1)
     with np.errstate(invalid="ignore"):

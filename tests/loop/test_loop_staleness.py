@@ -35,9 +35,10 @@ def base(tmp_path_factory):
     return tmp, cfg, build_policy(cfg.model, cfg.data)
 
 
-def recording_reward(trained, stop_on_call=None):
+def recording_reward(trained, on_call=None, action=lambda: os.kill(os.getpid(), signal.SIGTERM)):
     """make_reward whose scores record the prompt ids of each trained step (the reward runs
-    in the trainer thread, once per trained batch); SIGTERM on call `stop_on_call`."""
+    in the trainer thread, once per trained batch) and run `action` on call `on_call`
+    (default: SIGTERM to this process, a stop request)."""
     def make_reward(spec):
         inner = MAKE_REWARD(spec)
 
@@ -46,8 +47,8 @@ def recording_reward(trained, stop_on_call=None):
 
             def score(self, prompts, responses):
                 trained.append(sorted({p.id for p in prompts}))
-                if len(trained) == stop_on_call:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                if len(trained) == on_call:
+                    action()
                 return inner.score(prompts, responses)
 
         return Recording()
@@ -74,7 +75,7 @@ def test_k1_stays_within_one_version_and_resume_trains_each_batch_once(base, mon
     rollouts in flight at the stop were dropped and made again from the checkpoint."""
     tmp, cfg, policy = base
     trained = []
-    monkeypatch.setattr(caspo_mod, "make_reward", recording_reward(trained, stop_on_call=2))
+    monkeypatch.setattr(caspo_mod, "make_reward", recording_reward(trained, on_call=2))
     caspo_mod.run_caspo(cfg, tmp / "part", policy=policy, progress=False, export=False)
     assert len(read(tmp / "part" / "metrics.jsonl")) == 2  # stopped after step 2 (saved)
     monkeypatch.setattr(caspo_mod, "make_reward", recording_reward(trained))

@@ -12,13 +12,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "loop"))
 from test_loop_e2e import read, small_config  # noqa: E402
+from test_loop_staleness import recording_reward  # noqa: E402
 
 from caspo_jax.loop import caspo as caspo_mod  # noqa: E402
 from caspo_jax.remote import RemoteRolloutEngine, WorkerSpec  # noqa: E402
 from caspo_jax.rollout.producer import RolloutEngineError  # noqa: E402
 
 STEPS = 4
-MAKE_REWARD = caspo_mod.make_reward
 
 
 def remote_factory(engines):
@@ -38,22 +38,11 @@ def killing_reward(trained, kill_on_call, engines):
     """Records the trained prompt ids; on call `kill_on_call` (in step kill_on_call) SIGKILLs
     the worker process, as an out-of-memory kill or a lost host would."""
 
-    def make_reward(spec):
-        inner = MAKE_REWARD(spec)
+    def kill_worker():
+        (info,) = engines[-1].info()
+        os.kill(info["pid"], signal.SIGKILL)
 
-        class Killing:
-            name = "killing"
-
-            def score(self, prompts, responses):
-                trained.append(sorted({p.id for p in prompts}))
-                if len(trained) == kill_on_call:
-                    (info,) = engines[-1].info()
-                    os.kill(info["pid"], signal.SIGKILL)
-                return inner.score(prompts, responses)
-
-        return Killing()
-
-    return make_reward
+    return recording_reward(trained, on_call=kill_on_call, action=kill_worker)
 
 
 @pytest.mark.slow
