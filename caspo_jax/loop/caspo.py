@@ -183,6 +183,7 @@ def _async_metrics(got: Produced, step: int, samples: int, max_staleness: int, s
             **{f"async/staleness_hist/{d}": float(samples if d == staleness else 0) for d in range(max_staleness + 1)},
             "async/trainer_wait_s": got.trainer_wait_s, "async/producer_idle_s": got.producer_idle_s,
             "async/producer_push_s": got.producer_push_s, "async/rollout_s": seconds.get("rollout", 0.0),
+            "async/producer_reward_s": seconds.get("reward", 0.0),
             "async/data_s": seconds.get("data", 0.0)}
 
 
@@ -221,10 +222,11 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
         raise ConfigError(f"algo.prompts_per_step={P} must be divisible by the {n_proc} processes (each reads "
                           f"an equal share of a step's prompts); pick a multiple of {n_proc}")
     k = cfg.rollout.max_staleness
-    if k and n_proc > 1:
-        raise ConfigError(f"rollout.max_staleness={k} runs in one trainer process for now (this run has {n_proc}); "
-                          "set rollout.max_staleness=0, or train in one process and put the rollouts on remote "
-                          "workers")
+    if k and n_proc > 1 and cfg.rollout.dynamic_sampling:
+        raise ConfigError(f"rollout.dynamic_sampling with rollout.max_staleness={k} runs in one trainer process (this "
+                          f"run has {n_proc}): its draws are scored in the rollout thread, and gathering the "
+                          "processes' rewards there would race the update's collectives. Set "
+                          "rollout.max_staleness=0 or rollout.dynamic_sampling=false")
     run = TrainingRun(cfg, out_dir, "train", resume=resume, progress=progress, bar="caspo")
     files = prepare_data(cfg, run.dir.data)
     reward = make_reward(cfg.reward)
@@ -272,9 +274,14 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
         return batch, rollouts
 
     def produce(step: int, engine):  # the producer thread (k >= 1)
+        """Step `step`'s draw; with dynamic sampling (one process) scored here, with its
+        further draws, so the trainer gets the step's filled groups."""
         timer = PhaseTimer()
         batch, rollouts = draw(step, engine, timer)
-        return (batch, rollouts, iterator.get_state(), timer.seconds), rollouts.version
+        merged, dynamic_row = None, {}
+        if cfg.rollout.dynamic_sampling:
+            merged, dynamic_row = dynamic_draws(step, score_draw(batch, rollouts, timer), timer, engine)
+        return (batch, rollouts, merged, dynamic_row, iterator.get_state(), timer.seconds), rollouts.version
 
     @contextlib.contextmanager
     def engine_at(state, version: int):
@@ -300,11 +307,12 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
                                _to_width(np.where(mask, rollouts.logprobs, 0.0), cfg.data.max_response_len))
             return merge_prompt_rows(allgather_host(local), G, policy.pad_id)
 
-    def dynamic_draws(step: int, merged: dict, timer: PhaseTimer) -> tuple[dict, dict]:
-        """rollout.dynamic_sampling: more draws until P informative groups (or the draw limit)."""
+    def dynamic_draws(step: int, merged: dict, timer: PhaseTimer, engine) -> tuple[dict, dict]:
+        """rollout.dynamic_sampling: more draws (from `engine`, in the thread that owns it)
+        until P informative groups (or the draw limit)."""
         draws, flags = [merged], [informative_groups(merged["rewards"], merged["ok"], G)]
         while sum(int(f.sum()) for f in flags) < P and len(draws) < cfg.rollout.dynamic_sampling_max_draws:
-            draws.append(score_draw(*draw(step, sampler, timer, attempt=len(draws)), timer))
+            draws.append(score_draw(*draw(step, engine, timer, attempt=len(draws)), timer))
             flags.append(informative_groups(draws[-1]["rewards"], draws[-1]["ok"], G))
         merged, n_informative = fill_groups(draws, flags, P, G, policy.pad_id)
         return merged, {"dynamic_sampling/fill_rate": n_informative / P, "dynamic_sampling/draws": float(len(draws)),
@@ -315,15 +323,17 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
         extra_row = {}
         if producer is None:
             batch, rollouts = draw(step, sampler, timer)
+            merged = score_draw(batch, rollouts, timer)
+            if cfg.rollout.dynamic_sampling:
+                merged, dynamic_row = dynamic_draws(step, merged, timer, sampler)
+                extra_row.update(dynamic_row)
         else:
             with timer("rollout_wait"):
                 got = producer.take(step)
-            batch, rollouts, trained_data["state"], seconds = got.item
-            extra_row = _async_metrics(got, step, len(rollouts), k, seconds)
-        merged = score_draw(batch, rollouts, timer)
-        if cfg.rollout.dynamic_sampling:
-            merged, dynamic_row = dynamic_draws(step, merged, timer)
-            extra_row.update(dynamic_row)
+            batch, rollouts, merged, dynamic_row, trained_data["state"], seconds = got.item
+            extra_row = {**_async_metrics(got, step, len(rollouts), k, seconds), **dynamic_row}
+            if merged is None:  # scored here: gathering every process's rows is a collective
+                merged = score_draw(batch, rollouts, timer)
         with timer("reward"):
             tokens, mask, ok = merged["tokens"], merged["response_mask"], merged["ok"]
             raw_rewards = merged["rewards"]

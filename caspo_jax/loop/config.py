@@ -159,7 +159,23 @@ class RolloutConfig:
     groups whose outcome rewards are all equal are dropped and more prompt batches drawn
     (at most dynamic_sampling_max_draws per step, the first included) until the step's
     algo.prompts_per_step groups are full; short of that, dropped groups fill the rest.
-    Synchronous loop only (max_staleness 0)."""
+    With max_staleness >= 1 the producer thread draws them, scoring each draw itself.
+
+    workers: where the engine runs. "local": in this process, on its devices ("jax": the
+    trainer's devices, or with devices = n the last n of them, the trainer's mesh on the
+    rest; "vllm": this process's GPUs). "subprocess": num_workers spawned processes on this
+    host (each with the variables of worker_env set before JAX or vLLM starts, e.g.
+    CUDA_VISIBLE_DEVICES). "ray": num_workers Ray actors (ray_address; worker_gpus GPUs
+    each) anywhere in the cluster. Remote workers get the trainer's weights as safetensors
+    buckets after every update (`caspo_jax.remote`); with several trainer processes each
+    has its own num_workers and generates its own share of the prompts.
+    worker_model_dir: the HF directory vLLM workers start from on their hosts
+    (architecture, tokenizer, processor; null: model.path).
+
+    devices: with workers "local" and engine "jax", the number of this process's devices
+    given to the sampler alone (the last ones; the trainer's mesh takes the others), so
+    with max_staleness >= 1 generation and the update run on different chips. 0: the
+    sampler shares the trainer's devices."""
 
     engine: str = "jax"
     temperature: float = 1.0
@@ -170,6 +186,13 @@ class RolloutConfig:
     timeout_s: float = 1800.0
     dynamic_sampling: bool = False
     dynamic_sampling_max_draws: int = 4
+    workers: str = "local"
+    num_workers: int = 1
+    worker_env: dict = dataclasses.field(default_factory=dict)
+    worker_gpus: float = 0.0
+    worker_model_dir: str | None = None
+    ray_address: str = "auto"
+    devices: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -564,9 +587,32 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     if cfg.rollout.dynamic_sampling_max_draws < 1:
         fail("rollout.dynamic_sampling_max_draws", f"={cfg.rollout.dynamic_sampling_max_draws} must be >= 1 (prompt "
              "batches drawn per step at most, the first included)")
-    if cfg.rollout.dynamic_sampling and cfg.rollout.max_staleness:
-        fail("rollout.dynamic_sampling", f"needs rollout.max_staleness=0 (it is {cfg.rollout.max_staleness}): its "
-             "extra draws depend on the step's rewards; set one of them")
+    ro = cfg.rollout
+    if ro.workers not in ROLLOUT_WORKERS:
+        fail("rollout.workers", f"={ro.workers!r} must be one of {list(ROLLOUT_WORKERS)} (where the rollout engine "
+             "runs: this process, spawned processes on this host, or Ray actors)")
+    if ro.num_workers < 1:
+        fail("rollout.num_workers", f"={ro.num_workers} must be >= 1")
+    if ro.workers == "local" and (ro.num_workers != 1 or ro.worker_env or ro.worker_gpus):
+        fail("rollout.num_workers / worker_env / worker_gpus", "are for remote workers: set rollout.workers="
+             "subprocess or ray, or drop them (rollout.workers=local runs one engine in this process)")
+    if ro.worker_gpus < 0:
+        fail("rollout.worker_gpus", f"={ro.worker_gpus} must be >= 0 (GPUs Ray gives each worker)")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in ro.worker_env.items()):
+        fail("rollout.worker_env", f"={ro.worker_env!r} must map variable names to strings (quote numbers: "
+             "CUDA_VISIBLE_DEVICES: '0')")
+    if ro.engine == "vllm" and ro.workers != "local" and (ro.worker_model_dir or cfg.model.path) is None:
+        fail("rollout.worker_model_dir", "is not set: vLLM workers start from an HF directory on their hosts "
+             "(architecture, tokenizer, processor); set rollout.worker_model_dir, or model.path when it is the "
+             "same path there")
+    if ro.worker_model_dir is not None and not (ro.engine == "vllm" and ro.workers != "local"):
+        fail("rollout.worker_model_dir", "is only for remote vLLM workers (rollout.engine=vllm with "
+             "rollout.workers=subprocess or ray); drop it")
+    if ro.devices < 0:
+        fail("rollout.devices", f"={ro.devices} must be >= 0 (0: the sampler shares the trainer's devices)")
+    if ro.devices and (ro.engine != "jax" or ro.workers != "local"):
+        fail("rollout.devices", f"={ro.devices} is the in-process JAX sampler's own devices: it needs "
+             f"rollout.engine=jax and rollout.workers=local (got {ro.engine!r}, {ro.workers!r})")
     if not cfg.rollout.timeout_s > 0:
         fail("rollout.timeout_s", f"={cfg.rollout.timeout_s} must be > 0 (seconds the trainer waits for a rollout "
              "batch before it stops with an error)")
@@ -636,6 +682,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         except ValueError as exc:
             raise ConfigError(f"{source}: {stage} step: {exc}") from None
 
+
+ROLLOUT_WORKERS = ("local", "subprocess", "ray")
 
 # model.attn_implementation: "auto" (common.attention) or jax.nn.dot_product_attention's values.
 ATTN_IMPLEMENTATIONS = ("auto", None, "xla", "cudnn")

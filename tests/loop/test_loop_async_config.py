@@ -31,8 +31,15 @@ def test_the_correction_a_config_gives(overrides, correction, step_cap):
     (["rollout.max_staleness=-1"], ["rollout.max_staleness", "must be >= 0"]),
     (["rollout.timeout_s=0"], ["rollout.timeout_s", "must be > 0"]),
     (["rollout.dynamic_sampling_max_draws=0"], ["rollout.dynamic_sampling_max_draws", ">= 1"]),
-    (["rollout.dynamic_sampling=true", "rollout.max_staleness=1"], ["rollout.dynamic_sampling",
-                                                                     "rollout.max_staleness=0"]),
+    (["rollout.workers=cluster"], ["rollout.workers", "'cluster'", "'subprocess'"]),
+    (["rollout.num_workers=2"], ["rollout.num_workers", "rollout.workers=subprocess or ray"]),
+    (["rollout.workers=ray", "rollout.num_workers=0"], ["rollout.num_workers", "=0 must be >= 1"]),
+    (["rollout.workers=subprocess", "rollout.worker_env={CUDA_VISIBLE_DEVICES: 0}"],
+     ["rollout.worker_env", "quote numbers"]),
+    (["rollout.workers=subprocess", "rollout.engine=vllm"], ["rollout.worker_model_dir is not set", "model.path"]),
+    (["rollout.worker_model_dir=/m"], ["rollout.worker_model_dir", "only for remote vLLM workers"]),
+    (["rollout.devices=2", "rollout.workers=subprocess"], ["rollout.devices", "=2", "rollout.workers=local"]),
+    (["rollout.devices=-1"], ["rollout.devices", "=-1 must be >= 0"]),
 ])
 def test_bad_settings_name_the_field(overrides, parts):
     with pytest.raises(ConfigError) as err:
