@@ -45,14 +45,15 @@ from caspo_jax.rewards import FunctionReward, build_reward, group_ok
 from caspo_jax.rewards.base import records_problem
 from caspo_jax.rollout import JaxSampler, SamplingParams, VllmEngine
 from caspo_jax.rollout.colocate import MemorySplit, apply_memory_split, engine_asleep
+from caspo_jax.remote import RemoteRolloutEngine, WorkerSpec
 from caspo_jax.rollout.producer import Produced, RolloutProducer
 from caspo_jax.step import (build_train_batch, init_state, make_train_step, rollout_advantages, step_logprobs,
                             take_rows, teacher_params)
 from caspo_jax.step.correction import correction_metrics
 from caspo_jax.step.logprobs import cast_floats
 
-__all__ = ["RolloutSignals", "check_reward_fits_data", "make_reward", "make_rollout_engine", "rollout_signals",
-           "run_caspo"]
+__all__ = ["RolloutSignals", "check_reward_fits_data", "make_remote_engine", "make_reward", "make_rollout_engine",
+           "remote_worker_spec", "rollout_signals", "run_caspo"]
 
 
 def make_reward(spec: dict):
@@ -144,7 +145,11 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params, version
     `params` through the weight bridge (a resumed or --init policy differs from the files).
     On CPU the KV cache is bounded to 256 MiB; on GPUs vLLM sizes it itself within its share
     of model.gpu_memory_split (sleep mode on), and the weights go over DLPack.
+    rollout.workers "subprocess" / "ray": a `RemoteRolloutEngine` over rollout.num_workers
+    workers of rollout.engine's kind (`remote_worker_spec`).
     """
+    if cfg.rollout.workers != "local":
+        return make_remote_engine(cfg, policy, params, version)
     if cfg.rollout.engine == "jax":
         return JaxSampler(policy.model, params, eos_token_ids=policy.eos_ids, mesh=place.sampler_mesh,
                           version=version)
@@ -156,6 +161,46 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params, version
                               llm_kwargs=split.engine_kwargs() if split is not None else None,
                               eos_token_ids=policy.eos_ids, dlpack=gpu)
     engine.sync_weights(params, version=version)
+    return engine
+
+
+def remote_worker_spec(cfg: TrainConfig, policy: Policy) -> WorkerSpec:
+    """What each remote worker builds: the JAX sampler, or vLLM from rollout.worker_model_dir
+    (default model.path) on its host; rollout.worker_env set before either starts (on CPU
+    hosts, e.g. VLLM_CPU_KVCACHE_SPACE bounds vLLM's KV cache)."""
+    ro = cfg.rollout
+    env = dict(ro.worker_env)
+    if ro.engine == "jax":
+        return WorkerSpec.jax(policy.model, env=env, engine_kwargs={"eos_token_ids": policy.eos_ids})
+    return WorkerSpec.vllm(policy.model, ro.worker_model_dir or cfg.model.path, env=env, engine_kwargs=dict(
+        dtype=cfg.model.dtype, max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len,
+        seed=cfg.run.seed, eos_token_ids=policy.eos_ids))
+
+
+def make_remote_engine(cfg: TrainConfig, policy: Policy, params, version: int = 0) -> RemoteRolloutEngine:
+    """rollout.num_workers workers in spawned processes ("subprocess") or Ray actors ("ray",
+    connecting to rollout.ray_address unless Ray is already initialised, rollout.worker_gpus
+    GPUs each), holding `params` as weight version `version`; a call that gets no answer
+    within rollout.timeout_s fails (the run stops, its checkpoint intact)."""
+    ro = cfg.rollout
+    spec = remote_worker_spec(cfg, policy)
+    if ro.workers == "subprocess":
+        engine = RemoteRolloutEngine.subprocess(policy.model, spec, workers=ro.num_workers, timeout=ro.timeout_s)
+    else:
+        try:
+            import ray
+        except ImportError as err:
+            raise ConfigError("rollout.workers=ray needs Ray on this host and the rollout hosts: pip install "
+                              "'ray>=2.9', or use rollout.workers=subprocess (this host only)") from err
+        if not ray.is_initialized():
+            ray.init(address=ro.ray_address)
+        engine = RemoteRolloutEngine.ray(policy.model, spec, workers=ro.num_workers, timeout=ro.timeout_s,
+                                         actor_options=dict(num_gpus=ro.worker_gpus))
+    try:
+        engine.sync_weights(params, version=version)
+    except BaseException:
+        engine.close()
+        raise
     return engine
 
 
@@ -212,7 +257,7 @@ def run_caspo(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, po
     that function; bench/pipeline.py passes an engine that stands in for GPU hosts).
     """
     a, o = cfg.algo, cfg.optim
-    if cfg.rollout.engine == "vllm" and cfg.model.path is None:
+    if cfg.rollout.engine == "vllm" and cfg.rollout.workers == "local" and cfg.model.path is None:
         raise ConfigError("rollout.engine='vllm' needs model.path (an HF directory vLLM can load; the built-in tiny "
                           "model is JAX-only): set model.path, or use rollout.engine=jax")
     apply_memory_split(cfg.model.gpu_memory_split, cfg.rollout.engine)  # before JAX takes its GPU memory

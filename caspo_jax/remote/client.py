@@ -28,23 +28,27 @@ import numpy as np
 from caspo_jax.bridge.hf_tensors import iter_buckets, iter_hf_arrays
 from caspo_jax.bridge.transport import encode_safetensors
 from caspo_jax.bridge.verify import vllm_module_order
-from caspo_jax.distributed import gather_to_host, is_primary
+from caspo_jax.distributed import gather_to_host
 from caspo_jax.process_env import call_with_env
 from caspo_jax.remote.worker import RolloutWorker, WorkerSpec, _call, _init_process
 from caspo_jax.rollout import Rollouts, SamplingParams
+
+
+def _spans_processes(params) -> bool:
+    """True when some leaf is a global array this process holds only part of."""
+    return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params))
 
 
 def encode_weight_buckets(params, model, bucket_bytes: int = 256 * 2**20, dtype=None) -> list[bytes]:
     """The full state dict as safetensors-bytes buckets (what crosses the process/host boundary).
 
     With parameters sharded over several trainer processes this is a collective (every
-    process calls it; each leaf is all-gathered to the host in ``dtype``); only process 0,
-    the one that sends, serialises: the others get ``[]``."""
-    if jax.process_count() > 1:
+    process calls it; each leaf is all-gathered to the host in ``dtype``) and every process
+    gets the same buckets. Host copies (what `Placement.sampler_params` gives a multi-process
+    run) need no collective, so a rollout thread may push them while the trainer updates."""
+    if _spans_processes(params):
         cast = (lambda x: x.astype(dtype)) if dtype is not None else (lambda x: x)
         params = jax.tree.map(lambda x: gather_to_host(cast(x)), params)
-        if not is_primary():
-            return []
     # Grouped by the vLLM module that receives them: vLLM processes a fused module (q/k/v,
     # gate/up) once per load, so a bucket must never split one (harmless for JAX workers).
     order, module_of = vllm_module_order(model.param_table())
@@ -157,12 +161,10 @@ class RemoteRolloutEngine:
 
     def sync_weights(self, params, version: int | None = None) -> None:
         """Push the full state dict to every worker as weight version ``version`` (None: the
-        current + 1); each worker loads it after the generation it is serving. On a
-        multi-host trainer every process calls this (the gather is a collective) and only
-        process 0 sends."""
+        current + 1); each worker loads it after the generation it is serving. With several
+        trainer processes each has its own workers (its share of the prompts) and pushes to
+        them; given global arrays, every process must call this (the gather is a collective)."""
         buckets = encode_weight_buckets(params, self.model, self.bucket_bytes, self.push_dtype)
-        if not is_primary():  # the gather above was the collective part
-            return
         self.last_push_bytes = sum(len(b) for b in buckets)
         version = self.version + 1 if version is None else int(version)
         expected = sum(len(spec.hf_names) for spec in self.model.param_table())

@@ -5,6 +5,7 @@ usage: python _dist_worker.py CHECKPOINT_DIR OUT.npz
 """
 
 import faulthandler
+import hashlib
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ plan = distributed.start()  # before anything touches the devices
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import safetensors.numpy  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 import _dist_scenario as sc  # noqa: E402
 from caspo_jax.models import load_pretrained  # noqa: E402
@@ -46,8 +48,12 @@ def main(ckpt: str, out: str) -> None:
     state = shard_state(init_state(params, sc.CFG), state_shardings(model, sc.CFG, mesh))
     state, losses = sc.run(model, state, batch, mesh)
     host = distributed.gather_to_host(state.params)
-    # the rollout push from a multi-host trainer: a collective gather, then bytes on process 0
+    # the rollout push from a multi-host trainer: a collective gather, the same bytes on every process
     buckets = encode_weight_buckets(state.params, model, bucket_bytes=256 * 1024)
+    digest = np.frombuffer(hashlib.sha256(b"".join(buckets)).digest(), np.uint8)
+    digests = multihost_utils.process_allgather(digest)  # [processes, 32]
+    # and the push from host copies (a rollout thread's, while the trainer updates): no collective
+    host_buckets = encode_weight_buckets(host, model, bucket_bytes=256 * 1024)
     if distributed.is_primary():
         arrays = {}
         for data in buckets:
@@ -55,7 +61,9 @@ def main(ckpt: str, out: str) -> None:
         pushed = sc.flat(params_from_hf(arrays, model.param_table()))
         bridge_diff = max(float(np.abs(pushed[k] - v).max()) for k, v in sc.flat(host).items())
         np.savez(out, losses=np.asarray(losses), rows=np.asarray([local.response_ids.shape[0]]),
-                 bridge=np.asarray([bridge_diff, len(buckets)]), **sc.flat(host))
+                 bridge=np.asarray([bridge_diff, len(buckets)]),
+                 same_buckets=np.asarray([bool((digests == digests[0]).all()), host_buckets == buckets]),
+                 **sc.flat(host))
     distributed.barrier("written")
     distributed.shutdown()
 

@@ -106,3 +106,25 @@ def test_caspo_train_in_two_processes_equals_one_process(one_device, tmp_path):
         extras=__import__("orbax.checkpoint").checkpoint.args.JsonRestore()))["extras"]
     assert isinstance(extras["data"], list) and len(extras["data"]) == 2  # each process's prompt position
     ckpt.close()
+
+
+@pytest.mark.long
+def test_caspo_train_k1_in_two_processes(one_device, tmp_path):
+    """rollout.max_staleness=1 across two processes: each process's rollout thread samples its
+    prompt of every step on its own device from the weights the trainer published (a host
+    copy gathered in the training thread, so no collective runs in the rollout thread). Step
+    1 trains on version 0's rollouts, hence equals the synchronous one-device run; step 2's
+    batch is at most one version old."""
+    out = tmp_path / "run"
+    argv = train_argv(out, (1, -1, 1)) + ["--set", "rollout.max_staleness=1", "--set", "rollout.timeout_s=300"]
+    launch_two(argv, tmp_path, timeout=400, xla_flags=f"--xla_force_host_platform_device_count=4 {FLAGS}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["async/staleness"] == 0.0 and rows[1]["async/staleness"] in (0.0, 1.0)
+    got = read(out)
+    for key, want in one_device[0].items():
+        assert key in got[0], key
+        if want is None:
+            assert got[0][key] is None, key
+        else:
+            assert abs(got[0][key] - want) <= ATOL + RTOL * abs(want), (key, got[0][key], want)

@@ -1,5 +1,6 @@
 """The launch recipes parse as bash and name only sub-commands and flags that exist."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,8 +13,22 @@ SCRIPTS = sorted(p for p in RECIPES.iterdir() if p.suffix in (".sh", ".sbatch"))
 def test_every_recipe_is_documented():
     readme = (RECIPES / "README.md").read_text()
     assert len(SCRIPTS) == 3 and all(f"`{p.name}`" in readme for p in SCRIPTS)
-    python_recipes = sorted(RECIPES.glob("*.py"))
-    assert python_recipes and all(f"`{p.name}`" in readme for p in python_recipes)
+    configs = sorted(RECIPES.glob("*.yaml"))
+    assert configs and all(f"`{p.name}`" in readme for p in configs)
+
+
+@pytest.mark.parametrize("config", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_config_recipe_validates_on_the_7b_preset_with_the_sets_its_header_names(config):
+    """A run-config recipe loads over the preset its header names, with the --set values it
+    shows (every field exists and the combination validates)."""
+    from caspo_jax.loop.config import load_config
+
+    header = config.read_text().split("\nrollout:")[0]
+    sets = re.findall(r"--set (\S+=\S+)", header)
+    assert sets, "the header shows the command with its --set values"
+    preset = re.search(r"--preset (\S+)", header).group(1)
+    cfg = load_config(preset=preset, path=config, overrides=sets)
+    assert cfg.rollout.workers == "ray" and cfg.rollout.num_workers >= 1
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

@@ -30,9 +30,12 @@ def test_two_processes_match_single_process(tmp_path):
     assert np.abs(got["losses"] - np.asarray(ref_losses)).max() <= TOL
     assert ref_losses[1] < ref_losses[0]  # the steps did something
     ref = sc.flat(ref_params)
-    assert set(ref) == set(got.files) - {"losses", "rows", "bridge"}
+    assert set(ref) == set(got.files) - {"losses", "rows", "bridge", "same_buckets"}
     bridge_diff, n_buckets = got["bridge"]
     assert bridge_diff == 0 and n_buckets > 1  # the sharded weights crossed as bytes intact
+    # every process got the same buckets (each pushes to its own workers), from global arrays
+    # (a collective) and from host copies (none) alike
+    assert got["same_buckets"].tolist() == [True, True]
     worst = max(float(np.abs(got[k] - v).max()) for k, v in ref.items())
     print(f"two processes vs one: loss diff {np.abs(got['losses'] - np.asarray(ref_losses)).max():.2e}, "
           f"max parameter diff {worst:.2e}")

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_loop_e2e import read, small_config  # noqa: E402
 
 from caspo_jax.loop import caspo as caspo_mod  # noqa: E402
-from caspo_jax.loop.config import apply_overrides, config_from_dict, config_to_dict  # noqa: E402
+from caspo_jax.loop.config import apply_overrides, config_from_dict, config_to_dict, load_config  # noqa: E402
 from caspo_jax.rollout.producer import RolloutEngineError  # noqa: E402
 
 STEPS = 4
@@ -148,16 +148,11 @@ def test_a_hung_engine_times_out_instead_of_deadlocking(base, monkeypatch, tmp_p
 
 
 def test_the_async_recipe_config_is_k1_with_tis_on_vllm_logprobs():
-    """launch/recipes/async_tpu_vllm.py's settings validate on the 7B preset: one version of
-    staleness, TIS at 2 against vLLM's temperature-1 log-probs, one trainer process's mesh."""
-    import argparse
-    import importlib.util
-
-    path = Path(__file__).parents[2] / "launch" / "recipes" / "async_tpu_vllm.py"
-    spec = importlib.util.spec_from_file_location("async_tpu_vllm", path)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    cfg = recipe.build_config(argparse.Namespace(preset="qwen2_5_vl_7b-start-sft", config=None,
-                                                 set=["model.path=/m", "reward.path=/r"]))
+    """launch/recipes/async_tpu_vllm.yaml validates on the 7B preset: one version of staleness,
+    TIS at 2 against vLLM's temperature-1 log-probs on Ray workers, one mesh over the host."""
+    path = Path(__file__).parents[2] / "launch" / "recipes" / "async_tpu_vllm.yaml"
+    cfg = load_config(preset="qwen2_5_vl_7b-start-sft", path=path,
+                      overrides=["model.path=/m", "reward.path=/r", "rollout.worker_model_dir=/w"])
     assert (cfg.rollout.max_staleness, cfg.rollout.engine, cfg.rollout.temperature) == (1, "vllm", 1.0)
+    assert (cfg.rollout.workers, cfg.rollout.worker_gpus) == ("ray", 1.0)
     assert (cfg.optim.rollout_correction, cfg.optim.tis_cap, cfg.run.mesh_fsdp) == ("tis", 2.0, -1)
