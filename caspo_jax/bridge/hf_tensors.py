@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from caspo_jax.distributed import gather_to_host
 from caspo_jax.models.common import weights
 from caspo_jax.models.common.checkpoint import ParamSpec
 
@@ -123,12 +124,14 @@ def numpy_to_torch(array: np.ndarray):
 
 
 def iter_torch_tensors(params, table: Sequence[ParamSpec], *, dtype=None, dlpack: bool = False,
-                       names: Sequence[str] | None = None) -> Iterator[tuple]:
+                       names: Sequence[str] | None = None, device=None) -> Iterator[tuple]:
     """(HF name, torch tensor) for every tensor, one at a time, without extra host copies.
 
-    dlpack=True hands each single-device layer to torch through DLPack (zero copy; on a GPU
-    the tensor stays on the GPU) and applies the layout transform as a torch view.
-    Multi-device (sharded) leaves are gathered to the host instead.
+    dlpack=True hands each layer to torch through DLPack (zero copy; on a GPU the tensor
+    stays on the GPU) and applies the layout transform as a torch view. A layer sharded
+    over this process's devices is first gathered onto ``device`` (default: the first local
+    device, the GPU an in-process vLLM engine uses) by XLA, device to device, one layer at
+    a time; only a layer that spans other processes goes through the host (a collective).
     """
     import torch
 
@@ -136,13 +139,16 @@ def iter_torch_tensors(params, table: Sequence[ParamSpec], *, dtype=None, dlpack
         for name, array in iter_hf_arrays(params, table, dtype=dtype, names=names):
             yield name, numpy_to_torch(array)
         return
+    target = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
     for ref in _ordered_refs(table, names):
         layer = _layer_of(params, ref)
         if dtype is not None and layer.dtype != jnp.dtype(dtype):
             layer = layer.astype(dtype)
-        if len(layer.sharding.device_set) > 1:
-            tensor = numpy_to_torch(np.asarray(jax.device_get(layer)))
+        if not layer.is_fully_addressable:
+            tensor = numpy_to_torch(np.asarray(gather_to_host(layer)))
         else:
+            if layer.sharding.device_set != target.device_set:
+                layer = jax.device_put(layer, target)
             tensor = torch.from_dlpack(layer)
         yield ref.name, ref.spec.to_hf(tensor)
 
