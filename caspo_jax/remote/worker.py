@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -145,8 +147,27 @@ class RolloutWorker:
 _WORKER: RolloutWorker | None = None
 
 
+def exit_with_parent(poll_s: float = 1.0) -> threading.Thread:
+    """Ends this process (exit code 1) once the process that spawned it is gone: a trainer
+    killed by SIGKILL or the OOM killer runs no clean-up, and an orphaned worker would keep
+    its accelerator's memory and its vLLM engine until someone finds it. A daemon thread
+    polls the parent pid (portable, unlike PR_SET_PDEATHSIG, which fires when the spawning
+    *thread* ends)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def _init_process(spec: WorkerSpec) -> None:
     global _WORKER
+    exit_with_parent()  # first: a parent that dies during a long engine start-up ends us too
     _WORKER = RolloutWorker(spec)
 
 
