@@ -141,3 +141,34 @@ def test_k0_on_its_own_devices_equals_the_shared_devices_run(runs):
     assert {d for leaf in jax.tree.leaves(shared_engine.params) for d in leaf.devices()} == set(DEVICES[:2])
     assert all(leaf.devices() == set(DEVICES[6:]) for leaf in jax.tree.leaves(own_engine.params))
     assert own_engine.version == shared_engine.version == 2
+
+
+def test_dry_run_sizes_the_trainer_on_the_devices_the_sampler_leaves():
+    """8 H100s, rollout.devices=4: the trainer's default mesh is fsdp=4, so each trainer
+    device holds 1/4 of the float32 parameters instead of 1/8; an explicit --mesh must
+    cover the trainer's devices; the sampler line gives its whole-weights copy. (fsdp=6,
+    what rollout.devices=2 leaves, divides none of the 7B's widths: the estimate then
+    replicates every parameter, as the run's rules would.)"""
+    from caspo_jax.launch import dryrun
+
+    raw = {"model": {"path": "x/Qwen2.5-VL-7B-Instruct", "dtype": "bfloat16", "remat": True},
+           "optim": {"minibatch_size": 64}}
+
+    def params_gib(text):
+        return float(next(line for line in text.splitlines() if "params (f32)" in line).split()[2])
+
+    table = dryrun.model_for(raw).param_table()
+    shared = dryrun.dry_run_report(raw, "8xh100")
+    raw["rollout"] = {"devices": 4}
+    own = dryrun.dry_run_report(raw, "8xh100")
+    assert "data=1 fsdp=8 tensor=1\n" in shared and "rollout.devices" not in shared
+    assert "data=1 fsdp=4 tensor=1 (the trainer's 4; rollout.devices=4 for the sampler alone)" in own
+    for text, fsdp in ((shared, 8), (own, 4)):  # the f32 parameters of one device of an fsdp-way mesh
+        assert params_gib(text) == pytest.approx(4 * dryrun.shard_elements(table, (1, fsdp, 1))[0] / 2**30, abs=0.01)
+    assert params_gib(own) > 1.9 * params_gib(shared)
+    assert "sampler's 4 device(s) (rollout.devices), each holding the float32 weights whole (30.89 GiB)" in own
+    assert dryrun.Topology.parse("8xh100", "2,3,1", sampler_devices=2).mesh == (2, 3, 1)
+    with pytest.raises(ValueError, match=r"not the trainer's 6 \(rollout.devices=2 go to the sampler\).*D\*F\*T=6"):
+        dryrun.Topology.parse("8xh100", "2,2,2", sampler_devices=2)
+    with pytest.raises(ValueError, match="rollout.devices=8 leaves no device of 8"):
+        dryrun.Topology.parse("8xh100", sampler_devices=8)
