@@ -172,3 +172,22 @@ def test_dry_run_sizes_the_trainer_on_the_devices_the_sampler_leaves():
         dryrun.Topology.parse("8xh100", "2,2,2", sampler_devices=2)
     with pytest.raises(ValueError, match="rollout.devices=8 leaves no device of 8"):
         dryrun.Topology.parse("8xh100", sampler_devices=8)
+
+
+@pytest.mark.slow
+def test_two_processes_each_with_one_sampler_device_equal_the_one_device_run(tmp_path):
+    """Two `caspo train` processes x 3 devices, rollout.devices=1: each samples on its last
+    device (a one-device sampler mesh: no collective), the trainer's (1, 4, 1) mesh spans
+    the other two of each; the metrics equal a one-device run within the two-process
+    test's tolerance (`tests/distributed/test_distributed_caspo.py`: sampled outcomes
+    exact, the rest within rtol 1e-4 + atol 1e-5)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
+    from _dist_launch import launch_two
+    from test_distributed_caspo import FLAGS, assert_same_run, read as read_run, train_argv, train_one_process
+
+    want = train_one_process(tmp_path / "one", 1, (1, 1, 1))
+    out = tmp_path / "two"
+    launch_two(train_argv(out, (1, -1, 1)) + ["--set", "rollout.devices=1"], tmp_path, timeout=500,
+               xla_flags=f"--xla_force_host_platform_device_count=3 {FLAGS}")
+    print(f"two processes, rollout.devices=1 vs one device: worst metric diff "
+          f"{assert_same_run(read_run(out), want):.2e}")
