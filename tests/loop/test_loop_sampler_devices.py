@@ -86,6 +86,50 @@ def test_sampler_params_are_copied_device_to_device_onto_the_sampler_devices_onl
     np.testing.assert_array_equal(np.asarray(copy_to_devices(unsharded, target)), host)
 
 
+@pytest.fixture(scope="module")
+def tiny_policy():
+    from caspo_jax.loop.setup import build_policy
+
+    cfg = load_config(preset="tiny-cpu", overrides=["model.tiny=test"])
+    return build_policy(cfg.model, cfg.data)
+
+
+def test_the_sampler_generates_on_its_own_devices_like_on_the_default_one(tiny_policy, monkeypatch):
+    """JaxSampler on the placement's sampler mesh (devices 6, 7) with `sampler_params` of
+    parameters sharded on the trainer's (2, 3, 1) mesh: the same tokens and log-probs as a
+    sampler on the default device; its parameters, its suppressed-token mask and the
+    prompt arrays it feeds the decode all live on its devices, none on the trainer's
+    default device 0 (on a GPU those would queue behind the update)."""
+    from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams
+    from caspo_jax.rollout import jax_engine
+
+    model, params = tiny_policy.model, tiny_policy.params
+    place = placement("run.mesh_data=2", "run.mesh_fsdp=3", "rollout.devices=2", "optim.minibatch_size=24",
+                      "algo.prompts_per_step=8", "algo.group_size=3", model=model)
+    trained = place.params(params)
+    assert {d for leaf in jax.tree.leaves(trained) for d in leaf.devices()} == set(DEVICES[:6])
+    fed = []
+    rollout = jax_engine._rollout
+
+    def recording(*args):
+        fed.append(args[6].devices())  # ids_PxL, made in generate
+        return rollout(*args)
+
+    monkeypatch.setattr(jax_engine, "_rollout", recording)
+    prompts = [RolloutPrompt(np.asarray([5, 6, 7, 8], np.int32), seed=3), RolloutPrompt(np.asarray([9, 10], np.int32),
+                                                                                         seed=4)]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=6)
+    own = JaxSampler(model, place.sampler_params(trained), eos_token_ids=tiny_policy.eos_ids,
+                     mesh=place.sampler_mesh)
+    got = own.generate(prompts, n=2, sampling=sampling)
+    want = JaxSampler(model, params, eos_token_ids=tiny_policy.eos_ids).generate(prompts, n=2, sampling=sampling)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)  # float32 rounding, other layouts
+    assert all(leaf.devices() == set(DEVICES[6:]) for leaf in jax.tree.leaves(own.params))
+    assert own._suppressed_V.devices() == {DEVICES[6]} and fed[0] == {DEVICES[6]}
+    assert fed[1] == {DEVICES[0]}  # the default sampler's, for contrast
+
+
 def test_placement_errors_name_rollout_devices_and_the_fix(monkeypatch):
     with pytest.raises(ConfigError, match=r"rollout.devices=8 leaves no device for the trainer.* at most 7"):
         placement("rollout.devices=8")
