@@ -193,8 +193,8 @@ def _assemble(shape, starts, *blocks):
 
 def split_devices(n_sampler: int) -> tuple[list, tuple]:
     """(the trainer's devices, this process's sampler devices) for rollout.devices =
-    `n_sampler` (pure in the device lists): each process's last `n_sampler` local devices
-    go to its sampler; the trainer keeps the rest of `jax.devices()`, in order. 0: every
+    `n_sampler`, from `jax.devices()`: each process's last `n_sampler` local devices go to
+    its sampler; the trainer keeps the rest of `jax.devices()`, in order. 0: every
     device to the trainer, no sampler devices."""
     if not n_sampler:
         return jax.devices(), ()
@@ -215,7 +215,7 @@ def make_placement(cfg, model, step_cfg, *, rows: int, rows_field: str,
     rollout.devices); the trainer's mesh is resolved over the others. 0 is the run
     without them, unchanged."""
     multi = jax.process_count() > 1
-    n_sampler = getattr(cfg.rollout, "devices", 0) if sampler_devices is None else sampler_devices
+    n_sampler = cfg.rollout.devices if sampler_devices is None else sampler_devices
     local = jax.local_device_count()
     if n_sampler and n_sampler >= local:
         raise ConfigError(f"rollout.devices={n_sampler} leaves no device for the trainer: this process has {local} "

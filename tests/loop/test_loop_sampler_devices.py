@@ -17,12 +17,17 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
+from _dist_launch import launch_two  # noqa: E402
+from test_distributed_caspo import FLAGS, assert_same_run, train_argv, train_one_process  # noqa: E402
+from test_distributed_caspo import read as read_run  # noqa: E402
 from test_loop_e2e import read, small_config, strip_timing  # noqa: E402
 from test_loop_staleness import override  # noqa: E402
 
 from caspo_jax.loop import caspo as caspo_mod  # noqa: E402
 from caspo_jax.loop.config import ConfigError, load_config  # noqa: E402
 from caspo_jax.loop.placement import copy_to_devices, make_placement  # noqa: E402
+from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams, jax_engine  # noqa: E402
 from caspo_jax.sharding import make_mesh  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs the 8 simulated devices of tests/conftest.py")
@@ -100,8 +105,6 @@ def test_the_sampler_generates_on_its_own_devices_like_on_the_default_one(tiny_p
     sampler on the default device; its parameters, its suppressed-token mask and the
     prompt arrays it feeds the decode all live on its devices, none on the trainer's
     default device 0 (on a GPU those would queue behind the update)."""
-    from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams
-    from caspo_jax.rollout import jax_engine
 
     model, params = tiny_policy.model, tiny_policy.params
     place = placement("run.mesh_data=2", "run.mesh_fsdp=3", "rollout.devices=2", "optim.minibatch_size=24",
@@ -143,6 +146,15 @@ def test_placement_errors_name_rollout_devices_and_the_fix(monkeypatch):
         placement("rollout.devices=2")
 
 
+def recording_factory(engines: list):
+    """`make_rollout_engine`, keeping each engine it builds in `engines`."""
+    def factory(*args, **kwargs):
+        engines.append(caspo_mod.make_rollout_engine(*args, **kwargs))
+        return engines[-1]
+
+    return factory
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two-step runs on a 2-device data mesh: the sampler on the trainer's devices (k=0), on
@@ -156,13 +168,8 @@ def runs(tmp_path_factory):
     for name, extra in (("shared", []), ("own", ["rollout.devices=2"]),
                         ("own_k1", ["rollout.devices=2", "rollout.max_staleness=1"])):
         engines = []
-
-        def factory(*args, **kwargs):
-            engines.append(caspo_mod.make_rollout_engine(*args, **kwargs))
-            return engines[-1]
-
         caspo_mod.run_caspo(override(cfg, *extra), tmp / name, policy=policy, progress=False, export=False,
-                            engine_factory=factory)
+                            engine_factory=recording_factory(engines))
         out[name] = (read(tmp / name / "metrics.jsonl"), engines[0])
     return out
 
@@ -225,9 +232,6 @@ def test_two_processes_each_with_one_sampler_device_equal_the_one_device_run(tmp
     the other two of each; the metrics equal a one-device run within the two-process
     test's tolerance (`tests/distributed/test_distributed_caspo.py`: sampled outcomes
     exact, the rest within rtol 1e-4 + atol 1e-5)."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
-    from _dist_launch import launch_two
-    from test_distributed_caspo import FLAGS, assert_same_run, read as read_run, train_argv, train_one_process
 
     want = train_one_process(tmp_path / "one", 1, (1, 1, 1))
     out = tmp_path / "two"
