@@ -81,22 +81,37 @@ GPUS: dict[str, float] = {"a100-40gb": 40.0, "a100-80gb": 80.0, "a100": 80.0, "h
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    """devices: how many JAX devices; memory_gib: per device; mesh: (data, fsdp, tensor)."""
+    """devices: how many JAX devices; memory_gib: per device; mesh: (data, fsdp, tensor) of
+    the trainer; sampler_devices: those kept for the JAX sampler alone (rollout.devices),
+    which the trainer's mesh leaves out: mesh covers devices - sampler_devices."""
 
     devices: int
     memory_gib: float
     mesh: tuple[int, int, int]
     name: str = ""
+    sampler_devices: int = 0
+
+    @property
+    def trainer_devices(self) -> int:
+        return self.devices - self.sampler_devices
 
     def __post_init__(self):
-        if math.prod(self.mesh) != self.devices:
+        if not 0 <= self.sampler_devices < self.devices:
+            raise ValueError(f"topology {self.name or ''}: rollout.devices={self.sampler_devices} leaves no device of "
+                             f"{self.devices} for the trainer; give the sampler at most {self.devices - 1}")
+        if math.prod(self.mesh) != self.trainer_devices:
+            kept = f" (rollout.devices={self.sampler_devices} go to the sampler)" if self.sampler_devices else ""
             raise ValueError(f"topology {self.name or ''}: mesh data*fsdp*tensor={self.mesh} has {math.prod(self.mesh)} "
-                             f"devices, not {self.devices}; pass --mesh D,F,T with D*F*T={self.devices}")
+                             f"devices, not the trainer's {self.trainer_devices}{kept}; pass --mesh D,F,T with "
+                             f"D*F*T={self.trainer_devices}")
 
     @classmethod
-    def parse(cls, text: str, mesh: str | tuple[int, int, int] | None = None) -> "Topology":
+    def parse(cls, text: str, mesh: str | tuple[int, int, int] | None = None,
+              sampler_devices: int = 0) -> "Topology":
         """"v5p-64", "16xa100-80gb", or "DEVICESxGIB" ("32x95"); optional ":D,F,T" or ``mesh``.
-        Without a mesh every device goes to fsdp (parameters sharded, rows split)."""
+        Without a mesh every trainer device goes to fsdp (parameters sharded, rows split).
+        sampler_devices: rollout.devices, kept out of the trainer's mesh (one trainer
+        process: with several hosts each keeps its own, so size the trainer with --mesh)."""
         name, _, mesh_text = text.partition(":")
         mesh = mesh if mesh is not None else (mesh_text or None)
         key = name.strip().lower()
@@ -120,7 +135,7 @@ class Topology:
             raise ValueError(f"topology {text!r}: use a slice name ({', '.join(k + '-N' for k in ACCELERATORS)}), "
                              f"COUNTxGPU ({', '.join(sorted(GPUS))}) or COUNTxGIB")
         if mesh is None:
-            shape = (1, devices, 1)
+            shape = (1, devices - sampler_devices, 1)
         elif isinstance(mesh, str):
             try:
                 shape = tuple(int(x) for x in mesh.split(","))
@@ -130,7 +145,7 @@ class Topology:
                 raise ValueError(f"mesh {mesh!r}: expected three integers data,fsdp,tensor (e.g. 1,32,1)")
         else:
             shape = tuple(mesh)
-        return cls(devices, gib, shape, name=name)
+        return cls(devices, gib, shape, name=name, sampler_devices=sampler_devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,7 +367,12 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
     preset name or a nested dict of overrides (validated like a run's)."""
     raw = _as_dict(config_or_preset)
     cfg = run_config(config_or_preset)
-    topo = Topology.parse(topology) if isinstance(topology, str) else topology
+    n_sampler = cfg.rollout.devices
+    topo = Topology.parse(topology, sampler_devices=n_sampler) if isinstance(topology, str) else topology
+    if topo.sampler_devices != n_sampler:
+        raise ValueError(f"topology {topo.name or ''} keeps {topo.sampler_devices} device(s) for the sampler but the "
+                         f"config has rollout.devices={n_sampler}; build it with Topology.parse(..., "
+                         f"sampler_devices={n_sampler})")
     model = model_for({**dataclasses.asdict(cfg), "_preset": raw.get("_preset")})
     table = model.param_table()
     dims = text_dims(model.config)
@@ -374,7 +394,9 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
     lines = [
         f"caspo dry run: {raw.get('_preset') or cfg.model.path or 'tiny model'} on "
         f"{topo.name or 'topology'} ({topo.devices} devices x {topo.memory_gib:g} GiB)",
-        f"mesh            data={data} fsdp={fsdp} tensor={tensor}",
+        f"mesh            data={data} fsdp={fsdp} tensor={tensor}"
+        + (f" (the trainer's {topo.trainer_devices}; rollout.devices={n_sampler} for the sampler alone)"
+           if n_sampler else ""),
         f"model           {type(model).__name__}: {total / 1e9:.3f} B parameters, {local / 1e6:.1f} M per device",
         f"step            {prompts} prompts x {group} samples, mini-batch {rows} rows "
         f"({-(-rows // (data * fsdp * micro))} per device per micro-batch, {micro} micro-batch(es)), "
@@ -398,7 +420,10 @@ def dry_run_report(config_or_preset, topology: Topology | str) -> str:
         "FLOPs per RL step (all devices):",
         *(f"  {k:<13} {v:.3e}" for k, v in flops.items()),
         f"  total         {sum(flops.values()):.3e}  ({sum(flops.values()) / topo.devices:.3e} per device)",
-        "rollout FLOPs assume the JAX sampler on the same devices; with vLLM hosts they move there.",
+        "rollout FLOPs assume the JAX sampler on the same devices; with vLLM hosts they move there."
+        if not n_sampler else
+        f"rollout FLOPs run on the sampler's {n_sampler} device(s) (rollout.devices), each holding the float32 "
+        f"weights whole ({_gib(4 * total).strip()}) plus the KV cache.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -412,7 +437,7 @@ def add_topology_arguments(parser: argparse.ArgumentParser) -> None:
 
 def print_dry_run(cfg, args: argparse.Namespace) -> int:
     try:
-        topology = Topology.parse(args.topology, args.mesh)
+        topology = Topology.parse(args.topology, args.mesh, sampler_devices=cfg.rollout.devices)
     except ValueError as exc:
         print(f"caspo: --topology/--mesh: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -18,15 +18,24 @@ come from a collective gather (`to_host`), and the rollout sampler runs on one o
 host's devices with a gathered copy of the parameters (`sampler_mesh` / `sampler_params`):
 `JaxSampler` turns prompts into host NumPy arrays and reads its outputs with
 `device_get`, which needs arrays each process can address.
+
+rollout.devices = n > 0 gives the in-process JAX sampler devices of its own, so that with
+rollout.max_staleness >= 1 generation and the update run on different chips: each process's
+LAST n local devices form the sampler's mesh (n x 1 x 1: parameters replicated, sampled rows
+split over the n), and run.mesh_* (-1 included) is resolved over the devices left. Parameters
+go to the sampler device to device (`copy_to_devices`); with several processes through the
+host gather, as without rollout.devices, and n must be 1 there (see `sampler_mesh`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -35,7 +44,7 @@ from caspo_jax.loop.config import ConfigError, RunConfig
 from caspo_jax.sharding import make_mesh, param_shardings
 from caspo_jax.step import batch_shardings, shard_state, state_shardings
 
-__all__ = ["Placement", "make_placement", "mesh_shape"]
+__all__ = ["Placement", "copy_to_devices", "make_placement", "mesh_shape", "split_devices"]
 
 _FIELDS = ("mesh_data", "mesh_fsdp", "mesh_tensor")
 
@@ -68,11 +77,15 @@ def mesh_shape(run: RunConfig, n_devices: int, *, multi_process: bool = False) -
 
 @dataclasses.dataclass
 class Placement:
-    """The run's mesh (None: one device) and how arrays go onto it and back."""
+    """The run's mesh (None: one device) and how arrays go onto it and back.
+
+    sampler_devices: this process's devices reserved for the rollout sampler
+    (rollout.devices; empty: the sampler shares the trainer's mesh)."""
 
     mesh: object | None
     model: object
     step_cfg: object
+    sampler_devices: tuple = ()
 
     @property
     def multi_process(self) -> bool:
@@ -111,35 +124,122 @@ class Placement:
         """Full NumPy copies on every process (a collective with several processes)."""
         return gather_to_host(tree)
 
-    @property
+    @functools.cached_property
     def sampler_mesh(self):
-        """The rollout sampler's mesh: the run's mesh with one process; with several, None
-        (the host's first device). A mesh over a host's own devices would run process-local
-        collectives through the CPU collectives backend too: in a two-process gloo run the
-        two hosts' 4-device sampler contexts crossed ("Received data size doesn't match
-        expected size ... collective mismatch", 1 run in 4), so rollouts stay on one local
-        device until the sampler runs on the global mesh."""
+        """The rollout sampler's mesh.
+
+        rollout.devices = n: a mesh over this process's last n devices, (data=n, fsdp=1,
+        tensor=1), so the parameters are replicated and the KV cache's sample rows split
+        over the n (`JaxSampler`); its own, disjoint from the trainer's.
+
+        Without: the run's mesh with one process; with several, None (the host's first
+        device). A mesh over a host's own devices would run process-local collectives
+        through the CPU collectives backend too: in a two-process gloo run the two hosts'
+        4-device sampler contexts crossed ("Received data size doesn't match expected size
+        ... collective mismatch", 1 run in 4), so with several processes rollouts stay on
+        one local device (rollout.devices <= 1: a one-device mesh compiles no collective)."""
+        if self.sampler_devices:
+            return make_mesh(len(self.sampler_devices), 1, 1, devices=self.sampler_devices)
         return None if self.multi_process else self.mesh
 
     def sampler_params(self, params):
-        """What the sampler's `sync_weights` takes: the parameters themselves, or with
-        several processes a gathered host copy (a collective every process calls)."""
+        """What the sampler's `sync_weights` takes.
+
+        rollout.devices: the parameters on the sampler's mesh (its param shardings, so the
+        sampler's own placement is a no-op), copied device to device with one process;
+        with several, from a gathered host copy (a collective every process calls: a
+        process cannot address the other hosts' shards). Without: the parameters
+        themselves, or with several processes a gathered host copy."""
+        if self.sampler_devices:
+            shardings = param_shardings(self.model.param_table(), self.sampler_mesh)
+            if self.multi_process:
+                return jax.device_put(self.to_host(params), shardings)
+            return jax.tree.map(copy_to_devices, params, shardings)
         return self.to_host(params) if self.multi_process else params
 
 
-def make_placement(cfg, model, step_cfg, *, rows: int, rows_field: str) -> Placement:
+def copy_to_devices(x, sharding):
+    """`x` (a jax.Array this process addresses in full, on any devices) placed on
+    `sharding` (a NamedSharding), whose devices may be others, without a trip through the host.
+
+    One copy of each distinct block of `x` goes to the first device of `sharding`; several
+    blocks (a sharded `x`) are joined there (`_assemble`, compiled once per shape and block
+    layout); `jax.device_put` then copies the whole array onto `sharding`'s devices (device
+    to device for a single-device source). The source devices hold nothing extra, unlike
+    replicating on them first. NumPy input is simply put."""
+    if not isinstance(x, jax.Array):
+        return jax.device_put(x, sharding)
+    first = sharding.mesh.devices.flat[0]
+    blocks = {}
+    for shard in x.addressable_shards:
+        start = tuple(0 if s.start is None else int(s.start) for s in shard.index)
+        blocks.setdefault(start, shard.data)
+    if len(blocks) == 1:
+        whole = next(iter(blocks.values()))
+    else:
+        starts = tuple(sorted(blocks))
+        whole = _assemble(x.shape, starts, *(jax.device_put(blocks[k], first) for k in starts))
+    return jax.device_put(whole, sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _assemble(shape, starts, *blocks):
+    """The array of `shape` whose block at each start index (`starts`) is `blocks[i]`."""
+    out = jnp.zeros(shape, blocks[0].dtype)
+    for start, block in zip(starts, blocks):
+        out = jax.lax.dynamic_update_slice(out, block, start)
+    return out
+
+
+def split_devices(n_sampler: int) -> tuple[list, tuple]:
+    """(the trainer's devices, this process's sampler devices) for rollout.devices =
+    `n_sampler`, from `jax.devices()`: each process's last `n_sampler` local devices go to
+    its sampler; the trainer keeps the rest of `jax.devices()`, in order. 0: every
+    device to the trainer, no sampler devices."""
+    if not n_sampler:
+        return jax.devices(), ()
+    by_process: dict[int, list] = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    reserved = {d for devices in by_process.values() for d in devices[-n_sampler:]}
+    mine = tuple(jax.local_devices()[-n_sampler:])
+    return [d for d in jax.devices() if d not in reserved], mine
+
+
+def make_placement(cfg, model, step_cfg, *, rows: int, rows_field: str,
+                   sampler_devices: int | None = None) -> Placement:
     """The Placement of `cfg.run`'s mesh; `rows` (named `rows_field` in errors) is the
-    row count of one update's batch, which data * fsdp must divide."""
+    row count of one update's batch, which data * fsdp must divide.
+
+    sampler_devices: devices of each process kept for the rollout sampler (None:
+    rollout.devices); the trainer's mesh is resolved over the others. 0 is the run
+    without them, unchanged."""
     multi = jax.process_count() > 1
-    n = jax.device_count()
-    data, fsdp, tensor = mesh_shape(cfg.run, n, multi_process=multi)
+    n_sampler = cfg.rollout.devices if sampler_devices is None else sampler_devices
+    local = jax.local_device_count()
+    if n_sampler and n_sampler >= local:
+        raise ConfigError(f"rollout.devices={n_sampler} leaves no device for the trainer: this process has {local} "
+                          f"device(s); give the sampler at most {local - 1} (or 0 to share the trainer's)")
+    if n_sampler > 1 and multi:
+        raise ConfigError(f"rollout.devices={n_sampler} with {jax.process_count()} processes: a sampler mesh over "
+                          "several of a host's devices runs process-local collectives, which crossed between hosts "
+                          "in the CPU collectives backend; set rollout.devices=1 (each process's last device) or 0")
+    trainer_devices, mine = split_devices(n_sampler)
+    n = len(trainer_devices)
+    note = (f" (the trainer's {n} devices: rollout.devices={n_sampler} of each process's {local} go to the "
+            "sampler; or lower rollout.devices)") if n_sampler else ""
+    try:
+        data, fsdp, tensor = mesh_shape(cfg.run, n, multi_process=multi)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{note}") from None
     if rows % (data * fsdp):
         raise ConfigError(f"{rows_field}={rows} rows are not divisible by run.mesh_data * run.mesh_fsdp = "
                           f"{data} * {fsdp} = {data * fsdp} (the mesh axes that split rows); pick a multiple of "
-                          f"{data * fsdp} or a smaller data/fsdp size")
+                          f"{data * fsdp} or a smaller data/fsdp size{note}")
     if data * fsdp * tensor == 1 and not multi:
-        return Placement(None, model, step_cfg)
-    return Placement(make_mesh(data, fsdp, tensor, devices=jax.devices()[:data * fsdp * tensor]), model, step_cfg)
+        return Placement(None, model, step_cfg, mine)
+    mesh = make_mesh(data, fsdp, tensor, devices=trainer_devices[:data * fsdp * tensor])
+    return Placement(mesh, model, step_cfg, mine)
 
 
 def allgather_host(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

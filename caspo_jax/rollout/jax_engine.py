@@ -18,11 +18,15 @@ those of the tempered distribution without that suppression, like top-k/top-p.
 
 Sharding: with a mesh, parameters are placed by the model's table under the trainer's
 ``LogicalRules`` and the cache's sample axis follows the "batch" rule (heads the "kv"
-rule), so the same mesh serves training and sampling.
+rule), so the same mesh serves training and sampling. A mesh of devices of its own
+(rollout.devices, without the default device) is also where the sampler's small arrays
+(prompts, keys, the suppressed-token mask) start: made on the default device, a trainer
+device, they would queue behind the update running there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
@@ -92,8 +96,9 @@ class JaxSampler:
                              f"[0, {vocab}) of the model config; pass ids the tokenizer knows")
         suppressed = np.zeros((vocab,), bool)
         suppressed[list(self.suppress_token_ids)] = True
-        self._suppressed_V = jnp.asarray(suppressed)  # built once: generate() runs every RL step
         self.mesh = mesh
+        with self._on_home_device():
+            self._suppressed_V = jnp.asarray(suppressed)  # built once: generate() runs every RL step
         if mesh is not None and rules is None:
             rules = LogicalRules()
         self.rules = rules
@@ -118,6 +123,14 @@ class JaxSampler:
         with self._lock:
             return self.params, self.version
 
+    def _on_home_device(self):
+        """Arrays made in this context start on the mesh's first device when the mesh leaves
+        out the default device (a sampler on devices of its own); else where they always do
+        (a thread-local setting: the trainer's thread keeps its default)."""
+        if self.mesh is None or jax.local_devices()[0] in set(self.mesh.devices.flat):
+            return contextlib.nullcontext()
+        return jax.default_device(self.mesh.devices.flat[0])
+
     def _cache_sharding(self, shape):
         """Placement of one layer's cache array [prompts or samples, K, length, H]."""
         return named_sharding(self.mesh, ("batch", "kv", None, None), shape, self.rules)
@@ -125,6 +138,10 @@ class JaxSampler:
     def generate(self, prompts: Sequence[RolloutPrompt], *, n: int = 1, sampling: SamplingParams = SamplingParams()
                  ) -> Rollouts:
         """n samples per prompt (prompt-major order), all from one weight version; see ``Rollouts``."""
+        with self._on_home_device():
+            return self._generate(prompts, n, sampling)
+
+    def _generate(self, prompts: Sequence[RolloutPrompt], n: int, sampling: SamplingParams) -> Rollouts:
         params, version = self.weights()
         if not prompts:
             raise ValueError("generate: no prompts")
