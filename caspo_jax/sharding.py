@@ -9,10 +9,12 @@ heads/MLP/vocab splitting).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -99,3 +101,39 @@ def param_shardings(table, mesh: Mesh, rules: LogicalRules = LogicalRules()):
     """NamedShardings of a model's typed weights, from its table of ``ParamSpec`` rows
     (anything with ``.path``, ``.axes`` and ``.shape``): the same tree as the weights."""
     return weights.build(table, lambda spec: named_sharding(mesh, spec.axes, spec.shape, rules))
+
+
+def copy_to_devices(x, sharding):
+    """`x` (a jax.Array this process addresses in full, on any devices) placed on
+    `sharding` (a NamedSharding or a SingleDeviceSharding), whose devices may be others,
+    without a trip through the host (`jax.device_put` of a sharded array onto another
+    sharding copies through the host in jax 0.10: a transfer guard shows it).
+
+    One copy of each distinct block of `x` goes to the first device of `sharding`; several
+    blocks (a sharded `x`) are joined there (`_assemble`, compiled once per shape and block
+    layout); `jax.device_put` then copies the whole array onto `sharding`'s devices (device
+    to device for a single-device source). The source devices hold nothing extra, unlike
+    replicating on them first. NumPy input is simply put."""
+    if not isinstance(x, jax.Array):
+        return jax.device_put(x, sharding)
+    first = sharding.mesh.devices.flat[0] if isinstance(sharding, NamedSharding) else min(sharding.device_set,
+                                                                                           key=lambda d: d.id)
+    blocks = {}
+    for shard in x.addressable_shards:
+        start = tuple(0 if s.start is None else int(s.start) for s in shard.index)
+        blocks.setdefault(start, shard.data)
+    if len(blocks) == 1:
+        whole = next(iter(blocks.values()))
+    else:
+        starts = tuple(sorted(blocks))
+        whole = _assemble(x.shape, starts, *(jax.device_put(blocks[k], first) for k in starts))
+    return jax.device_put(whole, sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _assemble(shape, starts, *blocks):
+    """The array of `shape` whose block at each start index (`starts`) is `blocks[i]`."""
+    out = jnp.zeros(shape, blocks[0].dtype)
+    for start, block in zip(starts, blocks):
+        out = jax.lax.dynamic_update_slice(out, block, start)
+    return out

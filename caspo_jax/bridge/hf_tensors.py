@@ -29,6 +29,7 @@ import numpy as np
 from caspo_jax.distributed import gather_to_host
 from caspo_jax.models.common import weights
 from caspo_jax.models.common.checkpoint import ParamSpec
+from caspo_jax.sharding import copy_to_devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,11 @@ def hf_tensor_refs(table: Sequence[ParamSpec]) -> list[HFTensorRef]:
 
 def _layer_of(params, ref: HFTensorRef):
     leaf = weights.leaf(params, ref.spec.path)
-    return leaf if ref.layer is None else leaf[ref.layer]
+    if ref.layer is None:
+        return leaf
+    if isinstance(leaf, jax.Array):  # a static slice: no index array crosses to the device
+        return jax.lax.index_in_dim(leaf, ref.layer, keepdims=False)
+    return leaf[ref.layer]
 
 
 def _host_layer(params, ref: HFTensorRef) -> np.ndarray | None:
@@ -129,9 +134,10 @@ def iter_torch_tensors(params, table: Sequence[ParamSpec], *, dtype=None, dlpack
 
     dlpack=True hands each layer to torch through DLPack (zero copy; on a GPU the tensor
     stays on the GPU) and applies the layout transform as a torch view. A layer sharded
-    over this process's devices is first gathered onto ``device`` (default: the first local
-    device, the GPU an in-process vLLM engine uses) by XLA, device to device, one layer at
-    a time; only a layer that spans other processes goes through the host (a collective).
+    over this process's devices is first joined on ``device`` (default: the first local
+    device, the GPU an in-process vLLM engine uses), device to device
+    (``sharding.copy_to_devices``), one layer at a time; only a layer that spans other
+    processes goes through the host (a collective).
     """
     import torch
 
@@ -148,7 +154,7 @@ def iter_torch_tensors(params, table: Sequence[ParamSpec], *, dtype=None, dlpack
             tensor = numpy_to_torch(np.asarray(gather_to_host(layer)))
         else:
             if layer.sharding.device_set != target.device_set:
-                layer = jax.device_put(layer, target)
+                layer = copy_to_devices(layer, target)
             tensor = torch.from_dlpack(layer)
         yield ref.name, ref.spec.to_hf(tensor)
 

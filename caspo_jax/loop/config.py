@@ -175,7 +175,8 @@ class RolloutConfig:
     devices: with workers "local" and engine "jax", the number of this process's devices
     given to the sampler alone (the last ones; the trainer's mesh takes the others), so
     with max_staleness >= 1 generation and the update run on different chips. 0: the
-    sampler shares the trainer's devices."""
+    sampler shares the trainer's devices. With several processes at most 1 (each
+    process's last device; `caspo_jax.loop.placement`)."""
 
     engine: str = "jax"
     temperature: float = 1.0

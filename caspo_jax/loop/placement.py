@@ -35,16 +35,15 @@ import json
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from caspo_jax.distributed import gather_to_host, global_batch, take_local_rows
 from caspo_jax.loop.config import ConfigError, RunConfig
-from caspo_jax.sharding import make_mesh, param_shardings
+from caspo_jax.sharding import copy_to_devices, make_mesh, param_shardings
 from caspo_jax.step import batch_shardings, shard_state, state_shardings
 
-__all__ = ["Placement", "copy_to_devices", "make_placement", "mesh_shape", "split_devices"]
+__all__ = ["Placement", "make_placement", "mesh_shape", "split_devices"]
 
 _FIELDS = ("mesh_data", "mesh_fsdp", "mesh_tensor")
 
@@ -156,39 +155,6 @@ class Placement:
                 return jax.device_put(self.to_host(params), shardings)
             return jax.tree.map(copy_to_devices, params, shardings)
         return self.to_host(params) if self.multi_process else params
-
-
-def copy_to_devices(x, sharding):
-    """`x` (a jax.Array this process addresses in full, on any devices) placed on
-    `sharding` (a NamedSharding), whose devices may be others, without a trip through the host.
-
-    One copy of each distinct block of `x` goes to the first device of `sharding`; several
-    blocks (a sharded `x`) are joined there (`_assemble`, compiled once per shape and block
-    layout); `jax.device_put` then copies the whole array onto `sharding`'s devices (device
-    to device for a single-device source). The source devices hold nothing extra, unlike
-    replicating on them first. NumPy input is simply put."""
-    if not isinstance(x, jax.Array):
-        return jax.device_put(x, sharding)
-    first = sharding.mesh.devices.flat[0]
-    blocks = {}
-    for shard in x.addressable_shards:
-        start = tuple(0 if s.start is None else int(s.start) for s in shard.index)
-        blocks.setdefault(start, shard.data)
-    if len(blocks) == 1:
-        whole = next(iter(blocks.values()))
-    else:
-        starts = tuple(sorted(blocks))
-        whole = _assemble(x.shape, starts, *(jax.device_put(blocks[k], first) for k in starts))
-    return jax.device_put(whole, sharding)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _assemble(shape, starts, *blocks):
-    """The array of `shape` whose block at each start index (`starts`) is `blocks[i]`."""
-    out = jnp.zeros(shape, blocks[0].dtype)
-    for start, block in zip(starts, blocks):
-        out = jax.lax.dynamic_update_slice(out, block, start)
-    return out
 
 
 def split_devices(n_sampler: int) -> tuple[list, tuple]:

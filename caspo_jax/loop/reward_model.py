@@ -309,7 +309,8 @@ def train_reward_model(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = 
 
     step_cfg = step_config(cfg, "rm")
     place = make_placement(cfg, model, step_cfg, rows=2 * K,
-                           rows_field="2 * rm.batch_size (two rows a slot; rm.batch_size is capped at the slots)")
+                           rows_field="2 * rm.batch_size (two rows a slot; rm.batch_size is capped at the slots)",
+                           sampler_devices=0)  # no sampler in this stage: every device trains
     mesh = place.mesh
     put = (lambda b: b) if mesh is None else (lambda b: place.place(b, rm_batch_shardings(b, mesh)))
     state = place.state(init_state(reward_model.params, step_cfg),

@@ -135,7 +135,8 @@ def run_supervised_stage(cfg: TrainConfig, out_dir: str | Path, kind: str, *, re
     response_len = -(-max(len(r) for e in examples for r in e.responses) // 8) * 8
     step_cfg = step_config(cfg, kind)
     place = make_placement(cfg, model, step_cfg, rows=batch_size * (2 if kind == "dpo" else 1),
-                           rows_field=f"{kind}.batch_size" + (" * 2 (chosen + rejected)" if kind == "dpo" else ""))
+                           rows_field=f"{kind}.batch_size" + (" * 2 (chosen + rejected)" if kind == "dpo" else ""),
+                           sampler_devices=0)  # no sampler in this stage: every device trains
     start, state, _ = run.restore(place.state(init_state(policy.params, step_cfg)))
     n_params = count_params(state.params)
     reference = None

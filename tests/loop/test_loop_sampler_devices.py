@@ -26,7 +26,8 @@ from test_loop_staleness import override  # noqa: E402
 
 from caspo_jax.loop import caspo as caspo_mod  # noqa: E402
 from caspo_jax.loop.config import ConfigError, load_config  # noqa: E402
-from caspo_jax.loop.placement import copy_to_devices, make_placement  # noqa: E402
+from caspo_jax.loop.placement import make_placement  # noqa: E402
+from caspo_jax.sharding import copy_to_devices  # noqa: E402
 from caspo_jax.rollout import JaxSampler, RolloutPrompt, SamplingParams, jax_engine  # noqa: E402
 from caspo_jax.sharding import make_mesh  # noqa: E402
 
@@ -225,7 +226,7 @@ def test_dry_run_sizes_the_trainer_on_the_devices_the_sampler_leaves():
         dryrun.Topology.parse("8xh100", sampler_devices=8)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_two_processes_each_with_one_sampler_device_equal_the_one_device_run(tmp_path):
     """Two `caspo train` processes x 3 devices, rollout.devices=1: each samples on its last
     device (a one-device sampler mesh: no collective), the trainer's (1, 4, 1) mesh spans
