@@ -30,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 ATTENTION_OUTPUT = "attention_output"  # checkpoint name of every attention's output (and here its log-sum-exp)
@@ -56,7 +57,7 @@ def _blocks(L: int, q_block: int):
 def _allowed(start: int, end: int, G: int, valid_BxL):
     """[B, 1, R, end] boolean: row r (query start + r // G) may attend key j < end iff
     j <= that query and key j is valid."""
-    query_R = start + jnp.arange((end - start) * G) // G
+    query_R = jnp.asarray(start + np.arange((end - start) * G) // G, jnp.int32)  # a constant, not iota // G
     causal_RxS = jnp.arange(end)[None, :] <= query_R[:, None]
     return causal_RxS[None, None] & (valid_BxL[:, None, None, :end] != 0)
 
@@ -68,6 +69,11 @@ def _scores(q_BxKxRxH, k_BxKxSxH, allowed, scale):
 
 def _forward(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, valid_BxL, q_block):
     """(output [B, L, N, H], log-sum-exp [B, K, R] float32)."""
+    with jax.named_scope("flash_attention_fwd"):  # the profiler's name for this work
+        return _forward_blocks(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, valid_BxL, q_block)
+
+
+def _forward_blocks(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, valid_BxL, q_block):
     B, L, N, H = q_BxLxNxH.shape
     K = k_BxLxKxH.shape[2]
     G, scale = N // K, H ** -0.5
@@ -102,6 +108,11 @@ def _fwd(q, k, v, valid, q_block):
 
 
 def _bwd(q_block, residuals, d_out_BxLxNxH):
+    with jax.named_scope("flash_attention_bwd"):
+        return _backward_blocks(q_block, residuals, d_out_BxLxNxH)
+
+
+def _backward_blocks(q_block, residuals, d_out_BxLxNxH):
     """Per query block: p = exp(s - lse); dV += p^T dO; dS = p * (dO V^T - rowsum(dO * O));
     dQ = dS K * scale; dK += dS^T Q * scale (keys [:end] only)."""
     q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, valid_BxL, out_BxLxNxH, lse = residuals
