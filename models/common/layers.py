@@ -75,9 +75,10 @@ def remat(fn, policy: bool | str | None):
     False/None/"none": no remat (every residual stored). True/"full": store only the
     layer's input, recompute the whole layer. "save_projections": store the outputs of
     the weight matmuls (no batch dimensions) and of attention (``ATTENTION_OUTPUT``, so
-    o_proj's weight gradient needs no recomputed probabilities-times-values), recompute
-    attention scores/probabilities and elementwise ops (the [B, N, L, L] probabilities and
-    the MLP's activation residuals are never stored). "save_dots": store every matmul
+    o_proj's weight gradient needs no recomputed probabilities-times-values; for the XLA
+    causal kernel also its log-sum-exp, so its backward runs without a second forward),
+    recompute attention scores/probabilities and elementwise ops (the [B, N, L, L]
+    probabilities and the MLP's activation residuals are never stored). "save_dots": store every matmul
     output, including attention scores.
     """
     if policy in (False, None, "none"):
