@@ -11,9 +11,9 @@ its autodiff backward stores or (under remat) recomputes the whole forward, prob
 included. Here:
 
 - the G query heads sharing a key/value head are one block of R = Q * G rows, so each
-  block does one [B*K, R, H] x [B*K, end, H] matmul (large enough for XLA to use every
-  core), and the causal + padding mask is computed from positions inside the block (no
-  [L, L] array);
+  block does one [B*K, R, H] x [B*K, end, H] matmul (G times the rows of a vmapped one),
+  and the causal + padding mask is computed from positions inside the block (no [L, L]
+  array);
 - the forward saves the output and the log-sum-exp [B, K, L*G] of every query row, so the
   backward recomputes each block's probabilities with one matmul and one exp and never
   the forward's max/sum passes (flash attention's backward, done per query block).
@@ -74,7 +74,7 @@ def _forward(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, valid_BxL, q_block):
 
 
 def _forward_blocks(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, valid_BxL, q_block):
-    B, L, N, H = q_BxLxNxH.shape
+    _, L, N, H = q_BxLxNxH.shape
     K = k_BxLxKxH.shape[2]
     G, scale = N // K, H ** -0.5
     q = _group(q_BxLxNxH, K)
@@ -116,7 +116,7 @@ def _backward_blocks(q_block, residuals, d_out_BxLxNxH):
     """Per query block: p = exp(s - lse); dV += p^T dO; dS = p * (dO V^T - rowsum(dO * O));
     dQ = dS K * scale; dK += dS^T Q * scale (keys [:end] only)."""
     q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, valid_BxL, out_BxLxNxH, lse = residuals
-    B, L, N, H = q_BxLxNxH.shape
+    _, L, N, H = q_BxLxNxH.shape
     K = k_BxLxKxH.shape[2]
     G, scale = N // K, H ** -0.5
     q, d_o, o = (_group(x, K) for x in (q_BxLxNxH, d_out_BxLxNxH, out_BxLxNxH))
