@@ -67,7 +67,7 @@ def test_flash_hand_computed_two_tokens():
     np.testing.assert_allclose(np.asarray(out)[0, :, 0], [[3.0, 0.0], [3.0 * (1 - w1), 5.0 * w1]], rtol=1e-6)
 
 
-def test_causal_attention_runs_flash_on_cpu_and_matches_the_old_blocked_path():
+def test_causal_attention_runs_flash_on_cpu_and_equals_dense_attention():
     """On CPU every XLA choice (auto, None, "xla") runs the custom-VJP kernel; the output
     equals the dense attention for real queries (left-padded batch of 3)."""
     L = 150
