@@ -19,6 +19,11 @@ Kernels:
 - None: JAX's own choice (XLA on every platform in jax 0.10), what "auto" gives on CPU,
   so CPU programs are unchanged.
 
+Wherever the choice is XLA (None or "xla": CPU, and the GPU/TPU fallbacks above), causal
+text attention (``layers.causal_attention``) runs ``flash.flash_causal_attention``, a
+blocked kernel written in XLA ops with the causal skip and a hand-written backward; every
+other mask kind goes to ``jax.nn.dot_product_attention``.
+
 Mask kinds: "causal" (text self-attention, causal AND key padding, [B, 1, L, L]),
 "segment" (the vision towers' [S, Lmax] segment tiles, key padding only or no mask),
 "dense" (any other boolean mask, e.g. the prefill's causal mask passed without saying so).

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from caspo_jax.models.common.attention import pallas_flash_causal
+from caspo_jax.models.common.attention import key_segments, pallas_flash_causal
 from caspo_jax.models.common.attention import resolve as resolve_attention
+from caspo_jax.models.common.flash import ATTENTION_OUTPUT, flash_causal_attention
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -58,8 +59,6 @@ def gated_mlp(x_xD, gate_FxD, up_FxD, down_DxF, act: str, gate_b=None, up_b=None
     return linear(hidden, down_DxF, down_b)
 
 
-ATTENTION_OUTPUT = "attention_output"  # checkpoint name of every attention's [..., N, H] output
-
 REMAT_POLICIES = {
     "full": None,
     "save_projections": jax.checkpoint_policies.save_from_both_policies(
@@ -76,9 +75,10 @@ def remat(fn, policy: bool | str | None):
     False/None/"none": no remat (every residual stored). True/"full": store only the
     layer's input, recompute the whole layer. "save_projections": store the outputs of
     the weight matmuls (no batch dimensions) and of attention (``ATTENTION_OUTPUT``, so
-    o_proj's weight gradient needs no recomputed probabilities-times-values), recompute
-    attention scores/probabilities and elementwise ops (the [B, N, L, L] probabilities and
-    the MLP's activation residuals are never stored). "save_dots": store every matmul
+    o_proj's weight gradient needs no recomputed probabilities-times-values; for the XLA
+    causal kernel also its log-sum-exp, so its backward runs without a second forward),
+    recompute attention scores/probabilities and elementwise ops (the [B, N, L, L]
+    probabilities and the MLP's activation residuals are never stored). "save_dots": store every matmul
     output, including attention scores.
     """
     if policy in (False, None, "none"):
@@ -160,26 +160,23 @@ def causal_attention(
     implementation: str | None = None,
     block: int = 128,
 ) -> jax.Array:
-    """Self-attention under a causal mask, skipping the key blocks no query can see.
+    """Self-attention under a causal-and-key-padding mask (``decoder.causal_mask``).
 
-    Queries are taken ``block`` at a time and attend only keys up to the end of their block;
-    for every query that sees a key the result equals ``attention`` (masked keys contribute
-    exp(-inf) = 0 either way; padding queries that see nothing get a different arbitrary mean)
-    while computing about half the scores, and the smaller score tiles stay in cache (about
-    2-4x faster on CPU at L = 1024). Fused kernels (cuDNN, Pallas flash) get the whole
-    sequence: they skip blocks themselves.
+    Fused kernels (cuDNN, Pallas flash) get the whole sequence and skip the blocks above the
+    diagonal themselves. On XLA (CPU, and the GPU/TPU fallbacks: ``implementation`` None or
+    "xla" after ``resolve``) it runs ``flash.flash_causal_attention``: queries ``block`` at a
+    time, each attending only the keys up to the end of its block, the mask rebuilt inside
+    each block from positions and the key validity (the mask's last row), and a backward
+    that recomputes probabilities from the saved log-sum-exp. For every query that sees a key
+    the result equals ``attention`` (padding queries that see nothing get a different
+    arbitrary mean).
     """
-    L = q_BxLxNxH.shape[1]
     impl = resolve_attention(implementation, "causal", q_BxLxNxH, k_BxLxKxH)
-    if impl in ("cudnn", "pallas_flash") or L <= block:
+    if impl in ("cudnn", "pallas_flash"):
         out = attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, impl, "causal")
-        return checkpoint_name(out, ATTENTION_OUTPUT)
-    outs = []
-    for start in range(0, L, block):
-        end = min(start + block, L)
-        outs.append(attention(q_BxLxNxH[:, start:end], k_BxLxKxH[:, :end], v_BxLxKxH[:, :end],
-                              mask_Bx1xLxL[:, :, start:end, :end], impl, "causal"))
-    return checkpoint_name(jnp.concatenate(outs, axis=1), ATTENTION_OUTPUT)
+    else:
+        out = flash_causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, key_segments(mask_Bx1xLxL), block)
+    return checkpoint_name(out, ATTENTION_OUTPUT)
 
 
 def segment_attention(q_PxNxH: jax.Array, k_PxNxH: jax.Array, v_PxNxH: jax.Array, segment_P: np.ndarray,
