@@ -212,23 +212,25 @@ def activation_bytes(dims: Mapping[str, int], mesh_shape, *, rows: int, seq_len:
     b rows per device = rows / (data*fsdp) / micro_batches, L = seq_len, t = tensor.
     Per layer and token the backward needs: layer input, two norm outputs, the attention
     output and residual (5 D), q/k/v and the attention output (2 H hd + 2 K hd) / t,
-    gate/up/product (3 I / t), and the float32 attention probabilities (H / t * L per token;
-    queries are processed in blocks of ``attn_block``, but without remat every block's
-    probabilities are kept). With remat only each layer's input is kept (D per token per
-    layer) and one layer's full set is rebuilt at a time, its probabilities one block at a time. The LM head works on ``logprob_chunk`` response
-    positions at a time: float32 logits, softmax and their gradient (3 V / t per position).
+    gate/up/product (3 I / t), and the attention's float32 log-sum-exp (H / t per token:
+    every kernel -- the XLA blocked kernel of ``models/common/flash.py``, cuDNN, Pallas --
+    keeps it instead of the probabilities, and rebuilds one query block's probabilities
+    at a time in the backward: about three [block, L] float32 tiles at the peak). With
+    remat only each layer's input is kept (D per token per layer) and one layer's full
+    set is rebuilt at a time. The LM head works on ``logprob_chunk`` response positions
+    at a time: float32 logits, softmax and their gradient (3 V / t per position).
     """
     data, fsdp, t = mesh_shape
     b = max(1, -(-rows // (data * fsdp * micro_batches)))
     L = seq_len
     D, I, H, K, hd, V, layers = (dims[k] for k in ("D", "I", "H", "K", "hd", "V", "layers"))
     per_token = 5 * D + (2 * H * hd + 2 * K * hd) / t + 3 * I / t
-    block_probs = 4 * b * (H / t) * min(L, attn_block) * L  # float32 scores of one query block
-    all_probs = 4 * b * (H / t) * L * L
+    block_probs = 3 * 4 * b * (H / t) * min(L, attn_block) * L  # the backward's float32 tiles of one query block
+    log_sum_exp = 4 * b * (H / t) * L
     if remat:
         kept = layers * b * L * D * compute_bytes + b * L * per_token * compute_bytes + block_probs
     else:
-        kept = layers * (b * L * per_token * compute_bytes + all_probs)
+        kept = layers * (b * L * per_token * compute_bytes + log_sum_exp) + block_probs
     head = 3 * 4 * b * min(response_len, logprob_chunk) * V / t
     return int(kept + head)
 
