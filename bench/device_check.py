@@ -350,7 +350,6 @@ def phase_colocated(plan: Plan, workdir: Path) -> dict:
     from caspo_jax.rollout import VllmEngine
 
     engine = VllmEngine.start(workdir, model, dtype=plan.dtype, max_model_len=plan.prompt_len + plan.new_tokens + 16,
-                              kv_cache_memory_bytes=None if torch.cuda.is_available() else 256 * 2**20,
                               eos_token_ids=(), dlpack=True,
                               llm_kwargs=dict(limit_mm_per_prompt={"image": 0},
                                               **(split.engine_kwargs() if torch.cuda.is_available() else {})))

@@ -116,8 +116,7 @@ def copy_to_devices(x, sharding):
     replicating on them first. NumPy input is simply put."""
     if not isinstance(x, jax.Array):
         return jax.device_put(x, sharding)
-    first = sharding.mesh.devices.flat[0] if isinstance(sharding, NamedSharding) else min(sharding.device_set,
-                                                                                           key=lambda d: d.id)
+    first = min(sharding.device_set, key=lambda d: d.id)  # any target device joins the blocks
     blocks = {}
     for shard in x.addressable_shards:
         start = tuple(0 if s.start is None else int(s.start) for s in shard.index)

@@ -152,10 +152,8 @@ def iter_torch_tensors(params, table: Sequence[ParamSpec], *, dtype=None, dlpack
             layer = layer.astype(dtype)
         if not layer.is_fully_addressable:
             tensor = numpy_to_torch(np.asarray(gather_to_host(layer)))
-        else:
-            if layer.sharding.device_set != target.device_set:
-                layer = copy_to_devices(layer, target)
-            tensor = torch.from_dlpack(layer)
+        else:  # already on the target: copy_to_devices puts it nowhere
+            tensor = torch.from_dlpack(copy_to_devices(layer, target))
         yield ref.name, ref.spec.to_hf(tensor)
 
 

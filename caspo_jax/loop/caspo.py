@@ -143,8 +143,9 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params, version
     "jax": `JaxSampler` on the placement's sampler mesh. "vllm": `VllmEngine` started in
     this process on model.path (its architecture, tokenizer and processor), then given
     `params` through the weight bridge (a resumed or --init policy differs from the files).
-    On CPU the KV cache is bounded to 256 MiB; on GPUs vLLM sizes it itself within its share
-    of model.gpu_memory_split (sleep mode on), and the weights go over DLPack.
+    On CPU the KV cache is bounded (`vllm_engine.kv_cache_bytes`); on GPUs vLLM sizes it
+    itself within its share of model.gpu_memory_split (sleep mode on), and the weights go
+    over DLPack.
     rollout.workers "subprocess" / "ray": a `RemoteRolloutEngine` over rollout.num_workers
     workers of rollout.engine's kind (`remote_worker_spec`).
     """
@@ -157,7 +158,6 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params, version
     split = MemorySplit.for_engine(cfg.model.gpu_memory_split) if gpu else None
     engine = VllmEngine.start(cfg.model.path, policy.model, dtype=cfg.model.dtype, seed=cfg.run.seed,
                               max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len,
-                              kv_cache_memory_bytes=None if gpu else 256 * 2**20,
                               llm_kwargs=split.engine_kwargs() if split is not None else None,
                               eos_token_ids=policy.eos_ids, dlpack=gpu)
     engine.sync_weights(params, version=version)
@@ -166,8 +166,8 @@ def make_rollout_engine(cfg: TrainConfig, policy: Policy, place, params, version
 
 def remote_worker_spec(cfg: TrainConfig, policy: Policy) -> WorkerSpec:
     """What each remote worker builds: the JAX sampler, or vLLM from rollout.worker_model_dir
-    (default model.path) on its host; rollout.worker_env set before either starts (on CPU
-    hosts, e.g. VLLM_CPU_KVCACHE_SPACE bounds vLLM's KV cache)."""
+    (default model.path) on its host, its KV cache sized there (`vllm_engine.kv_cache_bytes`);
+    rollout.worker_env set before either starts (e.g. CUDA_VISIBLE_DEVICES)."""
     ro = cfg.rollout
     env = dict(ro.worker_env)
     if ro.engine == "jax":

@@ -80,15 +80,6 @@ def params_from_hf(arrays: Mapping[str, np.ndarray], table):
     return weights.build(table, leaf)
 
 
-CPU_KV_CACHE_BYTES = 256 * 2**20
-
-
-def _cuda_available() -> bool:
-    import torch  # installed with vLLM
-
-    return torch.cuda.is_available()
-
-
 class RolloutWorker:
     """A rollout engine behind picklable calls (``load_weights``, ``generate``, ``info``)."""
 
@@ -102,9 +93,6 @@ class RolloutWorker:
         if spec.engine == "vllm":
             kwargs = dict(spec.engine_kwargs)
             kwargs.setdefault("in_process", True)
-            # the trainer cannot see this host: bound the KV cache on a CPU host, let vLLM
-            # size it within gpu_memory_utilization on a GPU one
-            kwargs.setdefault("kv_cache_memory_bytes", None if _cuda_available() else CPU_KV_CACHE_BYTES)
             self.engine = VllmEngine.start(spec.model_dir, self.model, **kwargs)
 
     def info(self) -> dict:

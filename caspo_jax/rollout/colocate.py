@@ -10,7 +10,7 @@ GPU client is created, not at ``import jax``); the engine gets ``split.engine`` 
 
     split = MemorySplit.for_engine(cfg.model.gpu_memory_split)
     set_jax_memory_fraction(split.trainer)            # first thing, before any jax.devices()
-    engine = VllmEngine.start(..., kv_cache_memory_bytes=None, **split.engine_kwargs())
+    engine = VllmEngine.start(..., llm_kwargs=split.engine_kwargs())
     with engine_asleep(engine.llm, level=1, repush=lambda: engine.sync_weights(params)):
         state = train_step(state, batch)               # the engine's KV cache is freed meanwhile
 

@@ -52,6 +52,19 @@ def collapse_image_tokens(token_ids: np.ndarray, image_token_id: int) -> list[in
 SUPPRESS_BIAS = -1e9
 
 
+CPU_KV_CACHE_BYTES = 256 * 2**20  # vLLM-CPU's KV cache unless told otherwise (its own default is GiBs)
+
+
+def kv_cache_bytes(requested: int | str | None, *, cuda: bool) -> int | None:
+    """`VllmEngine.start`'s KV-cache bound: "auto" is None on a CUDA host (vLLM sizes the
+    cache within gpu_memory_utilization) and CPU_KV_CACHE_BYTES on a CPU host; anything
+    else is returned as given. Decided where the engine runs: a trainer cannot see a
+    remote worker's host."""
+    if requested == "auto":
+        return None if cuda else CPU_KV_CACHE_BYTES
+    return requested
+
+
 class VllmEngine:
     """``generate`` / ``sync_weights`` over a vLLM ``LLM``.
 
@@ -87,14 +100,18 @@ class VllmEngine:
 
     @classmethod
     def start(cls, model_dir, model, *, dtype: str = "float32", max_model_len: int = 1024,
-              kv_cache_memory_bytes: int | None = 256 * 2**20, seed: int = 0, in_process: bool = True,
+              kv_cache_memory_bytes: int | str | None = "auto", seed: int = 0, in_process: bool = True,
               llm_kwargs: dict | None = None, **engine_kwargs) -> "VllmEngine":
         """Start ``vllm.LLM`` on an HF directory (config, weights, tokenizer, preprocessor).
 
         in_process=True runs the engine in this process (no worker process; required for
-        the in-process transport). ``kv_cache_memory_bytes`` bounds the KV cache on CPU;
-        pass None on GPUs to let vLLM use ``gpu_memory_utilization``.
+        the in-process transport). ``kv_cache_memory_bytes``: a bound on the KV cache, None
+        to let vLLM size it within ``gpu_memory_utilization``, or "auto"
+        (`kv_cache_bytes`: None on a CUDA host, ``CPU_KV_CACHE_BYTES`` on a CPU one).
         """
+        import torch  # installed with vLLM
+
+        kv_cache_memory_bytes = kv_cache_bytes(kv_cache_memory_bytes, cuda=torch.cuda.is_available())
         kwargs = dict(dtype=dtype, max_model_len=max_model_len, seed=seed)
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes

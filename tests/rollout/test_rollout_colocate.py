@@ -152,3 +152,13 @@ def test_bad_sleep_level():
     with pytest.raises(ColocationError, match="level=3"):
         with colocate.engine_asleep(engine([]), level=3):
             pass
+
+
+def test_the_kv_cache_bound_is_decided_where_the_engine_runs():
+    """VllmEngine.start's "auto": vLLM sizes the cache within gpu_memory_utilization on a CUDA
+    host, a fixed bound on a CPU host (vLLM-CPU's own default is GiBs); explicit values pass."""
+    from caspo_jax.rollout.vllm_engine import CPU_KV_CACHE_BYTES, kv_cache_bytes
+
+    assert kv_cache_bytes("auto", cuda=True) is None
+    assert kv_cache_bytes("auto", cuda=False) == CPU_KV_CACHE_BYTES == 256 * 2**20
+    assert kv_cache_bytes(64 * 2**20, cuda=True) == 64 * 2**20 and kv_cache_bytes(None, cuda=False) is None
